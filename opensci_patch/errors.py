@@ -1,0 +1,27 @@
+"""Error types. Each message says what went wrong and what to do; the CLI prints it as one line."""
+
+
+class OpensciPatchError(Exception):
+    """Base class: an expected failure with a message meant for the user."""
+
+    exit_code = 2
+
+
+class ModelDirError(OpensciPatchError):
+    """The given path is not a usable model directory (missing, no config.json, corrupt weights...)."""
+
+
+class PatchError(OpensciPatchError):
+    """A patch that is needed could not be applied or did not verify."""
+
+
+class DestinationError(OpensciPatchError):
+    """The output location exists and was not created by us (use --force), or cannot be written."""
+
+
+class CaptureError(OpensciPatchError):
+    """Capture input is unusable (e.g. the target token is not a single token)."""
+
+
+class EnvironmentSetupError(OpensciPatchError):
+    """A per-release environment could not be created or installed."""
