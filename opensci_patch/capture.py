@@ -1,0 +1,301 @@
+"""Load a model with the installed transformers, run one forward and greedy generation, record it.
+
+The record is what every later step compares: the logit and rank of the target token
+(" Paris"), the top-k, a sha256 of the whole last-position logit vector (bit identity),
+greedy generation, the fp64 reference gap, and the environment it ran in.
+
+Isolation: remote code is copied by transformers into a modules cache; a stale copy there
+silently runs old code. `isolated_hf_cache()` gives each run a fresh, private modules cache
+and `HF_HUB_OFFLINE=1`; the CLI enters it before transformers is imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import struct
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .errors import CaptureError, ModelDirError
+
+SCHEMA_VERSION = 1
+DEFAULT_PROMPT = "The capital of France is"
+DEFAULT_TARGET = " Paris"
+MANIFEST = "opensci_patch_manifest.json"
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION = ("eager", "sdpa")
+# The fp64 reference needs ~8 bytes per parameter on the CPU: skip it above this size.
+REFERENCE_MAX_WEIGHT_BYTES = 1 << 30
+
+
+@dataclass
+class CaptureSettings:
+    model: Path
+    device: str = "cpu"
+    dtype: str = "float32"
+    attn: str = "eager"
+    prompt: str = DEFAULT_PROMPT
+    target: str = DEFAULT_TARGET
+    max_new_tokens: int = 20
+    top_k: int = 10
+    shim: bool = False
+    reference: str = "auto"  # auto | on | off
+
+
+@dataclass
+class Record:
+    settings: dict
+    environment: dict
+    model: dict
+    status: str = "ok"  # ok | load-error | forward-error | generate-error
+    error: dict | None = None
+    input_ids: list[int] = field(default_factory=list)
+    target: dict | None = None
+    topk: list[dict] = field(default_factory=list)
+    logits_sha256: str | None = None
+    generation: dict | None = None
+    reference: dict | None = None
+    timings: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+    tool_version: str = __version__
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+
+def _check_safetensors(path: Path) -> None:
+    """Cheap structural check of a safetensors file: header length, JSON header, data size."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ModelDirError(f"{path}: corrupt safetensors file (truncated header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ModelDirError(f"{path}: corrupt safetensors file (header length {n} > file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ModelDirError(f"{path}: corrupt safetensors file (header is not JSON)") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ModelDirError(f"{path}: corrupt safetensors file (truncated: needs {8 + n + end} bytes, has {size})")
+
+
+def validate_model_dir(model: Path) -> None:
+    """Fail early, with one clear line, on input that is not a loadable model directory."""
+    if not model.exists():
+        raise ModelDirError(f"{model}: no such directory")
+    if not model.is_dir():
+        raise ModelDirError(f"{model}: not a directory; point at a model directory")
+    config = model / "config.json"
+    if not config.is_file():
+        raise ModelDirError(f"{model}: no config.json; not a model directory")
+    try:
+        json.loads(config.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelDirError(f"{config}: not valid JSON ({exc})") from None
+    weights = sorted(model.glob("*.safetensors"))
+    if not weights:
+        raise ModelDirError(f"{model}: no *.safetensors weights")
+    for w in weights:
+        _check_safetensors(w)
+
+
+@contextlib.contextmanager
+def isolated_hf_cache() -> Iterator[Path]:
+    """A fresh, private HF modules cache and offline hub for the duration of one capture."""
+    tmp = Path(tempfile.mkdtemp(prefix="opensci-hf-modules-"))
+    settings = {"HF_MODULES_CACHE": str(tmp), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    dmu = sys.modules.get("transformers.dynamic_module_utils")
+    old_cache = getattr(dmu, "HF_MODULES_CACHE", None)
+    if dmu is not None:  # transformers already imported: it read the variable at import time
+        dmu.HF_MODULES_CACHE = str(tmp)
+    try:
+        yield tmp
+    finally:
+        if dmu is not None:
+            dmu.HF_MODULES_CACHE = old_cache
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _error(exc: BaseException) -> dict:
+    tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    return {"type": type(exc).__name__, "message": str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+            "traceback_tail": "".join(tb)[-3000:]}
+
+
+def _model_info(model: Path) -> dict:
+    manifest = model / MANIFEST
+    info: dict = {"path": str(model), "name": model.name, "patched": manifest.is_file()}
+    if manifest.is_file():
+        data = json.loads(manifest.read_text())
+        info["patches"] = data.get("patches")
+    info["modeling_sha256"] = {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(model.glob("*.py"))
+    }
+    return info
+
+
+def _environment(device: str) -> dict:
+    import torch
+    import transformers
+
+    from . import compat
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "probes": compat.probes(),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+    return env
+
+
+def _weights_bytes(model: Path) -> int:
+    return sum(p.stat().st_size for p in model.glob("*.safetensors"))
+
+
+def target_token_id(tokenizer, target: str) -> int:
+    ids = tokenizer.encode(target, add_special_tokens=False)
+    if len(ids) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise CaptureError(f"target {target!r} is {len(ids)} tokens {pieces}, not one; pass --target with a single token")
+    return ids[0]
+
+
+def logits_sha256(vector) -> str:
+    """sha256 over the raw bytes of a 1-D logit vector, in the dtype the model produced."""
+    import torch
+
+    t = vector.detach().cpu().contiguous()
+    as_int = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[t.dtype]
+    return hashlib.sha256(t.view(as_int).numpy().tobytes()).hexdigest()
+
+
+def capture(settings: CaptureSettings, log=print) -> Record:
+    """Run one capture with the installed torch/transformers. Call inside `isolated_hf_cache()`.
+
+    Raises OpensciPatchError for bad input; failures of the model code itself (import,
+    load, forward, generate) are recorded in the returned record's status and error.
+    """
+    model = Path(settings.model)
+    if settings.dtype not in DTYPES:
+        raise CaptureError(f"dtype {settings.dtype!r} not one of {', '.join(DTYPES)}")
+    if settings.attn not in ATTENTION:
+        raise CaptureError(f"attention {settings.attn!r} not one of {', '.join(ATTENTION)}")
+    validate_model_dir(model)
+
+    import torch
+
+    if settings.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CaptureError(f"device {settings.device!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU")
+
+    import transformers.utils.logging as hf_logging
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import compat
+
+    hf_logging.disable_progress_bar()  # one bar line per tensor would drown the report
+
+    record = Record(
+        settings={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
+        environment=_environment(settings.device),
+        model=_model_info(model),
+    )
+    record.environment["shim_installed"] = compat.install_transformers_kwargs_shim() if settings.shim else False
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model), trust_remote_code=True)
+    except Exception as exc:  # noqa: BLE001 - any tokenizer failure means the dir is unusable
+        raise ModelDirError(f"{model}: cannot load the tokenizer ({type(exc).__name__}: {exc})") from None
+    target_id = target_token_id(tokenizer, settings.target)
+    input_ids = tokenizer(settings.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    record.input_ids = input_ids[0].tolist()
+
+    t0 = time.perf_counter()
+    log(f"loading {model} ({settings.dtype}, {settings.attn}, {settings.device})")
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(
+            str(model),
+            trust_remote_code=True,
+            attn_implementation=settings.attn,
+            **{compat.dtype_keyword(): getattr(torch, settings.dtype)},
+        )
+        lm.to(settings.device).eval()
+    except Exception as exc:  # noqa: BLE001 - the model code failing to load is a result, not a crash
+        record.status, record.error = "load-error", _error(exc)
+        return record
+    record.timings["load_s"] = round(time.perf_counter() - t0, 3)
+
+    input_ids = input_ids.to(settings.device)
+    try:
+        with torch.no_grad():
+            logits = lm(input_ids=input_ids).logits[0, -1]
+    except Exception as exc:  # noqa: BLE001
+        record.status, record.error = "forward-error", _error(exc)
+        return record
+    record.timings["forward_s"] = round(time.perf_counter() - t0 - record.timings["load_s"], 3)
+    record.logits_sha256 = logits_sha256(logits)
+    f32 = logits.float().cpu()
+    rank = int((f32 > f32[target_id]).sum()) + 1
+    record.target = {"token": settings.target, "id": target_id, "logit": float(f32[target_id]), "rank": rank}
+    top = torch.topk(f32, settings.top_k)
+    record.topk = [
+        {"id": int(i), "token": tokenizer.decode([int(i)]), "logit": float(v)} for v, i in zip(top.values, top.indices)
+    ]
+
+    if settings.reference == "on" or (settings.reference == "auto" and _weights_bytes(model) <= REFERENCE_MAX_WEIGHT_BYTES):
+        from . import reference
+
+        cfg = reference.read_config(model)
+        ref = reference.forward(reference.load_params(model), cfg, input_ids.cpu())[0, -1]
+        record.reference = {"dtype": "float64", "max_abs_diff": float((f32.double() - ref).abs().max()),
+                            "target_logit": float(ref[target_id])}
+
+    t1 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            out = lm.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=settings.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            )
+    except Exception as exc:  # noqa: BLE001
+        record.status, record.error = "generate-error", _error(exc)
+        return record
+    new = out[0, input_ids.shape[1]:].tolist()
+    record.generation = {"ids": new, "text": tokenizer.decode(new, skip_special_tokens=True)}
+    record.timings["generate_s"] = round(time.perf_counter() - t1, 3)
+    return record

@@ -1,0 +1,171 @@
+"""The `opensci-patch` command. Thin: parses arguments and delegates to the modules.
+
+Exit codes: 0 success; 1 the model ran into an error that is recorded (e.g. the original
+code fails to load); 2 bad input or a refused operation (one line on stderr); 130 Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from . import __version__
+from .errors import DestinationError, OpensciPatchError
+
+FIXTURE_DIR = Path(__file__).parent / "data" / "opensci-tiny"
+
+
+def _err(msg: str) -> None:
+    print(f"opensci-patch: error: {msg}", file=sys.stderr)
+
+
+def write_fixture(dst: Path, force: bool = False) -> Path:
+    """Copy the shipped checkpoint to `dst`; refuse to touch an existing non-empty dir without force."""
+    if dst.exists() and not dst.is_dir():
+        raise DestinationError(f"{dst} exists and is not a directory")
+    if dst.is_dir() and any(dst.iterdir()) and not force:
+        raise DestinationError(f"{dst} exists and is not empty; choose another path or pass --force to overwrite the fixture files in it")
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(FIXTURE_DIR.iterdir()):
+        if f.is_file():
+            shutil.copyfile(f, dst / f.name)
+    return dst
+
+
+def summary_line(record) -> str:
+    env = record.environment
+    head = f"transformers {env['transformers']} torch {env['torch']} | {'patched' if record.model['patched'] else 'original'}"
+    if record.status != "ok" and record.target is None:
+        return f"{head} | {record.status}: {record.error['type']}: {record.error['message']}"
+    t = record.target
+    line = f"{head} | logit({t['token']!r}) = {t['logit']:.4f} rank {t['rank']}"
+    if record.reference:
+        line += f" | max|logit-fp64 ref| {record.reference['max_abs_diff']:.2e}"
+    if record.generation:
+        line += f" | greedy: {record.generation['text']!r}"
+    else:
+        line += f" | {record.status}: {record.error['type']}: {record.error['message']}"
+    return line
+
+
+def cmd_fixture(args) -> int:
+    dst = write_fixture(args.dir, args.force)
+    print(f"wrote the open-sci fixture checkpoint to {dst}")
+    return 0
+
+
+def cmd_hotfix(args) -> int:
+    from .hotfix import hotfix
+
+    hotfix(args.src, args.out, check=args.check, force=args.force, extras=tuple(args.extra))
+    return 0
+
+
+def cmd_capture(args) -> int:
+    from .capture import CaptureSettings, capture, isolated_hf_cache
+
+    if args.out and args.out.exists() and not args.force:
+        raise DestinationError(f"{args.out} exists; pass --force to overwrite it")
+    settings = CaptureSettings(
+        model=args.model, device=args.device, dtype=args.dtype, attn=args.attn, prompt=args.prompt,
+        target=args.target, max_new_tokens=args.max_new_tokens, shim=args.shim, reference=args.reference,
+    )
+    log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    with isolated_hf_cache():
+        record = capture(settings, log=log)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(record.to_json())
+        tmp.replace(args.out)
+    print(summary_line(record))
+    if record.status != "ok":
+        _err(f"{record.status}: {record.error['type']}: {record.error['message']}")
+        return 1
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The main job on the shipped checkpoint: fixture -> hotfix -> capture original and patched."""
+    from .hotfix import hotfix
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="opensci-demo-"))
+    orig = write_fixture(work / "opensci-tiny", force=False)
+    fixed = work / "opensci-tiny_fixed"
+    hotfix(orig, fixed)
+    rc = 0
+    for name, model in (("original", orig), ("patched", fixed)):
+        print(f"== capture: {name} model", flush=True)
+        cmd = [sys.executable, "-m", "opensci_patch.cli", "capture", str(model), "--quiet",
+               "--out", str(work / f"record-{name}.json")]
+        proc = subprocess.run(cmd, text=True, capture_output=True)
+        print(proc.stdout.strip())
+        if proc.returncode not in (0, 1):
+            print(proc.stderr.strip(), file=sys.stderr)
+            rc = proc.returncode
+        elif name == "patched" and proc.returncode != 0:
+            rc = 1
+    print(f"records and model dirs are in {work}")
+    return rc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="opensci-patch", description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=f"opensci-patch {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fixture", help="write a copy of the shipped open-sci test checkpoint")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--force", action="store_true", help="overwrite the fixture files in an existing non-empty dir")
+    p.set_defaults(func=cmd_fixture)
+
+    p = sub.add_parser("hotfix", help="copy a model dir and apply the compatibility patches")
+    p.add_argument("src", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="output dir (default: SRC_fixed)")
+    p.add_argument("--check", action="store_true", help="print the diff of what would change; write nothing")
+    p.add_argument("--force", action="store_true", help="replace an existing output dir")
+    p.add_argument("--with", dest="extra", action="append", default=[], metavar="PATCH",
+                   help="also apply an opt-in patch (e.g. init_weights, for transformers 5.0/5.1)")
+    p.set_defaults(func=cmd_hotfix)
+
+    p = sub.add_parser("capture", help="load a model, record the target logit, top-k and greedy generation")
+    p.add_argument("model", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="write the JSON record here")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--attn", default="eager", choices=["eager", "sdpa"])
+    p.add_argument("--prompt", default="The capital of France is")
+    p.add_argument("--target", default=" Paris", help="token whose logit is recorded (must be one token)")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--shim", action="store_true",
+                   help="back-fill transformers.utils.TransformersKwargs on releases that lack it (<= 4.53)")
+    p.add_argument("--reference", choices=["auto", "on", "off"], default="auto",
+                   help="compare with the fp64 reference forward (auto: only for checkpoints under 1 GiB)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_capture)
+
+    p = sub.add_parser("demo", help="the main job on the shipped checkpoint: hotfix it, capture original and patched")
+    p.add_argument("--workdir", type=Path, default=None, help="where to put the model dirs and records (default: a new temp dir)")
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except OpensciPatchError as exc:
+        _err(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
