@@ -1,0 +1,55 @@
+"""The patch registry: source rewrites that make open-sci-ref remote code work on released transformers.
+
+`PATCHES` is ordered: they are applied in this order, and later ones may rely on earlier ones
+(`inv_freq_guard` recomputes frequencies through `rope_init_fn`, which `rope_default` makes
+resolvable on 5.x). Default patches make the file load and give the 4.48 logits on every release
+from 4.48.0 to 5.23.0; opt-in ones (`default=False`) fix what the test matrix must still show as
+an upstream regression unless asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ..errors import PatchError
+from . import init_weights, inv_freq_guard, loss_kwargs, rope_default, sdpa_gqa, tied_weights
+from .base import Outcome, Patch, State, Status
+
+__all__ = ["PATCHES", "Outcome", "Patch", "State", "Status", "apply_patches", "by_name", "default_patches", "select"]
+
+PATCHES: tuple[Patch, ...] = (
+    loss_kwargs.PATCH,
+    rope_default.PATCH,
+    tied_weights.PATCH,
+    sdpa_gqa.PATCH,
+    inv_freq_guard.PATCH,
+    init_weights.PATCH,
+)
+
+
+def by_name(name: str) -> Patch:
+    for patch in PATCHES:
+        if patch.name == name:
+            return patch
+    known = ", ".join(p.name for p in PATCHES)
+    raise PatchError(f"unknown patch {name!r}; known patches: {known}")
+
+
+def default_patches() -> list[Patch]:
+    return [p for p in PATCHES if p.default]
+
+
+def select(extras: Iterable[str] = ()) -> list[Patch]:
+    """The default patches plus the named extras, in registry order."""
+    wanted = {by_name(name).name for name in extras}
+    return [p for p in PATCHES if p.default or p.name in wanted]
+
+
+def apply_patches(source: str, patches: Iterable[Patch], filename: str = "<source>") -> tuple[str, dict[str, Status]]:
+    """Apply `patches` in order to one file's source; returns the new source and each patch's status."""
+    statuses: dict[str, Status] = {}
+    for patch in patches:
+        outcome = patch.apply(source, filename)
+        statuses[patch.name] = outcome.status
+        source = outcome.source
+    return source, statuses

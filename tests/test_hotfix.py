@@ -1,0 +1,247 @@
+"""hotfix: never touches SRC, never replaces what it did not create, appears atomically, is idempotent."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from opensci_patch import __version__
+from opensci_patch import hotfix as hotfix_module
+from opensci_patch.errors import DestinationError, ModelDirError, PatchError
+from opensci_patch.hotfix import MANIFEST, hotfix
+from opensci_patch.patches import default_patches
+
+FIXTURE = Path(__file__).resolve().parents[1] / "opensci_patch" / "data" / "opensci-tiny"
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    """A small model dir: the fixture code and config, a fake multi-chunk weights file, a subfolder."""
+    model = tmp_path / "models" / "opensci-tiny"
+    model.mkdir(parents=True)
+    for name in ("config.json", "configuration_opensci.py", "modeling_opensci.py"):
+        shutil.copy(FIXTURE / name, model)
+    (model / "model.safetensors").write_bytes(os.urandom(300_000))
+    (model / "extra").mkdir()
+    (model / "extra" / "notes.txt").write_text("kept as is\n")
+    return model
+
+
+@pytest.fixture
+def quiet() -> list[str]:
+    """A `log` that collects lines instead of printing them."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def patch_results() -> dict:
+    return {}
+
+
+@pytest.fixture(autouse=True)
+def reuse_patch_results(monkeypatch, patch_results: dict) -> None:
+    """Patching the same text gives the same result (test_patches checks that): compute it once per file here."""
+    real = hotfix_module.apply_patches
+
+    def cached(source, patches, filename="<source>"):
+        patches = list(patches)
+        key = (source, tuple(p.name for p in patches))
+        if key not in patch_results:
+            patch_results[key] = real(source, patches, filename)
+        return patch_results[key]
+
+    monkeypatch.setattr(hotfix_module, "apply_patches", cached)
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 (or 'dir') for everything under `root`."""
+    return {
+        p.relative_to(root).as_posix(): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
+
+
+def test_hotfix_writes_a_patched_copy_next_to_the_source(src: Path, quiet: list[str]):
+    result = hotfix(src, log=quiet.append)
+    assert result.dst == src.parent / "opensci-tiny_fixed"
+    assert result.changed_files == 1
+    assert result.summary == {p.name: "applied" for p in default_patches()}
+    fixed = (result.dst / "modeling_opensci.py").read_text()
+    assert "# opensci-patch: inv_freq_guard" in fixed
+    assert (result.dst / "extra" / "notes.txt").read_text() == "kept as is\n"
+    assert (result.dst / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+    assert any("inv_freq_guard" in line and "applied" in line for line in quiet)
+    assert any(str(result.dst) in line for line in quiet)
+
+
+def test_source_is_never_modified(src: Path, quiet: list[str]):
+    before = _tree(src)
+    hotfix(src, log=quiet.append)
+    hotfix(src, force=True, log=quiet.append)
+    hotfix(src, check=True, log=quiet.append)
+    assert _tree(src) == before
+
+
+def test_weights_are_copied_not_hard_linked(src: Path, quiet: list[str]):
+    result = hotfix(src, log=quiet.append)
+    copied, original = (result.dst / "model.safetensors").stat(), (src / "model.safetensors").stat()
+    assert copied.st_ino != original.st_ino
+    assert original.st_nlink == 1
+
+
+def test_symlinked_files_are_copied_as_files(src: Path, quiet: list[str], tmp_path: Path):
+    """A Hugging Face cache snapshot links its files to blobs elsewhere; the output must hold real files."""
+    blob = tmp_path / "blobs" / "abc123"
+    blob.parent.mkdir()
+    (src / "model.safetensors").rename(blob)
+    (src / "model.safetensors").symlink_to(blob)
+    result = hotfix(src, log=quiet.append)
+    copied = result.dst / "model.safetensors"
+    assert not copied.is_symlink()
+    assert copied.read_bytes() == blob.read_bytes()
+
+
+def test_manifest_records_version_source_statuses_and_hashes_of_every_file(src: Path, quiet: list[str], monkeypatch):
+    monkeypatch.setattr(hotfix_module, "CHUNK", 4096)  # hash across many chunks
+    result = hotfix(src, log=quiet.append)
+    manifest = json.loads((result.dst / MANIFEST).read_text())
+    assert manifest["tool"] == "opensci-patch" and manifest["version"] == __version__
+    assert manifest["source"] == str(src.resolve())
+    assert dt.datetime.fromisoformat(manifest["created_utc"]).utcoffset() == dt.timedelta(0)
+    assert manifest["patches"]["sdpa_gqa"] == {"status": "applied", "default": True}
+    outputs = {k: v for k, v in _tree(result.dst).items() if v != "dir" and k != MANIFEST}
+    inputs = {k: v for k, v in _tree(src).items() if v != "dir"}
+    assert set(manifest["files"]) == set(outputs) == set(inputs)
+    for path, entry in manifest["files"].items():
+        assert entry["sha256_in"] == inputs[path]
+        assert entry["sha256_out"] == outputs[path]
+    assert manifest["files"]["modeling_opensci.py"]["patches"]["tied_weights"] == "applied"
+    assert manifest["files"]["configuration_opensci.py"]["patches"]["tied_weights"] == "not-applicable"
+
+
+def test_hotfixing_a_fixed_dir_changes_nothing(src: Path, quiet: list[str], tmp_path: Path):
+    first = hotfix(src, log=quiet.append)
+    quiet.clear()
+    second = hotfix(first.dst, tmp_path / "again", log=quiet.append)
+    assert second.changed_files == 0
+    assert set(second.summary.values()) == {"already-applied"}
+    assert second.diff == ""
+    assert sum("already patched: nothing to change" in line for line in quiet) == len(default_patches())
+    assert {k: v for k, v in _tree(second.dst).items() if k != MANIFEST} == {
+        k: v for k, v in _tree(first.dst).items() if k != MANIFEST
+    }
+
+
+def test_check_mode_writes_nothing_and_returns_the_diff(src: Path, quiet: list[str]):
+    before = _tree(src.parent)
+    result = hotfix(src, check=True, log=quiet.append)
+    assert _tree(src.parent) == before
+    assert not result.dst.exists()
+    assert result.check and result.changed_files == 1
+    assert '-    _tied_weights_keys = ["lm_head.weight"]' in result.diff
+    assert '+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}' in result.diff
+    assert result.diff.startswith("--- a/modeling_opensci.py\n+++ b/modeling_opensci.py\n")
+    assert any("nothing written" in line for line in quiet)
+
+
+def test_opt_in_patch_is_applied_only_when_named(src: Path, quiet: list[str], tmp_path: Path):
+    plain = hotfix(src, tmp_path / "plain", log=quiet.append)
+    extra = hotfix(src, tmp_path / "extra", extras=["init_weights"], log=quiet.append)
+    assert "init_weights" not in plain.summary
+    assert extra.summary["init_weights"] == "applied"
+    assert ".data.normal_" in (plain.dst / "modeling_opensci.py").read_text()
+    assert ".data.normal_" not in (extra.dst / "modeling_opensci.py").read_text()
+    with pytest.raises(PatchError, match="unknown patch"):
+        hotfix(src, tmp_path / "bad", extras=["no_such_patch"], log=quiet.append)
+
+
+def test_existing_output_is_replaced_only_with_force(src: Path, quiet: list[str]):
+    result = hotfix(src, log=quiet.append)
+    (result.dst / "mine.txt").write_text("user data")
+    with pytest.raises(DestinationError, match="--force"):
+        hotfix(src, log=quiet.append)
+    assert (result.dst / "mine.txt").read_text() == "user data"
+    hotfix(src, force=True, log=quiet.append)
+    assert not (result.dst / "mine.txt").exists()
+    assert (result.dst / MANIFEST).is_file()
+    assert _leftovers(src.parent) == []
+
+
+def test_directory_not_created_by_hotfix_is_never_replaced_even_with_force(src: Path, quiet: list[str]):
+    foreign = src.parent / "opensci-tiny_fixed"
+    foreign.mkdir()
+    (foreign / "precious.bin").write_bytes(b"\x00\x01")
+    for force in (False, True):
+        with pytest.raises(DestinationError, match="not created by opensci-patch"):
+            hotfix(src, force=force, log=quiet.append)
+    assert _tree(foreign) == {"precious.bin": hashlib.sha256(b"\x00\x01").hexdigest()}
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "parent"])
+def test_output_overlapping_the_source_is_refused(src: Path, quiet: list[str], where: str):
+    dst = {"same": src, "inside": src / "fixed", "parent": src.parent}[where]
+    before = _tree(src.parent)
+    with pytest.raises(DestinationError, match="source"):
+        hotfix(src, dst, force=True, log=quiet.append)
+    assert _tree(src.parent) == before
+
+
+def test_failing_patch_leaves_no_output_and_no_partial_dir(src: Path, quiet: list[str], monkeypatch):
+    def explode(*args, **kwargs):
+        raise PatchError("patch 'tied_weights' cannot rewrite modeling_opensci.py: simulated")
+
+    monkeypatch.setattr(hotfix_module, "apply_patches", explode)
+    with pytest.raises(PatchError, match="simulated"):
+        hotfix(src, log=quiet.append)
+    assert sorted(p.name for p in src.parent.iterdir()) == ["opensci-tiny"]
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["fresh", "replacing"])
+def test_interrupt_while_copying_leaves_no_partial_output(src: Path, quiet: list[str], monkeypatch, existing: bool):
+    """Ctrl-C half-way through the copy: no half-written DST; an earlier output survives untouched."""
+    if existing:
+        hotfix(src, log=quiet.append)
+    before = _tree(src.parent)
+    real_copy, copied = hotfix_module._copy_hashing, []
+
+    def interrupted(source: Path, target: Path) -> str:
+        if copied:
+            raise KeyboardInterrupt
+        copied.append(source)
+        return real_copy(source, target)
+
+    monkeypatch.setattr(hotfix_module, "_copy_hashing", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        hotfix(src, force=True, log=quiet.append)
+    assert copied  # it really was interrupted mid-way
+    assert _tree(src.parent) == before
+    assert _leftovers(src.parent) == []
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p / "missing", "no such directory"),
+        (lambda p: (p / "file.txt").write_text("x") and p / "file.txt", "not a directory"),
+        (lambda p: (p / "no-config" / "modeling_x.py").parent, "no config.json"),
+        (lambda p: (p / "no-code" / "config.json").parent, "no modeling_"),
+    ],
+    ids=["missing", "file", "no-config", "no-modeling"],
+)
+def test_unusable_source_raises_model_dir_error(tmp_path: Path, quiet: list[str], make, message: str):
+    for folder, name in (("no-config", "modeling_x.py"), ("no-code", "config.json")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / name).write_text("{}")
+    with pytest.raises(ModelDirError, match=message):
+        hotfix(make(tmp_path), tmp_path / "out", log=quiet.append)
+    assert not (tmp_path / "out").exists()
