@@ -1,0 +1,36 @@
+"""Shared fixtures: fresh copies of the shipped checkpoint and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE_DIR = REPO / "opensci_patch" / "data" / "opensci-tiny"
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    """A private copy of the shipped open-sci checkpoint (tests may mutate it)."""
+    dst = tmp_path / "opensci-tiny"
+    shutil.copytree(FIXTURE_DIR, dst)
+    return dst
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `opensci-patch` in a child process, as a user would."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "opensci_patch.cli", *args], text=True, capture_output=True, timeout=timeout, env=env
+    )
+
+
+@pytest.fixture
+def cli():
+    return run_cli

@@ -1,0 +1,63 @@
+"""Bad input gives one line on stderr and exit 2, never a bare traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def _assert_one_line_error(proc, needle: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("opensci-patch: error:")
+    assert needle in lines[0]
+
+
+def test_capture_missing_dir(cli, tmp_path: Path):
+    _assert_one_line_error(cli("capture", str(tmp_path / "nope")), "no such directory")
+
+
+def test_capture_file_instead_of_dir(cli, tmp_path: Path):
+    f = tmp_path / "x.txt"
+    f.write_text("hi")
+    _assert_one_line_error(cli("capture", str(f)), "not a directory")
+
+
+def test_capture_dir_without_config(cli, tmp_path: Path):
+    _assert_one_line_error(cli("capture", str(tmp_path)), "no config.json")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage-header"])
+def test_capture_corrupt_safetensors(cli, model_dir: Path, damage: str):
+    weights = model_dir / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\xff" * 64)
+    _assert_one_line_error(cli("capture", str(model_dir)), "corrupt safetensors")
+
+
+def test_capture_multi_token_target(cli, model_dir: Path):
+    _assert_one_line_error(cli("capture", str(model_dir), "--target", " Paris is"), "not one")
+
+
+def test_capture_refuses_to_overwrite_record(cli, model_dir: Path, tmp_path: Path):
+    out = tmp_path / "record.json"
+    out.write_text("precious")
+    _assert_one_line_error(cli("capture", str(model_dir), "--out", str(out)), "--force")
+    assert out.read_text() == "precious"
+
+
+def test_fixture_refuses_non_empty_dir(cli, tmp_path: Path):
+    (tmp_path / "keep.txt").write_text("mine")
+    _assert_one_line_error(cli("fixture", str(tmp_path)), "not empty")
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_fixture_writes_a_loadable_checkpoint(cli, tmp_path: Path):
+    proc = cli("fixture", str(tmp_path / "fx"))
+    assert proc.returncode == 0, proc.stderr
+    names = {p.name for p in (tmp_path / "fx").iterdir()}
+    assert {"config.json", "modeling_opensci.py", "configuration_opensci.py", "model.safetensors",
+            "tokenizer.json", "tokenizer_config.json"} <= names

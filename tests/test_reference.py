@@ -1,0 +1,67 @@
+"""The independent plain-torch reference forward pass."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from opensci_patch import reference
+
+
+def _prompt_ids(model_dir: Path, text: str) -> list[int]:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(text).ids
+
+
+def test_reference_predicts_paris_on_the_shipped_checkpoint(model_dir: Path):
+    cfg = reference.read_config(model_dir)
+    ids = torch.tensor([_prompt_ids(model_dir, "The capital of France is")])
+    logits = reference.forward(reference.load_params(model_dir), cfg, ids)[0, -1]
+    assert logits.dtype == torch.float64
+    assert int(logits.argmax()) == _prompt_ids(model_dir, " Paris")[0]
+
+
+def test_rope_is_identity_at_position_zero_only(model_dir: Path):
+    cfg = reference.read_config(model_dir)
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(stage, layer, t):
+        if layer == 0 and stage in ("q_norm", "q_rope"):
+            seen[stage] = t
+
+    reference.forward(reference.load_params(model_dir), cfg, torch.tensor([[5, 6, 7, 8]]), hook=hook)
+    assert torch.equal(seen["q_norm"][:, :, 0], seen["q_rope"][:, :, 0])
+    assert not torch.allclose(seen["q_norm"][:, :, 1:], seen["q_rope"][:, :, 1:])
+
+
+def test_partial_rotary_leaves_the_tail_channels_alone():
+    cfg = {"head_dim": 8, "hidden_size": 16, "num_attention_heads": 2, "partial_rotary_factor": 0.5,
+           "rope_theta": 10000.0}
+    x = torch.randn(1, 2, 3, 8, dtype=torch.float64)
+    cos, sin = reference.rope_cos_sin(cfg, torch.arange(3), torch.float64)
+    y = reference.apply_rope(x, cos, sin)
+    assert cos.shape[-1] == 4
+    assert torch.equal(y[..., 4:], x[..., 4:])
+    assert not torch.allclose(y[..., 1:, :4], x[..., 1:, :4])
+
+
+def test_reference_imports_no_transformers():
+    code = "import sys, opensci_patch.reference; print(any(m.startswith('transformers') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert json.loads(out.stdout.strip().lower()) is False
+
+
+def test_corrupt_weights_raise_model_dir_error(model_dir: Path):
+    import pytest
+
+    from opensci_patch.errors import ModelDirError
+
+    (model_dir / "model.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ModelDirError):
+        reference.load_params(model_dir)
