@@ -1,0 +1,549 @@
+"""One isolated Python environment per (transformers release, torch build), created once and reused.
+
+Every matrix cell, the cross-version tests and `bisect` run their code in such an environment, in
+a child process (`run_python`), so that each cell sees exactly one transformers release and no
+package of the interpreter running opensci_patch leaks in.
+
+Torch builds (`TORCH_BUILDS`); torch is always pinned, never resolved freely, because an unpinned
+torch on Linux resolves to a multi-GB CUDA build:
+
+- ``"system"`` (default): reuse the torch of the interpreter running opensci_patch; zero download.
+  The env does not see the base's site-packages (that would leak the base's own transformers and
+  everything else). Instead a shared directory under the root, ``_torch-system-<version>-<hash>``,
+  holds symlinks to exactly the files of the torch distribution and of the closure of its runtime
+  requirements (with their ``.dist-info``, so ``importlib.metadata`` and transformers'
+  ``is_torch_available()`` find torch), and a ``.pth`` file in the env points at it. ``.pth``
+  entries come after the env's own site-packages, so packages the env installs itself (its own
+  ``typing_extensions``, ``filelock``, ``fsspec``...) take precedence over the linked ones.
+- ``"cpu"``: install the CPU torch ``TORCH_PIN`` into the env (``torch==<pin>+cpu`` on Linux and
+  Windows, so a CUDA build can never match). Wheels come from the find-links directories of
+  ``PIP_FIND_LINKS`` and pip's configuration files (uv does not read pip's configuration, so they
+  are passed explicitly), and from ``OPENSCI_PATCH_TORCH_INDEX_URL`` when set (e.g.
+  ``https://download.pytorch.org/whl/cpu`` on GitHub Actions).
+- ``"cuda"``: install the CUDA torch ``TORCH_PIN`` from ``OPENSCI_PATCH_TORCH_INDEX_URL`` (e.g.
+  ``https://download.pytorch.org/whl/cu128``); without that variable it is an error, never a
+  silent multi-GB download of whatever PyPI offers.
+
+Layout: ``<root>/tf<release>-<build>-py<X.Y>/`` with ``opensci-patch-env.json`` (the marker)
+written last, after a successful install and a check that ``import torch`` and
+``transformers.is_torch_available()`` work inside. The root is ``$OPENSCI_PATCH_ENV_ROOT``, else
+``$XDG_CACHE_HOME/opensci-patch/envs`` (``~/.cache/opensci-patch/envs``). A directory without a
+marker is a half-made env (Ctrl-C, crash) and is removed and rebuilt, but only when it is ours.
+Creation is serialised per env with ``fcntl.flock`` on ``<root>/<name>.lock`` (pytest-xdist
+workers may ask for the same env at once). Another ``.pth`` makes the ``opensci_patch`` source tree
+importable, so a cell always runs the current code, never a stale installed copy.
+
+Besides transformers, the env gets opensci_patch's own runtime dependencies (``[project]
+dependencies`` of pyproject.toml: libcst, safetensors, tabulate) so that ``python -m opensci_patch.cli
+hotfix`` and ``capture`` both run inside it; the marker records them, so changing them rebuilds the env.
+
+Installer: uv when available (``uv`` on PATH or the ``uv`` Python package), with
+``--compile-bytecode`` (with ``PYTHONDONTWRITEBYTECODE=1`` an uncompiled transformers costs 3x per
+import); otherwise ``python -m venv`` + pip (which compiles by default).
+"""
+
+from __future__ import annotations
+
+import configparser
+import datetime
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from opensci_patch.errors import EnvironmentSetupError
+
+TORCH_BUILDS: tuple[str, ...] = ("system", "cpu", "cuda")
+TORCH_PIN = os.environ.get("OPENSCI_PATCH_TORCH_PIN", "2.13.0")
+TORCH_INDEX_VAR = "OPENSCI_PATCH_TORCH_INDEX_URL"
+ROOT_VAR = "OPENSCI_PATCH_ENV_ROOT"
+
+MARKER = "opensci-patch-env.json"  # written last: its presence means "complete"
+SENTINEL = ".opensci-patch-env"  # written first: "this directory is ours"
+SCHEMA = 1
+SRC_PTH = "_opensci_patch_src.pth"
+TORCH_PTH = "_opensci_patch_torch.pth"
+FARM_MANIFEST = "opensci-patch-torch.json"
+INSTALL_TIMEOUT = 1800.0
+TAIL_LINES = 20
+
+SRC_ROOT = Path(__file__).resolve().parents[1]  # the directory holding the opensci_patch package
+
+Log = Callable[[str], None]
+
+# Run inside the env: the versions it really sees (one process; HF offline, quiet).
+_PROBE = """\
+import json, platform
+out = {"python": platform.python_version()}
+import torch
+out["torch"] = torch.__version__
+import transformers
+from transformers.utils import is_torch_available
+out["transformers"] = transformers.__version__
+out["torch_available"] = bool(is_torch_available())
+print("OPENSCI_PATCH_PROBE " + json.dumps(out))
+"""
+
+
+@dataclass
+class Env:
+    """A ready environment: run code in it with `run_python`."""
+
+    path: Path
+    python: Path
+    transformers_version: str
+    torch_build: str
+    reused: bool
+
+
+def default_root() -> Path:
+    """Where environments live: $OPENSCI_PATCH_ENV_ROOT, else the user cache directory."""
+    if value := os.environ.get(ROOT_VAR):
+        return Path(value).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "opensci-patch" / "envs"
+
+
+def env_name(transformers_version: str, torch_build: str) -> str:
+    """Directory name of an env, e.g. ``tf4.48.0-system-py3.11``."""
+    return f"tf{transformers_version}-{torch_build}-py{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+def ensure_env(
+    transformers_version: str, torch_build: str = "system", *, root: Path | None = None, log: Log = print
+) -> Env:
+    """Return the env for this release and torch build, creating it on first use.
+
+    A warm call reads the marker and runs no installer (milliseconds). Raises
+    `EnvironmentSetupError` when the env cannot be made; nothing half-made is left behind.
+    """
+    version = _check_version(transformers_version)
+    if torch_build not in TORCH_BUILDS:
+        raise EnvironmentSetupError(
+            f"unknown torch build {torch_build!r}: choose one of {', '.join(TORCH_BUILDS)}"
+        )
+    root = (root or default_root()).expanduser().absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    name = env_name(version, torch_build)
+    path = root / name
+    expected: dict[str, Any] = {"schema": SCHEMA, "name": name, "transformers_requested": version,
+                                "torch_build": torch_build, "requirements": _package_requirements()}
+    if torch_build == "system":
+        expected["torch"] = _system_torch().version
+    else:
+        expected["torch_pin"] = TORCH_PIN
+        _torch_install_args(torch_build)  # fail early: e.g. "cuda" without an index
+
+    with _locked(root / f"{name}.lock"):
+        marker = _read_marker(path)
+        if marker is not None and all(marker.get(k) == v for k, v in expected.items()) and _python(path).exists():
+            torch_dir = ensure_system_torch_dir(root, log=log) if torch_build == "system" else None
+            _write_pths(path, torch_dir, log=log)
+            log(f"reusing env {name} ({path})")
+            return Env(path, _python(path), version, torch_build, reused=True)
+        if path.exists() or path.is_symlink():
+            why = "stale (built for something else)" if marker is not None else "half-made (no marker)"
+            _remove_ours(path, root, why, log)
+        _create(path, root, version, torch_build, expected, log)
+        return Env(path, _python(path), version, torch_build, reused=False)
+
+
+def run_python(
+    env: Env,
+    args: list[str],
+    *,
+    env_vars: dict[str, str] | None = None,
+    timeout: float | None = None,
+    cwd: str | Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``env.python *args``; stdout/stderr captured as text. PYTHONPATH/PYTHONHOME are dropped."""
+    return subprocess.run(
+        [str(env.python), *args], env=_clean_environ(env_vars), capture_output=True, text=True,
+        timeout=timeout, cwd=cwd,
+    )
+
+
+def installed_versions(env: Env) -> dict[str, Any]:
+    """Versions seen inside the env (one child process): python, torch, transformers, torch_available."""
+    proc = run_python(env, ["-c", _PROBE], env_vars={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"},
+                      timeout=600)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("OPENSCI_PATCH_PROBE "):
+            return json.loads(line.split(" ", 1)[1])
+    raise EnvironmentSetupError(
+        f"env {env.path.name}: `import torch, transformers` failed inside it (exit {proc.returncode}); "
+        f"remove {env.path} and retry.\n{_tail(proc.stdout + proc.stderr)}"
+    )
+
+
+def ensure_system_torch_dir(root: Path | None = None, *, log: Log = print) -> Path:
+    """The shared directory of symlinks to this interpreter's torch and its requirement closure.
+
+    Created once per (torch version, torch location) under `root`, atomically (temp dir + rename);
+    re-created when a link went dangling (e.g. the base venv was rebuilt).
+    """
+    root = (root or default_root()).expanduser().absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    torch = _system_torch()
+    where = str(Path(torch.locate_file("")).resolve())
+    digest = hashlib.sha256(f"{where}\n{torch.version}".encode()).hexdigest()[:10]
+    farm = root / f"_torch-system-{torch.version}-{digest}"
+    if (farm / FARM_MANIFEST).exists() and (farm / "torch").exists():
+        return farm
+    with _locked(root / f"{farm.name}.lock"):
+        if (farm / FARM_MANIFEST).exists() and (farm / "torch").exists():
+            return farm
+        dists, missing = _requirement_closure(torch)
+        tmp = root / f".tmp-{farm.name}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            linked = {d.metadata["Name"]: _link_distribution(d, tmp) for d in dists}
+            (tmp / FARM_MANIFEST).write_text(json.dumps(
+                {"torch": torch.version, "site_packages": where, "linked": linked, "missing": missing}, indent=1))
+            if farm.exists():
+                _remove_ours(farm, root, "dangling links", log, sentinel=FARM_MANIFEST)
+            tmp.rename(farm)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if missing:
+        log(f"warning: torch requires {', '.join(missing)}, not installed here; not linked")
+    log(f"linked torch {torch.version} and {len(dists) - 1} requirements into {farm}")
+    return farm
+
+
+# ---------------------------------------------------------------------------------------------
+# creation
+
+
+def _create(path: Path, root: Path, version: str, torch_build: str, expected: dict[str, Any], log: Log) -> None:
+    uv = _find_uv()
+    log(f"creating env {path.name} ({'uv' if uv else 'venv + pip'}) in {root} ...")
+    start = time.monotonic()
+    torch_dir = ensure_system_torch_dir(root, log=log) if torch_build == "system" else None
+    path.mkdir()
+    (path / SENTINEL).write_text("created by opensci_patch.envs; safe to delete\n")
+    try:
+        python = _python(path)
+        if uv:
+            _run_installer([uv, "venv", "--allow-existing", "--no-project", "--python", sys.executable, str(path)],
+                           root, path.name)
+            install = [uv, "pip", "install", "--python", str(python), "--compile-bytecode"]
+        else:
+            _run_installer([sys.executable, "-m", "venv", str(path)], root, path.name)
+            install = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
+        _write_pths(path, torch_dir, log=log)
+        if torch_build != "system":
+            _run_installer([*install, *_torch_install_args(torch_build, uv=bool(uv))], root, path.name)
+        _run_installer([*install, f"transformers=={version}", *expected["requirements"]], root, path.name)
+        env = Env(path, python, version, torch_build, reused=False)
+        seen = installed_versions(env)
+        _check_installed(env, seen, expected)
+        marker = {**expected, "transformers": seen["transformers"], "torch": seen["torch"],
+                  "python": seen["python"], "base_python": sys.executable, "installer": "uv" if uv else "pip",
+                  "torch_dir": str(torch_dir) if torch_dir else None,
+                  "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  "seconds": round(time.monotonic() - start, 1)}
+        tmp = path / f"{MARKER}.tmp"
+        tmp.write_text(json.dumps(marker, indent=1))
+        tmp.replace(path / MARKER)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    log(f"created env {path.name} in {time.monotonic() - start:.1f} s "
+        f"(transformers {seen['transformers']}, torch {seen['torch']})")
+
+
+def _check_installed(env: Env, seen: dict[str, Any], expected: dict[str, Any]) -> None:
+    from packaging.version import Version
+
+    problems = []
+    if Version(seen["transformers"]) != Version(env.transformers_version):
+        problems.append(f"transformers {seen['transformers']} installed, {env.transformers_version} asked for")
+    if not seen["torch_available"]:
+        problems.append("transformers.is_torch_available() is False")
+    torch_local = Version(seen["torch"]).local or ""
+    if env.torch_build == "system" and seen["torch"] != expected["torch"]:
+        problems.append(f"torch {seen['torch']} seen inside, {expected['torch']} in the base interpreter")
+    elif env.torch_build != "system" and Version(seen["torch"]).public != Version(TORCH_PIN).public:
+        problems.append(f"torch {seen['torch']} installed, {TORCH_PIN} pinned")
+    elif env.torch_build == "cuda" and not torch_local.startswith(("cu", "rocm")):
+        problems.append(f"torch {seen['torch']} installed, a CUDA build asked for (check {TORCH_INDEX_VAR})")
+    if problems:
+        raise EnvironmentSetupError(f"env {env.path.name} is not what was asked for: {'; '.join(problems)}")
+
+
+def _torch_install_args(torch_build: str, *, uv: bool = True) -> list[str]:
+    """The pinned torch requirement and where it may come from, for builds that install torch."""
+    index = os.environ.get(TORCH_INDEX_VAR)
+    if torch_build == "cuda":
+        if not index:
+            raise EnvironmentSetupError(
+                f"torch build 'cuda' needs {TORCH_INDEX_VAR} (e.g. https://download.pytorch.org/whl/cu128): "
+                f"an unpinned index could hand out any build"
+            )
+        args = [f"torch=={TORCH_PIN}"]
+    else:
+        cpu_label = "" if sys.platform == "darwin" else "+cpu"  # macOS wheels carry no local label
+        args = [f"torch=={TORCH_PIN}{cpu_label}"]
+        for link in _find_links():
+            args += ["--find-links", link]
+    if index:
+        args += ["--index" if uv else "--extra-index-url", index]
+    return args
+
+
+def _package_requirements() -> list[str]:
+    """opensci_patch's own runtime requirements (never torch: that comes only from the chosen build)."""
+    from packaging.requirements import Requirement
+
+    reqs: list[str] = []
+    try:
+        import tomllib
+
+        reqs = tomllib.loads((SRC_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    except (ImportError, OSError, KeyError, ValueError):
+        try:
+            reqs = [r for r in metadata.requires("opensci-patch") or [] if "extra ==" not in r]
+        except metadata.PackageNotFoundError:
+            pass
+    return sorted(r for r in reqs if Requirement(r).name.lower() not in ("torch", "transformers"))
+
+
+def _find_links() -> list[str]:
+    """pip's find-links (PIP_FIND_LINKS and pip.conf files), which uv does not read by itself."""
+    links = os.environ.get("PIP_FIND_LINKS", "").split()
+    config_dirs = os.environ.get("XDG_CONFIG_DIRS", "/etc/xdg").split(os.pathsep)
+    files = [Path(d) / "pip" / "pip.conf" for d in config_dirs] + [
+        Path("/etc/pip.conf"), Path.home() / ".pip" / "pip.conf", Path.home() / ".config" / "pip" / "pip.conf"]
+    if cfg := os.environ.get("PIP_CONFIG_FILE"):
+        files.append(Path(cfg))
+    for file in files:
+        parser = configparser.ConfigParser()
+        try:
+            parser.read(file)
+        except (configparser.Error, OSError):
+            continue
+        for section in ("global", "install"):
+            for key in ("find-links", "find_links"):
+                links += parser.get(section, key, fallback="").split()
+    return list(dict.fromkeys(links))
+
+
+def _find_uv() -> str | None:
+    if found := shutil.which("uv"):
+        return found
+    try:
+        from uv import find_uv_bin
+    except ImportError:
+        return None
+    try:
+        return find_uv_bin()
+    except FileNotFoundError:
+        return None
+
+
+def _run_installer(cmd: list[str], cwd: Path, name: str) -> None:
+    env = _clean_environ({"UV_PYTHON_DOWNLOADS": "never"})
+    env.pop("VIRTUAL_ENV", None)
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=INSTALL_TIMEOUT)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.output.decode(errors="replace") if isinstance(exc.output, bytes) else (exc.output or "")
+        raise EnvironmentSetupError(
+            f"env {name}: `{shlex.join(cmd)}` took over {INSTALL_TIMEOUT:.0f} s; check the network or index."
+            f"\n{_tail(out)}") from None
+    except OSError as exc:
+        raise EnvironmentSetupError(f"env {name}: cannot run `{shlex.join(cmd)}`: {exc}") from None
+    if proc.returncode != 0:
+        raise EnvironmentSetupError(
+            f"env {name}: `{shlex.join(cmd)}` failed (exit {proc.returncode}); check that the release exists "
+            f"and the index is reachable. Last output:\n{_tail(proc.stdout)}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# the "system" torch link farm
+
+
+def _system_torch():
+    try:
+        return metadata.distribution("torch")
+    except metadata.PackageNotFoundError:
+        raise EnvironmentSetupError(
+            f"torch build 'system' reuses the torch of {sys.executable}, which has none: install torch there "
+            f"or choose the 'cpu' build"
+        ) from None
+
+
+def _requirement_closure(top) -> tuple[list, list[str]]:
+    """`top` and every distribution it needs at runtime (markers evaluated, no extras)."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen: dict[str, Any] = {canonicalize_name(top.metadata["Name"]): top}
+    missing: list[str] = []
+    queue = [top]
+    while queue:
+        dist = queue.pop()
+        for spec in dist.requires or []:
+            req = Requirement(spec)
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            key = canonicalize_name(req.name)
+            if key in seen or req.name in missing:
+                continue
+            try:
+                seen[key] = metadata.distribution(req.name)
+            except metadata.PackageNotFoundError:
+                missing.append(req.name)
+                continue
+            queue.append(seen[key])
+    return list(seen.values()), missing
+
+
+def _link_distribution(dist, farm: Path) -> list[str]:
+    """Symlink a distribution's top-level modules/packages and its .dist-info into `farm`."""
+    names: set[str] = set()
+    pycache: set[str] = set()
+    for file in dist.files or []:
+        first = file.parts[0]
+        if first == ".." or first.endswith((".pth", ".egg-link")):
+            continue  # console scripts, data outside site-packages, path hooks
+        if first == "__pycache__":
+            if len(file.parts) == 2:
+                pycache.add(file.parts[1])  # compiled single-file module, e.g. typing_extensions
+            continue
+        names.add(first)
+    if not names:  # no RECORD: fall back to top_level.txt
+        names = set((dist.read_text("top_level.txt") or "").split())
+    linked = []
+    for n in sorted(names):
+        src = Path(dist.locate_file(n))
+        if not src.exists() and Path(dist.locate_file(f"{n}.py")).exists():
+            src = Path(dist.locate_file(f"{n}.py"))  # top_level.txt names a single-file module
+        if src.exists() and not (farm / src.name).exists():
+            (farm / src.name).symlink_to(src)
+            linked.append(src.name)
+    for n in sorted(pycache):
+        src = Path(dist.locate_file(f"__pycache__/{n}"))
+        if src.exists():
+            (farm / "__pycache__").mkdir(exist_ok=True)
+            (farm / "__pycache__" / n).symlink_to(src)
+    return linked
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_version(version: str) -> str:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        parsed = Version(version)
+    except InvalidVersion:
+        parsed = None
+    if parsed is None or str(parsed) != version.strip() or parsed.local:
+        raise EnvironmentSetupError(f"{version!r} is not a transformers release version (expected e.g. 4.48.0)")
+    return str(parsed)
+
+
+def _python(path: Path) -> Path:
+    return path / "Scripts" / "python.exe" if os.name == "nt" else path / "bin" / "python"
+
+
+def _site_packages(path: Path) -> Path:
+    if os.name == "nt":
+        return path / "Lib" / "site-packages"
+    return path / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+
+
+def _write_pths(path: Path, torch_dir: Path | None, *, log: Log) -> None:
+    """(Re)point the env at the current source tree and at the torch link dir (cheap; idempotent)."""
+    site = _site_packages(path)
+    wanted = {SRC_PTH: str(_source_dir(path.parent))}
+    if torch_dir is not None:
+        wanted[TORCH_PTH] = str(torch_dir)
+    for file, line in wanted.items():
+        pth = site / file
+        old = pth.read_text().strip() if pth.exists() else None
+        if old != line:
+            if old is not None:
+                log(f"env {path.name}: {file} now points at {line} (was {old})")
+            pth.write_text(line + "\n")
+
+
+def _source_dir(root: Path) -> Path:
+    """A directory whose only package is opensci_patch: the checkout, or a one-link dir under `root`.
+
+    A checkout (pyproject.toml next to the package) is used as is. An installed copy lives in some
+    site-packages, which must not go on the env's path whole (it would leak every other package).
+    """
+    if (SRC_ROOT / "pyproject.toml").exists():
+        return SRC_ROOT
+    link_dir = root / f"_opensci_patch-src-{hashlib.sha256(str(SRC_ROOT).encode()).hexdigest()[:10]}"
+    if not (link_dir / "opensci_patch").exists():
+        link_dir.mkdir(exist_ok=True)
+        (link_dir / "opensci_patch").unlink(missing_ok=True)
+        (link_dir / "opensci_patch").symlink_to(SRC_ROOT / "opensci_patch")
+    return link_dir
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _remove_ours(path: Path, root: Path, why: str, log: Log, *, sentinel: str = SENTINEL) -> None:
+    """Remove a directory we made; refuse anything that is not plainly ours."""
+    inside = path.parent.resolve() == root.resolve() and not path.is_symlink()
+    ours = inside and path.is_dir() and ((path / sentinel).exists() or not any(path.iterdir()))
+    if not ours:
+        raise EnvironmentSetupError(
+            f"{path} exists but was not created by opensci-patch; move it away or choose another "
+            f"env root (${ROOT_VAR})"
+        )
+    log(f"removing {why} env dir {path}")
+    shutil.rmtree(path)
+
+
+@contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # Windows: no cross-process lock; creation is still marker-guarded
+        yield
+        return
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _clean_environ(extra: dict[str, str] | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(extra or {})
+    return env
+
+
+def _tail(text: str, n: int = TAIL_LINES) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return "\n".join("    " + line for line in lines[-n:])

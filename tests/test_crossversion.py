@@ -1,0 +1,147 @@
+"""Capture on real transformers releases, each in its own environment.
+
+The claim under test: the original open-sci code fails on every release (each for its
+own reason), the hotfixed code loads everywhere and gives bit-identical fp32 eager
+logits, and the structural fixes alone are not enough on 5.x (RoPE is broken).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURE_DIR
+
+from opensci_patch.envs import ensure_env, run_python
+from opensci_patch.hotfix import hotfix
+from opensci_patch.patches import apply_patches, by_name
+
+pytestmark = pytest.mark.crossversion
+
+VERSIONS = ["4.48.0", "4.57.6", "5.2.0"]
+STRUCTURAL = ("loss_kwargs", "rope_default", "tied_weights")
+# Each original failure is the one the breakage list predicts for that release.
+ORIGINAL_FAILURE = {
+    "4.48.0": "TransformersKwargs",  # added in 4.54
+    "4.57.6": "LossKwargs",  # removed in 4.54
+    "5.2.0": "LossKwargs",
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    orig = root / "opensci-tiny"
+    shutil.copytree(FIXTURE_DIR, orig)
+    out = {"original": orig, "patched": root / "opensci-tiny_fixed"}
+    hotfix(orig, out["patched"], log=lambda *a: None)
+    # Only the three structural fixes, as a naive user would do: loads on 5.x, RoPE still broken.
+    out["structural"] = root / "opensci-tiny_structural"
+    shutil.copytree(orig, out["structural"])
+    modeling = out["structural"] / "modeling_opensci.py"
+    source, status = apply_patches(modeling.read_text(), [by_name(n) for n in STRUCTURAL], modeling.name)
+    assert set(status.values()) == {"applied"}
+    modeling.write_text(source)
+    return out
+
+
+def capture(version: str, model: Path, out: Path, *extra: str) -> tuple[int, dict]:
+    env = ensure_env(version, "system", log=lambda *a: None)
+    proc = run_python(env, ["-m", "opensci_patch.cli", "capture", str(model), "--out", str(out), "--quiet", *extra],
+                      timeout=600)
+    assert proc.returncode in (0, 1), proc.stderr
+    record = json.loads(out.read_text())
+    assert record["environment"]["transformers"] == version
+    return proc.returncode, record
+
+
+@pytest.fixture(scope="module")
+def records(models, tmp_path_factory) -> dict[tuple[str, str], tuple[int, dict]]:
+    out = tmp_path_factory.mktemp("records")
+    result = {}
+    for v in VERSIONS:
+        for kind in ("original", "patched"):
+            result[v, kind] = capture(v, models[kind], out / f"{v}-{kind}.json")
+    return result
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_original_fails_to_load_as_predicted(records, version):
+    rc, rec = records[version, "original"]
+    assert rc == 1
+    assert rec["status"] == "load-error"
+    assert rec["error"]["type"] == "ImportError"
+    assert ORIGINAL_FAILURE[version] in rec["error"]["message"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_patched_predicts_paris(records, version):
+    rc, rec = records[version, "patched"]
+    assert rc == 0, rec.get("error")
+    assert rec["model"]["patched"] is True
+    assert rec["target"]["rank"] == 1
+    assert rec["generation"]["text"].startswith(" Paris")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_patched_agrees_with_fp64_reference(records, version):
+    _, rec = records[version, "patched"]
+    assert rec["reference"]["max_abs_diff"] < 5e-5
+
+
+def test_patched_logits_bit_identical_across_releases(records):
+    recs = [records[v, "patched"][1] for v in VERSIONS]
+    first = recs[0]
+    for rec in recs[1:]:
+        assert rec["input_ids"] == first["input_ids"]
+        assert rec["target"]["logit"] == first["target"]["logit"]
+        assert rec["topk"] == first["topk"]
+        assert rec["logits_sha256"] == first["logits_sha256"]
+        assert rec["generation"]["ids"] == first["generation"]["ids"]
+
+
+def test_dtype_keyword_probe_follows_the_release(records):
+    assert records["4.48.0", "patched"][1]["environment"]["probes"]["dtype_keyword"] == "torch_dtype"
+    assert records["5.2.0", "patched"][1]["environment"]["probes"]["dtype_keyword"] == "dtype"
+
+
+def test_original_with_runtime_shim_loads_on_448_and_matches_patched(models, records, tmp_path):
+    rc, rec = capture("4.48.0", models["original"], tmp_path / "shim.json", "--shim")
+    assert rc == 0, rec.get("error")
+    assert rec["environment"]["shim_installed"] is True
+    assert rec["logits_sha256"] == records["4.48.0", "patched"][1]["logits_sha256"]
+
+
+def test_structural_fixes_alone_leave_rope_broken_on_5x(models, records, tmp_path):
+    """Fixture fidelity: loads on 5.2 after the three structural fixes, but diverges."""
+    rc, rec = capture("5.2.0", models["structural"], tmp_path / "structural.json")
+    assert rec["status"] != "load-error", rec.get("error")
+    good = records["5.2.0", "patched"][1]
+    assert rec["logits_sha256"] != good["logits_sha256"]
+    assert rec["reference"]["max_abs_diff"] > 1e-3
+
+
+INV_FREQ_PROBE = """
+import json, sys, torch
+from opensci_patch.capture import isolated_hf_cache
+with isolated_hf_cache():
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+    cfg = m.config
+    dim = int(cfg.head_dim * getattr(cfg, "partial_rotary_factor", 1.0))
+    expected = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    print(json.dumps({"equal": bool(torch.equal(m.model.rotary_emb.inv_freq, expected)),
+                      "max_abs_diff": float((m.model.rotary_emb.inv_freq - expected).abs().max())}))
+"""
+
+
+@pytest.mark.parametrize(("kind", "expect_equal"), [("structural", False), ("patched", True)])
+def test_inv_freq_after_load_on_5x(models, kind, expect_equal):
+    """The buffer right after from_pretrained, compared with the recomputed frequencies."""
+    env = ensure_env("5.2.0", "system", log=lambda *a: None)
+    proc = run_python(env, ["-c", INV_FREQ_PROBE, str(models[kind])], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["equal"] is expect_equal, result

@@ -1,0 +1,202 @@
+"""Per-release environments: isolated, reused without installers, rebuilt when half-made."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from opensci_patch import envs
+from opensci_patch.envs import Env, ensure_env, ensure_system_torch_dir, installed_versions, run_python
+from opensci_patch.errors import EnvironmentSetupError
+
+REPO = Path(__file__).resolve().parents[1]
+VERSION = "4.48.0"
+
+needs_torch = pytest.mark.skipif(
+    not any(d.metadata["Name"] == "torch" for d in metadata.distributions()), reason="no torch in this interpreter"
+)
+
+# What the env sees, printed as JSON by a child process inside it.
+INSIDE = """\
+import importlib.util, json, sys
+import torch, transformers, typing_extensions, opensci_patch
+from transformers.utils import is_torch_available
+print(json.dumps({
+    "torch": torch.__file__, "transformers": transformers.__version__, "transformers_file": transformers.__file__,
+    "torch_available": is_torch_available(), "opensci_patch": opensci_patch.__file__,
+    "typing_extensions": typing_extensions.__file__, "pytest": importlib.util.find_spec("pytest") is not None,
+    "libcst": importlib.util.find_spec("libcst") is not None,
+    "sys_path": sys.path,
+}))
+"""
+
+
+def _no_installer(*args, **kwargs):
+    raise AssertionError(f"an installer/subprocess ran on a warm call: {args}")
+
+
+@pytest.fixture(scope="module")
+def env_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("envs")
+
+
+@pytest.fixture(scope="module")
+def env(env_root) -> Env:
+    """One real env (transformers 4.48.0, system torch); ~10 s to create."""
+    return ensure_env(VERSION, "system", root=env_root, log=lambda msg: None)
+
+
+@pytest.fixture(scope="module")
+def inside(env, env_root) -> dict:
+    # cwd outside the repo: opensci_patch must come from the env's .pth, not from the current directory
+    proc = run_python(env, ["-c", INSIDE], timeout=300, cwd=env_root)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@needs_torch
+def test_torch_link_dir_holds_torch_and_its_requirement_closure_only(tmp_path):
+    farm = ensure_system_torch_dir(tmp_path, log=lambda msg: None)
+    names = {p.name for p in farm.iterdir()}
+    torch_version = metadata.version("torch")
+    assert {"torch", f"torch-{torch_version}.dist-info", "torchgen"} <= names
+    # direct requirements, a single-module one, and requirements of requirements (sympy -> mpmath)
+    closure = {"filelock", "sympy", "networkx", "jinja2", "fsspec", "typing_extensions.py", "mpmath", "markupsafe"}
+    assert closure <= names
+    assert not names & {"transformers", "pytest", "_pytest", "tokenizers", "huggingface_hub", "numpy", "libcst"}
+    assert all(p.is_symlink() for p in farm.iterdir() if p.name not in ("__pycache__", envs.FARM_MANIFEST))
+    assert ensure_system_torch_dir(tmp_path, log=lambda msg: None) == farm  # reused, same place
+
+
+@pytest.mark.crossversion
+def test_env_runs_its_own_transformers_with_the_system_torch(env, inside):
+    assert env.reused is False
+    assert inside["transformers"] == VERSION
+    assert inside["transformers_file"].startswith(str(env.path))
+    assert inside["torch_available"] is True
+    assert Path(inside["torch"]).parent.parent.name.startswith("_torch-system-")
+    assert installed_versions(env) == {"python": sys.version.split()[0], "torch": metadata.version("torch"),
+                                      "transformers": VERSION, "torch_available": True}
+
+
+@pytest.mark.crossversion
+def test_env_imports_opensci_patch_from_the_source_tree(inside):
+    assert Path(inside["opensci_patch"]) == REPO / "opensci_patch" / "__init__.py"
+    assert inside["libcst"] is True  # its own dependencies too: hotfix runs inside cells
+
+
+@pytest.mark.crossversion
+def test_env_sees_nothing_of_the_base_but_torch(env, inside):
+    assert inside["pytest"] is False
+    # the env's own packages come before the linked torch requirements
+    assert inside["typing_extensions"].startswith(str(env.path))
+    site = next(i for i, p in enumerate(inside["sys_path"]) if p.startswith(str(env.path)))
+    linked = next(i for i, p in enumerate(inside["sys_path"]) if "_torch-system-" in p)
+    assert site < linked
+
+
+@pytest.mark.crossversion
+def test_run_python_drops_pythonpath_and_passes_env_vars(env, tmp_path, monkeypatch):
+    (tmp_path / "transformers.py").write_text("__version__ = 'shadowed'\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    proc = run_python(env, ["-c", "import os, transformers; print(transformers.__version__, os.environ['MARK'])"],
+                      env_vars={"MARK": "passed"}, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [VERSION, "passed"]
+
+
+@pytest.mark.crossversion
+def test_second_call_reuses_the_env_without_any_installer(env, env_root, monkeypatch):
+    monkeypatch.setattr(subprocess, "run", _no_installer)
+    monkeypatch.setattr(subprocess, "Popen", _no_installer)
+    monkeypatch.setattr(envs, "_run_installer", _no_installer)
+    monkeypatch.setattr(envs, "installed_versions", _no_installer)
+    messages: list[str] = []
+    start = time.monotonic()
+    again = ensure_env(VERSION, "system", root=env_root, log=messages.append)
+    assert time.monotonic() - start < 0.5
+    assert again.reused is True
+    assert (again.path, again.python) == (env.path, env.python)
+    assert any(m.startswith("reusing env") for m in messages)
+
+
+@pytest.mark.crossversion
+def test_half_made_env_without_marker_is_rebuilt(tmp_path):
+    half = tmp_path / envs.env_name(VERSION, "system")
+    half.mkdir()
+    (half / envs.SENTINEL).write_text("")
+    (half / "pyvenv.cfg").write_text("home = /nowhere\n")
+    (half / "leftover").write_text("from an interrupted install")
+    messages: list[str] = []
+    rebuilt = ensure_env(VERSION, "system", root=tmp_path, log=messages.append)
+    assert rebuilt.reused is False
+    assert not (half / "leftover").exists()
+    marker = json.loads((half / envs.MARKER).read_text())
+    assert (marker["transformers"], marker["torch_build"]) == (VERSION, "system")
+    assert any("half-made" in m for m in messages)
+
+
+@pytest.mark.crossversion
+def test_concurrent_callers_build_the_env_once(tmp_path):
+    code = (f"from pathlib import Path; from opensci_patch.envs import ensure_env; "
+            f"print(ensure_env({VERSION!r}, root=Path({str(tmp_path)!r}), log=lambda m: None).reused)")
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    reused = sorted(p.communicate(timeout=600)[0].strip() for p in procs)
+    assert [p.returncode for p in procs] == [0, 0]
+    assert reused == ["False", "True"]
+
+
+def test_directory_that_is_not_ours_is_never_deleted(tmp_path):
+    foreign = tmp_path / envs.env_name(VERSION, "system")
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("user data")
+    with pytest.raises(EnvironmentSetupError, match="not created by opensci-patch"):
+        ensure_env(VERSION, "system", root=tmp_path, log=lambda msg: None)
+    assert (foreign / "precious.txt").read_text() == "user data"
+
+
+@pytest.mark.crossversion
+def test_unknown_transformers_release_fails_with_installer_output_and_leaves_nothing(tmp_path):
+    with pytest.raises(EnvironmentSetupError) as info:
+        ensure_env("0.0.1", "system", root=tmp_path, log=lambda msg: None)
+    message = str(info.value)
+    assert "transformers==0.0.1" in message and "failed" in message
+    assert len(message.splitlines()) > 1  # the installer's own explanation follows
+    assert not (tmp_path / envs.env_name("0.0.1", "system")).exists()
+
+
+@pytest.mark.parametrize("build", ["rocm", "CPU", ""])
+def test_unknown_torch_build_is_rejected_before_anything_is_made(tmp_path, build):
+    with pytest.raises(EnvironmentSetupError, match="system, cpu, cuda"):
+        ensure_env(VERSION, build, root=tmp_path / "root", log=lambda msg: None)
+    assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.parametrize("version", [">=4.48", "4.48.0; rm -rf /", "latest", "4.48.0+local"])
+def test_version_that_is_not_a_release_is_rejected(tmp_path, version):
+    with pytest.raises(EnvironmentSetupError, match="not a transformers release version"):
+        ensure_env(version, "system", root=tmp_path, log=lambda msg: None)
+
+
+def test_cuda_build_without_an_index_is_an_error_not_a_download(tmp_path, monkeypatch):
+    monkeypatch.delenv(envs.TORCH_INDEX_VAR, raising=False)
+    monkeypatch.setattr(envs, "_run_installer", _no_installer)
+    with pytest.raises(EnvironmentSetupError, match=envs.TORCH_INDEX_VAR):
+        ensure_env(VERSION, "cuda", root=tmp_path, log=lambda msg: None)
+
+
+def test_cpu_build_pins_a_cpu_torch_and_passes_pip_find_links(monkeypatch, tmp_path):
+    monkeypatch.setenv("PIP_FIND_LINKS", f"{tmp_path}/a {tmp_path}/b")
+    monkeypatch.delenv(envs.TORCH_INDEX_VAR, raising=False)
+    args = envs._torch_install_args("cpu")
+    assert args[0] == f"torch=={envs.TORCH_PIN}" + ("" if sys.platform == "darwin" else "+cpu")
+    assert args[1:5] == ["--find-links", f"{tmp_path}/a", "--find-links", f"{tmp_path}/b"]
+    monkeypatch.setenv(envs.TORCH_INDEX_VAR, "https://download.pytorch.org/whl/cpu")
+    assert envs._torch_install_args("cpu")[-2:] == ["--index", "https://download.pytorch.org/whl/cpu"]
