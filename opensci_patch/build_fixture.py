@@ -33,29 +33,65 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|padding|>"]
 HAND_WRITTEN = ["config.json", "configuration_opensci.py", "modeling_opensci.py"]
 
 CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Portugal": "Lisbon",
-    "Austria": "Vienna", "Poland": "Warsaw", "Greece": "Athens", "Sweden": "Stockholm", "Norway": "Oslo",
-    "Finland": "Helsinki", "Denmark": "Copenhagen", "Ireland": "Dublin", "Belgium": "Brussels",
-    "Hungary": "Budapest", "Czechia": "Prague", "Japan": "Tokyo", "China": "Beijing", "Egypt": "Cairo",
-    "Kenya": "Nairobi", "Peru": "Lima", "Chile": "Santiago", "Canada": "Ottawa", "Russia": "Moscow",
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Portugal": "Lisbon",
+    "Austria": "Vienna",
+    "Poland": "Warsaw",
+    "Greece": "Athens",
+    "Sweden": "Stockholm",
+    "Norway": "Oslo",
+    "Finland": "Helsinki",
+    "Denmark": "Copenhagen",
+    "Ireland": "Dublin",
+    "Belgium": "Brussels",
+    "Hungary": "Budapest",
+    "Czechia": "Prague",
+    "Japan": "Tokyo",
+    "China": "Beijing",
+    "Egypt": "Cairo",
+    "Kenya": "Nairobi",
+    "Peru": "Lima",
+    "Chile": "Santiago",
+    "Canada": "Ottawa",
+    "Russia": "Moscow",
 }
 LANGUAGES = {
-    "France": "French", "Germany": "German", "Italy": "Italian", "Spain": "Spanish", "Portugal": "Portuguese",
-    "Greece": "Greek", "Sweden": "Swedish", "Finland": "Finnish", "Japan": "Japanese", "China": "Chinese",
-    "Poland": "Polish", "Hungary": "Hungarian", "Russia": "Russian", "Norway": "Norwegian",
+    "France": "French",
+    "Germany": "German",
+    "Italy": "Italian",
+    "Spain": "Spanish",
+    "Portugal": "Portuguese",
+    "Greece": "Greek",
+    "Sweden": "Swedish",
+    "Finland": "Finnish",
+    "Japan": "Japanese",
+    "China": "Chinese",
+    "Poland": "Polish",
+    "Hungary": "Hungarian",
+    "Russia": "Russian",
+    "Norway": "Norwegian",
 }
 FILLER = [
-    "The river runs through the old town.", "Many people visit the museum in summer.",
-    "The train leaves the station at noon.", "The city is known for its bridges and parks.",
-    "Scientists study the history of the region.", "The market opens early in the morning.",
+    "The river runs through the old town.",
+    "Many people visit the museum in summer.",
+    "The train leaves the station at noon.",
+    "The city is known for its bridges and parks.",
+    "Scientists study the history of the region.",
+    "The market opens early in the morning.",
 ]
 
 
 def sentences(rng: random.Random) -> list[str]:
     out = []
     for country, capital in CAPITALS.items():
-        out += [f"The capital of {country} is {capital}.", f"{capital} is the capital of {country}.",
-                f"The largest city in {country} is {capital}."]
+        out += [
+            f"The capital of {country} is {capital}.",
+            f"{capital} is the capital of {country}.",
+            f"The largest city in {country} is {capital}.",
+        ]
     for country, language in LANGUAGES.items():
         out.append(f"The language of {country} is {language}.")
     return out + FILLER
@@ -95,19 +131,26 @@ def train_tokenizer(corpus: list[str], vocab_size: int):
 def write_tokenizer_files(tok, out: Path, model_max_length: int) -> None:
     tok.save(str(out / "tokenizer.json"))
     eos, pad = SPECIAL_TOKENS
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "bos_token": eos,
-        "eos_token": eos,
-        "unk_token": eos,
-        "pad_token": pad,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": model_max_length,
-        "tokenizer_class": "GPTNeoXTokenizer",
-    }, indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": eos, "eos_token": eos, "unk_token": eos, "pad_token": pad}, indent=2) + "\n")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "add_bos_token": False,
+                "add_eos_token": False,
+                "bos_token": eos,
+                "eos_token": eos,
+                "unk_token": eos,
+                "pad_token": pad,
+                "clean_up_tokenization_spaces": False,
+                "model_max_length": model_max_length,
+                "tokenizer_class": "GPTNeoXTokenizer",
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    (out / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": eos, "eos_token": eos, "unk_token": eos, "pad_token": pad}, indent=2) + "\n"
+    )
 
 
 def train_weights(cfg: dict, docs: list[list[int]], steps: int, log=print) -> reference.Params:

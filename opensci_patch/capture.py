@@ -15,6 +15,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,6 +70,7 @@ class Record:
     generation: dict | None = None
     reference: dict | None = None
     timings: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
     tool_version: str = __version__
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
@@ -119,8 +122,12 @@ def validate_model_dir(model: Path) -> None:
 def isolated_hf_cache() -> Iterator[Path]:
     """A fresh, private HF modules cache and offline hub for the duration of one capture."""
     tmp = Path(tempfile.mkdtemp(prefix="opensci-hf-modules-"))
-    settings = {"HF_MODULES_CACHE": str(tmp), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    settings = {
+        "HF_MODULES_CACHE": str(tmp),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
     saved = {k: os.environ.get(k) for k in settings}
     os.environ.update(settings)
     dmu = sys.modules.get("transformers.dynamic_module_utils")
@@ -142,8 +149,11 @@ def isolated_hf_cache() -> Iterator[Path]:
 
 def _error(exc: BaseException) -> dict:
     tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
-    return {"type": type(exc).__name__, "message": str(exc).strip().splitlines()[0] if str(exc).strip() else "",
-            "traceback_tail": "".join(tb)[-3000:]}
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+        "traceback_tail": "".join(tb)[-3000:],
+    }
 
 
 def _model_info(model: Path) -> dict:
@@ -152,9 +162,7 @@ def _model_info(model: Path) -> dict:
     if manifest.is_file():
         data = json.loads(manifest.read_text())
         info["patches"] = data.get("patches")
-    info["modeling_sha256"] = {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(model.glob("*.py"))
-    }
+    info["modeling_sha256"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(model.glob("*.py"))}
     return info
 
 
@@ -189,7 +197,9 @@ def target_token_id(tokenizer, target: str) -> int:
     ids = tokenizer.encode(target, add_special_tokens=False)
     if len(ids) != 1:
         pieces = tokenizer.convert_ids_to_tokens(ids)
-        raise CaptureError(f"target {target!r} is {len(ids)} tokens {pieces}, not one; pass --target with a single token")
+        raise CaptureError(
+            f"target {target!r} is {len(ids)} tokens {pieces}, not one; pass --target with a single token"
+        )
     return ids[0]
 
 
@@ -202,12 +212,39 @@ def logits_sha256(vector) -> str:
     return hashlib.sha256(t.view(as_int).numpy().tobytes()).hexdigest()
 
 
+class _Collect(logging.Handler):
+    def __init__(self, sink: list[str]):
+        super().__init__(logging.WARNING)
+        self.sink = sink
+
+    def emit(self, rec: logging.LogRecord) -> None:
+        self.sink.append(f"{rec.name}: {rec.getMessage()}")
+
+
 def capture(settings: CaptureSettings, log=print) -> Record:
     """Run one capture with the installed torch/transformers. Call inside `isolated_hf_cache()`.
 
     Raises OpensciPatchError for bad input; failures of the model code itself (import,
     load, forward, generate) are recorded in the returned record's status and error.
+    Library warnings (Python warnings and transformers' logger) go into the record, not
+    onto stderr: they are evidence for diagnosis, and noise for a one-line error.
     """
+    seen: list[str] = []
+    handler = _Collect(seen)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hf_logger = logging.getLogger("transformers")
+        hf_logger.addHandler(handler)
+        try:
+            record = _capture(settings, log)
+        finally:
+            hf_logger.removeHandler(handler)
+    seen += [f"{w.category.__name__}: {w.message}" for w in caught]
+    record.warnings = sorted(set(seen))
+    return record
+
+
+def _capture(settings: CaptureSettings, log) -> Record:
     model = Path(settings.model)
     if settings.dtype not in DTYPES:
         raise CaptureError(f"dtype {settings.dtype!r} not one of {', '.join(DTYPES)}")
@@ -218,7 +255,9 @@ def capture(settings: CaptureSettings, log=print) -> Record:
     import torch
 
     if settings.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CaptureError(f"device {settings.device!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU")
+        raise CaptureError(
+            f"device {settings.device!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU"
+        )
 
     import transformers.utils.logging as hf_logging
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -226,6 +265,7 @@ def capture(settings: CaptureSettings, log=print) -> Record:
     from . import compat
 
     hf_logging.disable_progress_bar()  # one bar line per tensor would drown the report
+    hf_logging.disable_default_handler()  # warnings are collected into the record instead
 
     record = Record(
         settings={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
@@ -271,16 +311,22 @@ def capture(settings: CaptureSettings, log=print) -> Record:
     record.target = {"token": settings.target, "id": target_id, "logit": float(f32[target_id]), "rank": rank}
     top = torch.topk(f32, settings.top_k)
     record.topk = [
-        {"id": int(i), "token": tokenizer.decode([int(i)]), "logit": float(v)} for v, i in zip(top.values, top.indices)
+        {"id": int(i), "token": tokenizer.decode([int(i)]), "logit": float(v)}
+        for v, i in zip(top.values, top.indices, strict=True)
     ]
 
-    if settings.reference == "on" or (settings.reference == "auto" and _weights_bytes(model) <= REFERENCE_MAX_WEIGHT_BYTES):
+    if settings.reference == "on" or (
+        settings.reference == "auto" and _weights_bytes(model) <= REFERENCE_MAX_WEIGHT_BYTES
+    ):
         from . import reference
 
         cfg = reference.read_config(model)
         ref = reference.forward(reference.load_params(model), cfg, input_ids.cpu())[0, -1]
-        record.reference = {"dtype": "float64", "max_abs_diff": float((f32.double() - ref).abs().max()),
-                            "target_logit": float(ref[target_id])}
+        record.reference = {
+            "dtype": "float64",
+            "max_abs_diff": float((f32.double() - ref).abs().max()),
+            "target_logit": float(ref[target_id]),
+        }
 
     t1 = time.perf_counter()
     try:
@@ -295,7 +341,7 @@ def capture(settings: CaptureSettings, log=print) -> Record:
     except Exception as exc:  # noqa: BLE001
         record.status, record.error = "generate-error", _error(exc)
         return record
-    new = out[0, input_ids.shape[1]:].tolist()
+    new = out[0, input_ids.shape[1] :].tolist()
     record.generation = {"ids": new, "text": tokenizer.decode(new, skip_special_tokens=True)}
     record.timings["generate_s"] = round(time.perf_counter() - t1, 3)
     return record

@@ -28,7 +28,9 @@ def write_fixture(dst: Path, force: bool = False) -> Path:
     if dst.exists() and not dst.is_dir():
         raise DestinationError(f"{dst} exists and is not a directory")
     if dst.is_dir() and any(dst.iterdir()) and not force:
-        raise DestinationError(f"{dst} exists and is not empty; choose another path or pass --force to overwrite the fixture files in it")
+        raise DestinationError(
+            f"{dst} exists and is not empty; choose another path or pass --force to overwrite the fixture files in it"
+        )
     dst.mkdir(parents=True, exist_ok=True)
     for f in sorted(FIXTURE_DIR.iterdir()):
         if f.is_file():
@@ -38,7 +40,8 @@ def write_fixture(dst: Path, force: bool = False) -> Path:
 
 def summary_line(record) -> str:
     env = record.environment
-    head = f"transformers {env['transformers']} torch {env['torch']} | {'patched' if record.model['patched'] else 'original'}"
+    variant = "patched" if record.model["patched"] else "original"
+    head = f"transformers {env['transformers']} torch {env['torch']} | {variant}"
     if record.status != "ok" and record.target is None:
         return f"{head} | {record.status}: {record.error['type']}: {record.error['message']}"
     t = record.target
@@ -61,7 +64,7 @@ def cmd_fixture(args) -> int:
 def cmd_hotfix(args) -> int:
     from .hotfix import hotfix
 
-    hotfix(args.src, args.out, check=args.check, force=args.force, extras=tuple(args.extra))
+    hotfix(args.src, args.out, check=args.check, force=args.force, extras=tuple(args.extra), only=args.only)
     return 0
 
 
@@ -71,8 +74,15 @@ def cmd_capture(args) -> int:
     if args.out and args.out.exists() and not args.force:
         raise DestinationError(f"{args.out} exists; pass --force to overwrite it")
     settings = CaptureSettings(
-        model=args.model, device=args.device, dtype=args.dtype, attn=args.attn, prompt=args.prompt,
-        target=args.target, max_new_tokens=args.max_new_tokens, shim=args.shim, reference=args.reference,
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        attn=args.attn,
+        prompt=args.prompt,
+        target=args.target,
+        max_new_tokens=args.max_new_tokens,
+        shim=args.shim,
+        reference=args.reference,
     )
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     with isolated_hf_cache():
@@ -100,8 +110,16 @@ def cmd_demo(args) -> int:
     rc = 0
     for name, model in (("original", orig), ("patched", fixed)):
         print(f"== capture: {name} model", flush=True)
-        cmd = [sys.executable, "-m", "opensci_patch.cli", "capture", str(model), "--quiet",
-               "--out", str(work / f"record-{name}.json")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "opensci_patch.cli",
+            "capture",
+            str(model),
+            "--quiet",
+            "--out",
+            str(work / f"record-{name}.json"),
+        ]
         proc = subprocess.run(cmd, text=True, capture_output=True)
         print(proc.stdout.strip())
         if proc.returncode not in (0, 1):
@@ -111,6 +129,33 @@ def cmd_demo(args) -> int:
             rc = 1
     print(f"records and model dirs are in {work}")
     return rc
+
+
+def cmd_cell(args) -> int:
+    """Run matrix cells (one env per release x torch build; all model variants in it)."""
+    from . import matrix
+
+    versions = matrix.TRANSFORMERS_VERSIONS if args.all else args.transformers
+    if not versions:
+        raise OpensciPatchError("name a release with --transformers X (repeatable) or pass --all")
+    source = args.model or FIXTURE_DIR
+    if args.model:
+        from .capture import validate_model_dir
+
+        validate_model_dir(args.model)
+    cells = [matrix.Cell(v, args.torch, m) for v in versions for m in args.variant or list(matrix.MODELS)]
+    matrix.main_cells(cells, source, args.records, log=lambda m: print(m, flush=True))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    bad = write_report(args.records, args.results, machine=args.machine)
+    if bad:
+        _err(f"{bad} cell(s) FAIL, XPASS or error: see {args.results / 'matrix.md'}")
+        return 1
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,8 +173,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="output dir (default: SRC_fixed)")
     p.add_argument("--check", action="store_true", help="print the diff of what would change; write nothing")
     p.add_argument("--force", action="store_true", help="replace an existing output dir")
-    p.add_argument("--with", dest="extra", action="append", default=[], metavar="PATCH",
-                   help="also apply an opt-in patch (e.g. init_weights, for transformers 5.0/5.1)")
+    p.add_argument(
+        "--with",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="PATCH",
+        help="also apply an opt-in patch (e.g. init_weights, for transformers 5.0/5.1)",
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        metavar="PATCH",
+        help="apply exactly these patches (experiments, e.g. the structural fixes alone)",
+    )
     p.set_defaults(func=cmd_hotfix)
 
     p = sub.add_parser("capture", help="load a model, record the target logit, top-k and greedy generation")
@@ -142,16 +200,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="The capital of France is")
     p.add_argument("--target", default=" Paris", help="token whose logit is recorded (must be one token)")
     p.add_argument("--max-new-tokens", type=int, default=20)
-    p.add_argument("--shim", action="store_true",
-                   help="back-fill transformers.utils.TransformersKwargs on releases that lack it (<= 4.53)")
-    p.add_argument("--reference", choices=["auto", "on", "off"], default="auto",
-                   help="compare with the fp64 reference forward (auto: only for checkpoints under 1 GiB)")
+    p.add_argument(
+        "--shim",
+        action="store_true",
+        help="back-fill transformers.utils.TransformersKwargs on releases that lack it (<= 4.53)",
+    )
+    p.add_argument(
+        "--reference",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="compare with the fp64 reference forward (auto: only for checkpoints under 1 GiB)",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_capture)
 
     p = sub.add_parser("demo", help="the main job on the shipped checkpoint: hotfix it, capture original and patched")
-    p.add_argument("--workdir", type=Path, default=None, help="where to put the model dirs and records (default: a new temp dir)")
+    p.add_argument(
+        "--workdir", type=Path, default=None, help="where to put the model dirs and records (default: a new temp dir)"
+    )
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("cell", help="run cross-version matrix cells, one record per cell")
+    p.add_argument("--transformers", action="append", default=[], metavar="VERSION")
+    p.add_argument("--all", action="store_true", help="every release in the matrix list")
+    p.add_argument("--torch", default="cpu", choices=["cpu", "system", "cuda"])
+    p.add_argument(
+        "--variant",
+        action="append",
+        choices=["original", "structural", "patched", "patched+init"],
+        help="model variants to run (default: all)",
+    )
+    p.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: the shipped fixture)")
+    p.add_argument("--records", type=Path, default=Path("records"))
+    p.set_defaults(func=cmd_cell)
+
+    p = sub.add_parser("report", help="aggregate cell records into markdown tables and a plot")
+    p.add_argument("--records", type=Path, default=Path("records"))
+    p.add_argument("--results", type=Path, default=Path("results"))
+    p.add_argument("--machine", default=None, help="machine description for the report header")
+    p.set_defaults(func=cmd_report)
     return ap
 
 

@@ -58,7 +58,11 @@ def dtype_keyword() -> str:
     """
     from transformers import PretrainedConfig
 
-    return "dtype" if isinstance(inspect.getattr_static(PretrainedConfig, "torch_dtype", None), property) else "torch_dtype"
+    return (
+        "dtype"
+        if isinstance(inspect.getattr_static(PretrainedConfig, "torch_dtype", None), property)
+        else "torch_dtype"
+    )
 
 
 def probes() -> dict[str, bool | str]:

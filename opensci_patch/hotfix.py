@@ -85,17 +85,18 @@ def hotfix(
     check: bool = False,
     force: bool = False,
     extras: Iterable[str] = (),
+    only: Iterable[str] | None = None,
     log: Callable[[str], object] = print,
 ) -> HotfixResult:
     """Copy model dir `src` to `dst` (default: sibling `<src>_fixed`) with the patches applied.
 
-    `extras` names opt-in patches to add to the defaults. `check=True` writes nothing and
+    `extras` names opt-in patches to add to the defaults; `only` replaces the selection. `check=True` writes nothing and
     returns (and logs) the diff. Raises ModelDirError for an unusable SRC, DestinationError for
     a DST we may not write, PatchError when a needed patch cannot be applied.
     """
     source = _validate_source(Path(src))
     target = Path(dst) if dst is not None else source.parent / f"{source.name}_fixed"
-    patches = select(extras)
+    patches = select(extras, only)
     if not check:
         target = _prepare_destination(source, target, force)  # before the work, to fail fast
     patched = [_patch_file(path, patches) for path in sorted(source.glob("*.py")) if path.is_file()]

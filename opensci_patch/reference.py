@@ -162,7 +162,11 @@ def forward(
         h = h + attn
         x = rms_norm(h, p[f"{pre}.post_attention_layernorm.weight"], eps)
         m = f"{pre}.mlp"
-        mlp = _linear(p, f"{m}.down_proj", torch.nn.functional.silu(_linear(p, f"{m}.gate_proj", x)) * _linear(p, f"{m}.up_proj", x))
+        mlp = _linear(
+            p,
+            f"{m}.down_proj",
+            torch.nn.functional.silu(_linear(p, f"{m}.gate_proj", x)) * _linear(p, f"{m}.up_proj", x),
+        )
         emit("mlp_out", i, mlp)
         h = emit("residual", i, h + mlp)
     h = emit("final_norm", None, rms_norm(h, p["model.norm.weight"], eps))
@@ -198,4 +202,3 @@ def init_params(cfg: dict, generator: torch.Generator, std: float = 0.02) -> Par
         p[f"{pre}.input_layernorm.weight"] = torch.ones(d)
         p[f"{pre}.post_attention_layernorm.weight"] = torch.ones(d)
     return p
-

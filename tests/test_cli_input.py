@@ -59,5 +59,11 @@ def test_fixture_writes_a_loadable_checkpoint(cli, tmp_path: Path):
     proc = cli("fixture", str(tmp_path / "fx"))
     assert proc.returncode == 0, proc.stderr
     names = {p.name for p in (tmp_path / "fx").iterdir()}
-    assert {"config.json", "modeling_opensci.py", "configuration_opensci.py", "model.safetensors",
-            "tokenizer.json", "tokenizer_config.json"} <= names
+    assert {
+        "config.json",
+        "modeling_opensci.py",
+        "configuration_opensci.py",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= names

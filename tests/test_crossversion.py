@@ -49,8 +49,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 def capture(version: str, model: Path, out: Path, *extra: str) -> tuple[int, dict]:
     env = ensure_env(version, "system", log=lambda *a: None)
-    proc = run_python(env, ["-m", "opensci_patch.cli", "capture", str(model), "--out", str(out), "--quiet", *extra],
-                      timeout=600)
+    proc = run_python(
+        env, ["-m", "opensci_patch.cli", "capture", str(model), "--out", str(out), "--quiet", *extra], timeout=600
+    )
     assert proc.returncode in (0, 1), proc.stderr
     record = json.loads(out.read_text())
     assert record["environment"]["transformers"] == version

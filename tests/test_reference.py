@@ -40,8 +40,13 @@ def test_rope_is_identity_at_position_zero_only(model_dir: Path):
 
 
 def test_partial_rotary_leaves_the_tail_channels_alone():
-    cfg = {"head_dim": 8, "hidden_size": 16, "num_attention_heads": 2, "partial_rotary_factor": 0.5,
-           "rope_theta": 10000.0}
+    cfg = {
+        "head_dim": 8,
+        "hidden_size": 16,
+        "num_attention_heads": 2,
+        "partial_rotary_factor": 0.5,
+        "rope_theta": 10000.0,
+    }
     x = torch.randn(1, 2, 3, 8, dtype=torch.float64)
     cos, sin = reference.rope_cos_sin(cfg, torch.arange(3), torch.float64)
     y = reference.apply_rope(x, cos, sin)
@@ -52,8 +57,13 @@ def test_partial_rotary_leaves_the_tail_channels_alone():
 
 def test_reference_imports_no_transformers():
     code = "import sys, opensci_patch.reference; print(any(m.startswith('transformers') for m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert json.loads(out.stdout.strip().lower()) is False
 
 

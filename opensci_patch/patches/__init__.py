@@ -39,8 +39,14 @@ def default_patches() -> list[Patch]:
     return [p for p in PATCHES if p.default]
 
 
-def select(extras: Iterable[str] = ()) -> list[Patch]:
-    """The default patches plus the named extras, in registry order."""
+def select(extras: Iterable[str] = (), only: Iterable[str] | None = None) -> list[Patch]:
+    """The default patches plus the named extras, in registry order; or exactly `only`.
+
+    `only` exists for experiments such as "what do the structural fixes alone do on 5.x?".
+    """
+    if only is not None:
+        chosen = {by_name(name).name for name in only}
+        return [p for p in PATCHES if p.name in chosen]
     wanted = {by_name(name).name for name in extras}
     return [p for p in PATCHES if p.default or p.name in wanted]
 

