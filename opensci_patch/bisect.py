@@ -1,0 +1,116 @@
+"""Release bisection: the first transformers release where a cell's logits leave the fp64 reference.
+
+A release is *good* when the cell (torch build, model variant) loads, runs, and its
+last-position logits agree with the independent fp64 reference forward
+(`opensci_patch.reference`) to within the dtype's noise; *bad* otherwise. The oracle is the
+reference, not "whatever 4.x said", so bisection never assumes which side is right.
+
+Every probed release gets its own reused environment (`envs`), so a second bisect over the
+same range installs nothing. The driver needs only the standard library (plus `packaging`).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from packaging.version import InvalidVersion, Version
+
+from .errors import OpensciPatchError
+from .matrix import Cell, run_cell
+
+PYPI_JSON = "https://pypi.org/pypi/transformers/json"
+# fp32 eager on CPU agrees with fp64 to ~4e-6 on the shipped checkpoint; broken RoPE is > 1.
+REFERENCE_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
+
+
+@dataclass
+class Probe:
+    version: str
+    good: bool
+    why: str
+    record: Path
+
+
+def released_versions(timeout: float = 30) -> list[str]:
+    """Final (non pre-release), non-yanked transformers releases on PyPI, oldest first."""
+    try:
+        with urllib.request.urlopen(PYPI_JSON, timeout=timeout) as resp:
+            releases = json.load(resp)["releases"]
+    except OSError as exc:
+        raise OpensciPatchError(f"cannot list transformers releases from PyPI ({exc}); pass --versions") from None
+    out = []
+    for v, files in releases.items():
+        try:
+            parsed = Version(v)
+        except InvalidVersion:
+            continue
+        if parsed.is_prerelease or parsed.is_devrelease or not files or all(f.get("yanked") for f in files):
+            continue
+        out.append(v)
+    return sorted(out, key=Version)
+
+
+def between(versions: list[str], good: str, bad: str) -> list[str]:
+    """Releases from `good` to `bad` inclusive, oldest first."""
+    g, b = Version(good), Version(bad)
+    if g >= b:
+        raise OpensciPatchError(f"--good {good} must be older than --bad {bad}")
+    span = [v for v in sorted(set(versions) | {good, bad}, key=Version) if g <= Version(v) <= b]
+    return span
+
+
+def judge(record: dict) -> tuple[bool, str]:
+    """Good = ran and agrees with the fp64 reference within the dtype's tolerance."""
+    if record.get("status") != "ok":
+        err = record.get("error") or {}
+        return False, f"{record.get('status')}: {err.get('type', '')} {err.get('message', '')}".strip()
+    ref = record.get("reference")
+    if not ref:
+        return False, "no fp64 reference in the record (checkpoint too large? use a smaller one)"
+    tol = REFERENCE_TOLERANCE[record["settings"]["dtype"]]
+    gap = ref["max_abs_diff"]
+    return gap <= tol, f"max |logit - fp64 ref| = {gap:.3g} (tolerance {tol:g})"
+
+
+def bisect(
+    good: str,
+    bad: str,
+    *,
+    torch_build: str = "cpu",
+    variant: str = "structural",
+    model_dir: Path,
+    versions: list[str] | None = None,
+    work: Path | None = None,
+    log: Callable[[str], object] = print,
+) -> tuple[str, str, list[Probe]]:
+    """Return (last good release, first bad release, probes in the order they ran)."""
+    span = between(versions if versions is not None else released_versions(), good, bad)
+    work = work or Path(tempfile.mkdtemp(prefix="opensci-bisect-"))
+    log(f"bisecting {len(span)} releases {span[0]} .. {span[-1]} (variant {variant}, torch {torch_build})")
+    probes: list[Probe] = []
+    cache: dict[str, bool] = {}
+
+    def probe(v: str) -> bool:
+        if v not in cache:
+            path = run_cell(Cell(v, torch_build, variant), model_dir, work / "records", log=lambda m: log(f"    {m}"))
+            ok, why = judge(json.loads(path.read_text()))
+            probes.append(Probe(v, ok, why, path))
+            cache[v] = ok
+            log(f"  {v}: {'good' if ok else 'BAD'} ({why})")
+        return cache[v]
+
+    if not probe(span[0]):
+        raise OpensciPatchError(f"--good {good} is not good: {probes[-1].why}")
+    if probe(span[-1]):
+        raise OpensciPatchError(f"--bad {bad} is not bad: {probes[-1].why}")
+    lo, hi = 0, len(span) - 1  # invariant: span[lo] good, span[hi] bad
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if probe(span[mid]) else (lo, mid)
+    log(f"first bad release: {span[hi]} (last good: {span[lo]}; {len(probes)} releases probed)")
+    return span[lo], span[hi], probes
