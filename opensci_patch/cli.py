@@ -158,6 +158,37 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_bisect(args) -> int:
+    from .bisect import bisect
+
+    source = args.model or FIXTURE_DIR
+    if args.model:
+        from .capture import validate_model_dir
+
+        validate_model_dir(args.model)
+    versions = [v for arg in args.versions for v in arg.split(",")] if args.versions else None
+    work = args.work or Path(tempfile.mkdtemp(prefix="opensci-bisect-"))
+    say = lambda m: print(m, flush=True)  # noqa: E731
+    last_good, first_bad, _ = (
+        bisect(  # prints the boundary itselfargs.good, args.bad, torch_build=args.torch, variant=args.variant,
+            model_dir=source, versions=versions, work=work, log=say
+        )
+    )
+    if args.no_diagnose:
+        return 0
+    from . import diagnose
+    from .matrix import Cell
+
+    diagnose.diagnose(
+        Cell(last_good, args.torch, args.variant),
+        Cell(first_bad, args.torch, args.variant),
+        source,
+        work / "diagnose",
+        log=say,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="opensci-patch", description=__doc__.splitlines()[0])
     ap.add_argument("--version", action="version", version=f"opensci-patch {__version__}")
@@ -233,6 +264,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: the shipped fixture)")
     p.add_argument("--records", type=Path, default=Path("records"))
     p.set_defaults(func=cmd_cell)
+
+    from .diagnose import add_cli_arguments, cmd_diagnose  # stdlib-only import
+
+    p = sub.add_parser("diagnose", help="name the first diverging stage between two cells and the likely cause")
+    add_cli_arguments(p)
+    p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser("bisect", help="find the first transformers release whose logits leave the fp64 reference")
+    p.add_argument("--good", required=True, metavar="VERSION", help="a release known to be good")
+    p.add_argument("--bad", required=True, metavar="VERSION", help="a later release known to be bad")
+    p.add_argument(
+        "--variant",
+        default="structural",
+        choices=["original", "structural", "patched", "patched+init"],
+        help="model variant to judge (default: structural, the naive three-fix model)",
+    )
+    p.add_argument("--torch", default="cpu", choices=["cpu", "system", "cuda"])
+    p.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: the shipped fixture)")
+    p.add_argument(
+        "--versions",
+        action="append",
+        default=[],
+        metavar="V1,V2,...",
+        help="candidate releases (default: every final release on PyPI in the range)",
+    )
+    p.add_argument("--work", type=Path, default=None, help="where records and the diagnose report go")
+    p.add_argument("--no-diagnose", action="store_true", help="skip the diagnose report at the boundary")
+    p.set_defaults(func=cmd_bisect)
 
     p = sub.add_parser("report", help="aggregate cell records into markdown tables and a plot")
     p.add_argument("--records", type=Path, default=Path("records"))
