@@ -169,10 +169,15 @@ def cmd_bisect(args) -> int:
     versions = [v for arg in args.versions for v in arg.split(",")] if args.versions else None
     work = args.work or Path(tempfile.mkdtemp(prefix="opensci-bisect-"))
     say = lambda m: print(m, flush=True)  # noqa: E731
-    last_good, first_bad, _ = (
-        bisect(  # prints the boundary itselfargs.good, args.bad, torch_build=args.torch, variant=args.variant,
-            model_dir=source, versions=versions, work=work, log=say
-        )
+    last_good, first_bad, _ = bisect(  # logs the boundary itself
+        args.good,
+        args.bad,
+        torch_build=args.torch,
+        variant=args.variant,
+        model_dir=source,
+        versions=versions,
+        work=work,
+        log=say,
     )
     if args.no_diagnose:
         return 0

@@ -67,3 +67,15 @@ def test_fixture_writes_a_loadable_checkpoint(cli, tmp_path: Path):
         "tokenizer.json",
         "tokenizer_config.json",
     } <= names
+
+
+def test_bisect_rejects_an_inverted_range(cli):
+    _assert_one_line_error(
+        cli("bisect", "--good", "5.2.0", "--bad", "4.57.6", "--versions", "4.57.6,5.2.0"), "must be older"
+    )
+
+
+def test_diagnose_rejects_a_malformed_cell(cli):
+    proc = cli("diagnose", "not-a-cell", "5.2.0:patched")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
