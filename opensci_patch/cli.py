@@ -194,6 +194,13 @@ def cmd_bisect(args) -> int:
     return 0
 
 
+def cmd_bigckpt(args) -> int:
+    from .bigckpt import run_args
+
+    run_args(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="opensci-patch", description=__doc__.splitlines()[0])
     ap.add_argument("--version", action="version", version=f"opensci-patch {__version__}")
@@ -297,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, default=None, help="where records and the diagnose report go")
     p.add_argument("--no-diagnose", action="store_true", help="skip the diagnose report at the boundary")
     p.set_defaults(func=cmd_bisect)
+
+    from . import bigckpt  # torch is imported lazily there
+
+    p = sub.add_parser("bigckpt", help="write a 1.7B-shaped open-sci checkpoint (random bf16 weights, sharded)")
+    bigckpt.add_arguments(p)
+    p.set_defaults(func=cmd_bigckpt)
 
     p = sub.add_parser("report", help="aggregate cell records into markdown tables and a plot")
     p.add_argument("--records", type=Path, default=Path("records"))
