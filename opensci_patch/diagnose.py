@@ -1525,15 +1525,15 @@ def diagnose(
     model_dir = Path(model_dir or FIXTURE_DIR).absolute()
     validate_model_dir(model_dir)
     out_dir = Path(out_dir).absolute()
-    _prepare_out(out_dir)
     for cell in (a, b):
         if cell.model not in MODELS:
             raise OpensciPatchError(f"unknown model variant {cell.model!r}: choose one of {', '.join(MODELS)}")
     envs = {}
-    for cell in (a, b):
+    for cell in (a, b):  # bad versions and install failures stop here, before anything is written
         key = (cell.transformers, cell.torch)
         if key not in envs:
             envs[key] = ensure_env(cell.transformers, cell.torch, root=env_root, log=log)
+    _prepare_out(out_dir)
     models_root = out_dir / "models"
     prepared: dict[str, Path] = {c.model: model_dir for c in (a, b) if MODELS[c.model] is None}
     t0 = time.monotonic()
