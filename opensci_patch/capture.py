@@ -221,26 +221,69 @@ class _Collect(logging.Handler):
         self.sink.append(f"{rec.name}: {rec.getMessage()}")
 
 
+@contextlib.contextmanager
+def collected_warnings() -> Iterator[list[str]]:
+    """Collect Python warnings and transformers' logger warnings instead of printing them.
+
+    They are evidence for diagnosis (kept in the record) and noise for a one-line error.
+    The yielded list is filled (sorted, de-duplicated) when the block ends.
+    """
+    sink: list[str] = []
+    seen: list[str] = []
+    handler = _Collect(seen)
+    hf_logger = logging.getLogger("transformers")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hf_logger.addHandler(handler)
+        try:
+            yield sink
+        finally:
+            hf_logger.removeHandler(handler)
+            sink[:] = sorted(set(seen + [f"{w.category.__name__}: {w.message}" for w in caught]))
+
+
+def load_tokenizer(model: Path):
+    """The model dir's tokenizer, quietly; an unusable one is a ModelDirError (bad input)."""
+    import transformers.utils.logging as hf_logging
+    from transformers import AutoTokenizer
+
+    hf_logging.disable_progress_bar()  # one bar line per tensor would drown the report
+    hf_logging.disable_default_handler()  # warnings go to collected_warnings() instead
+    try:
+        return AutoTokenizer.from_pretrained(str(model), trust_remote_code=True)
+    except Exception as exc:  # noqa: BLE001 - any tokenizer failure means the dir is unusable
+        raise ModelDirError(f"{model}: cannot load the tokenizer ({type(exc).__name__}: {exc})") from None
+
+
+def load_model(model: Path, dtype: str, attn: str, device: str):
+    """`from_pretrained` with remote code, the dtype keyword this release takes, then to(device).
+
+    Exceptions from the model code propagate: callers record them as results.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from . import compat
+
+    lm = AutoModelForCausalLM.from_pretrained(
+        str(model),
+        trust_remote_code=True,
+        attn_implementation=attn,
+        **{compat.dtype_keyword(): getattr(torch, dtype)},
+    )
+    return lm.to(device).eval()
+
+
 def capture(settings: CaptureSettings, log=print) -> Record:
     """Run one capture with the installed torch/transformers. Call inside `isolated_hf_cache()`.
 
     Raises OpensciPatchError for bad input; failures of the model code itself (import,
     load, forward, generate) are recorded in the returned record's status and error.
-    Library warnings (Python warnings and transformers' logger) go into the record, not
-    onto stderr: they are evidence for diagnosis, and noise for a one-line error.
+    Library warnings go into the record (`collected_warnings`), not onto stderr.
     """
-    seen: list[str] = []
-    handler = _Collect(seen)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        hf_logger = logging.getLogger("transformers")
-        hf_logger.addHandler(handler)
-        try:
-            record = _capture(settings, log)
-        finally:
-            hf_logger.removeHandler(handler)
-    seen += [f"{w.category.__name__}: {w.message}" for w in caught]
-    record.warnings = sorted(set(seen))
+    with collected_warnings() as seen:
+        record = _capture(settings, log)
+    record.warnings = seen
     return record
 
 
@@ -259,13 +302,7 @@ def _capture(settings: CaptureSettings, log) -> Record:
             f"device {settings.device!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU"
         )
 
-    import transformers.utils.logging as hf_logging
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from . import compat
-
-    hf_logging.disable_progress_bar()  # one bar line per tensor would drown the report
-    hf_logging.disable_default_handler()  # warnings are collected into the record instead
 
     record = Record(
         settings={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
@@ -274,10 +311,7 @@ def _capture(settings: CaptureSettings, log) -> Record:
     )
     record.environment["shim_installed"] = compat.install_transformers_kwargs_shim() if settings.shim else False
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model), trust_remote_code=True)
-    except Exception as exc:  # noqa: BLE001 - any tokenizer failure means the dir is unusable
-        raise ModelDirError(f"{model}: cannot load the tokenizer ({type(exc).__name__}: {exc})") from None
+    tokenizer = load_tokenizer(model)
     target_id = target_token_id(tokenizer, settings.target)
     input_ids = tokenizer(settings.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     record.input_ids = input_ids[0].tolist()
@@ -285,13 +319,7 @@ def _capture(settings: CaptureSettings, log) -> Record:
     t0 = time.perf_counter()
     log(f"loading {model} ({settings.dtype}, {settings.attn}, {settings.device})")
     try:
-        lm = AutoModelForCausalLM.from_pretrained(
-            str(model),
-            trust_remote_code=True,
-            attn_implementation=settings.attn,
-            **{compat.dtype_keyword(): getattr(torch, settings.dtype)},
-        )
-        lm.to(settings.device).eval()
+        lm = load_model(model, settings.dtype, settings.attn, settings.device)
     except Exception as exc:  # noqa: BLE001 - the model code failing to load is a result, not a crash
         record.status, record.error = "load-error", _error(exc)
         return record

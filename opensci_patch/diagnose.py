@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import logging
 import math
 import os
 import platform
@@ -60,14 +59,13 @@ import subprocess
 import sys
 import time
 import traceback
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from .capture import ATTENTION, DEFAULT_PROMPT, DTYPES, REFERENCE_MAX_WEIGHT_BYTES, validate_model_dir
-from .errors import DestinationError, ModelDirError, OpensciPatchError
+from .errors import DestinationError, OpensciPatchError
 from .matrix import DEFAULT_TORCH_BUILD, MODELS, TORCH_BUILDS, Cell
 
 Log = Callable[[str], object]
@@ -227,15 +225,6 @@ def _tensor_summary(t: Any, with_values: bool = True) -> dict:
 # inside an env: probe
 
 
-class _Collect(logging.Handler):
-    def __init__(self, sink: list[str]):
-        super().__init__(logging.WARNING)
-        self.sink = sink
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.sink.append(f"{record.name}: {record.getMessage()}")
-
-
 def probe(
     model_dir: Path,
     out: Path,
@@ -252,7 +241,7 @@ def probe(
     `model_info.json`; returns the model info. A model that fails to load or run is a result
     (status "load-error"/"forward-error" in the info), not an exception.
     """
-    from .capture import isolated_hf_cache
+    from .capture import collected_warnings, isolated_hf_cache
 
     if dtype not in DTYPES:
         raise OpensciPatchError(f"dtype {dtype!r} not one of {', '.join(DTYPES)}")
@@ -260,17 +249,9 @@ def probe(
         raise OpensciPatchError(f"attention {attn!r} not one of {', '.join(ATTENTION)}")
     validate_model_dir(model_dir)
     out = _fresh_dir(out)
-    seen: list[str] = []
-    handler = _Collect(seen)
-    hf_logger = logging.getLogger("transformers")
-    with warnings.catch_warnings(record=True) as caught, isolated_hf_cache():
-        warnings.simplefilter("always")
-        hf_logger.addHandler(handler)
-        try:
-            info = _probe(model_dir, out, dtype, attn, device, prompt, log)
-        finally:
-            hf_logger.removeHandler(handler)
-    info["warnings"] = sorted(set(seen + [f"{w.category.__name__}: {w.message}" for w in caught]))
+    with collected_warnings() as seen, isolated_hf_cache():
+        info = _probe(model_dir, out, dtype, attn, device, prompt, log)
+    info["warnings"] = seen
     info["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     _write_json(out / MODEL_INFO, info)
     return info
@@ -279,13 +260,9 @@ def probe(
 def _probe(model_dir: Path, out: Path, dtype: str, attn: str, device: str, prompt: str, log: Log) -> dict:
     import torch
     import transformers
-    import transformers.utils.logging as hf_logging
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import compat
+    from .capture import load_model, load_tokenizer
 
-    hf_logging.disable_progress_bar()
-    hf_logging.disable_default_handler()
     info: dict[str, Any] = {
         "schema": SCHEMA,
         "status": "ok",
@@ -301,23 +278,14 @@ def _probe(model_dir: Path, out: Path, dtype: str, attn: str, device: str, promp
         "timings": {},
     }
     shutil.copyfile(model_dir / "config.json", out / "config.json")  # what `compare` recomputes inv_freq from
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
-    except Exception as exc:  # noqa: BLE001 - any tokenizer failure means the dir is unusable
-        raise ModelDirError(f"{model_dir}: cannot load the tokenizer ({type(exc).__name__}: {exc})") from None
+    tokenizer = load_tokenizer(model_dir)
     input_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     info["input_ids"] = input_ids[0].tolist()
 
     t0 = time.perf_counter()
     log(f"loading {model_dir} ({dtype}, {attn}, {device}) with transformers {transformers.__version__}")
     try:
-        lm = AutoModelForCausalLM.from_pretrained(
-            str(model_dir),
-            trust_remote_code=True,
-            attn_implementation=attn,
-            **{compat.dtype_keyword(): getattr(torch, dtype)},
-        )
-        lm.to(device).eval()
+        lm = load_model(model_dir, dtype, attn, device)
     except Exception as exc:  # noqa: BLE001 - the model code failing to load is a finding
         info["status"], info["error"] = "load-error", _error(exc)
         return info
