@@ -21,6 +21,7 @@ from .base import (
     code,
     full_name,
     is_string,
+    require_torch,
     template,
     top_functions,
     top_level_def,
@@ -136,7 +137,8 @@ class GuardedLookup:
     # -- rewriting ---------------------------------------------------------------------------
 
     def rewrite(self, tree: cst.Module) -> cst.Module:
-        """Guard every lookup, then define the replacement before the first statement using it."""
+        """Guard every lookup, then define the replacement (torch code) before the first use."""
+        require_torch(tree)
         position = next(i for i, stmt in enumerate(tree.body) if self.scan(stmt).lookups)
         tree = tree.visit(_Guard(self))
         if self.replacement in top_functions(tree):

@@ -15,9 +15,7 @@ release drops it.
 
 from __future__ import annotations
 
-import libcst as cst
-
-from .base import Patch, State, require_torch
+from .base import Patch
 from .lookup import GuardedLookup
 
 NAME = "rope_default"
@@ -54,19 +52,10 @@ LOOKUP = GuardedLookup(
 )
 
 
-def inspect(tree: cst.Module) -> State:
-    return LOOKUP.inspect(tree)
-
-
-def rewrite(tree: cst.Module) -> cst.Module:
-    require_torch(tree)
-    return LOOKUP.rewrite(tree)
-
-
 PATCH = Patch(
     name=NAME,
     description="inline the default RoPE init that transformers 5.x dropped from ROPE_INIT_FUNCTIONS",
     default=True,
-    inspect=inspect,
-    rewrite=rewrite,
+    inspect=LOOKUP.inspect,
+    rewrite=LOOKUP.rewrite,
 )

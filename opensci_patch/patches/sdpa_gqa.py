@@ -13,9 +13,7 @@ Verifies: every lookup is guarded and the function is defined at module level.
 
 from __future__ import annotations
 
-import libcst as cst
-
-from .base import Patch, State, require_torch
+from .base import Patch
 from .lookup import GuardedLookup
 
 NAME = "sdpa_gqa"
@@ -57,19 +55,10 @@ LOOKUP = GuardedLookup(
 )
 
 
-def inspect(tree: cst.Module) -> State:
-    return LOOKUP.inspect(tree)
-
-
-def rewrite(tree: cst.Module) -> cst.Module:
-    require_torch(tree)
-    return LOOKUP.rewrite(tree)
-
-
 PATCH = Patch(
     name=NAME,
     description="route 'sdpa' attention through an inlined 4.48-style SDPA call (no enable_gqa)",
     default=True,
-    inspect=inspect,
-    rewrite=rewrite,
+    inspect=LOOKUP.inspect,
+    rewrite=LOOKUP.rewrite,
 )
