@@ -203,6 +203,20 @@ def target_token_id(tokenizer, target: str) -> int:
     return ids[0]
 
 
+def target_rank(logits, token_id: int) -> int | None:
+    """1-based rank of `token_id` in a 1-D logit vector; None when its logit is not finite.
+
+    Broken RoPE (garbage `inv_freq`) can make logits NaN, and NaN compares false with
+    everything: a plain count of larger logits would call it rank 1.
+    """
+    import torch
+
+    value = logits[token_id]
+    if not bool(torch.isfinite(value)):
+        return None
+    return int((logits > value).sum()) + 1
+
+
 def logits_sha256(vector) -> str:
     """sha256 over the raw bytes of a 1-D logit vector, in the dtype the model produced."""
     import torch
@@ -335,7 +349,7 @@ def _capture(settings: CaptureSettings, log) -> Record:
     record.timings["forward_s"] = round(time.perf_counter() - t0 - record.timings["load_s"], 3)
     record.logits_sha256 = logits_sha256(logits)
     f32 = logits.float().cpu()
-    rank = int((f32 > f32[target_id]).sum()) + 1
+    rank = target_rank(f32, target_id)
     record.target = {"token": settings.target, "id": target_id, "logit": float(f32[target_id]), "rank": rank}
     top = torch.topk(f32, settings.top_k)
     record.topk = [

@@ -121,7 +121,8 @@ def test_structural_fixes_alone_leave_rope_broken_on_5x(models, records, tmp_pat
     assert rec["status"] != "load-error", rec.get("error")
     good = records["5.2.0", "patched"][1]
     assert rec["logits_sha256"] != good["logits_sha256"]
-    assert rec["reference"]["max_abs_diff"] > 1e-3
+    # Garbage inv_freq can make the logits NaN; NaN is as divergent as a large gap.
+    assert not rec["reference"]["max_abs_diff"] <= 1e-3
 
 
 INV_FREQ_PROBE = """

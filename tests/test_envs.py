@@ -81,8 +81,12 @@ def test_env_runs_its_own_transformers_with_the_system_torch(env, inside):
     assert inside["transformers_file"].startswith(str(env.path))
     assert inside["torch_available"] is True
     assert Path(inside["torch"]).parent.parent.name.startswith("_torch-system-")
-    assert installed_versions(env) == {"python": sys.version.split()[0], "torch": metadata.version("torch"),
-                                      "transformers": VERSION, "torch_available": True}
+    assert installed_versions(env) == {
+        "python": sys.version.split()[0],
+        "torch": metadata.version("torch"),
+        "transformers": VERSION,
+        "torch_available": True,
+    }
 
 
 @pytest.mark.crossversion
@@ -105,8 +109,13 @@ def test_env_sees_nothing_of_the_base_but_torch(env, inside):
 def test_run_python_drops_pythonpath_and_passes_env_vars(env, tmp_path, monkeypatch):
     (tmp_path / "transformers.py").write_text("__version__ = 'shadowed'\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    proc = run_python(env, ["-c", "import os, transformers; print(transformers.__version__, os.environ['MARK'])"],
-                      env_vars={"MARK": "passed"}, timeout=300, cwd=REPO)
+    proc = run_python(
+        env,
+        ["-c", "import os, transformers; print(transformers.__version__, os.environ['MARK'])"],
+        env_vars={"MARK": "passed"},
+        timeout=300,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [VERSION, "passed"]
 
@@ -144,10 +153,13 @@ def test_half_made_env_without_marker_is_rebuilt(tmp_path):
 
 @pytest.mark.crossversion
 def test_concurrent_callers_build_the_env_once(tmp_path):
-    code = (f"from pathlib import Path; from opensci_patch.envs import ensure_env; "
-            f"print(ensure_env({VERSION!r}, root=Path({str(tmp_path)!r}), log=lambda m: None).reused)")
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    code = (
+        f"from pathlib import Path; from opensci_patch.envs import ensure_env; "
+        f"print(ensure_env({VERSION!r}, root=Path({str(tmp_path)!r}), log=lambda m: None).reused)"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     reused = sorted(p.communicate(timeout=600)[0].strip() for p in procs)
     assert [p.returncode for p in procs] == [0, 0]
     assert reused == ["False", "True"]
