@@ -246,9 +246,14 @@ def test_structural_fixes_alone_diverge_at_rope_after_position_zero_on_5x(tmp_pa
     assert result["status"] == "diverged" and result["diverged"] is True
     first = result["first_divergence"]
     assert first["stage"] in ROPE_STAGES, first["key"]
-    assert first["where"] == "positions > 0 only"
-    assert first["ab_pos0"] <= first["threshold"] < first["ab_rest"]
-    assert first["a_ref"] < first["threshold"] < first["b_ref"]  # the fp64 reference blames 5.2
+    # Position 0 rotates by inv_freq * 0 = 0, unless the uninitialised memory happens to hold inf/NaN.
+    b_seen = json.loads((tmp_path / "diag" / "probe-B" / "buffers.json").read_text())["rotary"]["after_call"]
+    b_finite = bool(torch.isfinite(torch.tensor(b_seen["values"], dtype=torch.float64)).all())
+    if b_finite:
+        assert first["where"] == "positions > 0 only"
+        assert first["ab_pos0"] <= first["threshold"] < first["ab_rest"]
+    assert not first["ab_rest"] <= first["threshold"]
+    assert first["a_ref"] < first["threshold"] and not first["b_ref"] <= first["threshold"]  # fp64 blames 5.2
     assert result["first_divergence_verdict"]["wrong"] == "B"
     # the check fires for 5.2 only; confirm its premise independently against the recomputed values
     inv = checks(result, "inv_freq_values")
@@ -262,7 +267,8 @@ def test_structural_fixes_alone_diverge_at_rope_after_position_zero_on_5x(tmp_pa
     assert "inv_freq" in result["verdict"] and result["verdict"].startswith("B is wrong")
     assert not checks(result, "rope_pairing")["B"]["fired"]  # the rotation itself is right: only its table is not
     report = "\n".join(lines)
-    assert f"first divergence: {first['key']}, at positions > 0 only (position 0 agrees)" in report
+    if b_finite:
+        assert f"first divergence: {first['key']}, at positions > 0 only (position 0 agrees)" in report
     assert json.loads((tmp_path / "diag" / "diagnose.json").read_text())["first_divergence"]["key"] == first["key"]
     assert not (tmp_path / "diag" / "models").exists()  # the hotfixed copies are removed
 
