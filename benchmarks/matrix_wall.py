@@ -90,28 +90,10 @@ def _plain(args, cache: Path, records: Path, compile_bytecode: bool) -> float:
     for cell in _cells(args):
         prefix = _plain_prefix(args, cell.transformers, compile_bytecode)
         with tempfile.TemporaryDirectory(prefix="plain-cell-") as tmp:
-            model = model_dir
-            extras = matrix.MODELS[cell.model]
-            if extras is not None:
-                model = Path(tmp) / f"{model_dir.name}_fixed"
-                run([*prefix, "hotfix", str(model_dir), "--out", str(model), *extras], env=env).check()
-            r = run(
-                [
-                    *prefix,
-                    "capture",
-                    str(model),
-                    "--out",
-                    str(records / f"{cell.id}.json"),
-                    "--quiet",
-                    "--device",
-                    cell.device,
-                    "--dtype",
-                    cell.dtype,
-                    "--attn",
-                    cell.attn,
-                ],
-                env=env,
-            )
+            hotfix, capture = matrix.cell_cli_args(cell, model_dir, Path(tmp), records / f"{cell.id}.json")
+            if hotfix is not None:
+                run([*prefix, *hotfix], env=env).check()
+            r = run([*prefix, *capture], env=env)
             if r.returncode not in (0, 1):  # 1: the model code failed, recorded (e.g. the original code)
                 r.check()
             if args.verbose:

@@ -141,33 +141,32 @@ def run_cell(
     return out
 
 
-def _capture_in_env(cell: Cell, env, model_dir: Path, tmp: Path, timeout: float, run_python) -> dict:
-    model = model_dir
+def cell_cli_args(cell: Cell, model_dir: Path, workdir: Path, record: Path) -> tuple[list[str] | None, list[str]]:
+    """The `opensci-patch` arguments a cell runs: (hotfix, or None for the original code; capture).
+
+    One definition for the matrix and for the benchmarks that time the same cells another way.
+    """
+    model, hotfix = model_dir, None
     extras = MODELS[cell.model]
-    if extras is not None:  # hotfix in the cell's own env: the driver needs no libcst or torch
-        model = tmp / (model_dir.name + "_fixed")
-        args = ["-m", "opensci_patch.cli", "hotfix", str(model_dir), "--out", str(model), *extras]
-        proc = run_python(env, args, timeout=timeout)
+    if extras is not None:
+        model = workdir / (model_dir.name + "_fixed")
+        hotfix = ["hotfix", str(model_dir), "--out", str(model), *extras]
+    capture = ["capture", str(model), "--out", str(record), "--quiet",
+               "--device", cell.device, "--dtype", cell.dtype, "--attn", cell.attn]  # fmt: skip
+    return hotfix, capture
+
+
+def _capture_in_env(cell: Cell, env, model_dir: Path, tmp: Path, timeout: float, run_python) -> dict:
+    rec_path = tmp / "record.json"
+    hotfix, capture = cell_cli_args(cell, model_dir, tmp, rec_path)
+    cli = ["-m", "opensci_patch.cli"]
+    if hotfix is not None:  # hotfix in the cell's own env: the driver needs no libcst or torch
+        proc = run_python(env, [*cli, *hotfix], timeout=timeout)
         if proc.returncode != 0:
             return _error_record(
                 cell, "hotfix-error", "HotfixFailed", _tail(proc.stderr, 1), _tail(proc.stdout + proc.stderr)
             )
-    rec_path = tmp / "record.json"
-    args = [
-        "-m",
-        "opensci_patch.cli",
-        "capture",
-        str(model),
-        "--out",
-        str(rec_path),
-        "--quiet",
-        "--device",
-        cell.device,
-        "--dtype",
-        cell.dtype,
-        "--attn",
-        cell.attn,
-    ]
+    args = [*cli, *capture]
     try:
         proc = run_python(env, args, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
