@@ -129,15 +129,18 @@ def ensure_env(
     """
     version = _check_version(transformers_version)
     if torch_build not in TORCH_BUILDS:
-        raise EnvironmentSetupError(
-            f"unknown torch build {torch_build!r}: choose one of {', '.join(TORCH_BUILDS)}"
-        )
+        raise EnvironmentSetupError(f"unknown torch build {torch_build!r}: choose one of {', '.join(TORCH_BUILDS)}")
     root = (root or default_root()).expanduser().absolute()
     root.mkdir(parents=True, exist_ok=True)
     name = env_name(version, torch_build)
     path = root / name
-    expected: dict[str, Any] = {"schema": SCHEMA, "name": name, "transformers_requested": version,
-                                "torch_build": torch_build, "requirements": _package_requirements()}
+    expected: dict[str, Any] = {
+        "schema": SCHEMA,
+        "name": name,
+        "transformers_requested": version,
+        "torch_build": torch_build,
+        "requirements": _package_requirements(),
+    }
     if torch_build == "system":
         expected["torch"] = _system_torch().version
     else:
@@ -168,15 +171,20 @@ def run_python(
 ) -> subprocess.CompletedProcess[str]:
     """Run ``env.python *args``; stdout/stderr captured as text. PYTHONPATH/PYTHONHOME are dropped."""
     return subprocess.run(
-        [str(env.python), *args], env=_clean_environ(env_vars), capture_output=True, text=True,
-        timeout=timeout, cwd=cwd,
+        [str(env.python), *args],
+        env=_clean_environ(env_vars),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
     )
 
 
 def installed_versions(env: Env) -> dict[str, Any]:
     """Versions seen inside the env (one child process): python, torch, transformers, torch_available."""
-    proc = run_python(env, ["-c", _PROBE], env_vars={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"},
-                      timeout=600)
+    proc = run_python(
+        env, ["-c", _PROBE], env_vars={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}, timeout=600
+    )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("OPENSCI_PATCH_PROBE "):
             return json.loads(line.split(" ", 1)[1])
@@ -210,8 +218,11 @@ def ensure_system_torch_dir(root: Path | None = None, *, log: Log = print) -> Pa
         tmp.mkdir()
         try:
             linked = {d.metadata["Name"]: _link_distribution(d, tmp) for d in dists}
-            (tmp / FARM_MANIFEST).write_text(json.dumps(
-                {"torch": torch.version, "site_packages": where, "linked": linked, "missing": missing}, indent=1))
+            (tmp / FARM_MANIFEST).write_text(
+                json.dumps(
+                    {"torch": torch.version, "site_packages": where, "linked": linked, "missing": missing}, indent=1
+                )
+            )
             if farm.exists():
                 _remove_ours(farm, root, "dangling links", log, sentinel=FARM_MANIFEST)
             tmp.rename(farm)
@@ -238,8 +249,9 @@ def _create(path: Path, root: Path, version: str, torch_build: str, expected: di
     try:
         python = _python(path)
         if uv:
-            _run_installer([uv, "venv", "--allow-existing", "--no-project", "--python", sys.executable, str(path)],
-                           root, path.name)
+            _run_installer(
+                [uv, "venv", "--allow-existing", "--no-project", "--python", sys.executable, str(path)], root, path.name
+            )
             install = [uv, "pip", "install", "--python", str(python), "--compile-bytecode"]
         else:
             _run_installer([sys.executable, "-m", "venv", str(path)], root, path.name)
@@ -251,19 +263,27 @@ def _create(path: Path, root: Path, version: str, torch_build: str, expected: di
         env = Env(path, python, version, torch_build, reused=False)
         seen = installed_versions(env)
         _check_installed(env, seen, expected)
-        marker = {**expected, "transformers": seen["transformers"], "torch": seen["torch"],
-                  "python": seen["python"], "base_python": sys.executable, "installer": "uv" if uv else "pip",
-                  "torch_dir": str(torch_dir) if torch_dir else None,
-                  "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "seconds": round(time.monotonic() - start, 1)}
+        marker = {
+            **expected,
+            "transformers": seen["transformers"],
+            "torch": seen["torch"],
+            "python": seen["python"],
+            "base_python": sys.executable,
+            "installer": "uv" if uv else "pip",
+            "torch_dir": str(torch_dir) if torch_dir else None,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(time.monotonic() - start, 1),
+        }
         tmp = path / f"{MARKER}.tmp"
         tmp.write_text(json.dumps(marker, indent=1))
         tmp.replace(path / MARKER)
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
-    log(f"created env {path.name} in {time.monotonic() - start:.1f} s "
-        f"(transformers {seen['transformers']}, torch {seen['torch']})")
+    log(
+        f"created env {path.name} in {time.monotonic() - start:.1f} s "
+        f"(transformers {seen['transformers']}, torch {seen['torch']})"
+    )
 
 
 def _check_installed(env: Env, seen: dict[str, Any], expected: dict[str, Any]) -> None:
@@ -327,7 +347,10 @@ def _find_links() -> list[str]:
     links = os.environ.get("PIP_FIND_LINKS", "").split()
     config_dirs = os.environ.get("XDG_CONFIG_DIRS", "/etc/xdg").split(os.pathsep)
     files = [Path(d) / "pip" / "pip.conf" for d in config_dirs] + [
-        Path("/etc/pip.conf"), Path.home() / ".pip" / "pip.conf", Path.home() / ".config" / "pip" / "pip.conf"]
+        Path("/etc/pip.conf"),
+        Path.home() / ".pip" / "pip.conf",
+        Path.home() / ".config" / "pip" / "pip.conf",
+    ]
     if cfg := os.environ.get("PIP_CONFIG_FILE"):
         files.append(Path(cfg))
     for file in files:
@@ -359,13 +382,15 @@ def _run_installer(cmd: list[str], cwd: Path, name: str) -> None:
     env = _clean_environ({"UV_PYTHON_DOWNLOADS": "never"})
     env.pop("VIRTUAL_ENV", None)
     try:
-        proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              timeout=INSTALL_TIMEOUT)
+        proc = subprocess.run(
+            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=INSTALL_TIMEOUT
+        )
     except subprocess.TimeoutExpired as exc:
         out = exc.output.decode(errors="replace") if isinstance(exc.output, bytes) else (exc.output or "")
         raise EnvironmentSetupError(
             f"env {name}: `{shlex.join(cmd)}` took over {INSTALL_TIMEOUT:.0f} s; check the network or index."
-            f"\n{_tail(out)}") from None
+            f"\n{_tail(out)}"
+        ) from None
     except OSError as exc:
         raise EnvironmentSetupError(f"env {name}: cannot run `{shlex.join(cmd)}`: {exc}") from None
     if proc.returncode != 0:
@@ -516,8 +541,7 @@ def _remove_ours(path: Path, root: Path, why: str, log: Log, *, sentinel: str = 
     ours = inside and path.is_dir() and ((path / sentinel).exists() or not any(path.iterdir()))
     if not ours:
         raise EnvironmentSetupError(
-            f"{path} exists but was not created by opensci-patch; move it away or choose another "
-            f"env root (${ROOT_VAR})"
+            f"{path} exists but was not created by opensci-patch; move it away or choose another env root (${ROOT_VAR})"
         )
     log(f"removing {why} env dir {path}")
     shutil.rmtree(path)
