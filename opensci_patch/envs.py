@@ -20,9 +20,16 @@ torch on Linux resolves to a multi-GB CUDA build:
   ``PIP_FIND_LINKS`` and pip's configuration files (uv does not read pip's configuration, so they
   are passed explicitly), and from ``OPENSCI_PATCH_TORCH_INDEX_URL`` when set (e.g.
   ``https://download.pytorch.org/whl/cpu`` on GitHub Actions).
-- ``"cuda"``: install the CUDA torch ``TORCH_PIN`` from ``OPENSCI_PATCH_TORCH_INDEX_URL`` (e.g.
-  ``https://download.pytorch.org/whl/cu128``); without that variable it is an error, never a
-  silent multi-GB download of whatever PyPI offers.
+- ``"cuda"``: a GPU build of torch. With ``OPENSCI_PATCH_TORCH_INDEX_URL`` (e.g.
+  ``https://download.pytorch.org/whl/cu128``) the pinned ``TORCH_PIN`` is installed from there.
+  Without it, the interpreter's own torch is linked as for ``"system"`` when it is a CUDA or ROCm
+  build (GPU machines and clusters ship one; nothing is downloaded). Otherwise it is an error,
+  never a silent multi-GB download of whatever PyPI offers.
+
+Offline machines (a GPU node without network, an air-gapped cluster): ``OPENSCI_PATCH_WHEELS=DIR``
+makes every install ``--no-index --find-links DIR``, so transformers, its dependencies and
+opensci_patch's own come from that directory of wheels only (``pip download`` them elsewhere for
+the target's Python and platform; README, "Offline and GPU machines").
 
 Layout: ``<root>/tf<release>-<build>-py<X.Y>/`` with ``opensci-patch-env.json`` (the marker)
 written last, after a successful install and a check that ``import torch`` and
@@ -49,6 +56,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -66,6 +74,7 @@ from opensci_patch.errors import EnvironmentSetupError
 TORCH_BUILDS: tuple[str, ...] = ("system", "cpu", "cuda")
 TORCH_PIN = os.environ.get("OPENSCI_PATCH_TORCH_PIN", "2.13.0")
 TORCH_INDEX_VAR = "OPENSCI_PATCH_TORCH_INDEX_URL"
+WHEELS_VAR = "OPENSCI_PATCH_WHEELS"
 ROOT_VAR = "OPENSCI_PATCH_ENV_ROOT"
 
 MARKER = "opensci-patch-env.json"  # written last: its presence means "complete"
@@ -141,16 +150,17 @@ def ensure_env(
         "torch_build": torch_build,
         "requirements": _package_requirements(),
     }
-    if torch_build == "system":
+    if _links_system_torch(torch_build):
         expected["torch"] = _system_torch().version
     else:
         expected["torch_pin"] = TORCH_PIN
-        _torch_install_args(torch_build)  # fail early: e.g. "cuda" without an index
+        _torch_install_args(torch_build)  # fail early: e.g. a bad index
+    _wheel_dir_args()  # fail early: OPENSCI_PATCH_WHEELS names no directory
 
     with _locked(root / f"{name}.lock"):
         marker = _read_marker(path)
         if marker is not None and all(marker.get(k) == v for k, v in expected.items()) and _python(path).exists():
-            torch_dir = ensure_system_torch_dir(root, log=log) if torch_build == "system" else None
+            torch_dir = ensure_system_torch_dir(root, log=log) if "torch" in expected else None
             _write_pths(path, torch_dir, log=log)
             log(f"reusing env {name} ({path})")
             return Env(path, _python(path), version, torch_build, reused=True)
@@ -243,7 +253,7 @@ def _create(path: Path, root: Path, version: str, torch_build: str, expected: di
     uv = _find_uv()
     log(f"creating env {path.name} ({'uv' if uv else 'venv + pip'}) in {root} ...")
     start = time.monotonic()
-    torch_dir = ensure_system_torch_dir(root, log=log) if torch_build == "system" else None
+    torch_dir = ensure_system_torch_dir(root, log=log) if "torch" in expected else None
     path.mkdir()
     (path / SENTINEL).write_text("created by opensci_patch.envs; safe to delete\n")
     try:
@@ -256,8 +266,9 @@ def _create(path: Path, root: Path, version: str, torch_build: str, expected: di
         else:
             _run_installer([sys.executable, "-m", "venv", str(path)], root, path.name)
             install = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
+        install += _wheel_dir_args()
         _write_pths(path, torch_dir, log=log)
-        if torch_build != "system":
+        if torch_dir is None:
             _run_installer([*install, *_torch_install_args(torch_build, uv=bool(uv))], root, path.name)
         _run_installer([*install, f"transformers=={version}", *expected["requirements"]], root, path.name)
         env = Env(path, python, version, torch_build, reused=False)
@@ -295,25 +306,69 @@ def _check_installed(env: Env, seen: dict[str, Any], expected: dict[str, Any]) -
     if not seen["torch_available"]:
         problems.append("transformers.is_torch_available() is False")
     torch_local = Version(seen["torch"]).local or ""
-    if env.torch_build == "system" and seen["torch"] != expected["torch"]:
+    linked = "torch" in expected
+    if linked and seen["torch"] != expected["torch"]:
         problems.append(f"torch {seen['torch']} seen inside, {expected['torch']} in the base interpreter")
-    elif env.torch_build != "system" and Version(seen["torch"]).public != Version(TORCH_PIN).public:
+    elif not linked and Version(seen["torch"]).public != Version(TORCH_PIN).public:
         problems.append(f"torch {seen['torch']} installed, {TORCH_PIN} pinned")
-    elif env.torch_build == "cuda" and not torch_local.startswith(("cu", "rocm")):
+    elif not linked and env.torch_build == "cuda" and not torch_local.startswith(("cu", "rocm")):
         problems.append(f"torch {seen['torch']} installed, a CUDA build asked for (check {TORCH_INDEX_VAR})")
     if problems:
         raise EnvironmentSetupError(f"env {env.path.name} is not what was asked for: {'; '.join(problems)}")
+
+
+def _links_system_torch(torch_build: str) -> bool:
+    """Whether the env links the interpreter's torch ("system"; "cuda" without an index) or installs one.
+
+    Raises for "cuda" when neither an index nor a GPU build of torch in this interpreter is there.
+    """
+    if torch_build == "system":
+        return True
+    if torch_build != "cuda" or os.environ.get(TORCH_INDEX_VAR):
+        return False
+    try:
+        dist = metadata.distribution("torch")
+    except metadata.PackageNotFoundError:
+        dist = None
+    gpu = _gpu_build(dist) if dist is not None else None
+    if gpu is None:
+        have = f"torch {dist.version} (a CPU build)" if dist is not None else "no torch"
+        raise EnvironmentSetupError(
+            f"torch build 'cuda' needs a GPU torch: set {TORCH_INDEX_VAR} (e.g. "
+            f"https://download.pytorch.org/whl/cu128) to install torch=={TORCH_PIN} from it, or run with an "
+            f"interpreter whose torch is a CUDA or ROCm build ({sys.executable} has {have})"
+        )
+    return True
+
+
+def _gpu_build(dist) -> str | None:
+    """'cuda 13.0' / 'hip 6.4' for a GPU build of torch, read from its torch/version.py; else None."""
+    try:
+        text = Path(dist.locate_file("torch/version.py")).read_text()
+    except OSError:
+        return None
+    for kind in ("cuda", "hip"):
+        found = re.search(rf"^{kind}\b[^=\n]*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
+        if found:
+            return f"{kind} {found.group(1)}"
+    return None
+
+
+def _wheel_dir_args() -> list[str]:
+    """``--no-index --find-links DIR`` when $OPENSCI_PATCH_WHEELS names a directory of wheels."""
+    value = os.environ.get(WHEELS_VAR)
+    if not value:
+        return []
+    wheels = Path(value).expanduser().absolute()
+    if not wheels.is_dir():
+        raise EnvironmentSetupError(f"{WHEELS_VAR}={value} is not a directory (it should hold the wheels to install)")
+    return ["--no-index", "--find-links", str(wheels)]
 
 
 def _torch_install_args(torch_build: str, *, uv: bool = True) -> list[str]:
     """The pinned torch requirement and where it may come from, for builds that install torch."""
     index = os.environ.get(TORCH_INDEX_VAR)
     if torch_build == "cuda":
-        if not index:
-            raise EnvironmentSetupError(
-                f"torch build 'cuda' needs {TORCH_INDEX_VAR} (e.g. https://download.pytorch.org/whl/cu128): "
-                f"an unpinned index could hand out any build"
-            )
         args = [f"torch=={TORCH_PIN}"]
     else:
         cpu_label = "" if sys.platform == "darwin" else "+cpu"  # macOS wheels carry no local label

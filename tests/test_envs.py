@@ -197,11 +197,95 @@ def test_version_that_is_not_a_release_is_rejected(tmp_path, version):
         ensure_env(version, "system", root=tmp_path, log=lambda msg: None)
 
 
-def test_cuda_build_without_an_index_is_an_error_not_a_download(tmp_path, monkeypatch):
+def test_cuda_build_without_an_index_or_a_gpu_torch_is_an_error_not_a_download(tmp_path, monkeypatch):
     monkeypatch.delenv(envs.TORCH_INDEX_VAR, raising=False)
+    monkeypatch.setattr(envs, "_gpu_build", lambda dist: None)  # this interpreter's torch: a CPU build
     monkeypatch.setattr(envs, "_run_installer", _no_installer)
-    with pytest.raises(EnvironmentSetupError, match=envs.TORCH_INDEX_VAR):
+    with pytest.raises(EnvironmentSetupError, match=envs.TORCH_INDEX_VAR) as info:
         ensure_env(VERSION, "cuda", root=tmp_path, log=lambda msg: None)
+    assert "CUDA or ROCm build" in str(info.value)
+
+
+class _FakeTorch:
+    version = "2.11.0+cu130"
+
+    def __init__(self, text):
+        self.path = None
+        self.text = text
+
+    def locate_file(self, name):
+        return self.path
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("__version__ = '2.11.0+cu130'\ncuda: Optional[str] = '13.0'\nhip: Optional[str] = None\n", "cuda 13.0"),
+        ("cuda = '12.8'\n", "cuda 12.8"),
+        ("cuda: Optional[str] = None\nhip: Optional[str] = '6.4.43484'\n", "hip 6.4.43484"),
+        ("__version__ = '2.13.0+cpu'\ncuda: Optional[str] = None\nhip: Optional[str] = None\n", None),
+        ("git_version = 'cuda'\n", None),
+    ],
+)
+def test_gpu_build_is_read_from_torch_version_py(tmp_path, text, expected):
+    fake = _FakeTorch(text)
+    fake.path = tmp_path / "version.py"
+    fake.path.write_text(text)
+    assert envs._gpu_build(fake) == expected
+    fake.path = tmp_path / "missing.py"
+    assert envs._gpu_build(fake) is None
+
+
+@needs_torch
+def test_this_interpreters_torch_is_classified_as_it_really_is():
+    import torch
+
+    gpu = envs._gpu_build(metadata.distribution("torch"))
+    assert (gpu is not None) == bool(torch.version.cuda or getattr(torch.version, "hip", None))
+
+
+@needs_torch
+@pytest.mark.crossversion
+def test_cuda_build_links_the_interpreters_gpu_torch_when_no_index_is_set(tmp_path, monkeypatch):
+    """A GPU machine's own CUDA torch is reused (linked like "system"), never downloaded again."""
+    monkeypatch.delenv(envs.TORCH_INDEX_VAR, raising=False)
+    monkeypatch.setattr(envs, "_gpu_build", lambda dist: "cuda 13.0")  # pretend: this torch is a CUDA build
+    installs = []
+    real = envs._run_installer
+    monkeypatch.setattr(envs, "_run_installer", lambda cmd, *a: (installs.append(cmd), real(cmd, *a)))
+    env = ensure_env(VERSION, "cuda", root=tmp_path, log=lambda msg: None)
+    marker = json.loads((env.path / envs.MARKER).read_text())
+    assert marker["torch"] == metadata.version("torch") and "torch_pin" not in marker
+    assert marker["torch_dir"] and Path(marker["torch_dir"]).name.startswith("_torch-system-")
+    assert not any(arg.startswith("torch==") for cmd in installs for arg in cmd)
+    assert installed_versions(env)["torch"] == metadata.version("torch")
+
+
+def test_wheel_dir_that_does_not_exist_is_an_error_before_anything_is_made(tmp_path, monkeypatch):
+    monkeypatch.setenv(envs.WHEELS_VAR, str(tmp_path / "nowhere"))
+    monkeypatch.setattr(envs, "_run_installer", _no_installer)
+    with pytest.raises(EnvironmentSetupError, match=envs.WHEELS_VAR):
+        ensure_env(VERSION, "system", root=tmp_path / "root", log=lambda msg: None)
+    assert not (tmp_path / "root" / envs.env_name(VERSION, "system")).exists()
+
+
+@needs_torch
+@pytest.mark.crossversion
+def test_wheel_dir_is_the_only_source_offline_installs_use(tmp_path, monkeypatch):
+    """OPENSCI_PATCH_WHEELS: installs never reach an index; with the wheels present they succeed."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    monkeypatch.setenv(envs.WHEELS_VAR, str(wheels))
+    with pytest.raises(EnvironmentSetupError, match="transformers==4.48.0"):  # empty dir: the index is not asked
+        ensure_env(VERSION, "system", root=tmp_path / "root", log=lambda msg: None)
+    download = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "-d", str(wheels),
+         f"transformers=={VERSION}", *envs._package_requirements()],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert download.returncode == 0, download.stderr[-2000:]
+    env = ensure_env(VERSION, "system", root=tmp_path / "root", log=lambda msg: None)
+    assert installed_versions(env)["transformers"] == VERSION
 
 
 def test_cpu_build_pins_a_cpu_torch_and_passes_pip_find_links(monkeypatch, tmp_path):
