@@ -89,10 +89,26 @@ def lint(session: nox.Session) -> None:
 @nox.parametrize("torch", [nox.param(b, tags=[b]) for b in matrix.TORCH_BUILDS])
 @nox.parametrize("transformers", matrix.TRANSFORMERS_VERSIONS)
 def cell(session: nox.Session, transformers: str, torch: str) -> None:
-    """One environment: the original, patched and patched+init models on one release and torch build."""
+    """One environment: every model variant on one release and torch build.
+
+    CPU builds run float32 with eager attention; the cuda build also runs SDPA and bfloat16,
+    the settings GPU users evaluate with.
+    """
     if torch == "cuda" and (why := matrix.gpu_present()):
         session.skip(f"cuda cell skipped: {why}")
-    cli(session, "cell", "--transformers", transformers, "--torch", torch, "--records", str(RECORDS), *session.posargs)
+    gpu = ["--attn", "eager", "--attn", "sdpa", "--dtype", "float32", "--dtype", "bfloat16"] if torch == "cuda" else []
+    cli(
+        session,
+        "cell",
+        "--transformers",
+        transformers,
+        "--torch",
+        torch,
+        *gpu,
+        "--records",
+        str(RECORDS),
+        *session.posargs,
+    )
 
 
 @nox.session(name="matrix", venv_backend="none", default=False)

@@ -143,7 +143,13 @@ def cmd_cell(args) -> int:
         from .capture import validate_model_dir
 
         validate_model_dir(args.model)
-    cells = [matrix.Cell(v, args.torch, m) for v in versions for m in args.variant or list(matrix.MODELS)]
+    cells = [
+        matrix.Cell(v, args.torch, m, dtype, attn)
+        for v in versions
+        for dtype in args.dtype or ["float32"]
+        for attn in args.attn or ["eager"]
+        for m in args.variant or list(matrix.MODELS)
+    ]
     matrix.main_cells(cells, source, args.records, log=lambda m: print(m, flush=True))
     return 0
 
@@ -272,6 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         choices=["original", "structural", "patched", "patched+init"],
         help="model variants to run (default: all)",
+    )
+    p.add_argument(
+        "--dtype",
+        action="append",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtypes to run (repeatable; default float32)",
+    )
+    p.add_argument(
+        "--attn",
+        action="append",
+        choices=["eager", "sdpa"],
+        help="attention implementations to run (repeatable; default eager)",
     )
     p.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: the shipped fixture)")
     p.add_argument("--records", type=Path, default=Path("records"))

@@ -79,3 +79,21 @@ def test_diagnose_rejects_a_malformed_cell_and_writes_nothing(cli, tmp_path: Pat
     out = tmp_path / "diag"
     _assert_one_line_error(cli("diagnose", "not-a-cell", "5.2.0:patched", "--out", str(out)), "not-a-cell")
     assert not out.exists()
+
+
+def test_cell_runs_every_combination_of_the_dtype_attn_and_variant_options(monkeypatch, tmp_path: Path):
+    from opensci_patch import cli as cli_module
+    from opensci_patch import matrix
+
+    ran = []
+    monkeypatch.setattr(matrix, "main_cells", lambda cells, *a, **k: ran.extend(cells) or len(cells))
+    args = ["cell", "--transformers", "4.48.0", "--torch", "cuda", "--variant", "patched", "--variant", "structural",
+            "--attn", "eager", "--attn", "sdpa", "--dtype", "bfloat16", "--records", str(tmp_path)]  # fmt: skip
+    assert cli_module.main(args) == 0
+    got = {(c.model, c.dtype, c.attn, c.device) for c in ran}
+    assert got == {(m, "bfloat16", a, "cuda") for m in ("patched", "structural") for a in ("eager", "sdpa")}
+    assert len(ran) == 4
+    ran.clear()
+    assert cli_module.main(["cell", "--transformers", "5.2.0", "--records", str(tmp_path)]) == 0
+    assert {(c.dtype, c.attn, c.torch) for c in ran} == {("float32", "eager", "cpu")}
+    assert {c.model for c in ran} == set(matrix.MODELS)
