@@ -383,6 +383,20 @@ with torch.no_grad():
         logits = model(ids).logits
         out[name] = rotary.inv_freq.dtype == torch.float32 and torch.equal(rotary.inv_freq, expected)
         out[name + "_logits_equal"] = torch.equal(logits, reference)
+    real_equal, compared = torch.equal, []
+    torch.equal = lambda *a: compared.append(1) or real_equal(*a)
+    for _ in range(3):
+        model(ids)
+    out["comparisons_when_unchanged"] = len(compared)
+    rotary.inv_freq.data = torch.full_like(expected, 8192.0)  # new storage, same tensor object
+    out["data_swap_logits_equal"] = torch.equal(model(ids).logits, reference)
+    out["comparisons_after_data_swap"] = len(compared)
+    torch.equal = real_equal
+    with torch.inference_mode():
+        rotary.register_buffer("inv_freq", torch.zeros_like(expected), persistent=False)
+        out["inference_mode_logits_equal"] = torch.equal(model(ids).logits, reference)
+        rotary.inv_freq.zero_()  # an inference tensor: no version counter, so compared every time
+        out["inference_mode_inplace_logits_equal"] = torch.equal(model(ids).logits, reference)
     calls = []
     real = torch.nn.functional.scaled_dot_product_attention
     torch.nn.functional.scaled_dot_product_attention = lambda *a, **k: calls.append(sorted(k)) or real(*a, **k)
@@ -438,6 +452,17 @@ def test_inv_freq_is_recomputed_when_loading(loaded: dict):
 def test_forward_repairs_a_damaged_inv_freq_buffer(loaded: dict, damage: str):
     assert loaded[damage]
     assert loaded[damage + "_logits_equal"]
+
+
+def test_inv_freq_found_correct_is_not_compared_again_until_it_changes(loaded: dict):
+    assert loaded["comparisons_when_unchanged"] == 0  # no comparison (no GPU sync) per forward
+    assert loaded["data_swap_logits_equal"]
+    assert loaded["comparisons_after_data_swap"] >= 1
+
+
+def test_inv_freq_is_repaired_under_inference_mode(loaded: dict):
+    assert loaded["inference_mode_logits_equal"]
+    assert loaded["inference_mode_inplace_logits_equal"]
 
 
 def test_inv_freq_repair_warns_once(loaded: dict):

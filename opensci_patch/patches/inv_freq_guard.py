@@ -16,6 +16,11 @@ non-zero garbage through, so the patch compares with recomputed values, in two p
     expected values on CPU in float32 (as `__init__` does), and if the buffer is not exactly
     equal (`torch.equal`; a buffer downcast by `model.to(dtype)` is not) replaces it and warns
     once. It is computed lazily in `forward`, never in `__init__`, which 5.x runs on meta.
+    A buffer found correct is remembered (the tensor itself, its version counter and data
+    pointer), so later forwards skip the comparison, and with it a host-device copy and sync
+    per forward on a GPU, until the buffer is replaced (`model.to`, loading), written in place
+    (`copy_`, `zero_`) or given new storage (`.data =`). Inference tensors keep no version
+    counter: a buffer made under `torch.inference_mode()` is compared at every forward.
     Dynamic and longrope rotary types change `inv_freq` at run time on purpose, so (b) leaves
     them alone and only (a) applies to them.
 
@@ -59,21 +64,37 @@ class _Template:
         rope_type = str(getattr(self, "rope_type", "default"))
         if "dynamic" in rope_type or rope_type == "longrope" or self.inv_freq.is_meta:
             return  # dynamic rope types swap inv_freq at run time on purpose
+        inv_freq = self.inv_freq
+        try:
+            stamp = (inv_freq._version, inv_freq.data_ptr())
+        except RuntimeError:  # an inference tensor keeps no version counter: compare every time
+            stamp = None
+        verified = getattr(self, "_opensci_verified_inv_freq", None)
+        if stamp is not None and verified is not None and verified[0] is inv_freq and verified[1] == stamp:
+            return  # found correct before and not written or replaced since
         expected = getattr(self, "_opensci_expected_inv_freq", None)
         if expected is None:
             expected = self.rope_init_fn(self.config, torch.device("cpu"))[0].float()
             self._opensci_expected_inv_freq = expected
-        inv_freq = self.inv_freq
-        if inv_freq.dtype == expected.dtype and inv_freq.shape == expected.shape:
-            if torch.equal(inv_freq, expected.to(inv_freq.device)):
-                return
-        from transformers.utils import logging as hf_logging
+        if not (
+            inv_freq.dtype == expected.dtype
+            and inv_freq.shape == expected.shape
+            and torch.equal(inv_freq, expected.to(inv_freq.device))
+        ):
+            from transformers.utils import logging as hf_logging
 
-        hf_logging.get_logger(__name__).warning_once(
-            "opensci-patch: the rotary inv_freq buffer did not hold the values __init__ computes (left "
-            "uninitialised by loading, or cast to another dtype); recomputed it in float32"
-        )
-        self.register_buffer("inv_freq", expected.to(inv_freq.device).clone(), persistent=False)
+            hf_logging.get_logger(__name__).warning_once(
+                "opensci-patch: the rotary inv_freq buffer did not hold the values __init__ computes (left "
+                "uninitialised by loading, or cast to another dtype); recomputed it in float32"
+            )
+            self.register_buffer("inv_freq", expected.to(inv_freq.device).clone(), persistent=False)
+            inv_freq = self.inv_freq
+            try:
+                stamp = (inv_freq._version, inv_freq.data_ptr())
+            except RuntimeError:
+                stamp = None
+        # the tensor itself is kept, so that its identity cannot pass to a new tensor
+        self._opensci_verified_inv_freq = None if stamp is None else (inv_freq, stamp)
 '''
 
 CHECK_CALL = f"self.{CHECK}()\n"
