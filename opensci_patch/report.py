@@ -94,7 +94,13 @@ def rows(recs: list[dict]) -> list[dict]:
     order = {m: i for i, m in enumerate(["original", "structural", "patched", "patched+init"])}
     for r in sorted(
         recs,
-        key=lambda r: (_version_key(r["cell"]["transformers"]), r["cell"]["torch"], order.get(r["cell"]["model"], 9)),
+        key=lambda r: (
+            _version_key(r["cell"]["transformers"]),
+            r["cell"]["torch"],
+            r["cell"]["dtype"],
+            r["cell"]["attn"],
+            order.get(r["cell"]["model"], 9),
+        ),
     ):
         ref = refs.get(_group(r))
         v, why = verdict(r, ref)
@@ -105,8 +111,9 @@ def rows(recs: list[dict]) -> list[dict]:
                 "cell": r["cell"]["id"],
                 "transformers": r["cell"]["transformers"],
                 "torch": r.get("environment", {}).get("torch", r["cell"]["torch"]),
-                "device": r["cell"]["device"],
+                "device": r.get("environment", {}).get("device_name") or r["cell"]["device"],
                 "dtype": r["cell"]["dtype"],
+                "attn": r["cell"]["attn"],
                 "model": r["cell"]["model"],
                 "status": v,
                 "paris_logit": t.get("logit"),
@@ -144,6 +151,7 @@ def markdown_table(table: list[dict]) -> str:
         "torch",
         "device",
         "dtype",
+        "attn",
         "model",
         "status",
         '" Paris" logit',
@@ -161,6 +169,7 @@ def markdown_table(table: list[dict]) -> str:
             r["torch"],
             r["device"],
             r["dtype"],
+            r["attn"],
             r["model"],
             r["status"],
             _fmt(r["paris_logit"], ".4f"),

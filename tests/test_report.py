@@ -113,3 +113,27 @@ def test_expectations_follow_the_declared_upstream_behaviour():
     assert expectation(Cell("5.2.0", model="structural")).outcome == "xfail"
     assert expectation(Cell("4.57.6", model="structural")).outcome == "pass"
     assert expectation(Cell("5.23.0", model="patched")).outcome == "pass"
+
+
+def _with_attn(rec: dict, attn: str, device_name: str | None = None) -> dict:
+    rec["cell"] = rec["cell"] | {"attn": attn, "id": rec["cell"]["id"].replace("-eager", f"-{attn}")}
+    if device_name:
+        rec["environment"]["device_name"] = device_name
+    return rec
+
+
+def test_each_attention_is_compared_with_its_own_reference_and_shown_in_its_own_row(tmp_path: Path):
+    recs = [
+        _with_attn(record("4.48.0", "patched", sha="e" * 64), "eager", "NVIDIA H100 80GB HBM3"),
+        _with_attn(record("4.48.0", "patched", sha="s" * 64), "sdpa", "NVIDIA H100 80GB HBM3"),
+        _with_attn(record("5.2.0", "patched", sha="e" * 64), "eager", "NVIDIA H100 80GB HBM3"),
+        _with_attn(record("5.2.0", "patched", sha="e" * 64), "sdpa", "NVIDIA H100 80GB HBM3"),  # != sdpa ref
+    ]
+    table = report.rows(recs)
+    got = {(r["transformers"], r["attn"]): r["status"] for r in table}
+    assert got == {("4.48.0", "eager"): "pass", ("4.48.0", "sdpa"): "pass", ("5.2.0", "eager"): "pass",
+                   ("5.2.0", "sdpa"): "FAIL"}  # fmt: skip
+    assert {r["device"] for r in table} == {"NVIDIA H100 80GB HBM3"}
+    text = report.markdown_table(table)
+    assert [h.strip() for h in text.splitlines()[0].strip("|").split("|")][3:5] == ["dtype", "attn"]
+    assert sum(" sdpa " in line for line in text.splitlines()) == 2
