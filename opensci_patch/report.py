@@ -111,7 +111,7 @@ def rows(recs: list[dict]) -> list[dict]:
                 "cell": r["cell"]["id"],
                 "transformers": r["cell"]["transformers"],
                 "torch": r.get("environment", {}).get("torch", r["cell"]["torch"]),
-                "device": r.get("environment", {}).get("device_name") or r["cell"]["device"],
+                "device": _device(r),
                 "dtype": r["cell"]["dtype"],
                 "attn": r["cell"]["attn"],
                 "model": r["cell"]["model"],
@@ -129,6 +129,13 @@ def rows(recs: list[dict]) -> list[dict]:
             }
         )
     return out
+
+
+def _device(rec: dict) -> str:
+    """'cpu', or the GPU's name as the capture saw it (e.g. 'cuda: NVIDIA H100 80GB HBM3')."""
+    device = rec["cell"]["device"]
+    name = rec.get("environment", {}).get("device_name")
+    return f"{device}: {name}" if device != "cpu" and name else device
 
 
 def _version_key(v: str) -> tuple:

@@ -118,6 +118,8 @@ def test_expectations_follow_the_declared_upstream_behaviour():
 def _with_attn(rec: dict, attn: str, device_name: str | None = None) -> dict:
     rec["cell"] = rec["cell"] | {"attn": attn, "id": rec["cell"]["id"].replace("-eager", f"-{attn}")}
     if device_name:
+        rec["cell"] |= {"torch": "cuda", "device": "cuda", "id": rec["cell"]["id"].replace("-cpu-", "-cuda-")}
+    if device_name:
         rec["environment"]["device_name"] = device_name
     return rec
 
@@ -133,7 +135,10 @@ def test_each_attention_is_compared_with_its_own_reference_and_shown_in_its_own_
     got = {(r["transformers"], r["attn"]): r["status"] for r in table}
     assert got == {("4.48.0", "eager"): "pass", ("4.48.0", "sdpa"): "pass", ("5.2.0", "eager"): "pass",
                    ("5.2.0", "sdpa"): "FAIL"}  # fmt: skip
-    assert {r["device"] for r in table} == {"NVIDIA H100 80GB HBM3"}
+    assert {r["device"] for r in table} == {"cuda: NVIDIA H100 80GB HBM3"}
+    cpu = record("4.48.0", "patched")
+    cpu["environment"]["device_name"] = "x86_64"  # what capture records on a CPU
+    assert report.rows([cpu])[0]["device"] == "cpu"
     text = report.markdown_table(table)
     assert [h.strip() for h in text.splitlines()[0].strip("|").split("|")][3:5] == ["dtype", "attn"]
     assert sum(" sdpa " in line for line in text.splitlines()) == 2
