@@ -150,6 +150,7 @@ def ensure_env(
         "torch_build": torch_build,
         "requirements": _package_requirements(),
     }
+    # "torch" (the linked version) marks an env that links the interpreter's torch; "torch_pin" one that installs it
     if _links_system_torch(torch_build):
         expected["torch"] = _system_torch().version
     else:
