@@ -21,6 +21,32 @@ from opensci_patch.patches import PATCHES, apply_patches, by_name, default_patch
 FIXTURE = Path(__file__).resolve().parents[1] / "opensci_patch" / "data" / "opensci-tiny"
 NAMES = [p.name for p in PATCHES]
 
+# The constructs of a modular-generated model file (transformers 4.54) that the shipped, hand-written
+# file does not have: the target of moved_helpers. tests/test_crossversion.py runs a whole such file.
+GENERATED = """\
+import torch
+from torch import nn
+
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import auto_docstring, can_return_tuple
+from transformers.utils.generic import check_model_inputs
+
+
+class OsrModel(PreTrainedModel):
+    @check_model_inputs
+    @auto_docstring
+    def forward(self, inputs_embeds=None, attention_mask=None, cache_position=None, past_key_values=None):
+        mask_kwargs = {
+            "config": self.config,
+            "input_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "cache_position": cache_position,
+            "past_key_values": past_key_values,
+        }
+        return create_causal_mask(**mask_kwargs), create_sliding_window_causal_mask(**mask_kwargs)
+"""
+
 # patch -> (text in the fixture, what it becomes): a target the patch must refuse to guess at
 MANGLED = {
     "loss_kwargs": ("import LossKwargs, TransformersKwargs", "import LossKwargs as LK, TransformersKwargs"),
@@ -32,6 +58,7 @@ MANGLED = {
     ),
     "inv_freq_guard": ("self.config = config\n        self.rope_init_fn", "self.rope_init_fn"),
     "init_weights": ("module.bias.data.zero_()", "module.bias.data = torch.zeros_like(module.bias)"),
+    "moved_helpers": ("import create_causal_mask, create_sliding", "import create_causal_mask as ccm, create_sliding"),
 }
 
 
@@ -43,6 +70,11 @@ def modeling_source() -> str:
 @pytest.fixture(scope="module")
 def patched_source(modeling_source: str) -> str:
     return apply_patches(modeling_source, PATCHES, "modeling_opensci.py")[0]
+
+
+def target_source(name: str, modeling_source: str) -> str:
+    """The source a patch has a target in: the shipped file, or for moved_helpers a generated-style one."""
+    return GENERATED if name == "moved_helpers" else modeling_source
 
 
 def _function(source: str, name: str, **namespace):
@@ -64,8 +96,16 @@ def _class_attribute(source: str, cls: str, attribute: str):
 
 
 def test_registry_order_and_defaults():
-    assert NAMES == ["loss_kwargs", "rope_default", "tied_weights", "sdpa_gqa", "inv_freq_guard", "init_weights"]
-    assert [p.name for p in default_patches()] == NAMES[:5]
+    assert NAMES == [
+        "loss_kwargs",
+        "moved_helpers",
+        "rope_default",
+        "tied_weights",
+        "sdpa_gqa",
+        "inv_freq_guard",
+        "init_weights",
+    ]
+    assert [p.name for p in default_patches()] == NAMES[:6]
     assert [p.name for p in select(["init_weights"])] == NAMES
     with pytest.raises(PatchError, match="unknown patch 'nope'"):
         select(["nope"])
@@ -73,16 +113,17 @@ def test_registry_order_and_defaults():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_patch_applies_to_fixture_and_marks_the_change(modeling_source: str, name: str):
-    outcome = by_name(name).apply(modeling_source, "modeling_opensci.py")
+    source = target_source(name, modeling_source)
+    outcome = by_name(name).apply(source, "modeling_opensci.py")
     assert outcome.status == "applied"
-    assert outcome.source != modeling_source
+    assert outcome.source != source
     assert f"# opensci-patch: {name}" in outcome.source
     compile(outcome.source, "modeling_opensci.py", "exec")
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_second_application_is_already_applied_with_identical_text(modeling_source: str, name: str):
-    once = by_name(name).apply(modeling_source).source
+    once = by_name(name).apply(target_source(name, modeling_source)).source
     twice = by_name(name).apply(once)
     assert twice.status == "already-applied"
     assert twice.source == once
@@ -99,15 +140,16 @@ def test_patch_is_not_applicable_to_the_configuration_file(name: str):
 @pytest.mark.parametrize("name", NAMES)
 def test_patch_refuses_a_mangled_target_naming_patch_and_file(modeling_source: str, name: str):
     old, new = MANGLED[name]
-    assert modeling_source.count(old) == 1
+    source = target_source(name, modeling_source)
+    assert source.count(old) == 1
     with pytest.raises(PatchError, match=rf"patch '{name}'.*modeling_opensci\.py"):
-        by_name(name).apply(modeling_source.replace(old, new), "modeling_opensci.py")
+        by_name(name).apply(source.replace(old, new), "modeling_opensci.py")
 
 
 def test_all_patches_together_are_idempotent(patched_source: str):
     again, statuses = apply_patches(patched_source, PATCHES)
     assert again == patched_source
-    assert set(statuses.values()) == {"already-applied"}
+    assert statuses == {n: "not-applicable" if n == "moved_helpers" else "already-applied" for n in NAMES}
 
 
 def test_patches_find_targets_by_structure_not_by_name(modeling_source: str):
@@ -123,7 +165,7 @@ def test_patches_find_targets_by_structure_not_by_name(modeling_source: str):
         )
     )
     patched, statuses = apply_patches(variant, default_patches(), "modeling_osr.py")
-    assert set(statuses.values()) == {"applied"}
+    assert statuses == {p.name: "not-applicable" if p.name == "moved_helpers" else "applied" for p in default_patches()}
     assert _class_attribute(patched, "OsrForCausalLM", "_tied_weights_keys") == {
         "lm_head.weight": "transformer.wte.weight"
     }
@@ -345,6 +387,91 @@ def test_init_weights_rewrite_still_initialises_a_fresh_embedding(modeling_sourc
     _init_weights_of(patched, torch)(SimpleNamespace(config=SimpleNamespace(initializer_range=0.02)), embedding)
     assert bool((embedding.weight[1] == 0).all())
     assert not bool((embedding.weight == 3.0).any())
+
+
+# --- moved_helpers: what the inserted code does ----------------------------------------------------
+
+
+def _mask_function(*names: str, any_keywords: bool = False):
+    """A stand-in for an installed mask function with these keyword parameters; returns what it got."""
+    params = ", ".join(names) + (", **more" if any_keywords else "")
+    extra = " | more" if any_keywords else ""
+    namespace: dict = {}
+    exec(f"def mask({params}):\n    return dict({', '.join(f'{n}={n}' for n in names)}){extra}\n", namespace)
+    return namespace["mask"]
+
+
+CALL = {"config": "c", "input_embeds": "e", "attention_mask": "a", "cache_position": "p", "past_key_values": "k"}
+
+
+@pytest.mark.parametrize(
+    ("release", "params", "received"),
+    [
+        ("4.54-5.1", ("config", "input_embeds", "attention_mask", "cache_position", "past_key_values"), CALL),
+        (
+            "5.2",
+            ("config", "inputs_embeds", "attention_mask", "cache_position", "past_key_values"),
+            {"config": "c", "inputs_embeds": "e", "attention_mask": "a", "cache_position": "p", "past_key_values": "k"},
+        ),
+        (
+            "5.23",
+            ("config", "inputs_embeds", "attention_mask", "past_key_values", "layer_idx"),
+            {"config": "c", "inputs_embeds": "e", "attention_mask": "a", "past_key_values": "k", "layer_idx": None},
+        ),
+    ],
+)
+def test_mask_adapter_passes_the_keywords_each_release_takes(release, params, received):
+    adapter = _function(by_name("moved_helpers").apply(GENERATED).source, "_opensci_mask_keywords")
+    defaults = {"layer_idx": None}
+    function = _mask_function(*params)
+    function.__defaults__ = tuple(defaults[n] for n in params if n in defaults) or None
+    assert adapter(function)(**CALL) == received
+
+
+def test_mask_adapter_passes_everything_to_a_function_that_takes_any_keyword():
+    adapter = _function(by_name("moved_helpers").apply(GENERATED).source, "_opensci_mask_keywords")
+    assert adapter(_mask_function("config", any_keywords=True))(**CALL) == CALL
+
+
+def test_check_model_inputs_fallback_composes_the_two_5_2_decorators(monkeypatch):
+    """Where transformers.utils.generic has no check_model_inputs, the guard builds it from its successors."""
+    import types
+
+    calls = []
+    generic = types.ModuleType("transformers.utils.generic")
+    generic.merge_with_config_defaults = lambda f: calls.append(("merge", f)) or ("merged", f)
+    capturing = types.ModuleType("transformers.utils.output_capturing")
+    capturing.capture_outputs = lambda f, tie_last_hidden_states=True: (
+        calls.append(("capture", f, tie_last_hidden_states)) or ("captured", f)
+    )
+    monkeypatch.setitem(sys.modules, "transformers.utils.generic", generic)
+    monkeypatch.setitem(sys.modules, "transformers.utils.output_capturing", capturing)
+    tree = ast.parse(by_name("moved_helpers").apply(GENERATED).source)
+    guard = next(n for n in tree.body if isinstance(n, ast.Try))
+    namespace: dict = {}
+    exec(compile(ast.Module([guard], type_ignores=[]), "guard", "exec"), namespace)
+
+    def forward():
+        return None
+
+    assert namespace["check_model_inputs"](forward) == ("merged", ("captured", forward))
+    assert namespace["check_model_inputs"](tie_last_hidden_states=False)(forward) == ("merged", ("captured", forward))
+    assert calls == [("capture", forward, True), ("merge", ("captured", forward))] + [
+        ("capture", forward, False),
+        ("merge", ("captured", forward)),
+    ]
+
+
+def test_moved_helpers_refuses_a_mask_import_inside_a_function():
+    nested = GENERATED.replace(
+        "from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask\n", ""
+    ).replace(
+        "        mask_kwargs = {",
+        "        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask\n\n"
+        "        mask_kwargs = {",
+    )
+    with pytest.raises(PatchError, match="moved_helpers.*not a top-level import"):
+        by_name("moved_helpers").apply(nested, "modeling_opensci.py")
 
 
 # --- the patched model under the installed transformers (own process and modules cache) -------------

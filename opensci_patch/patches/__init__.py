@@ -12,13 +12,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ..errors import PatchError
-from . import init_weights, inv_freq_guard, loss_kwargs, rope_default, sdpa_gqa, tied_weights
+from . import init_weights, inv_freq_guard, loss_kwargs, moved_helpers, rope_default, sdpa_gqa, tied_weights
 from .base import Outcome, Patch, State, Status
 
 __all__ = ["PATCHES", "Outcome", "Patch", "State", "Status", "apply_patches", "by_name", "default_patches", "select"]
 
 PATCHES: tuple[Patch, ...] = (
     loss_kwargs.PATCH,
+    moved_helpers.PATCH,
     rope_default.PATCH,
     tied_weights.PATCH,
     sdpa_gqa.PATCH,

@@ -200,3 +200,21 @@ def is_string(node: cst.BaseExpression, value: str | None = None) -> bool:
     if not isinstance(node, cst.SimpleString) or node.prefix.lower() not in ("", "u"):
         return False
     return value is None or node.evaluated_value == value
+
+
+def drop_imported_names(line: cst.SimpleStatementLine, names: Sequence[str]) -> cst.SimpleStatementLine | None:
+    """The import line without `names` in its `from ... import` statements; None when nothing is left."""
+    body = []
+    for small in line.body:
+        if isinstance(small, cst.ImportFrom) and not isinstance(small.names, cst.ImportStar):
+            kept = [alias for alias in small.names if full_name(alias.name) not in names]
+            if not kept:
+                continue
+            if len(kept) < len(small.names):
+                kept[-1] = kept[-1].with_changes(comma=small.names[-1].comma)
+                small = small.with_changes(names=kept)
+        body.append(small)
+    if not body:
+        return None
+    body[-1] = body[-1].with_changes(semicolon=cst.MaybeSentinel.DEFAULT)
+    return line.with_changes(body=body)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import libcst as cst
 
-from .base import Patch, State, Unrecognised, code, full_name, marker, template
+from .base import Patch, State, Unrecognised, code, drop_imported_names, full_name, marker, template
 
 NAME = "loss_kwargs"
 OLD, NEW = "LossKwargs", "TransformersKwargs"
@@ -150,23 +150,6 @@ class _Rename(cst.CSTTransformer):
         return updated.with_changes(bases=bases)
 
 
-def _without_names(line: cst.SimpleStatementLine) -> cst.SimpleStatementLine | None:
-    """The import line minus NAMES; None when nothing is left of it."""
-    body = []
-    for small in line.body:
-        if isinstance(small, cst.ImportFrom) and _imported(small):
-            kept = [alias for alias in small.names if full_name(alias.name) not in NAMES]
-            if not kept:
-                continue
-            kept[-1] = kept[-1].with_changes(comma=small.names[-1].comma)
-            small = small.with_changes(names=kept)
-        body.append(small)
-    if not body:
-        return None
-    body[-1] = body[-1].with_changes(semicolon=cst.MaybeSentinel.DEFAULT)
-    return line.with_changes(body=body)
-
-
 def rewrite(tree: cst.Module) -> cst.Module:
     scan = _scan(tree)
     plain = {id(node) for node in scan.plain_imports}
@@ -177,7 +160,7 @@ def rewrite(tree: cst.Module) -> cst.Module:
         if not imports_here:
             body.append(stmt)
             continue
-        kept = _without_names(stmt)
+        kept = drop_imported_names(stmt, NAMES)
         if kept is not None:
             body.append(kept)
         if guard_needed:
