@@ -151,7 +151,7 @@ def test_inv_freq_after_load_on_5x(models, kind, expect_equal):
 
 # --- a modular-generated model file (what the real checkpoints ship), built from the 4.54.0 wheel --------
 
-GENERATED_VERSIONS = ["4.57.6", "5.2.0", "5.23.0"]
+GENERATED_VERSIONS = ["4.48.0", "4.57.6", "5.2.0", "5.23.0"]
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,10 @@ def test_generated_style_file_needs_every_default_patch(generated):
 
 @pytest.mark.parametrize("version", GENERATED_VERSIONS)
 def test_generated_style_file_gives_the_shipped_models_logits(generated, records, version, tmp_path):
-    """Same weights, other code: bit-identical to the shipped model on 4.48.0 (5.2 needs moved_helpers)."""
+    """Same weights, other code: bit-identical to the shipped model on 4.48.0.
+
+    4.48 needs moved_helpers' stand-ins, config_class and tied_weights' accessors; 5.2 the
+    check_model_inputs fallback; 5.23 the mask keyword adapter."""
     rc, rec = capture(version, generated["patched"], tmp_path / "generated.json")
     assert rc == 0, rec.get("error")
     shipped = records["4.48.0", "patched"][1]
@@ -178,10 +181,7 @@ def test_generated_style_file_gives_the_shipped_models_logits(generated, records
     assert rec["generation"]["ids"] == shipped["generation"]["ids"]
 
 
-def test_generated_style_file_does_not_load_before_4_53(generated, tmp_path):
-    """Known limit, pinned: 4.48 lacks the helpers a generated file imports (transformers.masking_utils,
-    modeling_layers, check_model_inputs, layer_type_validation, ...) and no patch provides them yet."""
-    rc, rec = capture("4.48.0", generated["patched"], tmp_path / "generated-4.48.json")
-    assert rc == 1
-    assert rec["status"] == "load-error" and rec["error"]["type"] == "ImportError"
-    assert "layer_type_validation" in rec["error"]["message"]
+@pytest.mark.parametrize("version", ["4.48.0", "5.2.0"])
+def test_generated_style_file_unpatched_fails_to_load(generated, version, tmp_path):
+    rc, rec = capture(version, generated["original"], tmp_path / "generated-original.json")
+    assert rc == 1 and rec["status"] == "load-error" and rec["error"]["type"] == "ImportError"

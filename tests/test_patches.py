@@ -433,23 +433,33 @@ def test_mask_adapter_passes_everything_to_a_function_that_takes_any_keyword():
     assert adapter(_mask_function("config", any_keywords=True))(**CALL) == CALL
 
 
-def test_check_model_inputs_fallback_composes_the_two_5_2_decorators(monkeypatch):
-    """Where transformers.utils.generic has no check_model_inputs, the guard builds it from its successors."""
+def _check_guard(monkeypatch, generic_names: dict, capture_outputs=None) -> dict:
+    """Run the patched file's check_model_inputs guard against fake transformers.utils modules."""
     import types
 
-    calls = []
     generic = types.ModuleType("transformers.utils.generic")
-    generic.merge_with_config_defaults = lambda f: calls.append(("merge", f)) or ("merged", f)
-    capturing = types.ModuleType("transformers.utils.output_capturing")
-    capturing.capture_outputs = lambda f, tie_last_hidden_states=True: (
-        calls.append(("capture", f, tie_last_hidden_states)) or ("captured", f)
-    )
+    for key, value in generic_names.items():
+        setattr(generic, key, value)
     monkeypatch.setitem(sys.modules, "transformers.utils.generic", generic)
+    capturing = types.ModuleType("transformers.utils.output_capturing")
+    if capture_outputs is not None:
+        capturing.capture_outputs = capture_outputs
     monkeypatch.setitem(sys.modules, "transformers.utils.output_capturing", capturing)
     tree = ast.parse(by_name("moved_helpers").apply(GENERATED).source)
-    guard = next(n for n in tree.body if isinstance(n, ast.Try))
+    guard = next(n for n in tree.body if isinstance(n, ast.Try) and "check_model_inputs" in ast.unparse(n.body[0]))
     namespace: dict = {}
     exec(compile(ast.Module([guard], type_ignores=[]), "guard", "exec"), namespace)
+    return namespace
+
+
+def test_check_model_inputs_fallback_composes_the_two_5_2_decorators(monkeypatch):
+    """Where transformers.utils.generic has no check_model_inputs (5.2-5.22), it is built from its successors."""
+    calls = []
+    namespace = _check_guard(
+        monkeypatch,
+        {"merge_with_config_defaults": lambda f: calls.append(("merge", f)) or ("merged", f)},
+        lambda f, tie_last_hidden_states=True: calls.append(("capture", f, tie_last_hidden_states)) or ("captured", f),
+    )
 
     def forward():
         return None
@@ -460,6 +470,78 @@ def test_check_model_inputs_fallback_composes_the_two_5_2_decorators(monkeypatch
         ("capture", forward, False),
         ("merge", ("captured", forward)),
     ]
+
+
+class _Output:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+    def to_tuple(self):
+        return tuple(self.kwargs.values())
+
+
+def test_check_model_inputs_stand_in_before_4_54_applies_the_config_defaults(monkeypatch):
+    check = _check_guard(monkeypatch, {})["check_model_inputs"]  # neither it nor its successors exist
+
+    class Model:
+        config = SimpleNamespace(use_cache=True, return_dict=True, output_attentions=False)
+        training = False
+
+        @check
+        def forward(self, input_ids=None, use_cache=None, **kwargs):
+            return _Output(use_cache=use_cache, rest=sorted(kwargs))
+
+    model = Model()
+    assert model.forward(1).kwargs == {"use_cache": True, "rest": []}
+    assert model.forward(1, use_cache=False).kwargs["use_cache"] is False
+    assert model.forward(1, return_dict=False) == (True, [])
+    assert model.forward(1, output_attentions=False, output_hidden_states=None).kwargs["rest"] == []
+    with pytest.raises(NotImplementedError, match="output_attentions needs transformers >= 4.54"):
+        model.forward(1, output_attentions=True)
+    Model.config.output_hidden_states = True
+    with pytest.raises(NotImplementedError, match="output_hidden_states"):
+        model.forward(1)
+
+
+def _stand_in(name: str):
+    """The stand-in the patch inserts for `name` (the except branch of its guard), compiled on its own."""
+    tree = ast.parse(by_name("moved_helpers").apply(GENERATED).source)
+    guard = next(n for n in tree.body if isinstance(n, ast.Try) and f"import {name}" in ast.unparse(n.body[0]))
+    import torch
+
+    namespace: dict = {"torch": torch}
+    exec(compile(ast.Module(guard.handlers[0].body, type_ignores=[]), name, "exec"), namespace)
+    return namespace[name]
+
+
+def test_causal_mask_stand_in_builds_4_54s_eager_and_sdpa_masks():
+    torch = pytest.importorskip("torch")
+    mask = _stand_in("create_causal_mask")
+    embeds = torch.zeros(2, 4, 8)
+    config = SimpleNamespace(_attn_implementation="eager")
+    eager = mask(config, embeds, None, torch.arange(4), None)
+    low = torch.finfo(torch.float32).min
+    expected = torch.where(torch.ones(4, 4, dtype=torch.bool).tril(), torch.tensor(0.0), torch.tensor(low))
+    assert eager.shape == (2, 1, 4, 4) and torch.equal(eager[0, 0], expected) and torch.equal(eager[1, 0], expected)
+    padding = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+    padded = mask(config, embeds, padding, torch.arange(4), None)
+    assert bool((padded[1, 0, :, 0] == low).all()) and torch.equal(padded[0, 0], expected)
+    config._attn_implementation = "sdpa"
+    assert mask(config, embeds, None, torch.arange(4), None) is None  # SDPA's own is_causal
+    assert mask(config, embeds, torch.ones(2, 4), torch.arange(4), None) is None
+    assert torch.equal(mask(config, embeds, padding, torch.arange(4), None), padded == 0)
+    past = SimpleNamespace(get_seq_length=lambda: 4)  # one new token after four cached ones
+    step = mask(SimpleNamespace(_attn_implementation="eager"), embeds[:, :1], None, torch.tensor([4]), past)
+    assert step.shape == (2, 1, 1, 5) and bool((step == 0).all())
+
+
+def test_sliding_window_mask_stand_in_limits_how_far_back_a_query_sees():
+    torch = pytest.importorskip("torch")
+    mask = _stand_in("create_sliding_window_causal_mask")
+    config = SimpleNamespace(_attn_implementation="sdpa", sliding_window=2)
+    allowed = mask(config, torch.zeros(1, 4, 8), None, torch.arange(4), None)[0, 0]
+    assert allowed.tolist() == [[True, False, False, False], [True, True, False, False],
+                                [False, True, True, False], [False, False, True, True]]  # fmt: skip
 
 
 def test_moved_helpers_refuses_a_mask_import_inside_a_function():
@@ -600,3 +682,54 @@ def test_sdpa_runs_without_enable_gqa_and_matches_eager(loaded: dict):
     assert loaded["sdpa_calls"] == 3  # one per layer
     assert "enable_gqa" not in loaded["sdpa_kwargs"]
     assert loaded["sdpa_max_diff"] < 1e-5
+
+
+# --- tied_weights: the embedding accessors transformers < 4.54 ties through ----------------------------
+
+TIED = """\
+import torch
+from torch import nn
+
+
+class OsrModel(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(10, 4)
+
+
+class OsrForCausalLM(nn.Module):
+    _tied_weights_keys = ["lm_head.weight"]
+
+    def __init__(self, config):
+        super().__init__()
+        self.model = OsrModel(config)
+        self.lm_head = nn.Linear(4, 10, bias=False)
+"""
+
+
+def test_tied_weights_adds_the_accessors_a_generated_file_lacks():
+    torch = pytest.importorskip("torch")
+    outcome = by_name("tied_weights").apply(TIED, "modeling_osr.py")
+    assert outcome.status == "applied"
+    assert by_name("tied_weights").apply(outcome.source).status == "already-applied"
+    namespace: dict = {}
+    exec(compile(outcome.source, "modeling_osr.py", "exec"), namespace)
+    lm = namespace["OsrForCausalLM"](None)
+    assert lm.get_input_embeddings() is lm.model.embed_tokens
+    assert lm.get_output_embeddings() is lm.lm_head
+    other = torch.nn.Embedding(10, 4)
+    lm.set_input_embeddings(other)
+    lm.set_output_embeddings(torch.nn.Identity())
+    assert lm.model.embed_tokens is other and isinstance(lm.lm_head, torch.nn.Identity)
+    assert namespace["OsrForCausalLM"]._tied_weights_keys == {"lm_head.weight": "model.embed_tokens.weight"}
+
+
+def test_tied_weights_keeps_accessors_the_class_defines(modeling_source: str):
+    own = TIED + "\n    def get_output_embeddings(self):\n        return None\n"
+    patched = by_name("tied_weights").apply(own).source
+    tree = ast.parse(patched)
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "OsrForCausalLM")
+    names = [n.name for n in cls.body if isinstance(n, ast.FunctionDef)]
+    assert names.count("get_output_embeddings") == 1 and "get_input_embeddings" in names
+    shipped = by_name("tied_weights").apply(modeling_source).source  # defines all four itself
+    assert "# opensci-patch: tied_weights (transformers < 4.54 ties" not in shipped

@@ -9,7 +9,12 @@ in that class's `__init__`, the attribute holding the base model (`self.model = 
 with `XModel` defined in this file) and, in `XModel.__init__`, the attribute that is an
 `nn.Embedding` -> `"model.embed_tokens.weight"`. Nothing is hard-coded, so other class and
 attribute names work; an ambiguous or missing derivation is an error, not a guess.
-Verifies: every `_tied_weights_keys` is a dict of string literals.
+Also: transformers before 4.54 ties through the model's `get_input_embeddings` /
+`get_output_embeddings`; a modular-generated file inherits those from 4.54's base class and does
+not define them, so on 4.48 `lm_head` stays untied (random). The class that declares one tied key
+gets the four accessors it lacks, read off that key (`lm_head.weight` <- `model.embed_tokens.weight`).
+Verifies: every `_tied_weights_keys` is a dict of string literals, and a class with one tied
+key defines the four accessors.
 """
 
 from __future__ import annotations
@@ -18,11 +23,38 @@ import json
 
 import libcst as cst
 
-from .base import Patch, State, Unrecognised, code, full_name, is_string, method, self_assignments, with_marker
+from .base import (
+    Patch,
+    State,
+    Unrecognised,
+    code,
+    full_name,
+    is_string,
+    marker,
+    method,
+    self_assignments,
+    template,
+    with_marker,
+)
 
 NAME = "tied_weights"
 ATTRIBUTE = "_tied_weights_keys"
 WHY = "transformers 5.x needs {target: source}"
+WHY_ACCESSORS = "transformers < 4.54 ties lm_head through these accessors"
+ACCESSORS = """
+class _Template:
+    def get_input_embeddings(self):
+        return self.{source}
+
+    def set_input_embeddings(self, value):
+        self.{source} = value
+
+    def get_output_embeddings(self):
+        return self.{target}
+
+    def set_output_embeddings(self, new_embeddings):
+        self.{target} = new_embeddings
+"""
 
 
 def _declarations(tree: cst.Module) -> list[tuple[cst.ClassDef, cst.BaseExpression]]:
@@ -60,11 +92,26 @@ def inspect(tree: cst.Module) -> State:
         return State.ABSENT
     for cls, value in declarations:
         if _is_string_dict(value):
+            if _missing_accessors(cls, value):
+                return State.NEEDED
             continue
         if _string_list(value) is None:
             raise Unrecognised(f"{cls.name.value}.{ATTRIBUTE} = {code(value)} is neither a list of names nor a dict")
         return State.NEEDED
     return State.DONE
+
+
+def _missing_accessors(cls: cst.ClassDef, value: cst.Dict) -> list[cst.FunctionDef]:
+    """The embedding accessors `cls` lacks, written for its one tied key (none for other shapes)."""
+    if len(value.elements) != 1:
+        return []
+    element = value.elements[0]
+    target, source = element.key.evaluated_value, element.value.evaluated_value
+    if not (target.endswith(".weight") and source.endswith(".weight")):
+        return []
+    text = ACCESSORS.format(target=target[: -len(".weight")], source=source[: -len(".weight")])
+    methods = template(text)[0].body.body
+    return [m for m in methods if method(cls, m.name.value) is None]
 
 
 def embedding_source(tree: cst.Module, cls: cst.ClassDef) -> str:
@@ -109,6 +156,7 @@ def rewrite(tree: cst.Module) -> cst.Module:
         if isinstance(stmt, cst.ClassDef):
             members = [_rewrite_member(tree, stmt, member) for member in stmt.body.body]
             stmt = stmt.with_changes(body=stmt.body.with_changes(body=members))
+            stmt = _with_accessors(stmt)
         body.append(stmt)
     return tree.with_changes(body=body)
 
@@ -130,6 +178,16 @@ def _rewrite_member(tree: cst.Module, cls: cst.ClassDef, member: cst.BaseStateme
             changed = True
         body.append(small)
     return with_marker(member.with_changes(body=body), NAME, WHY) if changed else member
+
+
+def _with_accessors(cls: cst.ClassDef) -> cst.ClassDef:
+    declared = _declarations(cst.Module(body=[cls]))
+    missing = [m for c, value in declared if _is_string_dict(value) for m in _missing_accessors(c, value)]
+    if not missing:
+        return cls
+    added = [m.with_changes(leading_lines=[cst.EmptyLine(indent=False)]) for m in missing]
+    added[0] = added[0].with_changes(leading_lines=[cst.EmptyLine(indent=False), marker(NAME, WHY_ACCESSORS)])
+    return cls.with_changes(body=cls.body.with_changes(body=[*cls.body.body, *added]))
 
 
 def _literal(text: str) -> cst.SimpleString:
