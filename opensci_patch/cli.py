@@ -23,7 +23,7 @@ def _err(msg: str) -> None:
     print(f"opensci-patch: error: {msg}", file=sys.stderr)
 
 
-def write_fixture(dst: Path, force: bool = False) -> Path:
+def write_fixture(dst: Path, force: bool = False, source: Path = FIXTURE_DIR) -> Path:
     """Copy the shipped checkpoint to `dst`; refuse to touch an existing non-empty dir without force."""
     if dst.exists() and not dst.is_dir():
         raise DestinationError(f"{dst} exists and is not a directory")
@@ -32,7 +32,7 @@ def write_fixture(dst: Path, force: bool = False) -> Path:
             f"{dst} exists and is not empty; choose another path or pass --force to overwrite the fixture files in it"
         )
     dst.mkdir(parents=True, exist_ok=True)
-    for f in sorted(FIXTURE_DIR.iterdir()):
+    for f in sorted(source.iterdir()):
         if f.is_file():
             shutil.copyfile(f, dst / f.name)
     return dst
@@ -56,8 +56,14 @@ def summary_line(record) -> str:
 
 
 def cmd_fixture(args) -> int:
-    dst = write_fixture(args.dir, args.force)
-    print(f"wrote the open-sci fixture checkpoint to {dst}")
+    source = FIXTURE_DIR
+    if args.generated:
+        from .generated_style import ensure_generated
+
+        source = ensure_generated(log=lambda m: print(m, flush=True))
+    dst = write_fixture(args.dir, args.force, source)
+    kind = "generated-style checkpoint (shipped weights, modular-generated code)" if args.generated else "checkpoint"
+    print(f"wrote the open-sci fixture {kind} to {dst}")
     return 0
 
 
@@ -139,16 +145,20 @@ def cmd_cell(args) -> int:
     if not versions:
         raise OpensciPatchError("name a release with --transformers X (repeatable) or pass --all")
     source = args.model or FIXTURE_DIR
+    variants = args.variant or list(matrix.MODELS)
     if args.model:
         from .capture import validate_model_dir
 
         validate_model_dir(args.model)
+        if args.variant and set(args.variant) & matrix.OWN_CHECKPOINT:
+            raise OpensciPatchError("--variant generated runs the shipped weights under generated code; drop --model")
+        variants = [m for m in variants if m not in matrix.OWN_CHECKPOINT]
     cells = [
         matrix.Cell(v, args.torch, m, dtype, attn)
         for v in versions
         for dtype in args.dtype or ["float32"]
         for attn in args.attn or ["eager"]
-        for m in args.variant or list(matrix.MODELS)
+        for m in variants
     ]
     matrix.main_cells(cells, source, args.records, log=lambda m: print(m, flush=True))
     return 0
@@ -215,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fixture", help="write a copy of the shipped open-sci test checkpoint")
     p.add_argument("dir", type=Path)
     p.add_argument("--force", action="store_true", help="overwrite the fixture files in an existing non-empty dir")
+    p.add_argument(
+        "--generated",
+        action="store_true",
+        help="the same weights under a modular-generated model file, as the real checkpoints ship "
+        "(built from the transformers 4.54.0 Qwen3 code; fetches that wheel once)",
+    )
     p.set_defaults(func=cmd_fixture)
 
     p = sub.add_parser("hotfix", help="copy a model dir and apply the compatibility patches")
@@ -276,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--variant",
         action="append",
-        choices=["original", "structural", "patched", "patched+init"],
-        help="model variants to run (default: all)",
+        choices=["original", "structural", "patched", "patched+init", "generated"],
+        help="model variants to run (default: all; with --model, all but generated)",
     )
     p.add_argument(
         "--dtype",

@@ -66,7 +66,7 @@ from typing import Any
 
 from .capture import ATTENTION, DEFAULT_PROMPT, DTYPES, REFERENCE_MAX_WEIGHT_BYTES, validate_model_dir
 from .errors import DestinationError, OpensciPatchError
-from .matrix import DEFAULT_TORCH_BUILD, MODELS, TORCH_BUILDS, Cell
+from .matrix import DEFAULT_TORCH_BUILD, MODELS, OWN_CHECKPOINT, TORCH_BUILDS, Cell
 
 Log = Callable[[str], object]
 
@@ -1496,6 +1496,8 @@ def diagnose(
     for cell in (a, b):
         if cell.model not in MODELS:
             raise OpensciPatchError(f"unknown model variant {cell.model!r}: choose one of {', '.join(MODELS)}")
+        if cell.model in OWN_CHECKPOINT and model_dir != FIXTURE_DIR.absolute():
+            raise OpensciPatchError(f"{cell.model!r} runs the shipped weights under generated code; drop --model")
     envs = {}
     for cell in (a, b):  # bad versions and install failures stop here, before anything is written
         key = (cell.transformers, cell.torch)
@@ -1514,9 +1516,14 @@ def diagnose(
             extras = MODELS[cell.model] or ()
             dst = models_root / re.sub(r"[^A-Za-z0-9_.-]", "_", cell.model)
             env = envs[(cell.transformers, cell.torch)]
+            source = model_dir
+            if cell.model in OWN_CHECKPOINT:
+                from .generated_style import ensure_generated
+
+                source = ensure_generated(env_root, log=log)
             log(f"hotfix ({cell.model}) in transformers {cell.transformers}: {dst}")
             proc = subprocess.run(
-                [str(env.python), "-m", "opensci_patch.cli", "hotfix", str(model_dir), "--out", str(dst), *extras],
+                [str(env.python), "-m", "opensci_patch.cli", "hotfix", str(source), "--out", str(dst), *extras],
                 env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")},
                 capture_output=True,
                 text=True,

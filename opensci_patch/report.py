@@ -91,7 +91,7 @@ def _top10_diff(rec: dict, ref: dict | None) -> float | None:
 def rows(recs: list[dict]) -> list[dict]:
     refs = references(recs)
     out = []
-    order = {m: i for i, m in enumerate(["original", "structural", "patched", "patched+init"])}
+    order = {m: i for i, m in enumerate(["original", "structural", "patched", "patched+init", "generated"])}
     for r in sorted(
         recs,
         key=lambda r: (
@@ -223,7 +223,8 @@ def plot(table: list[dict], path: Path) -> bool:
         return False
     versions = sorted({r["transformers"] for r in table}, key=_version_key)
     fig, ax = plt.subplots(figsize=(8, 4))
-    for model, marker in (("original", "x"), ("structural", "s"), ("patched", "o"), ("patched+init", "^")):
+    markers = (("original", "x"), ("structural", "s"), ("patched", "o"), ("patched+init", "^"), ("generated", "d"))
+    for model, marker in markers:
         pts = [
             (versions.index(r["transformers"]), r["paris_logit"])
             for r in table

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import FIXTURE_DIR
 
 
 def _assert_one_line_error(proc, needle: str) -> None:
@@ -97,3 +98,14 @@ def test_cell_runs_every_combination_of_the_dtype_attn_and_variant_options(monke
     assert cli_module.main(["cell", "--transformers", "5.2.0", "--records", str(tmp_path)]) == 0
     assert {(c.dtype, c.attn, c.torch) for c in ran} == {("float32", "eager", "cpu")}
     assert {c.model for c in ran} == set(matrix.MODELS)
+    ran.clear()
+    own = ["cell", "--transformers", "5.2.0", "--model", str(FIXTURE_DIR), "--records", str(tmp_path)]
+    assert cli_module.main(own) == 0  # another checkpoint: every variant but the one with its own weights
+    assert {c.model for c in ran} == set(matrix.MODELS) - matrix.OWN_CHECKPOINT
+
+
+def test_cell_refuses_the_generated_variant_on_another_checkpoint(cli, model_dir: Path, tmp_path: Path):
+    proc = cli("cell", "--transformers", "5.2.0", "--variant", "generated", "--model", str(model_dir),
+               "--records", str(tmp_path / "records"))  # fmt: skip
+    _assert_one_line_error(proc, "drop --model")
+    assert not (tmp_path / "records").exists()

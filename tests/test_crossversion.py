@@ -156,16 +156,30 @@ GENERATED_VERSIONS = ["4.48.0", "4.57.6", "5.2.0", "5.23.0"]
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory) -> dict:
-    from generated_style import build, download_wheel
+    from opensci_patch.generated_style import ensure_generated
 
     root = tmp_path_factory.mktemp("generated")
-    source = build(root / "opensci-generated", download_wheel(root / "wheels"))
+    source = ensure_generated(log=lambda *a: None)  # cached with the envs, as the matrix uses it
     result = hotfix(source, root / "opensci-generated_fixed", log=lambda *a: None)
     return {"original": source, "patched": result.dst, "summary": result.summary}
 
 
 def test_generated_style_file_needs_every_default_patch(generated):
     assert generated["summary"] == {p.name: "applied" for p in default_patches()}
+
+
+def test_generated_style_checkpoint_is_built_once_and_reused(generated, monkeypatch):
+    import subprocess
+
+    from opensci_patch.generated_style import ensure_generated
+
+    def no_fetch(*args, **kwargs):
+        raise AssertionError(f"fetched again: {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_fetch)
+    again = ensure_generated(log=lambda *a: None)
+    assert again == generated["original"]
+    assert "from transformers.masking_utils import" in (again / "modeling_opensci.py").read_text()
 
 
 @pytest.mark.parametrize("version", GENERATED_VERSIONS)

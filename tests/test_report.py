@@ -110,6 +110,7 @@ def test_expectations_follow_the_declared_upstream_behaviour():
     assert expectation(Cell("5.0.0", model="patched")).outcome == "xfail"
     assert expectation(Cell("5.1.0", model="patched")).outcome == "xfail"
     assert expectation(Cell("5.0.0", model="patched+init")).outcome == "pass"
+    assert {expectation(Cell(v, model="generated")).outcome for v in ("4.48.0", "5.0.0", "5.2.0")} == {"pass"}
     assert expectation(Cell("5.2.0", model="structural")).outcome == "xfail"
     assert expectation(Cell("4.57.6", model="structural")).outcome == "pass"
     assert expectation(Cell("5.23.0", model="patched")).outcome == "pass"

@@ -27,7 +27,7 @@ types it would have to update. Each imported mask helper is then re-bound throug
 `config: XConfig` and no `config_class` gets `config_class = XConfig`.
 
 Measured on a Qwen3-generated (transformers 4.54.0) open-sci file with the shipped weights
-(tests/generated_style.py): with this patch and the others, logits on every release from 4.48.0
+(`opensci-patch fixture DIR --generated`): with this patch and the others, logits on every release from 4.48.0
 to 5.23.0 are bit-identical to the shipped model's on 4.48.0.
 
 Detects: top-level, un-renamed imports of those names from `transformers...` modules, and
