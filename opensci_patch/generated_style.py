@@ -82,7 +82,8 @@ def _unpack_transformers(target: Path) -> Path:
     uv = _find_uv()
     requirement = f"transformers=={RELEASE}"
     if uv:
-        cmd = [uv, "pip", "install", "--no-deps", "--target", str(target), *_wheel_dir_args(), requirement]
+        cmd = [uv, "pip", "install", "--python", sys.executable, "--no-deps", "--target", str(target),
+               *_wheel_dir_args(), requirement]  # fmt: skip
     else:
         cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile",
                "--disable-pip-version-check", "--target", str(target), *_wheel_dir_args(), requirement]  # fmt: skip
