@@ -308,7 +308,7 @@ def _check_installed(env: Env, seen: dict[str, Any], expected: dict[str, Any]) -
         problems.append("transformers.is_torch_available() is False")
     torch_local = Version(seen["torch"]).local or ""
     linked = "torch" in expected
-    if linked and seen["torch"] != expected["torch"]:
+    if linked and not _same_torch(seen["torch"], expected["torch"]):
         problems.append(f"torch {seen['torch']} seen inside, {expected['torch']} in the base interpreter")
     elif not linked and Version(seen["torch"]).public != Version(TORCH_PIN).public:
         problems.append(f"torch {seen['torch']} installed, {TORCH_PIN} pinned")
@@ -364,6 +364,18 @@ def _wheel_dir_args() -> list[str]:
     if not wheels.is_dir():
         raise EnvironmentSetupError(f"{WHEELS_VAR}={value} is not a directory (it should hold the wheels to install)")
     return ["--no-index", "--find-links", str(wheels)]
+
+
+def _same_torch(seen: str, base: str) -> bool:
+    """`torch.__version__` inside an env against the linked distribution's version.
+
+    PyPI's CUDA wheels carry no local label in their metadata (2.11.0) but report one at run time
+    (2.11.0+cu130); a labelled distribution version (2.13.0+cpu) must match exactly.
+    """
+    from packaging.version import Version
+
+    inside, linked = Version(seen), Version(base)
+    return inside == linked or (linked.local is None and inside.public == linked.public)
 
 
 def _torch_install_args(torch_build: str, *, uv: bool = True) -> list[str]:

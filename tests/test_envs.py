@@ -296,3 +296,17 @@ def test_cpu_build_pins_a_cpu_torch_and_passes_pip_find_links(monkeypatch, tmp_p
     assert args[1:5] == ["--find-links", f"{tmp_path}/a", "--find-links", f"{tmp_path}/b"]
     monkeypatch.setenv(envs.TORCH_INDEX_VAR, "https://download.pytorch.org/whl/cpu")
     assert envs._torch_install_args("cpu")[-2:] == ["--index", "https://download.pytorch.org/whl/cpu"]
+
+
+@pytest.mark.parametrize(
+    ("inside", "linked", "same"),
+    [
+        ("2.11.0+cu130", "2.11.0", True),  # PyPI's CUDA wheel: no label in its metadata, one at run time
+        ("2.13.0+cpu", "2.13.0+cpu", True),
+        ("2.13.0+cpu", "2.13.0+cu130", False),
+        ("2.12.0+cu130", "2.11.0", False),
+        ("2.11.0", "2.11.0", True),
+    ],
+)
+def test_linked_torch_version_check_accepts_a_runtime_label_the_metadata_lacks(inside, linked, same):
+    assert envs._same_torch(inside, linked) is same
