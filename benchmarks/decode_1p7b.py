@@ -182,14 +182,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(run(cmd, env=env).check().stdout.strip().splitlines()[0], flush=True)
         ckpt = dir_bytes(source, "*.safetensors")
         layers = json.loads((source / "config.json").read_text())["num_hidden_layers"]
+        targets = _targets(args)
         fixed = source
         if not (source / "opensci_patch_manifest.json").is_file():
             fixed = workdir / f"{source.name}_fixed"
-            if not fixed.exists():
-                cmd = [sys.executable, "-m", "opensci_patch.cli", "hotfix", str(source), "--out", str(fixed)]
+            if not fixed.exists():  # in a target's interpreter: envs have libcst, a GPU machine's python may not
+                cmd = [targets[0][1], "-m", "opensci_patch.cli", "hotfix", str(source), "--out", str(fixed)]
                 run(cmd, env=env).check()
         print(f"checkpoint {source}: {ckpt / GIB:.2f} GiB of safetensors; hotfixed copy {fixed}", flush=True)
-        for label, python in _targets(args):
+        for label, python in targets:
             cmd = [python, "-c", PROBE, str(fixed), args.device, args.dtype, args.attn, str(args.new_tokens),
                    str(args.repeats)]  # fmt: skip
             r = run(cmd, env=env).check()
