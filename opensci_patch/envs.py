@@ -278,7 +278,9 @@ def _create(path: Path, root: Path, version: str, torch_build: str, expected: di
         marker = {
             **expected,
             "transformers": seen["transformers"],
-            "torch": seen["torch"],
+            # a linked torch keeps its distribution version (what `expected` compares on reuse)
+            "torch": expected.get("torch", seen["torch"]),
+            "torch_runtime": seen["torch"],
             "python": seen["python"],
             "base_python": sys.executable,
             "installer": "uv" if uv else "pip",

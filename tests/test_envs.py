@@ -310,3 +310,31 @@ def test_cpu_build_pins_a_cpu_torch_and_passes_pip_find_links(monkeypatch, tmp_p
 )
 def test_linked_torch_version_check_accepts_a_runtime_label_the_metadata_lacks(inside, linked, same):
     assert envs._same_torch(inside, linked) is same
+
+
+class _UnlabelledTorch:
+    """This interpreter's torch distribution, reporting its version without the local label (as PyPI's CUDA wheels)."""
+
+    def __init__(self, dist):
+        self._dist = dist
+        self.version = dist.version.split("+")[0]
+
+    def __getattr__(self, name):
+        return getattr(self._dist, name)
+
+
+@needs_torch
+@pytest.mark.crossversion
+def test_env_linking_an_unlabelled_torch_is_reused_not_rebuilt(tmp_path, monkeypatch):
+    """Distribution version 2.13.0, runtime 2.13.0+cu130: built once, then reused without any installer."""
+    real = envs._system_torch()
+    if "+" not in real.version:
+        pytest.skip("this torch has no local label to drop")
+    monkeypatch.setattr(envs, "_system_torch", lambda: _UnlabelledTorch(real))
+    first = ensure_env(VERSION, "system", root=tmp_path, log=lambda msg: None)
+    assert not first.reused
+    monkeypatch.setattr(envs, "_run_installer", _no_installer)
+    again = ensure_env(VERSION, "system", root=tmp_path, log=lambda msg: None)
+    assert again.reused
+    marker = json.loads((again.path / envs.MARKER).read_text())
+    assert marker["torch"] == real.version.split("+")[0] and marker["torch_runtime"] == real.version
