@@ -265,8 +265,7 @@ def _create(path: Path, root: Path, version: str, torch_build: str, expected: di
             )
             install = [uv, "pip", "install", "--python", str(python), "--compile-bytecode"]
         else:
-            _run_installer([sys.executable, "-m", "venv", str(path)], root, path.name)
-            install = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
+            install = _make_venv(path, root, log)
         install += _wheel_dir_args()
         _write_pths(path, torch_dir, log=log)
         if torch_dir is None:
@@ -298,6 +297,26 @@ def _create(path: Path, root: Path, version: str, torch_build: str, expected: di
         f"created env {path.name} in {time.monotonic() - start:.1f} s "
         f"(transformers {seen['transformers']}, torch {seen['torch']})"
     )
+
+
+def _make_venv(path: Path, root: Path, log: Log) -> list[str]:
+    """`python -m venv` (no uv here); returns the install command prefix for the new env.
+
+    A base Python without ensurepip (Debian/Ubuntu without python3-venv, some GPU images) cannot
+    seed pip: then the env is made `--without-pip` and this interpreter's pip installs into it
+    (`pip --python`, pip >= 22.3).
+    """
+    python = _python(path)
+    try:
+        _run_installer([sys.executable, "-m", "venv", str(path)], root, path.name)
+    except EnvironmentSetupError as exc:
+        if "ensurepip" not in str(exc):
+            raise
+        log(f"env {path.name}: this Python has no ensurepip; making the env without pip and using {sys.executable}'s")
+        _run_installer([sys.executable, "-m", "venv", "--without-pip", str(path)], root, path.name)
+        return [sys.executable, "-m", "pip", "--python", str(python), "install", "--disable-pip-version-check",
+                "--no-input"]  # fmt: skip
+    return [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
 
 
 def _check_installed(env: Env, seen: dict[str, Any], expected: dict[str, Any]) -> None:

@@ -338,3 +338,27 @@ def test_env_linking_an_unlabelled_torch_is_reused_not_rebuilt(tmp_path, monkeyp
     assert again.reused
     marker = json.loads((again.path / envs.MARKER).read_text())
     assert marker["torch"] == real.version.split("+")[0] and marker["torch_runtime"] == real.version
+
+
+@needs_torch
+@pytest.mark.crossversion
+def test_without_uv_or_ensurepip_the_env_is_filled_by_this_interpreters_pip(tmp_path, monkeypatch):
+    """GPU images and Debian Pythons without python3-venv cannot seed pip into a venv."""
+    monkeypatch.setattr(envs, "_find_uv", lambda: None)
+    real = envs._run_installer
+    ran = []
+
+    def installer(cmd, cwd, name):
+        ran.append(cmd)
+        if cmd[1:3] == ["-m", "venv"] and "--without-pip" not in cmd:
+            raise EnvironmentSetupError(f"env {name}: Error: ensurepip is not available (exit 1)")
+        return real(cmd, cwd, name)
+
+    monkeypatch.setattr(envs, "_run_installer", installer)
+    messages: list[str] = []
+    env = ensure_env(VERSION, "system", root=tmp_path, log=messages.append)
+    assert any("no ensurepip" in m for m in messages)
+    assert any("--without-pip" in cmd for cmd in ran)
+    assert any(cmd[:5] == [sys.executable, "-m", "pip", "--python", str(env.python)] for cmd in ran)
+    assert installed_versions(env)["transformers"] == VERSION
+    assert not (envs._site_packages(env.path) / "pip").exists()  # the env itself has no pip
