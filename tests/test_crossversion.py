@@ -199,3 +199,17 @@ def test_generated_style_file_gives_the_shipped_models_logits(generated, records
 def test_generated_style_file_unpatched_fails_to_load(generated, version, tmp_path):
     rc, rec = capture(version, generated["original"], tmp_path / "generated-original.json")
     assert rc == 1 and rec["status"] == "load-error" and rec["error"]["type"] == "ImportError"
+
+
+def test_a_file_generated_from_4_57_code_gives_the_shipped_logits_on_4_48(records, tmp_path):
+    """Later snapshots call DynamicCache(config=...), which 4.48 rejects: moved_helpers' cache shim."""
+    from opensci_patch.envs import _site_packages
+    from opensci_patch.generated_style import build
+
+    qwen3 = _site_packages(ensure_env("4.57.6", "system", log=lambda *a: None).path) / "transformers/models/qwen3"
+    source = build(tmp_path / "generated-4.57", qwen3)
+    assert "DynamicCache(config=self.config)" in (source / "modeling_opensci.py").read_text()
+    fixed = hotfix(source, tmp_path / "generated-4.57_fixed", log=lambda *a: None).dst
+    rc, rec = capture("4.48.0", fixed, tmp_path / "generated-4.57.json")
+    assert rc == 0, rec.get("error")
+    assert rec["logits_sha256"] == records["4.48.0", "patched"][1]["logits_sha256"]

@@ -556,6 +556,46 @@ def test_moved_helpers_refuses_a_mask_import_inside_a_function():
         by_name("moved_helpers").apply(nested, "modeling_opensci.py")
 
 
+CACHE_4_56 = """\
+import torch
+
+from transformers.cache_utils import Cache, DynamicCache
+
+
+class OsrModel:
+    def forward(self, use_cache=True, past_key_values=None):
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        return past_key_values
+"""
+
+
+def test_dynamic_cache_shim_only_where_the_installed_cache_takes_no_config():
+    patch = by_name("moved_helpers")
+    assert patch.apply(CACHE_4_56.replace("DynamicCache(config=self.config)", "DynamicCache()")).status == (
+        "not-applicable"
+    )  # 4.54-generated code: nothing to do
+    patched = patch.apply(CACHE_4_56).source
+    assert patch.apply(patched).status == "already-applied"
+    tree = ast.parse(patched)
+    shim = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.If))]
+
+    class OldCache:  # < 4.56
+        def __init__(self, *args, **kwargs):
+            self.args = args
+
+    class NewCache:  # >= 4.56
+        def __init__(self, ddp_cache_data=None, config=None):
+            self.config = config
+
+    for cls, replaced in ((OldCache, True), (NewCache, False)):
+        namespace = {"DynamicCache": cls}
+        exec(compile(ast.Module(shim, type_ignores=[]), "shim", "exec"), namespace)
+        assert (namespace["DynamicCache"] is not cls) is replaced
+        cache = namespace["DynamicCache"](config="cfg")
+        assert isinstance(cache, cls)
+
+
 # --- the patched model under the installed transformers (own process and modules cache) -------------
 
 LOAD_SCRIPT = r"""

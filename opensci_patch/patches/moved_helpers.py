@@ -13,7 +13,10 @@ hand-written file does not. Per release:
 - 5.2 to 5.22: no `check_model_inputs` (split into `merge_with_config_defaults` and
   `capture_outputs`; 5.23 has it again);
 - the mask helpers' keywords: 4.54 code passes `input_embeds=` and `cache_position=`; 5.2 renamed
-  the first to `inputs_embeds`, 5.23 dropped the second.
+  the first to `inputs_embeds`, 5.23 dropped the second;
+- files generated from 4.56 or later call `DynamicCache(config=...)`, which older releases reject:
+  where the installed `DynamicCache` takes no `config`, a subclass that accepts and ignores it is
+  used (the per-layer cache kinds it selects do not exist there).
 
 Rewrites: each such import becomes `try: <the import> except ImportError: <stand-in>`, one name
 per guard, so every release uses its own helper where it has one. Stand-ins: the decorators that
@@ -45,6 +48,7 @@ from .base import (
     Unrecognised,
     code,
     drop_imported_names,
+    find_all,
     full_name,
     marker,
     require_torch,
@@ -193,6 +197,25 @@ def {name}(*args, **kwargs):
 }
 NEEDS_TORCH = {"GradientCheckpointingLayer", *MASKS}
 
+CACHE = "DynamicCache"
+CACHE_CHECK = "_opensci_cache_takes_config"
+WHY_CACHE = "DynamicCache(config=...) needs transformers >= 4.56"
+CACHE_DEF = f'''
+def {CACHE_CHECK}(cache_class):
+    import inspect
+
+    return "config" in inspect.signature(cache_class.__init__).parameters
+
+
+if not {CACHE_CHECK}({CACHE}):
+
+    class {CACHE}({CACHE}):
+        """{CACHE} accepting (and ignoring) the config= that 4.56+ code passes (opensci-patch)."""
+
+        def __init__(self, *args, config=None, **kwargs):
+            super().__init__(*args, **kwargs)
+'''
+
 ADAPTER_DEF = f'''
 def {ADAPTER}(mask_function):
     """Call `mask_function` with the keywords of the installed release (this code passes 4.54's)."""
@@ -288,15 +311,41 @@ def _refuse_nested(tree: cst.Module) -> None:
     tree.visit(Finder())
 
 
+def _imports_cache(stmt: cst.BaseStatement) -> bool:
+    """A top-level `from transformers... import ..., DynamicCache, ...` (not renamed)."""
+    for small in stmt.body if isinstance(stmt, cst.SimpleStatementLine) else []:
+        if isinstance(small, cst.ImportFrom) and not small.relative and small.module is not None:
+            module = full_name(small.module) or ""
+            if module.split(".")[0] == "transformers" and not isinstance(small.names, cst.ImportStar):
+                if any(full_name(a.name) == CACHE and a.asname is None for a in small.names):
+                    return True
+    return False
+
+
+def _cache_state(tree: cst.Module) -> tuple[bool, bool]:
+    """(the code calls DynamicCache(config=...) on an imported DynamicCache, the shim is there)."""
+    imported = any(_imports_cache(s) for s in tree.body)
+    calls = find_all(
+        tree,
+        cst.Call,
+        lambda c: full_name(c.func) == CACHE and any(a.keyword and a.keyword.value == "config" for a in c.args),
+    )
+    shim = any(isinstance(s, cst.FunctionDef) and s.name.value == CACHE_CHECK for s in tree.body)
+    return imported and bool(calls), shim
+
+
 def inspect(tree: cst.Module) -> State:
     _refuse_nested(tree)
     plain = [name for s in tree.body for name in _line_imports(s)]
     guarded = [name for s in tree.body if (name := _guarded(s))]
     rebound = {name for s in tree.body if (name := _rebinding(s))}
     configs = [c for c in tree.body if isinstance(c, cst.ClassDef) and _annotated_config(c)]
-    if not (plain or guarded or configs):
+    cache_needed, cache_shim = _cache_state(tree)
+    if not (plain or guarded or configs or cache_needed or cache_shim):
         return State.ABSENT
     if plain or configs or any(name in MASKS and name not in rebound for name in guarded):
+        return State.NEEDED
+    if cache_needed and not cache_shim:
         return State.NEEDED
     return State.DONE
 
@@ -340,6 +389,7 @@ def rewrite(tree: cst.Module) -> cst.Module:
         require_torch(tree)
     rebound = {name for s in tree.body if (name := _rebinding(s))}
     adapter_added = any(isinstance(s, cst.FunctionDef) and s.name.value == ADAPTER for s in tree.body)
+    cache_needed, cache_shim = _cache_state(tree)
     body: list[cst.BaseStatement] = []
     pad = False  # the statement after inserted code gets a blank line above it
     for stmt in tree.body:
@@ -348,6 +398,12 @@ def rewrite(tree: cst.Module) -> cst.Module:
         pad = False
         if isinstance(stmt, cst.ClassDef):
             body.append(_with_config_class(stmt))
+            continue
+        if cache_needed and not cache_shim and _imports_cache(stmt):
+            shim = template(CACHE_DEF)
+            shim[0] = shim[0].with_changes(leading_lines=[cst.EmptyLine(indent=False), marker(NAME, WHY_CACHE)])
+            body.extend([stmt, *shim])
+            cache_shim, pad = True, True
             continue
         names = _line_imports(stmt)
         if not names:
