@@ -218,3 +218,14 @@ def drop_imported_names(line: cst.SimpleStatementLine, names: Sequence[str]) -> 
         return None
     body[-1] = body[-1].with_changes(semicolon=cst.MaybeSentinel.DEFAULT)
     return line.with_changes(body=body)
+
+
+def replace_imported_names(
+    line: cst.SimpleStatementLine, names: Sequence[str], added: Sequence[cst.BaseStatement], name: str, why: str
+) -> list[cst.BaseStatement]:
+    """`line` without `names`, then `added` under the marker; `added` takes the line's place (and its
+    leading comments) when nothing is left of it, else follows it after a blank line."""
+    kept = drop_imported_names(line, names)
+    leading = line.leading_lines if kept is None else [cst.EmptyLine(indent=False)]
+    first = added[0].with_changes(leading_lines=[*leading, marker(name, why)])
+    return [*([] if kept is None else [kept]), first, *added[1:]]

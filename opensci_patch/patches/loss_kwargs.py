@@ -16,7 +16,16 @@ from __future__ import annotations
 
 import libcst as cst
 
-from .base import Patch, State, Unrecognised, code, drop_imported_names, full_name, marker, template
+from .base import (
+    Patch,
+    State,
+    Unrecognised,
+    code,
+    drop_imported_names,
+    full_name,
+    replace_imported_names,
+    template,
+)
 
 NAME = "loss_kwargs"
 OLD, NEW = "LossKwargs", "TransformersKwargs"
@@ -160,15 +169,11 @@ def rewrite(tree: cst.Module) -> cst.Module:
         if not imports_here:
             body.append(stmt)
             continue
-        kept = drop_imported_names(stmt, NAMES)
-        if kept is not None:
-            body.append(kept)
         if guard_needed:
-            guard = template(FALLBACK)
-            leading = stmt.leading_lines if kept is None else [cst.EmptyLine(indent=False)]
-            guard[0] = guard[0].with_changes(leading_lines=[*leading, marker(NAME, WHY)])
-            body.extend(guard)
+            body.extend(replace_imported_names(stmt, NAMES, template(FALLBACK), NAME, WHY))
             guard_needed = False
+        elif (kept := drop_imported_names(stmt, NAMES)) is not None:
+            body.append(kept)
     return tree.with_changes(body=body).visit(_Rename())
 
 

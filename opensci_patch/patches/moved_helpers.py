@@ -47,12 +47,13 @@ from .base import (
     State,
     Unrecognised,
     code,
-    drop_imported_names,
     find_all,
     full_name,
     marker,
+    replace_imported_names,
     require_torch,
     template,
+    top_level_def,
 )
 
 NAME = "moved_helpers"
@@ -400,33 +401,21 @@ def rewrite(tree: cst.Module) -> cst.Module:
             body.append(_with_config_class(stmt))
             continue
         if cache_needed and not cache_shim and _imports_cache(stmt):
-            shim = template(CACHE_DEF)
-            shim[0] = shim[0].with_changes(leading_lines=[cst.EmptyLine(indent=False), marker(NAME, WHY_CACHE)])
-            body.extend([stmt, *shim])
+            body.extend([stmt, *top_level_def(template(CACHE_DEF), 1, NAME, WHY_CACHE)])
             cache_shim, pad = True, True
             continue
         names = _line_imports(stmt)
         if not names:
             body.append(stmt)
             continue
-        kept = drop_imported_names(stmt, names)
-        if kept is not None:
-            body.append(kept)
-        for i, name in enumerate(names):
-            guard = _guard(name, stmt)
-            leading = [marker(NAME, WHY_IMPORT)] if i == 0 else []
-            if i == 0:
-                leading = [*(stmt.leading_lines if kept is None else [cst.EmptyLine(indent=False)]), *leading]
-            body.append(guard.with_changes(leading_lines=leading))
+        body.extend(replace_imported_names(stmt, names, [_guard(n, stmt) for n in names], NAME, WHY_IMPORT))
         masks = [name for name in names if name in MASKS and name not in rebound]
         if masks:
             added = [] if adapter_added else template(ADAPTER_DEF)
             rebind = template("".join(f"{name} = {ADAPTER}({name})\n" for name in masks))
             if added:
                 rebind[0] = rebind[0].with_changes(leading_lines=[cst.EmptyLine(indent=False)])
-            added += rebind
-            added[0] = added[0].with_changes(leading_lines=[cst.EmptyLine(indent=False), marker(NAME, WHY_MASK)])
-            body.extend(added)
+            body.extend(top_level_def([*added, *rebind], 1, NAME, WHY_MASK))
             adapter_added = True
         pad = True
     return tree.with_changes(body=body)

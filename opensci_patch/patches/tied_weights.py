@@ -30,10 +30,10 @@ from .base import (
     code,
     full_name,
     is_string,
-    marker,
     method,
     self_assignments,
     template,
+    top_level_def,
     with_marker,
 )
 
@@ -185,8 +185,8 @@ def _with_accessors(cls: cst.ClassDef) -> cst.ClassDef:
     missing = [m for c, value in declared if _is_string_dict(value) for m in _missing_accessors(c, value)]
     if not missing:
         return cls
-    added = [m.with_changes(leading_lines=[cst.EmptyLine(indent=False)]) for m in missing]
-    added[0] = added[0].with_changes(leading_lines=[cst.EmptyLine(indent=False), marker(NAME, WHY_ACCESSORS)])
+    added = top_level_def([m.with_changes(leading_lines=[cst.EmptyLine(indent=False)]) for m in missing], 1, NAME,
+                          WHY_ACCESSORS)  # fmt: skip
     return cls.with_changes(body=cls.body.with_changes(body=[*cls.body.body, *added]))
 
 
