@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,3 +151,25 @@ def load_note() -> str:
     except OSError:
         return "load average: n/a"
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} CPUs"
+
+
+def make_workdir(path: Path | None, prefix: str) -> tuple[Path, bool]:
+    """(`path`, False) once it exists, or (a new temporary directory, True): the caller removes a temporary one."""
+    if path is None:
+        return Path(tempfile.mkdtemp(prefix=prefix)), True
+    path.mkdir(parents=True, exist_ok=True)
+    return path, False
+
+
+def interpreters(versions: list[str], torch_build: str) -> list[tuple[str, str]]:
+    """(label, python executable) to measure in: this interpreter, or the per-release env of each version."""
+    if not versions:
+        try:
+            installed = metadata.version("transformers")
+        except metadata.PackageNotFoundError:
+            installed = "not installed"
+        return [(f"this interpreter (transformers {installed})", sys.executable)]
+    from opensci_patch.envs import ensure_env
+
+    say = lambda m: print(f"    {m}", flush=True)  # noqa: E731
+    return [(f"env tf{v}-{torch_build}", str(ensure_env(v, torch_build, log=say).python)) for v in versions]

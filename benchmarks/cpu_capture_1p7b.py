@@ -28,10 +28,9 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from _measure import Run, child_env, dir_bytes, gb, load_note, run
+from _measure import Run, child_env, dir_bytes, gb, interpreters, load_note, make_workdir, run
 
 # Mirrors capture's load path (AutoModelForCausalLM, trust_remote_code, dtype keyword of the release,
 # .to(device).eval(), no_grad forward, greedy generate) and reports memory at each stage.
@@ -85,21 +84,6 @@ def _peak_line(name: str, r: Run, ckpt: int | None = None) -> str:
     return line
 
 
-def _interpreters(args) -> list[tuple[str, str]]:
-    """(label, python executable) for each capture target."""
-    if not args.transformers:
-        import transformers
-
-        return [(f"this interpreter (transformers {transformers.__version__})", sys.executable)]
-    from opensci_patch.envs import ensure_env
-
-    out = []
-    for version in args.transformers:
-        env = ensure_env(version, args.torch, log=lambda m: print(f"    {m}", flush=True))
-        out.append((f"env tf{version}-{args.torch}", str(env.python)))
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -129,12 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-probe", action="store_true", help="skip the staged memory probe")
     args = ap.parse_args(argv)
 
-    tmp = None
-    workdir = args.workdir
-    if workdir is None:
-        tmp = tempfile.mkdtemp(prefix="opensci-bench-1p7b-")
-        workdir = Path(tmp)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir, temporary = make_workdir(args.workdir, "opensci-bench-1p7b-")
     env = child_env({"TRANSFORMERS_VERBOSITY": "error"})
     made: list[Path] = []
     try:
@@ -179,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             made.append(fixed)
             print(_peak_line("hotfix (copy + patch)", r))
 
-        for label, python in _interpreters(args):
+        for label, python in interpreters(args.transformers, args.torch):
             print(f"== capture in {label}", flush=True)
             floor = run([python, "-c", "import torch, transformers"], env=env).check()
             print(_peak_line('import floor: python -c "import torch, transformers"', floor))
@@ -236,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                     )
         print(f"at the end: {load_note()}")
     finally:
-        if tmp is not None and not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if temporary and not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
         elif made:
             print(f"kept: {', '.join(str(m) for m in made)}")
     return 0

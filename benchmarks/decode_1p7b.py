@@ -25,10 +25,9 @@ import datetime
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from _measure import child_env, dir_bytes, load_note, run
+from _measure import child_env, dir_bytes, interpreters, load_note, make_workdir, run
 
 PROBE = r"""
 import hashlib, json, resource, statistics, sys, time
@@ -91,18 +90,6 @@ print("DECODE " + json.dumps(out))
 GIB = 1024**3
 
 
-def _targets(args) -> list[tuple[str, str]]:
-    """(label, python executable) for each target."""
-    if not args.transformers:
-        return [("this interpreter", sys.executable)]
-    from opensci_patch.envs import ensure_env
-
-    return [
-        (f"env tf{v}-{args.torch}", str(ensure_env(v, args.torch, log=lambda m: print(f"    {m}", flush=True)).python))
-        for v in args.transformers
-    ]
-
-
 def markdown(rows: list[dict], ckpt: int, note: str) -> str:
     lines = [
         note,
@@ -163,12 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         if why := gpu_present():
             raise SystemExit(f"error: --device {args.device}: {why}; pass --device cpu to measure on the CPU")
 
-    tmp = None
-    workdir = args.workdir
-    if workdir is None:
-        tmp = tempfile.mkdtemp(prefix="opensci-bench-decode-")
-        workdir = Path(tmp)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir, temporary = make_workdir(args.workdir, "opensci-bench-decode-")
     env = child_env({"TRANSFORMERS_VERBOSITY": "error"})
     rows: list[dict] = []
     try:
@@ -182,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(run(cmd, env=env).check().stdout.strip().splitlines()[0], flush=True)
         ckpt = dir_bytes(source, "*.safetensors")
         layers = json.loads((source / "config.json").read_text())["num_hidden_layers"]
-        targets = _targets(args)
+        targets = interpreters(args.transformers, args.torch)
         fixed = source
         if not (source / "opensci_patch_manifest.json").is_file():
             fixed = workdir / f"{source.name}_fixed"
@@ -209,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"greedy ids identical across the {len(rows)} target(s): {len(shas) == 1}")
         print(f"at the end: {load_note()}")
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if temporary:
+            shutil.rmtree(workdir, ignore_errors=True)
     stamp = datetime.date.today().isoformat()
     note = (f"Measured {stamp} with `python benchmarks/decode_1p7b.py` ({layers}-layer 1.7B-shaped checkpoint, "
             f"{ckpt / GIB:.2f} GiB; {args.new_tokens} new tokens, median of {args.repeats}).")  # fmt: skip
