@@ -256,21 +256,15 @@ def _check_destination(out: Path) -> None:
 def generate(
     out: Path,
     *,
-    layers: int = 24,
-    hidden: int = 2048,
-    intermediate: int = 8192,
-    heads: int = 32,
-    kv_heads: int | None = None,
-    head_dim: int | None = None,
-    vocab: int = 50304,
-    max_positions: int = 4096,
-    rope_theta: float = 100000.0,
     seed: int = 0,
     std: float = 0.02,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     log: Log = print,
+    **shape: int | float | None,
 ) -> Path:
     """Write the checkpoint to `out` (must not exist or be an empty dir); returns `out`.
+
+    `shape`: the keywords of `make_config` (layers, hidden, ...; default: the 1.7B shapes).
 
     Raises DestinationError for an unusable `out` or too little free disk space.
     """
@@ -278,17 +272,7 @@ def generate(
         raise OpensciPatchError("bigckpt writes raw little-endian tensor bytes; this machine is big-endian")
     out = Path(out)
     _check_destination(out)
-    cfg = make_config(
-        layers=layers,
-        hidden=hidden,
-        intermediate=intermediate,
-        heads=heads,
-        kv_heads=kv_heads,
-        head_dim=head_dim,
-        vocab=vocab,
-        max_positions=max_positions,
-        rope_theta=rope_theta,
-    )
+    cfg = make_config(**shape)
     specs = tensor_specs(cfg)
     shards = plan_shards(specs, shard_bytes)
     total = sum(s.nbytes for s in specs)
