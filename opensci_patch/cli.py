@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import DestinationError, OpensciPatchError
+from .matrix import MODELS, OWN_CHECKPOINT  # stdlib-only module
 
 FIXTURE_DIR = Path(__file__).parent / "data" / "opensci-tiny"
 
@@ -292,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--variant",
         action="append",
-        choices=["original", "structural", "patched", "patched+init", "generated"],
+        choices=list(MODELS),
         help="model variants to run (default: all; with --model, all but generated)",
     )
     p.add_argument(
@@ -323,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--variant",
         default="structural",
-        choices=["original", "structural", "patched", "patched+init"],
+        choices=[m for m in MODELS if m not in OWN_CHECKPOINT],
         help="model variant to judge (default: structural, the naive three-fix model)",
     )
     p.add_argument("--torch", default="cpu", choices=["cpu", "system", "cuda"])

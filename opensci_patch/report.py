@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from .matrix import REFERENCE
+from .matrix import MODELS, REFERENCE
 
 BAD = ("FAIL", "XPASS", "error")
 _RUN_ERRORS = ("env-error", "crash", "hotfix-error")
@@ -91,7 +91,7 @@ def _top10_diff(rec: dict, ref: dict | None) -> float | None:
 def rows(recs: list[dict]) -> list[dict]:
     refs = references(recs)
     out = []
-    order = {m: i for i, m in enumerate(["original", "structural", "patched", "patched+init", "generated"])}
+    order = {m: i for i, m in enumerate(MODELS)}
     for r in sorted(
         recs,
         key=lambda r: (
