@@ -22,6 +22,19 @@ def model_dir(tmp_path: Path) -> Path:
     return dst
 
 
+def structural_copy(dst: Path) -> Path:
+    """The shipped checkpoint with only the three structural fixes, as a naive fix leaves it (RoPE broken on 5.x)."""
+    from opensci_patch.matrix import STRUCTURAL
+    from opensci_patch.patches import apply_patches, by_name
+
+    shutil.copytree(FIXTURE_DIR, dst)
+    modeling = dst / "modeling_opensci.py"
+    source, status = apply_patches(modeling.read_text(), [by_name(n) for n in STRUCTURAL], modeling.name)
+    assert set(status.values()) == {"applied"}
+    modeling.write_text(source)
+    return dst
+
+
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `opensci-patch` in a child process, as a user would."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

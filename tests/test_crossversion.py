@@ -12,16 +12,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE_DIR
+from conftest import FIXTURE_DIR, structural_copy
 
 from opensci_patch.envs import ensure_env, run_python
 from opensci_patch.hotfix import hotfix
-from opensci_patch.patches import apply_patches, by_name, default_patches
+from opensci_patch.patches import default_patches
 
 pytestmark = pytest.mark.crossversion
 
 VERSIONS = ["4.48.0", "4.57.6", "5.2.0"]
-STRUCTURAL = ("loss_kwargs", "rope_default", "tied_weights")
 # Each original failure is the one the breakage list predicts for that release.
 ORIGINAL_FAILURE = {
     "4.48.0": "TransformersKwargs",  # added in 4.54
@@ -38,12 +37,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     out = {"original": orig, "patched": root / "opensci-tiny_fixed"}
     hotfix(orig, out["patched"], log=lambda *a: None)
     # Only the three structural fixes, as a naive user would do: loads on 5.x, RoPE still broken.
-    out["structural"] = root / "opensci-tiny_structural"
-    shutil.copytree(orig, out["structural"])
-    modeling = out["structural"] / "modeling_opensci.py"
-    source, status = apply_patches(modeling.read_text(), [by_name(n) for n in STRUCTURAL], modeling.name)
-    assert set(status.values()) == {"applied"}
-    modeling.write_text(source)
+    out["structural"] = structural_copy(root / "opensci-tiny_structural")
     return out
 
 

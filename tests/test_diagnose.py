@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURE_DIR, REPO
+from conftest import FIXTURE_DIR, REPO, structural_copy
 
 from opensci_patch import diagnose as dg
 from opensci_patch import reference
@@ -25,9 +25,7 @@ from opensci_patch.envs import ensure_env
 from opensci_patch.errors import OpensciPatchError
 from opensci_patch.hotfix import hotfix
 from opensci_patch.matrix import Cell
-from opensci_patch.patches import apply_patches, by_name
 
-STRUCTURAL = ("loss_kwargs", "rope_default", "tied_weights")
 ROPE_STAGES = {"rope.cos", "rope.sin", "q_rope", "k_rope"}
 
 INTERLEAVED_ROPE = '''def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
@@ -202,12 +200,7 @@ def test_models(tmp_path_factory) -> dict[str, Path]:
     assert n == 1
     modeling.write_text(source)
     # (d) structural fixes only (runs right on 4.x); the twin stores inv_freq in bfloat16
-    out["structural"] = root / "structural"
-    shutil.copytree(FIXTURE_DIR, out["structural"])
-    modeling = out["structural"] / "modeling_opensci.py"
-    source, status = apply_patches(modeling.read_text(), [by_name(p) for p in STRUCTURAL], modeling.name)
-    assert set(status.values()) == {"applied"}
-    modeling.write_text(source)
+    out["structural"] = structural_copy(root / "structural")
     out["structural-bf16"] = root / "structural-bf16"
     shutil.copytree(out["structural"], out["structural-bf16"])
     modeling = out["structural-bf16"] / "modeling_opensci.py"
