@@ -35,6 +35,26 @@ def structural_copy(dst: Path) -> Path:
     return dst
 
 
+DROP_CACHE_AT = "        if use_cache and past_key_values is None:\n"
+
+
+def cache_dropping_copy(dst: Path) -> Path:
+    """The hotfixed shipped checkpoint whose model forward drops the KV cache it is handed.
+
+    A fault injected for the decode-loop checks: `past_key_values = None` right before the model
+    builds its own cache, so every decode step attends only to itself (what 5.24's `cache=` did to
+    a forward that reads only `past_key_values`). The first forward is unchanged.
+    """
+    from opensci_patch.patches import apply_patches, default_patches
+
+    shutil.copytree(FIXTURE_DIR, dst)
+    modeling = dst / "modeling_opensci.py"
+    source, _ = apply_patches(modeling.read_text(), default_patches(), modeling.name)
+    assert source.count(DROP_CACHE_AT) == 1, "the shipped model no longer builds its cache where this fault expects"
+    modeling.write_text(source.replace(DROP_CACHE_AT, "        past_key_values = None  # injected fault\n" + DROP_CACHE_AT))
+    return dst
+
+
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `opensci-patch` in a child process, as a user would."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
