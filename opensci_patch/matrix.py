@@ -12,6 +12,7 @@ parametrisation, with no torch or transformers around.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -49,6 +50,38 @@ class Cell:
     model: str = "patched"
     dtype: str = "float32"
     attn: str = "eager"
+
+    @classmethod
+    def parse(cls, spec: str, *, torch_build: str = DEFAULT_TORCH_BUILD) -> Cell:
+        """A cell from the command line: a matrix cell id (tf5.2.0-cpu-patched-float32-eager) or
+        VERSION[:FIELD...] where each field is a model variant, torch build, dtype or attention
+        (their value sets do not overlap), e.g. 5.2.0:structural or 4.57.6:patched:bfloat16:sdpa."""
+        from .capture import ATTENTION, DTYPES  # stdlib-only at import time
+        from .errors import OpensciPatchError
+
+        m = re.fullmatch(r"tf([^-]+)-([^-]+)-([^-]+)-([^-]+)-([^-]+)", spec)
+        if m:
+            fields = {"transformers": m[1], "torch": m[2], "model": m[3], "dtype": m[4], "attn": m[5]}
+        else:
+            version, *rest = spec.split(":")
+            fields = {"transformers": version, "torch": torch_build, "model": "patched"}
+            kinds = (("model", tuple(MODELS)), ("torch", tuple(TORCH_BUILDS)), ("dtype", DTYPES), ("attn", ATTENTION))
+            for value in rest:
+                kind = next((k for k, values in kinds if value in values), None)
+                if kind is None:
+                    raise OpensciPatchError(
+                        f"cell {spec!r}: {value!r} is no model variant ({', '.join(MODELS)}), "
+                        f"torch build ({', '.join(TORCH_BUILDS)}), dtype ({', '.join(DTYPES)}) "
+                        f"or attention ({', '.join(ATTENTION)})"
+                    )
+                fields[kind] = value
+        allowed = {"model": tuple(MODELS), "torch": tuple(TORCH_BUILDS), "dtype": DTYPES, "attn": ATTENTION}
+        for kind, values in allowed.items():
+            if kind in fields and fields[kind] not in values:
+                raise OpensciPatchError(
+                    f"cell {spec!r}: unknown {kind} {fields[kind]!r}; choose one of {', '.join(values)}"
+                )
+        return cls(**fields)
 
     @property
     def device(self) -> str:
