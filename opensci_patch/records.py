@@ -1,0 +1,284 @@
+"""The cell record: one typed shape for what capture writes and the matrix, report and bisect read.
+
+Standard library only: the noxfile and the matrix driver import it with no torch around.
+
+Why one module: a record is the evidence every later step compares. It used to be a plain dict
+written in three places (capture, the matrix's error records, the report's expectations) and
+read with `.get` chains, so a truncated file, a record of another schema or a missing field was
+silently skipped or read as a KeyError. Here a record is written only through `Record.to_json`
+and `write_atomic`, and read only through `load`, which refuses anything it cannot vouch for
+with one line that names the file and what to do (`RecordError`).
+
+Lifecycle of a matrix cell's record (`records/<cell id>.json`): before the cell starts, the
+driver writes `running_record(...)` (status "running") over any previous record; at the end it
+replaces it with the finished record. A killed cell therefore leaves "running", never the
+previous run's result, and the report lists it as an error.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+import traceback
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import DestinationError, OpensciPatchError
+
+# 2: generation carries `step_logits_sha256` and `kv_check`; statuses generate-mismatch, nonfinite-logits,
+# running; matrix error records have the same shape as capture's.
+SCHEMA_VERSION = 2
+
+OK = "ok"
+RUNNING = "running"  # placeholder written before a cell starts: the cell never finished if it is still there
+# the model code failed: a result of the cell (FAIL or expected-fail)
+MODEL_FAILURES = ("load-error", "forward-error", "generate-error", "generate-mismatch", "nonfinite-logits")
+# the cell could not run at all: never a verdict about the model
+RUN_ERRORS = ("env-error", "crash", "hotfix-error")
+STATUSES = (OK, *MODEL_FAILURES, *RUN_ERRORS, RUNNING)
+
+# the fields only a matrix cell record has (capture's own record leaves them out)
+CELL_FIELDS = ("cell", "expected", "cell_wall_s")
+CELL_KEYS = ("transformers", "torch", "model", "dtype", "attn", "id", "device")
+KV_CHECK_KEYS = ("ok", "tolerance", "max_abs_diff", "first_bad_step", "detail")
+
+
+class RecordError(OpensciPatchError):
+    """A record file cannot be trusted: unreadable, truncated, another schema, or fields missing."""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Record:
+    """One capture (and, in the matrix, one cell). Field names are the JSON keys.
+
+    `generation` (schema 2): {"ids", "text", "step_logits_sha256": [sha256 of each decode step's logit
+    vector, step 0 being the prompt's forward], "kv_check": {"ok", "tolerance", "max_abs_diff",
+    "first_bad_step", "detail"}} where kv_check compares greedy decoding with the KV cache against the
+    same steps recomputed without one.
+    """
+
+    settings: dict = field(default_factory=dict)
+    environment: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+    status: str = OK  # one of STATUSES
+    error: dict | None = None  # {"type", "message" (one line), "traceback_tail"}
+    input_ids: list[int] = field(default_factory=list)
+    target: dict | None = None
+    topk: list[dict] = field(default_factory=list)
+    logits_sha256: str | None = None
+    generation: dict | None = None
+    reference: dict | None = None
+    timings: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+    tool_version: str = __version__
+    created: str = field(default_factory=_now)
+    # matrix cells only: asdict(Cell) | {"id", "device"}; asdict(Expectation); the cell's wall time
+    cell: dict | None = None
+    expected: dict | None = None
+    cell_wall_s: float | None = None
+
+    def to_dict(self) -> dict:
+        """The JSON object; the matrix-only fields are left out while unset (capture's own record)."""
+        data = asdict(self)
+        for key in CELL_FIELDS:
+            if data[key] is None:
+                del data[key]
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @property
+    def cell_id(self) -> str | None:
+        return (self.cell or {}).get("id")
+
+
+def _cell_dict(cell: Any) -> dict:
+    """A matrix `Cell` (duck-typed: records cannot import matrix, which imports records) or its dict."""
+    if isinstance(cell, dict):
+        return dict(cell)
+    return {k: getattr(cell, k) for k in CELL_KEYS}
+
+
+def one_line(text: str) -> str:
+    """The first non-empty line: record messages are shown in one table cell or one stderr line."""
+    return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
+
+
+def tail(text: str, n: int = 40) -> str:
+    """The last n lines of a log, kept in error records as evidence."""
+    return "\n".join(text.splitlines()[-n:])
+
+
+def error_info(exc: BaseException) -> dict:
+    """The `error` field for an exception: type, one-line message, traceback tail."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return {"type": type(exc).__name__, "message": one_line(str(exc)), "traceback_tail": tb[-3000:]}
+
+
+def error_record(
+    cell: Any, status: str, exc_type: str, message: str, log_tail: str, *, expected: dict | None = None
+) -> Record:
+    """The one constructor of records for cells that did not produce a capture record themselves.
+
+    Same shape as a capture record (so `load` and the report read both alike), with the cell filled in.
+    """
+    if status not in STATUSES or status == OK:
+        raise ValueError(f"error_record: status {status!r} is not an error status ({', '.join(STATUSES[1:])})")
+    c = _cell_dict(cell)
+    return Record(
+        settings={"device": c["device"], "dtype": c["dtype"], "attn": c["attn"]},
+        environment={"transformers": c["transformers"]},
+        model={"patched": c["model"] != "original"},
+        status=status,
+        error={"type": exc_type, "message": one_line(message), "traceback_tail": log_tail},
+        cell=c,
+        expected=expected,
+    )
+
+
+def running_record(cell: Any, *, expected: dict | None = None) -> Record:
+    """The placeholder a cell writes before it starts; replaced at its end. Left behind = never finished."""
+    return error_record(
+        cell,
+        RUNNING,
+        "NeverFinished",
+        "the cell was started but never finished (killed, or still running)",
+        "",
+        expected=expected,
+    )
+
+
+def write_atomic(path: Path | str, content: str | bytes | Record | dict | list) -> Path:
+    """Write `content` to `path` so a reader sees the old file or the whole new one, never a part.
+
+    A unique temp file in the same directory (concurrent writers never share one), fsync, then
+    `os.replace`. Dicts and lists are written as sorted, indented JSON; a Record as `to_json()`.
+    An unwritable destination is a `DestinationError` (one line, exit 2).
+    """
+    path = Path(path)
+    if isinstance(content, Record):
+        content = content.to_json()
+    elif isinstance(content, (dict, list)):
+        content = json.dumps(content, indent=2, sort_keys=True) + "\n"
+    data = content.encode() if isinstance(content, str) else content
+    tmp: str | None = None
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "is a directory")
+        mode = path.stat().st_mode & 0o777 if path.is_file() else 0o644
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise DestinationError(
+            f"{path}: cannot write ({exc.strerror or exc}); choose a writable location that is not a directory"
+        ) from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    return path
+
+
+def _fail(path: Path, what: str, todo: str = "delete it and re-run the cell that writes it") -> RecordError:
+    return RecordError(f"{path}: {what}; {todo}")
+
+
+def _check_types(path: Path, data: dict) -> None:
+    """Field types and the per-status promises the report relies on."""
+    expect = {f.name: f.type for f in fields(Record)}
+    kinds = {"dict": dict, "list": list, "str": str, "int": int}
+    for name, declared in expect.items():
+        value = data.get(name)
+        base = declared.split(" | ")[0].split("[")[0]
+        if value is None and ("None" in declared or name not in data):
+            continue
+        if base == "float":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, kinds[base]) and not isinstance(value, bool)
+        if not ok:
+            raise _fail(path, f"field {name!r} is {type(value).__name__}, not {declared}")
+    status = data["status"]
+    if status not in STATUSES:
+        raise _fail(path, f"unknown status {status!r} (known: {', '.join(STATUSES)})")
+    described_elsewhere = ("generate-mismatch", "nonfinite-logits")  # kv_check.detail, the target logit
+    if status != OK and status not in described_elsewhere and not isinstance(data.get("error"), dict):
+        raise _fail(path, f"status {status!r} without an error description")
+    if data.get("cell") is not None:
+        missing = [k for k in CELL_KEYS if k not in data["cell"]]
+        if missing:
+            raise _fail(path, f"cell lacks {', '.join(missing)}")
+    if status in (OK, "generate-mismatch"):
+        gen = data.get("generation")
+        if not isinstance(gen, dict):
+            raise _fail(path, f"status {status!r} without a generation")
+        missing = [k for k in ("ids", "text", "step_logits_sha256", "kv_check") if k not in gen]
+        if missing:
+            raise _fail(path, f"generation lacks {', '.join(missing)}")
+        kv = gen["kv_check"]
+        if not isinstance(kv, dict) or any(k not in kv for k in KV_CHECK_KEYS):
+            raise _fail(path, f"generation.kv_check must have {', '.join(KV_CHECK_KEYS)}")
+        if bool(kv["ok"]) != (status == OK):
+            raise _fail(path, f"status {status!r} contradicts generation.kv_check.ok = {kv['ok']!r}")
+        if not isinstance(gen["step_logits_sha256"], list):
+            raise _fail(path, "generation.step_logits_sha256 is not a list")
+    if status == OK and not isinstance(data.get("logits_sha256"), str):
+        raise _fail(path, "status 'ok' without logits_sha256")
+
+
+def load(path: Path | str) -> Record:
+    """Read one record, or raise `RecordError` with one line naming the file and what to do.
+
+    Refused: unreadable files, invalid or truncated JSON, a missing or unknown schema_version,
+    missing or unknown fields, wrong field types, and statuses whose promised fields are absent.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _fail(path, f"cannot read ({getattr(exc, 'strerror', None) or exc})", "check the path") from None
+    if not text.strip():
+        raise _fail(path, "empty file (the writer was killed?)")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        what = "truncated JSON" if exc.pos >= len(text.rstrip()) else f"invalid JSON ({exc.msg}, line {exc.lineno})"
+        raise _fail(path, what) from None
+    if not isinstance(data, dict):
+        raise _fail(path, f"a JSON {type(data).__name__}, not a record object")
+    version = data.get("schema_version")
+    if version is None:
+        raise _fail(path, "no schema_version (not an opensci-patch record, or one older than schema 2)")
+    if version != SCHEMA_VERSION:
+        raise _fail(
+            path,
+            f"schema_version {version!r}, this opensci-patch reads {SCHEMA_VERSION}",
+            "re-run the cell with this version (or report with the version that wrote it)",
+        )
+    names = [f.name for f in fields(Record)]
+    missing = [n for n in names if n not in data and n not in CELL_FIELDS]
+    if missing:
+        raise _fail(path, f"missing field(s) {', '.join(missing)}")
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise _fail(path, f"unknown field(s) {', '.join(unknown)} for schema {SCHEMA_VERSION}")
+    _check_types(path, data)
+    return Record(**data)
