@@ -1,0 +1,166 @@
+"""Release resolution against a fake package index served on loopback, and the expectation rules."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from packaging.version import Version
+
+from opensci_patch import matrix, releases
+from opensci_patch.matrix import Cell, expectation
+
+REPO = Path(__file__).resolve().parents[1]
+
+# what a simple-API page of transformers lists (file names), with one yanked release
+FILES = [
+    ("transformers-4.47.1-py3-none-any.whl", False),
+    ("transformers-4.48.0-py3-none-any.whl", False),
+    ("transformers-4.48.3-py3-none-any.whl", False),
+    ("transformers-4.48.3.tar.gz", False),
+    ("transformers-4.49.0-py3-none-any.whl", False),
+    ("transformers-5.3.0-py3-none-any.whl", False),
+    ("transformers-5.3.1-py3-none-any.whl", True),  # yanked: never offered
+    ("transformers-5.9.0-py3-none-any.whl", False),
+    ("transformers-5.10.4-py3-none-any.whl", False),
+    ("transformers-5.11.0rc1-py3-none-any.whl", False),
+]
+
+
+class _Index(http.server.BaseHTTPRequestHandler):
+    mode = "json"
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        if self.path.rstrip("/") != "/simple/transformers":
+            self.send_error(404)
+            return
+        if self.mode == "json":
+            body = json.dumps({"files": [{"filename": f, "yanked": y} for f, y in FILES]}).encode()
+            kind = "application/vnd.pypi.simple.v1+json"
+        else:
+            anchors = "".join(f'<a href="../../f/{f}"{" data-yanked=" if y else ""}>{f}</a><br/>' for f, y in FILES)
+            body = f"<html><body>{anchors}</body></html>".encode()
+            kind = "text/html"
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(params=["json", "html"])
+def fake_index(request, monkeypatch):
+    handler = type("Handler", (_Index,), {"mode": request.param})
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_port}/simple"
+    monkeypatch.setenv("OPENSCI_PATCH_INDEX_URL", url)
+    yield url
+    server.shutdown()
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/simple"
+
+
+def test_index_versions_skip_yanked_and_read_both_page_formats(fake_index):
+    found = releases.index_versions()
+    assert Version("5.3.1") not in found
+    assert {Version("4.48.3"), Version("5.10.4"), Version("5.11.0rc1")} <= set(found)
+
+
+def test_sweep_is_pinned_plus_latest_patch_of_every_minor_from_448(fake_index):
+    got = releases.resolve(["4.48.0", "5.2.0"], sweep=True)
+    # 4.47 is older than the oldest supported minor; 5.3.1 is yanked; 5.11.0rc1 is not final
+    assert got == ["4.48.0", "4.48.3", "4.49.0", "5.2.0", "5.3.0", "5.9.0", "5.10.4"]
+
+
+def test_pre_adds_the_newest_prerelease_only_when_newer_than_the_newest_final(fake_index):
+    assert releases.resolve(["4.48.0"], pre=True) == ["4.48.0", "5.11.0rc1"]
+    assert releases.newest_pre([Version("5.2.0"), Version("5.2.0rc1")]) is None
+
+
+def test_newest_means_the_index_newest_final(fake_index):
+    assert releases.newest_final(["4.48.0", "5.2.0"]) == "5.10.4"
+
+
+def test_unreachable_index_falls_back_to_the_pinned_list_and_says_so(monkeypatch):
+    monkeypatch.setenv("OPENSCI_PATCH_INDEX_URL", _closed_port_url())
+    notes: list[str] = []
+    assert releases.resolve(["5.2.0", "4.48.0"], sweep=True, pre=True, warn=notes.append) == ["4.48.0", "5.2.0"]
+    assert len(notes) == 1 and "pinned list" in notes[0]
+    assert releases.newest_final(["4.48.0", "5.2.0"], warn=notes.append) == "5.2.0"
+
+
+def _cli(*args: str, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env |= {"PYTHONPATH": str(REPO), **env_extra}
+    return subprocess.run(
+        [sys.executable, "-m", "opensci_patch.cli", *args], capture_output=True, text=True, env=env, timeout=60
+    )
+
+
+def test_releases_command_prints_one_release_a_line(fake_index):
+    proc = _cli("releases", "--sweep", env_extra={"OPENSCI_PATCH_INDEX_URL": fake_index})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.split()
+    assert set(matrix.TRANSFORMERS_VERSIONS) <= set(lines) and "5.10.4" in lines
+    assert lines == sorted(lines, key=Version)
+
+
+def test_releases_command_offline_prints_the_pinned_list_with_a_note():
+    proc = _cli("releases", "--sweep", env_extra={"OPENSCI_PATCH_INDEX_URL": _closed_port_url()})
+    assert proc.returncode == 0
+    assert proc.stdout.split() == sorted(matrix.TRANSFORMERS_VERSIONS, key=Version)
+    assert "cannot read" in proc.stderr and "pinned list" in proc.stderr
+
+
+def test_noxfile_releases_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("OPENSCI_PATCH_RELEASES", "5.3.0, 4.48.0 5.3.0")
+    assert matrix.releases_from_env() == ["4.48.0", "5.3.0"]
+    monkeypatch.setenv("OPENSCI_PATCH_RELEASES", "five")
+    with pytest.raises(Exception, match="not a release version"):
+        matrix.releases_from_env()
+    monkeypatch.delenv("OPENSCI_PATCH_RELEASES")
+    assert matrix.releases_from_env() == matrix.TRANSFORMERS_VERSIONS
+
+
+# --- expectation rules: a release nobody listed gets the right expectation ---------------------
+
+
+@pytest.mark.parametrize("version", ["4.50.3", "4.53.3", "4.54.1", "5.2.0", "5.17.0", "5.24.0", "6.0.0rc1"])
+def test_patched_is_expected_to_pass_on_unlisted_releases(version):
+    for variant in ("patched", "patched+init", "generated"):
+        assert expectation(Cell(version, model=variant)).outcome == "pass"
+
+
+@pytest.mark.parametrize(("version", "missing"), [("4.53.3", "TransformersKwargs"), ("4.54.0", "LossKwargs")])
+def test_original_fails_with_the_name_its_release_lacks(version, missing):
+    exp = expectation(Cell(version, model="original"))
+    assert exp.outcome == "xfail" and missing in exp.reason
+
+
+@pytest.mark.parametrize(("version", "outcome"), [("4.57.6", "pass"), ("5.0.0", "xfail"), ("5.19.0", "xfail")])
+def test_structural_fails_from_5_0_on(version, outcome):
+    assert expectation(Cell(version, model="structural")).outcome == outcome
+
+
+@pytest.mark.parametrize(("version", "outcome"), [("4.57.6", "pass"), ("5.0.0", "xfail"), ("5.1.0", "xfail"),
+                                                  ("5.2.0", "pass")])  # fmt: skip
+def test_init_weights_wipe_is_declared_for_5_0_and_5_1_only(version, outcome):
+    assert expectation(Cell(version, model="patched")).outcome == outcome
+    assert expectation(Cell(version, model="patched+init")).outcome == "pass"
