@@ -5,13 +5,14 @@ environment from `envs` (reused across runs) and leaves exactly one JSON record,
 the environment cannot be built or the child process crashes: then the record says so,
 with the tail of the log, and the other cells go on.
 
-This module imports only the standard library: the noxfile imports it to build its
-parametrisation, with no torch or transformers around.
+This module imports only the standard library (and `packaging`, which nox itself depends on):
+the noxfile imports it to build its parametrisation, with no torch or transformers around.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -21,9 +22,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# The releases the matrix covers: the first and second supported 4.x, the last 4.x, the
-# 5.x releases with known behaviour changes, and the newest 5.x. Edit here only.
-TRANSFORMERS_VERSIONS = ["4.48.0", "4.49.0", "4.57.6", "5.0.0", "5.1.0", "5.2.0", "5.23.0"]
+# The pinned releases: the first and second supported 4.x, the last 4.x, the 5.x releases with
+# known behaviour changes, and the newest 5.x when it was pinned. `opensci-patch releases --sweep`
+# adds the latest patch of every minor from the index (releases.py). Edit here only.
+TRANSFORMERS_VERSIONS = ["4.48.0", "4.49.0", "4.57.6", "5.0.0", "5.1.0", "5.2.0", "5.23.0", "5.24.0"]
 TORCH_BUILDS = ["cpu", "system", "cuda"]
 DEFAULT_TORCH_BUILD = "cpu"
 # model variant -> hotfix options (None: the original code, unpatched). "structural" is what a
@@ -39,8 +41,6 @@ MODELS: dict[str, tuple[str, ...] | None] = {
 # variants whose checkpoint is not the one the matrix runs on
 OWN_CHECKPOINT = {"generated"}
 REFERENCE = ("4.48.0", "patched")  # compared against, per torch build / device / dtype / attention
-
-_INIT_WEIGHTS_WIPE = {"5.0.0", "5.1.0"}
 
 
 @dataclass(frozen=True)
@@ -98,26 +98,74 @@ class Expectation:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class Rule:
+    """A declared expected failure: `variants` on releases in [since, before) fail for `reason`.
+
+    Ranges, not lists of releases: a release nobody typed in (the sweep, last night's release) gets
+    the right expectation with no edit. Each rule is a measured upstream behaviour (docs/upstream.md).
+    """
+
+    variants: tuple[str, ...]
+    reason: str
+    since: str | None = None  # inclusive
+    before: str | None = None  # exclusive
+
+    def matches(self, cell: Cell) -> bool:
+        from packaging.version import Version  # nox depends on packaging: still importable by the noxfile
+
+        v = Version(cell.transformers)
+        return (
+            cell.model in self.variants
+            and (self.since is None or v >= Version(self.since))
+            and (self.before is None or v < Version(self.before))
+        )
+
+
+EXPECTED_FAILURES: tuple[Rule, ...] = (
+    Rule(("original",), "original code: ImportError of TransformersKwargs (added in 4.54)", before="4.54"),
+    Rule(("original",), "original code: ImportError of LossKwargs (removed in 4.54)", since="4.54"),
+    Rule(
+        ("structural",),
+        "structural fixes only: 5.x leaves the non-persistent inv_freq uninitialised after loading, "
+        "so RoPE is wrong at positions > 0",
+        since="5.0",
+    ),
+    Rule(
+        ("patched",),
+        "upstream 5.0/5.1: _init_weights runs on every module after loading and the model's "
+        "`.data.normal_()` bypasses the per-tensor guard, wiping the loaded weights "
+        "(fixed in 5.2; opt-in patch init_weights repairs it)",
+        since="5.0",
+        before="5.2",
+    ),
+)
+
+
 def expectation(cell: Cell) -> Expectation:
-    """What the cell must do. Declared from measured upstream behaviour (shared/UPSTREAM.md)."""
-    major_minor = tuple(int(x) for x in cell.transformers.split(".")[:2])
-    if cell.model == "original":
-        missing = "TransformersKwargs (added in 4.54)" if major_minor < (4, 54) else "LossKwargs (removed in 4.54)"
-        return Expectation("xfail", f"original code: ImportError of {missing}")
-    if cell.model == "structural" and major_minor >= (5, 0):
-        return Expectation(
-            "xfail",
-            "structural fixes only: 5.x leaves the non-persistent inv_freq "
-            "uninitialised after loading, so RoPE is wrong at positions > 0",
-        )
-    if cell.model == "patched" and cell.transformers in _INIT_WEIGHTS_WIPE:
-        return Expectation(
-            "xfail",
-            "upstream 5.0/5.1: _init_weights runs on every module after loading and the model's "
-            "`.data.normal_()` bypasses the per-tensor guard, wiping the loaded weights "
-            "(fixed in 5.2; opt-in patch init_weights repairs it)",
-        )
+    """What the cell must do: the first matching rule of EXPECTED_FAILURES (strict xfail), else pass."""
+    for rule in EXPECTED_FAILURES:
+        if rule.matches(cell):
+            return Expectation("xfail", rule.reason)
     return Expectation("pass")
+
+
+def releases_from_env() -> list[str]:
+    """The releases the noxfile parametrises: `OPENSCI_PATCH_RELEASES` (space/comma separated, set by
+    the workflows' plan step from `opensci-patch releases --sweep`) or else the pinned list."""
+    from .errors import OpensciPatchError
+
+    raw = os.environ.get("OPENSCI_PATCH_RELEASES", "").replace(",", " ").split()
+    if not raw:
+        return list(TRANSFORMERS_VERSIONS)
+    from packaging.version import InvalidVersion, Version
+
+    for v in raw:
+        try:
+            Version(v)
+        except InvalidVersion:
+            raise OpensciPatchError(f"OPENSCI_PATCH_RELEASES: {v!r} is not a release version") from None
+    return sorted(set(raw), key=Version)
 
 
 def all_cells(versions=None, builds=None, models=None) -> list[Cell]:
