@@ -5,9 +5,12 @@
     nox -s matrix                 # every cell: transformers x torch build x model -> records/
     nox -s report                 # records/ -> results/matrix.md, summary.json, paris_logit.png
     nox -s "cell(transformers='5.2.0', torch='cpu')"   # one cell session (what a CI job runs)
+    nox -s matrix -- --sweep      # the pinned releases + the latest patch of every minor on the index
 
 The lists of releases, torch builds and model variants live in `opensci_patch/matrix.py`
-(one place); this file only declares sessions over them and calls the CLI. Cells run in
+(one place); this file only declares sessions over them and calls the CLI. The cell sessions
+cover the pinned releases, or those in `OPENSCI_PATCH_RELEASES` (the workflows set it from
+`opensci-patch releases --sweep`, so a release nobody pinned still gets its session). Cells run in
 per-release environments managed by `opensci_patch.envs` (reused across runs, shared by the
 original/patched variants), so the cell sessions themselves need no virtualenv of their own.
 Posargs of matrix/cell: `--model DIR` to run on another checkpoint (e.g. the real download).
@@ -87,7 +90,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none", default=False)
 @nox.parametrize("torch", [nox.param(b, tags=[b]) for b in matrix.TORCH_BUILDS])
-@nox.parametrize("transformers", matrix.TRANSFORMERS_VERSIONS)
+@nox.parametrize("transformers", matrix.releases_from_env())
 def cell(session: nox.Session, transformers: str, torch: str) -> None:
     """One environment: every model variant on one release and torch build.
 

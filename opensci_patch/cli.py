@@ -138,13 +138,28 @@ def cmd_demo(args) -> int:
     return rc
 
 
+def cmd_releases(args) -> int:
+    """Print the releases the matrix runs, one per line (the index is asked only for --sweep/--pre/--newest)."""
+    from . import matrix, releases
+
+    if args.newest:
+        print(releases.newest_final(matrix.TRANSFORMERS_VERSIONS))
+        return 0
+    print("\n".join(releases.resolve(matrix.TRANSFORMERS_VERSIONS, sweep=args.sweep, pre=args.pre)))
+    return 0
+
+
 def cmd_cell(args) -> int:
     """Run matrix cells (one env per release x torch build; all model variants in it)."""
-    from . import matrix
+    from . import matrix, releases
 
-    versions = matrix.TRANSFORMERS_VERSIONS if args.all else args.transformers
+    if args.sweep or args.pre or args.all:
+        versions = releases.resolve(matrix.TRANSFORMERS_VERSIONS, sweep=args.sweep, pre=args.pre)
+        versions = sorted(set(versions) | set(args.transformers), key=releases.Version)
+    else:
+        versions = args.transformers
     if not versions:
-        raise OpensciPatchError("name a release with --transformers X (repeatable) or pass --all")
+        raise OpensciPatchError("name a release with --transformers X (repeatable), or pass --all or --sweep")
     source = args.model or FIXTURE_DIR
     variants = args.variant or list(matrix.MODELS)
     if args.model:
@@ -286,9 +301,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("releases", help="print the transformers releases the matrix runs, one per line")
+    p.add_argument(
+        "--sweep", action="store_true", help="add the latest patch release of every minor from 4.48 (package index)"
+    )
+    p.add_argument("--pre", action="store_true", help="add the newest pre-release if it is newer than the newest final")
+    p.add_argument("--newest", action="store_true", help="print only the newest final release on the package index")
+    p.set_defaults(func=cmd_releases)
+
     p = sub.add_parser("cell", help="run cross-version matrix cells, one record per cell")
     p.add_argument("--transformers", action="append", default=[], metavar="VERSION")
-    p.add_argument("--all", action="store_true", help="every release in the matrix list")
+    p.add_argument("--all", action="store_true", help="every pinned release (opensci_patch/matrix.py)")
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="the pinned releases plus the latest patch of every minor from 4.48 on the package index",
+    )
+    p.add_argument("--pre", action="store_true", help="also the newest pre-release, if newer than the newest final")
     p.add_argument("--torch", default="cpu", choices=["cpu", "system", "cuda"])
     p.add_argument(
         "--variant",

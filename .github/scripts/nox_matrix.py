@@ -69,6 +69,10 @@ def cell_entries(listing: list[dict], tag: str = "cpu") -> list[dict]:
 def select(entries: list[dict], wanted: str, reference: str) -> list[dict]:
     """Keep the releases named in `wanted` (versions, `oldest`, `newest`; empty or `all`: every one).
 
+    `newest` is the newest release of the listing; the workflows put the package index's newest
+    final release into the listing (`OPENSCI_PATCH_RELEASES` from `opensci-patch releases --newest`
+    or `--sweep`), so it means the index's newest, not the newest pinned one.
+
     The reference release is always kept when it is in the listing. A name not in the listing is
     a ValueError (a typo in a workflow_dispatch input must not run an empty or partial matrix).
     """
