@@ -82,8 +82,8 @@ class GuardedLookup:
         class Scan(cst.CSTVisitor):
             def __init__(self) -> None:
                 self.found = Found()
-                self.guarded: set[int] = set()
-                self.looked_up: set[int] = set()
+                self.guarded = _Nodes()
+                self.looked_up = _Nodes()
                 self.uses: list[cst.Name] = []
 
             def visit_Import(self, node: cst.Import) -> bool:
@@ -95,7 +95,7 @@ class GuardedLookup:
             def visit_IfExp(self, node: cst.IfExp) -> None:
                 guarded = lookup.guarded_lookup(node)
                 if guarded is not None:
-                    self.guarded.add(id(guarded))
+                    self.guarded.add(guarded)
 
             def on_lookup(self, node: cst.Subscript | cst.Call) -> None:
                 key = lookup.key_of(node)
@@ -103,8 +103,8 @@ class GuardedLookup:
                     return
                 self.found.lookups += 1
                 table = node.value if isinstance(node, cst.Subscript) else node.func.value
-                self.looked_up.add(id(table.attr if isinstance(table, cst.Attribute) else table))
-                if id(node) in self.guarded or (is_string(key) and not is_string(key, lookup.literal)):
+                self.looked_up.add(table.attr if isinstance(table, cst.Attribute) else table)
+                if node in self.guarded or (is_string(key) and not is_string(key, lookup.literal)):
                     return
                 if not (is_string(key) or full_name(key)):
                     raise Unrecognised(f"`{code(node)}` has a key that is not a name or a literal")
@@ -122,7 +122,7 @@ class GuardedLookup:
 
         scan = Scan()
         node.visit(scan)
-        scan.found.stray = [code(use) for use in scan.uses if id(use) not in scan.looked_up]
+        scan.found.stray = [code(use) for use in scan.uses if use not in scan.looked_up]
         return scan.found
 
     def inspect(self, tree: cst.Module) -> State:
@@ -154,25 +154,44 @@ class Found:
     stray: list[str] = field(default_factory=list)
 
 
+class _Nodes:
+    """A set of nodes by identity that keeps them alive.
+
+    `id()` is only unique among live objects: a set of bare ids of nodes that are later freed (a
+    replaced guard, a node of a discarded tree) matches whatever unrelated node CPython allocates
+    next in the same memory, e.g. a parenthesised multi-line expression that then lost its
+    parentheses and no longer parsed (issue 11). Holding the node pins its id.
+    """
+
+    def __init__(self) -> None:
+        self._nodes: dict[int, cst.CSTNode] = {}
+
+    def add(self, node: cst.CSTNode) -> None:
+        self._nodes[id(node)] = node
+
+    def __contains__(self, node: object) -> bool:
+        return self._nodes.get(id(node)) is node
+
+
 class _Guard(cst.CSTTransformer):
     """Wrap each unguarded lookup; mark the statements it changed."""
 
     def __init__(self, lookup: GuardedLookup) -> None:
         super().__init__()
         self.lookup = lookup
-        self.guarded: set[int] = set()
-        self.made: set[int] = set()
+        self.guarded = _Nodes()  # lookups already inside a guard
+        self.made = _Nodes()  # guards this transformer built (their parentheses may go)
         self.changes = 0
         self.stack: list[int] = []
 
     def visit_IfExp(self, node: cst.IfExp) -> None:
         guarded = self.lookup.guarded_lookup(node)
         if guarded is not None:
-            self.guarded.add(id(guarded))
+            self.guarded.add(guarded)
 
     def _wrap(self, original: cst.BaseExpression, updated: cst.BaseExpression) -> cst.BaseExpression:
         key = self.lookup.key_of(original)
-        if key is None or id(original) in self.guarded:
+        if key is None or original in self.guarded:
             return updated
         if is_string(key):
             if not is_string(key, self.lookup.literal):
@@ -190,7 +209,7 @@ class _Guard(cst.CSTTransformer):
             lpar=[cst.LeftParen()],
             rpar=[cst.RightParen()],
         )
-        self.made.add(id(guard))
+        self.made.add(guard)
         return guard
 
     def leave_Subscript(self, original: cst.Subscript, updated: cst.Subscript) -> cst.BaseExpression:
@@ -201,7 +220,7 @@ class _Guard(cst.CSTTransformer):
 
     def _unparen(self, value: cst.BaseExpression) -> cst.BaseExpression:
         # The guard carries parentheses in case it is called or subscripted; not needed as a plain value.
-        return value.with_changes(lpar=[], rpar=[]) if id(value) in self.made else value
+        return value.with_changes(lpar=[], rpar=[]) if value in self.made else value
 
     def leave_Assign(self, original: cst.Assign, updated: cst.Assign) -> cst.Assign:
         return updated.with_changes(value=self._unparen(updated.value))
