@@ -1,145 +1,274 @@
-"""Matrix records -> markdown tables, a plot, and an exit status for CI.
+"""Matrix records -> a release x variant grid, the detail table, pictures, summary.json, and an exit status.
 
-Pure functions of the records, except `write_report`, which writes `results/`. A cell's
-verdict compares what happened with what the cell declared (`matrix.expectation`):
+A cell's verdict compares what happened with what the cell declared (`matrix.expectation`):
 
-- pass: expected to pass, ran, and its logits are bit-identical to the reference cell;
+- pass: expected to pass, ran, and its first logits, every decode step's logits and its greedy
+  tokens are bit-identical to the reference cell's (same torch build, device, dtype, attention);
 - expected-fail: expected to fail (strict xfail) and failed;
-- FAIL: expected to pass and did not (error, wrong answer, or not bit-identical);
+- FAIL: expected to pass and did not (model error, KV-cache self-check failed, wrong answer, or not
+  bit-identical: the first differing decode step is named);
 - XPASS: expected to fail but passed: upstream changed, the expectation must be updated;
-- error: the cell could not run (environment install, crash, hotfix failure).
+- error: the cell could not run (environment install, crash, hotfix failure), never finished
+  (its placeholder record says "running"), or is ambiguous (two records for one cell id).
 
-FAIL and XPASS make the exit status non-zero; so does error.
+The report refuses ambiguity rather than guessing: records are read only through `records.load`;
+a file it refuses, a duplicate cell and an unfinished cell are listed under "Problems" in both
+matrix.md and summary.json and make the exit status non-zero, as FAIL, XPASS and error do. The
+reference cell of a group is its one finished `matrix.REFERENCE` record: unique by construction,
+so never chosen by file-name order. matrix.md and summary.json are rendered from one `Report`
+value, so they cannot disagree.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import json
+import math
+import os
 import platform
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from packaging.version import InvalidVersion, Version
 from tabulate import tabulate
 
+from . import records
+from .errors import DestinationError, OpensciPatchError
 from .matrix import MODELS, REFERENCE
+from .records import Record, RecordError
 
 BAD = ("FAIL", "XPASS", "error")
-_RUN_ERRORS = ("env-error", "crash", "hotfix-error")
+VERDICTS = ("pass", "expected-fail", "FAIL", "XPASS", "error")
+MISSING = "missing"
+GRID_COLOURS = {
+    "pass": "#4caf50",
+    "expected-fail": "#b0bec5",
+    "FAIL": "#e53935",
+    "XPASS": "#ff9800",
+    "error": "#8e24aa",
+    MISSING: "#ffffff",
+}
 
 
-def load_records(records_dir: Path) -> list[dict]:
-    recs = []
-    for p in sorted(Path(records_dir).glob("*.json")):
+@dataclass
+class Loaded:
+    """What a records directory holds: the records `load` accepted (with their file names) and the refusals."""
+
+    records: list[Record] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def load_records(records_dir: Path) -> Loaded:
+    """Every `*.json` in the directory through `records.load`; a refused file becomes a problem line."""
+    records_dir = Path(records_dir)
+    if not records_dir.is_dir():
+        raise OpensciPatchError(f"{records_dir}: no such records directory; run `nox -s matrix` (or pass --records)")
+    out = Loaded()
+    for path in sorted(records_dir.glob("*.json")):
         try:
-            rec = json.loads(p.read_text())
-        except json.JSONDecodeError:
+            rec = records.load(path)
+        except RecordError as exc:
+            out.problems.append(str(exc))
             continue
-        if "cell" in rec:
-            recs.append(rec)
-    return recs
+        if rec.cell is None:
+            out.problems.append(f"{path}: a capture record, not a matrix cell record (no cell); move it out of here")
+            continue
+        if rec.expected is None:
+            out.problems.append(f"{path}: cell record without an expected outcome; re-run the cell")
+            continue
+        out.records.append(rec)
+        out.sources.append(path.name)
+    return out
 
 
-def _group(rec: dict) -> tuple:
-    c = rec["cell"]
+def _group(rec: Record) -> tuple:
+    c = rec.cell
     return (c["torch"], c["device"], c["dtype"], c["attn"])
 
 
-def references(recs: list[dict]) -> dict[tuple, dict]:
+def _ambiguous(recs: list[Record], sources: list[str] | None) -> dict[str, str]:
+    """cell id -> why it cannot be trusted: several records for it, or its run never finished."""
+    names: dict[str, list[str]] = {}
+    for i, r in enumerate(recs):
+        names.setdefault(r.cell_id, []).append(sources[i] if sources else f"record {i + 1}")
+    out = {cid: f"{len(n)} records for this cell ({', '.join(sorted(n))}); keep one" for cid, n in names.items()}
+    out = {cid: why for cid, why in out.items() if len(names[cid]) > 1}
+    for r in recs:
+        if r.cell_id not in out and r.status == records.RUNNING:
+            out[r.cell_id] = "never finished (its record still says 'running': killed or still running); re-run it"
+    return out
+
+
+def references(recs: list[Record], ambiguous: dict[str, str] | None = None) -> dict[tuple, Record]:
+    """The reference record per group: the one finished, unambiguous `REFERENCE` cell with status ok."""
+    ambiguous = _ambiguous(recs, None) if ambiguous is None else ambiguous
     out = {}
     for r in recs:
-        c = r["cell"]
-        if (c["transformers"], c["model"]) == REFERENCE and r.get("status") == "ok":
+        c = r.cell
+        if (c["transformers"], c["model"]) == REFERENCE and r.status == records.OK and r.cell_id not in ambiguous:
             out[_group(r)] = r
     return out
 
 
-def _succeeded(rec: dict, ref: dict | None) -> tuple[bool, str]:
-    if rec.get("status") != "ok":
-        return False, rec.get("status", "?")
+def _failure(rec: Record) -> str:
+    """Why a record that did not run to the end failed, in one line."""
+    if rec.status == "generate-mismatch":
+        kv = (rec.generation or {}).get("kv_check") or {}
+        return f"generate-mismatch: {kv.get('detail') or 'KV-cache decoding disagrees with the no-cache recomputation'}"
+    err = rec.error or {}
+    return f"{rec.status}: {err.get('type', '')}: {err.get('message', '')}".rstrip(": ") if err else rec.status
+
+
+def first_step_difference(rec: Record, ref: Record) -> str | None:
+    """None when every decode step's logits are bit-identical to the reference's, else what differs."""
+    mine = (rec.generation or {}).get("step_logits_sha256") or []
+    theirs = (ref.generation or {}).get("step_logits_sha256") or []
+    for step, (a, b) in enumerate(zip(mine, theirs, strict=False)):
+        if a != b:
+            return f"decode step {step} logits differ from the reference cell"
+    if len(mine) != len(theirs):
+        return f"{len(mine)} decode steps recorded, the reference cell has {len(theirs)}"
+    return None
+
+
+def _succeeded(rec: Record, ref: Record | None) -> tuple[bool, str]:
+    if rec.status != records.OK:
+        return False, _failure(rec)
     if ref is None:
         return False, "no reference cell to compare with"
-    if rec["logits_sha256"] != ref["logits_sha256"]:
+    if rec.logits_sha256 != ref.logits_sha256:
         return False, "logits differ from the reference cell"
-    if rec["generation"]["ids"] != ref["generation"]["ids"]:
+    steps = first_step_difference(rec, ref)
+    if steps:
+        return False, steps
+    if rec.generation["ids"] != ref.generation["ids"]:
         return False, "greedy generation differs from the reference cell"
     return True, ""
 
 
-def verdict(rec: dict, ref: dict | None) -> tuple[str, str]:
-    if rec.get("status") in _RUN_ERRORS:
-        return "error", f"{rec['status']}: {rec['error']['message']}"
+def verdict(rec: Record, ref: Record | None) -> tuple[str, str]:
+    if rec.status in records.RUN_ERRORS or rec.status == records.RUNNING:
+        return "error", _failure(rec)
     ok, why = _succeeded(rec, ref)
-    expected = rec["expected"]["outcome"]
-    if expected == "xfail":
-        return (
-            ("XPASS", "expected to fail but passed: " + rec["expected"]["reason"])
-            if ok
-            else ("expected-fail", rec["expected"]["reason"])
-        )
+    if rec.expected["outcome"] == "xfail":
+        reason = rec.expected["reason"]
+        return ("XPASS", "expected to fail but passed: " + reason) if ok else ("expected-fail", reason)
     return ("pass", "") if ok else ("FAIL", why)
 
 
-def _top10_diff(rec: dict, ref: dict | None) -> float | None:
-    if not ref or not rec.get("topk"):
+def _top10_diff(rec: Record, ref: Record | None) -> float | None:
+    if not ref or not rec.topk:
         return None
-    ref_logit = {t["id"]: t["logit"] for t in ref["topk"]}
-    diffs = [abs(t["logit"] - ref_logit[t["id"]]) for t in rec["topk"] if t["id"] in ref_logit]
-    missing = len(rec["topk"]) - len(diffs)
-    return float("inf") if missing else max(diffs)
+    ref_logit = {t["id"]: t["logit"] for t in ref.topk}
+    diffs = [abs(t["logit"] - ref_logit[t["id"]]) for t in rec.topk if t["id"] in ref_logit]
+    return float("inf") if len(diffs) < len(rec.topk) else max(diffs)
 
 
-def rows(recs: list[dict]) -> list[dict]:
-    refs = references(recs)
-    out = []
+def _decode(rec: Record, ref: Record | None) -> str | None:
+    """The decode-steps column: '= (N)' when all N steps match the reference, else what differs."""
+    steps = (rec.generation or {}).get("step_logits_sha256")
+    if rec.status != records.OK or not steps or ref is None:
+        return None
+    return first_step_difference(rec, ref) or f"= ({len(steps)})"
+
+
+def version_key(v: str) -> tuple:
+    """Release order (5.10 after 5.9, rc before final); unparsable strings last, by text."""
+    try:
+        return (0, Version(v), "")
+    except InvalidVersion:
+        return (1, Version("0"), v)
+
+
+def rows(recs: list[Record], sources: list[str] | None = None) -> list[dict]:
+    """One row per cell id, sorted by release, build, dtype, attention and variant order in `MODELS`."""
+    ambiguous = _ambiguous(recs, sources)
+    refs = references(recs, ambiguous)
     order = {m: i for i, m in enumerate(MODELS)}
+    seen: set[str] = set()
+    out = []
     for r in sorted(
         recs,
         key=lambda r: (
-            _version_key(r["cell"]["transformers"]),
-            r["cell"]["torch"],
-            r["cell"]["dtype"],
-            r["cell"]["attn"],
-            order.get(r["cell"]["model"], 9),
+            version_key(r.cell["transformers"]),
+            r.cell["torch"],
+            r.cell["dtype"],
+            r.cell["attn"],
+            order.get(r.cell["model"], len(order)),
+            r.cell["model"],
         ),
     ):
+        if r.cell_id in seen:
+            continue
+        seen.add(r.cell_id)
         ref = refs.get(_group(r))
-        v, why = verdict(r, ref)
-        t = r.get("target") or {}
-        gen = (r.get("generation") or {}).get("text")
+        if r.cell_id in ambiguous:
+            v, why = "error", ambiguous[r.cell_id]
+        else:
+            v, why = verdict(r, ref)
+        trusted = r.cell_id not in ambiguous
+        t = (r.target or {}) if trusted else {}
+        gen = (r.generation or {}).get("text") if trusted else None
         out.append(
             {
-                "cell": r["cell"]["id"],
-                "transformers": r["cell"]["transformers"],
-                "torch": r.get("environment", {}).get("torch", r["cell"]["torch"]),
+                "cell": r.cell_id,
+                "transformers": r.cell["transformers"],
+                "torch": r.environment.get("torch", r.cell["torch"]),
+                "build": r.cell["torch"],
                 "device": _device(r),
-                "dtype": r["cell"]["dtype"],
-                "attn": r["cell"]["attn"],
-                "model": r["cell"]["model"],
+                "dtype": r.cell["dtype"],
+                "attn": r.cell["attn"],
+                "model": r.cell["model"],
                 "status": v,
                 "paris_logit": t.get("logit"),
                 "rank": t.get("rank"),
-                "top1": r["topk"][0]["token"] if r.get("topk") else None,
-                "top10_max_diff": _top10_diff(r, ref),
-                "bit_identical": (r.get("logits_sha256") == ref["logits_sha256"])
-                if ref and r.get("logits_sha256")
+                "top1": r.topk[0]["token"] if r.topk and trusted else None,
+                "top10_max_diff": _top10_diff(r, ref) if trusted else None,
+                "bit_identical": (r.logits_sha256 == ref.logits_sha256)
+                if trusted and ref and r.logits_sha256
                 else None,
-                "fp64_ref_diff": (r.get("reference") or {}).get("max_abs_diff"),
+                "decode_steps": _decode(r, ref) if trusted else None,
+                "fp64_ref_diff": (r.reference or {}).get("max_abs_diff") if trusted else None,
                 "greedy": (gen[:40] + "...") if gen and len(gen) > 40 else gen,
-                "why": why or (r.get("error") or {}).get("message", ""),
+                "why": why,
+                "ambiguous": not trusted,
             }
         )
     return out
 
 
-def _device(rec: dict) -> str:
+def _device(rec: Record) -> str:
     """'cpu', or the GPU's name as the capture saw it (e.g. 'cuda: NVIDIA H100 80GB HBM3')."""
-    device = rec["cell"]["device"]
-    name = rec.get("environment", {}).get("device_name")
+    device = rec.cell["device"]
+    name = rec.environment.get("device_name")
     return f"{device}: {name}" if device != "cpu" and name else device
 
 
-def _version_key(v: str) -> tuple:
-    return tuple(int(x) if x.isdigit() else 0 for x in v.split("."))
+def variants(table: list[dict]) -> list[str]:
+    """The grid's columns: every variant of `matrix.MODELS`, then any other variant a record names."""
+    extra = sorted({r["model"] for r in table} - set(MODELS))
+    return [*MODELS, *extra]
+
+
+def _group_name(r: dict) -> str:
+    return f"{r['build']} torch, {r['device']}, {r['dtype']}, {r['attn']}"
+
+
+def grid(table: list[dict]) -> dict[str, dict[str, dict[str, str]]]:
+    """group ('cpu torch, cpu, float32, eager') -> release -> variant -> verdict or 'missing'."""
+    cols = variants(table)
+    out: dict[str, dict[str, dict[str, str]]] = {}
+    for r in table:
+        out.setdefault(_group_name(r), {})
+    for name in out:
+        members = [r for r in table if _group_name(r) == name]
+        releases = sorted({r["transformers"] for r in members}, key=version_key)
+        out[name] = {v: dict.fromkeys(cols, MISSING) for v in releases}
+        for r in members:
+            out[name][r["transformers"]][r["model"]] = r["status"]
+    return out
 
 
 def _fmt(x, spec: str) -> str:
@@ -166,6 +295,7 @@ def markdown_table(table: list[dict]) -> str:
         "top-1",
         "max abs diff top-10 vs ref",
         "bit-identical",
+        "decode steps vs ref",
         "max abs diff vs fp64 ref",
         "greedy completion",
         "note",
@@ -184,13 +314,25 @@ def markdown_table(table: list[dict]) -> str:
             repr(r["top1"]) if r["top1"] else "-",
             _fmt(r["top10_max_diff"], ".2e"),
             _fmt(r["bit_identical"], ""),
+            r["decode_steps"] or "-",
             _fmt(r["fp64_ref_diff"], ".2e"),
             repr(r["greedy"]) if r["greedy"] else "-",
-            r["why"][:120].replace("|", "/"),
+            _cell_text(r["why"][:160]),
         ]
         for r in table
     ]
     return tabulate(body, headers=headers, tablefmt="github")
+
+
+def _cell_text(text: str) -> str:
+    return text.replace("|", "/").replace("\n", " ")
+
+
+def markdown_grid(cells: dict[str, dict[str, str]], new: set[str]) -> str:
+    """One row per release, one column per variant; a release new since the last summary says so."""
+    cols = next(iter(cells.values())).keys() if cells else []
+    body = [[f"{v} (new)" if v in new else v, *(cells[v][c] for c in cols)] for v in cells]
+    return tabulate(body, headers=["transformers", *cols], tablefmt="github")
 
 
 def changes(table: list[dict], previous: dict[str, str]) -> list[str]:
@@ -212,89 +354,269 @@ def changes(table: list[dict], previous: dict[str, str]) -> list[str]:
     return out
 
 
-def plot(table: list[dict], path: Path) -> bool:
-    """The " Paris" logit per release, original vs patched. False when matplotlib is missing."""
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _png(fig, plt) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def paris_series(table: list[dict]) -> list[tuple[str, str, list[tuple[int, float]]]]:
+    """(variant, marker, [(release index, " Paris" logit)]) for every variant, CPU cells only."""
+    versions = sorted({r["transformers"] for r in table}, key=version_key)
+    marker_cycle = "xso^dv<>pP*hH"
+    return [
+        (
+            model,
+            marker_cycle[i % len(marker_cycle)],
+            [
+                (versions.index(r["transformers"]), r["paris_logit"])
+                for r in table
+                if r["model"] == model and r["paris_logit"] is not None and r["device"] == "cpu"
+            ],
+        )
+        for i, model in enumerate(variants(table))
+    ]
+
+
+def plot(table: list[dict], path: Path) -> bool:
+    """The " Paris" logit per release and variant (CPU cells). False when matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None:
         return False
-    versions = sorted({r["transformers"] for r in table}, key=_version_key)
-    fig, ax = plt.subplots(figsize=(8, 4))
-    markers = (("original", "x"), ("structural", "s"), ("patched", "o"), ("patched+init", "^"), ("generated", "d"))
-    for model, marker in markers:
-        pts = [
-            (versions.index(r["transformers"]), r["paris_logit"])
-            for r in table
-            if r["model"] == model and r["paris_logit"] is not None and r["device"] == "cpu"
-        ]
+    versions = sorted({r["transformers"] for r in table}, key=version_key)
+    fig, ax = plt.subplots(figsize=(max(8, 0.35 * len(versions)), 4))
+    for model, marker, pts in paris_series(table):
         if pts:
             ax.plot(*zip(*pts, strict=True), marker=marker, linestyle="", label=model, markersize=8)
         else:
-            ax.plot([], [], marker=marker, linestyle="", label=f"{model} (no logits: failed to load)")
-    ax.set_xticks(range(len(versions)), versions, rotation=30)
+            ax.plot([], [], marker=marker, linestyle="", label=f"{model} (no logits)")
+    ax.set_xticks(range(len(versions)), versions, rotation=60 if len(versions) > 10 else 30)
     ax.set_ylabel('logit of " Paris"')
-    ax.set_title('"The capital of France is" -> " Paris", fp32 eager, CPU')
+    ax.set_title('"The capital of France is" -> " Paris", CPU')
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    records.write_atomic(path, _png(fig, plt))
     return True
+
+
+def plot_grid(cells: dict[str, dict[str, dict[str, str]]], new: set[str], path: Path) -> bool:
+    """A picture of the release x variant grid(s), one panel per group. False when matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    from matplotlib.colors import to_rgb
+
+    n_rows = sum(len(g) for g in cells.values())
+    fig, axes = plt.subplots(
+        len(cells), 1, figsize=(8, 1.2 + 0.32 * n_rows + 0.6 * len(cells)), squeeze=False, constrained_layout=True
+    )
+    for ax, (name, g) in zip(axes[:, 0], cells.items(), strict=True):
+        releases = list(g)
+        cols = list(next(iter(g.values())))
+        image = [[to_rgb(GRID_COLOURS[g[v][c]]) for c in cols] for v in releases]
+        ax.imshow(image, aspect="auto")
+        for y, v in enumerate(releases):
+            for x, c in enumerate(cols):
+                ax.text(x, y, g[v][c], ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(cols)), cols)
+        ax.xaxis.tick_top()
+        ax.set_yticks(range(len(releases)), [f"{v} (new)" if v in new else v for v in releases])
+        ax.set_xticks([x - 0.5 for x in range(1, len(cols))], minor=True)
+        ax.set_yticks([y - 0.5 for y in range(1, len(releases))], minor=True)
+        ax.grid(which="minor", color="white", linewidth=1.5)
+        ax.tick_params(which="minor", length=0)
+        ax.set_title(name, fontsize=9, pad=18)
+    records.write_atomic(path, _png(fig, plt))
+    return True
+
+
+@dataclass
+class Report:
+    """Everything the report says; matrix.md and summary.json are two renderings of it."""
+
+    table: list[dict]
+    problems: list[str]
+    grid: dict[str, dict[str, dict[str, str]]]
+    new_releases: list[str]
+    previous: dict[str, str] | None  # the verdicts of the summary.json found before writing, None if none
+    n_records: int
+
+    @property
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.table:
+            out[r["status"]] = out.get(r["status"], 0) + 1
+        return dict(sorted(out.items()))
+
+    @property
+    def bad(self) -> int:
+        """Cells that are FAIL, XPASS or error, plus record files refused: the exit status's reason."""
+        return sum(self.counts.get(k, 0) for k in BAD) + len(self.problems)
+
+    def problem_lines(self) -> list[str]:
+        """Refused files, then ambiguous cells (duplicate, never finished)."""
+        return [*self.problems, *(f"{r['cell']}: {r['why']}" for r in self.table if r["ambiguous"])]
+
+
+def build(loaded: Loaded, previous: dict | None) -> Report:
+    """The report of what was loaded, against the previous summary (for new releases and moved verdicts)."""
+    table = rows(loaded.records, loaded.sources)
+    releases = sorted({r["transformers"] for r in table}, key=version_key)
+    new = [v for v in releases if v not in set(previous["releases"])] if previous is not None else []
+    return Report(
+        table=table,
+        problems=list(loaded.problems),
+        grid=grid(table),
+        new_releases=new,
+        previous=previous["verdicts"] if previous is not None else None,
+        n_records=len(loaded.records) + len(loaded.problems),
+    )
+
+
+def read_previous(summary_path: Path) -> dict | None:
+    """The committed summary.json: {"verdicts": {cell id: verdict}, "releases": [...]}, or None if absent.
+
+    A corrupt one is an error (exit 2): the "newly broken" and "new release" lines depend on it.
+    """
+    if not summary_path.exists():
+        return None
+    todo = "restore it (git checkout -- results/summary.json) or delete it"
+    try:
+        data = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OpensciPatchError(f"{summary_path}: unreadable summary ({exc}); {todo}") from None
+    verdicts = data.get("verdicts") if isinstance(data, dict) else None
+    if not isinstance(verdicts, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in verdicts.items()
+    ):
+        raise OpensciPatchError(f"{summary_path}: not a report summary (no 'verdicts' of cell -> verdict); {todo}")
+    releases = data.get("releases")
+    if not (isinstance(releases, list) and all(isinstance(v, str) for v in releases)):
+        # summaries before 'releases' was written: the release is the cell id's first field (tf<release>-...)
+        releases = sorted({cid.split("-")[0].removeprefix("tf") for cid in verdicts}, key=version_key)
+    return {"verdicts": verdicts, "releases": releases}
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def summary_json(rep: Report, date: str, machine: str) -> dict:
+    return _jsonable(
+        {
+            "generated": date,
+            "machine": machine,
+            "reference": list(REFERENCE),
+            "counts": rep.counts,
+            "problems": rep.problem_lines(),
+            "releases": sorted({r["transformers"] for r in rep.table}, key=version_key),
+            "new_releases": rep.new_releases,
+            "grid": rep.grid,
+            "verdicts": {r["cell"]: r["status"] for r in rep.table},
+            "rows": rep.table,
+        }
+    )
+
+
+def matrix_markdown(rep: Report, *, title: str, date: str, machine: str, grid_png: bool, paris_png: bool) -> str:
+    counts = ", ".join(f"{k} {v}" for k, v in rep.counts.items())
+    lines = [
+        f"# {title}",
+        "",
+        f"Generated {date} on {machine} from {rep.n_records} record files.",
+        "",
+        f"Counts: {counts}" + (f"; problems {len(rep.problem_lines())}" if rep.problem_lines() else ""),
+        "",
+    ]
+    if rep.previous is None:
+        lines += ["New releases: none marked (no previous summary.json to compare with).", ""]
+    elif rep.new_releases:
+        lines += [f"New releases since the last summary: {', '.join(rep.new_releases)} (marked `(new)`).", ""]
+    for name, cells in rep.grid.items():
+        if len(rep.grid) > 1:
+            lines += [f"### {name}", ""]
+        lines += [markdown_grid(cells, set(rep.new_releases)), ""]
+    if grid_png:
+        lines += ["![release x variant grid](matrix_grid.png)", ""]
+    else:
+        lines += ["(No grid picture: matplotlib is not installed; `pip install opensci-patch[plot]`.)", ""]
+    if rep.problem_lines():
+        lines += ["## Problems (exit status 1)", "", *(f"- {_cell_text(p)}" for p in rep.problem_lines()), ""]
+    moved = changes(rep.table, rep.previous or {})
+    if moved:
+        lines += ["## Changes since the last report", "", *moved, ""]
+    lines += [
+        "## Detail",
+        "",
+        f"Reference cell: transformers {' '.join(REFERENCE)} (same torch build, device, dtype, attention); "
+        "decode step 0 is the prompt's forward.",
+        "",
+        markdown_table(rep.table),
+        "",
+    ]
+    if paris_png:
+        lines += ['![" Paris" logit per release](paris_logit.png)', ""]
+    return "\n".join(lines)
+
+
+def _check_results_dir(results_dir: Path) -> None:
+    """One line (exit 2) before anything is computed or written, for a path that cannot hold results."""
+    if results_dir.exists() and not results_dir.is_dir():
+        raise DestinationError(f"{results_dir}: not a directory; pass --results a directory")
+    try:
+        results_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DestinationError(
+            f"{results_dir}: cannot create ({exc.strerror or exc}); pass a writable --results"
+        ) from None
+    if not os.access(results_dir, os.W_OK | os.X_OK):
+        raise DestinationError(f"{results_dir}: not writable; pass a writable --results")
 
 
 def write_report(
     records_dir: Path, results_dir: Path, *, title: str = "Cross-version matrix", machine: str | None = None, log=print
 ) -> int:
-    """Write results/<...>.md, summary.json and the plot; return the number of bad cells."""
-    recs = load_records(records_dir)
-    if not recs:
-        from .errors import OpensciPatchError
-
-        raise OpensciPatchError(f"{records_dir}: no cell records; run `nox -s matrix` first")
-    table = rows(recs)
-    results_dir.mkdir(parents=True, exist_ok=True)
+    """Write matrix.md, summary.json and the pictures; return the number of bad cells plus refused files."""
+    results_dir = Path(results_dir)
+    _check_results_dir(results_dir)
     summary_path = results_dir / "summary.json"
-    previous = json.loads(summary_path.read_text())["verdicts"] if summary_path.is_file() else {}
-    counts: dict[str, int] = {}
-    for r in table:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    previous = read_previous(summary_path)
+    loaded = load_records(records_dir)
+    if not loaded.records and not loaded.problems:
+        raise OpensciPatchError(f"{records_dir}: no cell records; run `nox -s matrix` first")
+    rep = build(loaded, previous)
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine = machine or f"{platform.machine()}, {platform.platform()}, python {platform.python_version()}"
-    lines = [
-        f"# {title}",
-        "",
-        f"Generated {date} on {machine} from {len(recs)} cell records.",
-        "",
-        "Counts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
-        "",
-    ]
-    moved = changes(table, previous)
-    if moved:
-        lines += ["## Changes since the last report", "", *moved, ""]
-    ref = " ".join(REFERENCE)
-    lines += [
-        f"Reference cell: transformers {ref} (same torch build, device, dtype, attention).",
-        "",
-        markdown_table(table),
-        "",
-    ]
-    has_plot = plot(table, results_dir / "paris_logit.png")
-    if has_plot:
-        lines += ['![" Paris" logit per release](paris_logit.png)', ""]
-    (results_dir / "matrix.md").write_text("\n".join(lines))
-    summary_path.write_text(
-        json.dumps(
-            {"generated": date, "machine": machine, "verdicts": {r["cell"]: r["status"] for r in table}}, indent=2
-        )
-        + "\n"
-    )
-    bad = sum(counts.get(k, 0) for k in BAD)
+    grid_png = plot_grid(rep.grid, set(rep.new_releases), results_dir / "matrix_grid.png") if rep.grid else False
+    if not grid_png and rep.grid:
+        log("matplotlib is not installed: no matrix_grid.png / paris_logit.png (pip install opensci-patch[plot])")
+    paris_png = plot(rep.table, results_dir / "paris_logit.png") if grid_png else False
+    text = matrix_markdown(rep, title=title, date=date, machine=machine, grid_png=grid_png, paris_png=paris_png)
+    records.write_atomic(results_dir / "matrix.md", text)
+    records.write_atomic(summary_path, summary_json(rep, date, machine))  # last: the next run diffs against it
     log(
-        f"wrote {results_dir / 'matrix.md'} ({len(table)} cells; "
-        + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        f"wrote {results_dir / 'matrix.md'} ({len(rep.table)} cells; "
+        + ", ".join(f"{k} {v}" for k, v in rep.counts.items())
+        + (f"; {len(rep.problem_lines())} problem(s)" if rep.problem_lines() else "")
         + ")"
     )
-    return bad
+    return rep.bad

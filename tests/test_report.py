@@ -1,145 +1,372 @@
-"""Verdicts and tables from cell records (pure functions: synthetic records suffice)."""
+"""The report's rules, on small records built here (records.Record / records.error_record)."""
 
 from __future__ import annotations
 
 import json
+import random
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from opensci_patch import report
-from opensci_patch.matrix import Cell, expectation
+from opensci_patch import records, report
+from opensci_patch.errors import DestinationError, OpensciPatchError
+from opensci_patch.matrix import MODELS, REFERENCE, Cell
+from opensci_patch.records import Record
+
+PASS = {"outcome": "pass", "reason": ""}
+XFAIL = {"outcome": "xfail", "reason": "declared to fail for a test"}
+REF_VERSION, REF_MODEL = REFERENCE
+STEPS = ["s0" * 32, "s1" * 32, "s2" * 32, "s3" * 32]
 
 
-def record(version: str, model: str, *, sha: str = "a" * 64, status: str = "ok", gen=(1, 2, 3)) -> dict:
-    cell = Cell(version, "cpu", model)
-    rec = {
-        "cell": {
-            "transformers": version,
-            "torch": "cpu",
-            "model": model,
-            "dtype": "float32",
-            "attn": "eager",
-            "device": "cpu",
-            "id": cell.id,
+def cell_of(version: str, model: str = REF_MODEL, attn: str = "eager", torch: str = "cpu") -> dict:
+    c = Cell(version, torch, model, "float32", attn)
+    return {"transformers": version, "torch": torch, "model": model, "dtype": "float32", "attn": attn,
+            "id": c.id, "device": c.device}  # fmt: skip
+
+
+def ok(version: str, model: str = REF_MODEL, *, expected=PASS, sha="a" * 64, steps=STEPS, ids=(5, 6, 7), **cell):
+    """A finished cell whose first logits hash to `sha` and whose decode steps hash to `steps`."""
+    return Record(
+        settings={"dtype": "float32", "attn": cell.get("attn", "eager"), "device": "cpu"},
+        environment={"transformers": version, "torch": "2.13.0+cpu"},
+        model={"patched": model != "original"},
+        target={"token": " Paris", "id": 5, "logit": 14.5, "rank": 1},
+        topk=[{"id": 5, "token": " Paris", "logit": 14.5}],
+        logits_sha256=sha,
+        generation={
+            "ids": list(ids),
+            "text": " Paris.",
+            "step_logits_sha256": list(steps),
+            "kv_check": {"ok": True, "tolerance": 1e-4, "max_abs_diff": 0.0, "first_bad_step": None, "detail": ""},
         },
-        "expected": {"outcome": expectation(cell).outcome, "reason": expectation(cell).reason},
-        "status": status,
-        "environment": {"transformers": version, "torch": "2.13.0+cpu"},
-    }
-    if status == "ok":
-        rec |= {
-            "logits_sha256": sha,
-            "generation": {"ids": list(gen), "text": " Paris."},
-            "target": {"token": " Paris", "logit": 14.5, "rank": 1},
-            "topk": [{"id": 5, "token": " Paris", "logit": 14.5}],
-        }
-    else:
-        rec["error"] = {"type": "ImportError", "message": "cannot import name 'LossKwargs'"}
+        cell=cell_of(version, model, **cell),
+        expected=expected,
+    )
+
+
+def failed(version: str, model: str = REF_MODEL, status: str = "load-error", *, expected=PASS) -> Record:
+    rec = records.error_record(cell_of(version, model), status, "ImportError", "cannot import name 'X'", "tb")
+    rec.expected = expected
     return rec
 
 
-def verdicts(recs: list[dict]) -> dict[str, str]:
-    return {r["cell"]: r["status"] for r in report.rows(recs)}
-
-
-def test_bit_identical_patched_cell_passes():
-    recs = [record("4.48.0", "patched"), record("5.2.0", "patched")]
-    assert set(verdicts(recs).values()) == {"pass"}
-
-
-def test_patched_cell_with_other_logits_fails_even_if_it_predicts_paris():
-    recs = [record("4.48.0", "patched"), record("5.2.0", "patched", sha="b" * 64)]
-    assert verdicts(recs)[Cell("5.2.0", "cpu", "patched").id] == "FAIL"
-
-
-def test_patched_cell_with_other_generation_fails():
-    recs = [record("4.48.0", "patched"), record("5.2.0", "patched", gen=(1, 2, 4))]
-    assert verdicts(recs)[Cell("5.2.0", "cpu", "patched").id] == "FAIL"
-
-
-def test_original_load_error_is_an_expected_failure():
-    recs = [record("4.48.0", "patched"), record("5.2.0", "original", status="load-error")]
-    assert verdicts(recs)[Cell("5.2.0", "cpu", "original").id] == "expected-fail"
-
-
-def test_strict_xfail_reports_an_unexpected_pass():
-    """5.0 patched is declared to fail; if it matches the reference, upstream changed: XPASS."""
-    recs = [record("4.48.0", "patched"), record("5.0.0", "patched")]
-    assert verdicts(recs)[Cell("5.0.0", "cpu", "patched").id] == "XPASS"
-
-
-def test_env_error_is_an_error_not_an_expected_failure():
-    recs = [record("4.48.0", "patched"), record("5.0.0", "original", status="env-error")]
-    assert verdicts(recs)[Cell("5.0.0", "cpu", "original").id] == "error"
-
-
-def test_missing_reference_cell_fails_rather_than_passes():
-    assert verdicts([record("5.2.0", "patched")])[Cell("5.2.0", "cpu", "patched").id] == "FAIL"
-
-
-@pytest.mark.parametrize(("bad_version", "sha", "expect_bad"), [("5.2.0", "a" * 64, 0), ("5.2.0", "c" * 64, 1)])
-def test_write_report_counts_bad_cells_and_writes_tables(tmp_path: Path, bad_version, sha, expect_bad):
-    records = tmp_path / "records"
-    records.mkdir()
-    for rec in [record("4.48.0", "patched"), record(bad_version, "patched", sha=sha)]:
-        (records / f"{rec['cell']['id']}.json").write_text(json.dumps(rec))
-    bad = report.write_report(records, tmp_path / "results", log=lambda *a: None)
-    assert bad == expect_bad
-    md = (tmp_path / "results" / "matrix.md").read_text()
-    assert "| 5.2.0" in md and ("FAIL" in md) == bool(expect_bad)
-
-
-def test_report_lists_newly_broken_cells_first(tmp_path: Path):
-    records = tmp_path / "records"
-    records.mkdir()
-    good, moved = record("4.48.0", "patched"), record("5.2.0", "patched")
-    for rec in (good, moved):
-        (records / f"{rec['cell']['id']}.json").write_text(json.dumps(rec))
-    report.write_report(records, tmp_path / "results", log=lambda *a: None)
-    moved["logits_sha256"] = "d" * 64
-    (records / f"{moved['cell']['id']}.json").write_text(json.dumps(moved))
-    report.write_report(records, tmp_path / "results", log=lambda *a: None)
-    md = (tmp_path / "results" / "matrix.md").read_text()
-    assert "### Newly broken" in md
-    assert md.index("### Newly broken") < md.index("| transformers")
-
-
-def test_expectations_follow_the_declared_upstream_behaviour():
-    assert expectation(Cell("4.48.0", model="original")).outcome == "xfail"
-    assert expectation(Cell("5.0.0", model="patched")).outcome == "xfail"
-    assert expectation(Cell("5.1.0", model="patched")).outcome == "xfail"
-    assert expectation(Cell("5.0.0", model="patched+init")).outcome == "pass"
-    assert {expectation(Cell(v, model="generated")).outcome for v in ("4.48.0", "5.0.0", "5.2.0")} == {"pass"}
-    assert expectation(Cell("5.2.0", model="structural")).outcome == "xfail"
-    assert expectation(Cell("4.57.6", model="structural")).outcome == "pass"
-    assert expectation(Cell("5.23.0", model="patched")).outcome == "pass"
-
-
-def _with_attn(rec: dict, attn: str, device_name: str | None = None) -> dict:
-    rec["cell"] = rec["cell"] | {"attn": attn, "id": rec["cell"]["id"].replace("-eager", f"-{attn}")}
-    if device_name:
-        rec["cell"] |= {"torch": "cuda", "device": "cuda", "id": rec["cell"]["id"].replace("-cpu-", "-cuda-")}
-    if device_name:
-        rec["environment"]["device_name"] = device_name
+def mismatch(version: str, model: str = REF_MODEL, *, expected=PASS) -> Record:
+    rec = ok(version, model, expected=expected)
+    rec.status = "generate-mismatch"
+    detail = "step 1: cached logits differ by 3.2 from the no-cache recomputation"
+    kv = {"ok": False, "tolerance": 1e-4, "max_abs_diff": 3.2, "first_bad_step": 1, "detail": detail}
+    rec.generation["kv_check"] = kv
     return rec
 
 
-def test_each_attention_is_compared_with_its_own_reference_and_shown_in_its_own_row(tmp_path: Path):
-    recs = [
-        _with_attn(record("4.48.0", "patched", sha="e" * 64), "eager", "NVIDIA H100 80GB HBM3"),
-        _with_attn(record("4.48.0", "patched", sha="s" * 64), "sdpa", "NVIDIA H100 80GB HBM3"),
-        _with_attn(record("5.2.0", "patched", sha="e" * 64), "eager", "NVIDIA H100 80GB HBM3"),
-        _with_attn(record("5.2.0", "patched", sha="e" * 64), "sdpa", "NVIDIA H100 80GB HBM3"),  # != sdpa ref
-    ]
-    table = report.rows(recs)
-    got = {(r["transformers"], r["attn"]): r["status"] for r in table}
-    assert got == {("4.48.0", "eager"): "pass", ("4.48.0", "sdpa"): "pass", ("5.2.0", "eager"): "pass",
-                   ("5.2.0", "sdpa"): "FAIL"}  # fmt: skip
-    assert {r["device"] for r in table} == {"cuda: NVIDIA H100 80GB HBM3"}
-    cpu = record("4.48.0", "patched")
-    cpu["environment"]["device_name"] = "x86_64"  # what capture records on a CPU
-    assert report.rows([cpu])[0]["device"] == "cpu"
-    text = report.markdown_table(table)
-    assert [h.strip() for h in text.splitlines()[0].strip("|").split("|")][3:5] == ["dtype", "attn"]
-    assert sum(" sdpa " in line for line in text.splitlines()) == 2
+def verdicts(recs: list[Record]) -> dict[str, tuple[str, str]]:
+    return {r["cell"]: (r["status"], r["why"]) for r in report.rows(recs)}
+
+
+def vid(version: str, model: str = REF_MODEL) -> str:
+    return cell_of(version, model)["id"]
+
+
+def write_records(d: Path, recs: list[Record], names: list[str] | None = None) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    for i, rec in enumerate(recs):
+        records.write_atomic(d / (names[i] if names else f"{rec.cell_id}.json"), rec)
+    return d
+
+
+def run_report(tmp_path: Path, recs: list[Record] | None = None, **kw) -> tuple[int, str, dict]:
+    if recs is not None:
+        write_records(tmp_path / "records", recs)
+    bad = report.write_report(tmp_path / "records", tmp_path / "results", log=lambda *a: None, **kw)
+    res = tmp_path / "results"
+    return bad, (res / "matrix.md").read_text(), json.loads((res / "summary.json").read_text())
+
+
+# --- verdicts ---------------------------------------------------------------------------------------------------
+
+
+def test_bit_identical_cell_passes_and_different_first_logits_fail():
+    got = verdicts([ok(REF_VERSION), ok("5.2.0"), ok("5.23.0", sha="b" * 64)])
+    assert got[vid("5.2.0")] == ("pass", "")
+    assert got[vid("5.23.0")] == ("FAIL", "logits differ from the reference cell")
+
+
+def test_same_first_logits_but_a_different_decode_step_fails_naming_the_step():
+    """The 5.24 failure: the prompt's forward is bit-identical, the KV-cache decode loop is not."""
+    steps = [*STEPS[:3], "ff" * 32]
+    got = verdicts([ok(REF_VERSION), ok("5.24.0", steps=steps)])
+    assert got[vid("5.24.0")] == ("FAIL", "decode step 3 logits differ from the reference cell")
+    row = next(r for r in report.rows([ok(REF_VERSION), ok("5.24.0", steps=steps)]) if r["transformers"] == "5.24.0")
+    assert row["bit_identical"] is True and row["decode_steps"].startswith("decode step 3")
+
+
+def test_fewer_decode_steps_than_the_reference_fail():
+    status, why = verdicts([ok(REF_VERSION), ok("5.2.0", steps=STEPS[:2])])[vid("5.2.0")]
+    assert status == "FAIL" and "2 decode steps" in why and str(len(STEPS)) in why
+
+
+def test_other_greedy_tokens_fail_even_with_equal_step_hashes():
+    assert verdicts([ok(REF_VERSION), ok("5.2.0", ids=(5, 6, 8))])[vid("5.2.0")][0] == "FAIL"
+
+
+def test_generate_mismatch_is_fail_with_its_detail_or_expected_fail_when_declared():
+    got = verdicts([ok(REF_VERSION), mismatch("5.24.0"), mismatch("5.23.0", expected=XFAIL)])
+    status, why = got[vid("5.24.0")]
+    assert status == "FAIL" and why.startswith("generate-mismatch: step 1: cached logits differ")
+    assert got[vid("5.23.0")] == ("expected-fail", XFAIL["reason"])
+
+
+def test_nonfinite_logits_and_model_errors_fail_when_expected_to_pass():
+    nan = failed("5.2.0", status="nonfinite-logits")
+    got = verdicts([ok(REF_VERSION), nan, failed("5.23.0")])
+    assert got[vid("5.2.0")][0] == "FAIL" and got[vid("5.2.0")][1].startswith("nonfinite-logits")
+    assert got[vid("5.23.0")] == ("FAIL", "load-error: ImportError: cannot import name 'X'")
+
+
+def test_declared_expectation_in_the_record_decides_between_expected_fail_fail_pass_and_xpass():
+    """The report judges against what the cell declared when it ran, not against a table of its own."""
+    same = [ok(REF_VERSION), ok("5.2.0", expected=XFAIL), failed("5.23.0", expected=XFAIL)]
+    got = verdicts(same)
+    assert got[vid("5.2.0")][0] == "XPASS" and XFAIL["reason"] in got[vid("5.2.0")][1]
+    assert got[vid("5.23.0")] == ("expected-fail", XFAIL["reason"])
+    flipped = [ok(REF_VERSION), ok("5.2.0", expected=PASS), failed("5.23.0", expected=PASS)]
+    assert [verdicts(flipped)[vid(v)][0] for v in ("5.2.0", "5.23.0")] == ["pass", "FAIL"]
+
+
+@pytest.mark.parametrize("status", records.RUN_ERRORS)
+def test_a_cell_that_could_not_run_is_an_error_even_when_a_failure_was_expected(status: str):
+    assert verdicts([ok(REF_VERSION), failed("5.0.0", status=status, expected=XFAIL)])[vid("5.0.0")][0] == "error"
+
+
+def test_without_a_reference_cell_nothing_passes():
+    assert verdicts([ok("5.2.0")])[vid("5.2.0")] == ("FAIL", "no reference cell to compare with")
+    assert verdicts([failed(REF_VERSION), ok("5.2.0")])[vid("5.2.0")][0] == "FAIL"
+
+
+def test_each_attention_and_device_is_compared_with_its_own_reference():
+    recs = [ok(REF_VERSION, sha="e" * 64), ok(REF_VERSION, sha="f" * 64, attn="sdpa"),
+            ok("5.2.0", sha="e" * 64), ok("5.2.0", sha="e" * 64, attn="sdpa")]  # fmt: skip
+    got = {(r["transformers"], r["attn"]): r["status"] for r in report.rows(recs)}
+    assert got[("5.2.0", "eager")] == "pass" and got[("5.2.0", "sdpa")] == "FAIL"
+    gpu = ok(REF_VERSION, torch="cuda")
+    gpu.environment["device_name"] = "NVIDIA H100 80GB HBM3"
+    cpu = ok(REF_VERSION)
+    cpu.environment["device_name"] = "x86_64"  # what capture records on a CPU
+    assert [r["device"] for r in report.rows([cpu, gpu])] == ["cpu", "cuda: NVIDIA H100 80GB HBM3"]
+
+
+# --- ambiguity --------------------------------------------------------------------------------------------------
+
+
+def test_reference_choice_does_not_depend_on_file_names_or_order(tmp_path: Path):
+    """A reference-looking record that sorts first must not win: two records for one cell are refused."""
+    recs = [ok(REF_VERSION), ok(REF_VERSION, sha="z" * 64), ok("5.2.0")]
+    results = []
+    for i, names in enumerate((["0.json", "1.json", "2.json"], ["b.json", "a.json", "c.json"])):
+        order = list(range(3))
+        random.Random(i).shuffle(order)
+        write_records(tmp_path / f"r{i}", [recs[j] for j in order], [names[j] for j in order])
+        loaded = report.load_records(tmp_path / f"r{i}")
+        results.append([(r["cell"], r["status"]) for r in report.rows(loaded.records, loaded.sources)])
+    assert results[0] == results[1]
+    got = dict(results[0])
+    assert got[vid(REF_VERSION)] == "error"
+    assert got[vid("5.2.0")] == "FAIL"  # no trusted reference, so no pass
+
+
+def test_duplicate_records_for_one_cell_are_an_error_listed_with_both_files(tmp_path: Path):
+    write_records(tmp_path / "records", [ok(REF_VERSION), ok("5.2.0"), ok("5.2.0")],
+                  [f"{vid(REF_VERSION)}.json", "first.json", "second.json"])  # fmt: skip
+    bad, md, summary = run_report(tmp_path)
+    assert bad == 1
+    assert summary["verdicts"][vid("5.2.0")] == "error"
+    (line,) = summary["problems"]
+    assert vid("5.2.0") in line and "first.json" in line and "second.json" in line
+    assert "## Problems" in md and "first.json" in md
+
+
+def test_a_running_placeholder_is_never_finished_not_the_previous_result(tmp_path: Path):
+    placeholder = records.running_record(cell_of("5.2.0"), expected=PASS)
+    bad, md, summary = run_report(tmp_path, [ok(REF_VERSION), placeholder])
+    assert bad == 1
+    assert summary["verdicts"][vid("5.2.0")] == "error"
+    assert any(vid("5.2.0") in p and "never finished" in p for p in summary["problems"])
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"schema_version": 2, "status": ', "truncated"),
+        ('{"status": "ok"}', "no schema_version"),
+        ('{"schema_version": 99}', "schema_version 99"),
+    ],
+)
+def test_unreadable_or_unknown_schema_records_are_problems_and_fail_the_run(tmp_path: Path, content, message):
+    write_records(tmp_path / "records", [ok(REF_VERSION)])
+    (tmp_path / "records" / "broken.json").write_text(content)
+    bad, md, summary = run_report(tmp_path)
+    assert bad == 1
+    assert len(summary["problems"]) == 1 and "broken.json" in summary["problems"][0]
+    assert message in summary["problems"][0] and message in md
+    assert summary["counts"] == {"pass": 1}
+
+
+def test_a_capture_record_without_a_cell_is_a_problem_not_skipped(tmp_path: Path):
+    stray = ok(REF_VERSION)
+    stray.cell = stray.expected = None
+    write_records(tmp_path / "records", [ok(REF_VERSION)])
+    records.write_atomic(tmp_path / "records" / "stray.json", stray)
+    bad, _, summary = run_report(tmp_path)
+    assert bad == 1 and "stray.json" in summary["problems"][0]
+
+
+# --- outputs ----------------------------------------------------------------------------------------------------
+
+
+def _md_table(md: str, first_header: str) -> list[list[str]]:
+    start = md.index(f"| {first_header}")
+    lines = []
+    for line in md[start:].splitlines():
+        if not line.startswith("|"):
+            break
+        lines.append([c.strip() for c in line.strip("|").split("|")])
+    return [lines[0], *lines[2:]]
+
+
+def test_matrix_md_and_summary_json_agree(tmp_path: Path):
+    recs = [ok(REF_VERSION), ok("5.2.0", sha="b" * 64), failed("5.2.0", "original", expected=XFAIL),
+            mismatch("5.24.0"), failed("5.24.0", "structural", "crash")]  # fmt: skip
+    bad, md, summary = run_report(tmp_path, recs)
+    header, *grid_rows = _md_table(md, "transformers")
+    assert header[1:] == list(MODELS)
+    (grid,) = summary["grid"].values()
+    assert {r[0]: dict(zip(header[1:], r[1:], strict=True)) for r in grid_rows} == grid
+    detail_header, *detail = _md_table(md[md.index("## Detail") :], "transformers")
+    col = {h: i for i, h in enumerate(detail_header)}
+    md_verdicts = {(r[col["transformers"]], r[col["model"]]): r[col["status"]] for r in detail}
+    assert md_verdicts == {(r["transformers"], r["model"]): r["status"] for r in summary["rows"]}
+    assert {r["cell"]: r["status"] for r in summary["rows"]} == summary["verdicts"]
+    counts = re.search(r"Counts: (.*)", md)[1]
+    assert counts == ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
+    assert bad == sum(summary["counts"].get(k, 0) for k in report.BAD) > 0
+
+
+def test_grid_has_one_row_per_release_a_column_per_variant_and_says_missing():
+    table = report.rows([ok(REF_VERSION), failed("5.2.0", "original", expected=XFAIL)])
+    (cells,) = report.grid(table).values()
+    assert list(cells) == [REF_VERSION, "5.2.0"]
+    assert list(cells["5.2.0"]) == list(MODELS)
+    assert cells["5.2.0"]["original"] == "expected-fail"
+    assert cells["5.2.0"][REF_MODEL] == report.MISSING
+
+
+def test_a_new_variant_in_matrix_models_reaches_the_grid_and_the_plot(monkeypatch):
+    monkeypatch.setattr(report, "MODELS", {**MODELS, "brand-new": ()})
+    table = report.rows([ok(REF_VERSION), ok("5.2.0", "brand-new")])
+    (cells,) = report.grid(table).values()
+    assert list(cells[REF_VERSION])[-1] == "brand-new"
+    series = {model: pts for model, _, pts in report.paris_series(table)}
+    assert set(series) == set(MODELS) | {"brand-new"} and series["brand-new"] == [(1, 14.5)]
+    # a record of a variant the matrix no longer lists is still shown, not dropped
+    monkeypatch.setattr(report, "MODELS", {m: v for m, v in MODELS.items() if m != "generated"})
+    assert "generated" in report.variants(report.rows([ok(REF_VERSION, "generated")]))
+
+
+def test_releases_new_since_the_committed_summary_are_marked(tmp_path: Path):
+    run_report(tmp_path, [ok(REF_VERSION), ok("5.2.0")])
+    write_records(tmp_path / "records", [ok("5.24.0")])
+    _, md, summary = run_report(tmp_path)
+    assert summary["new_releases"] == ["5.24.0"]
+    grid_releases = [r[0] for r in _md_table(md, "transformers")[1:]]
+    assert grid_releases == [REF_VERSION, "5.2.0", "5.24.0 (new)"]
+    _, md, summary = run_report(tmp_path)  # now 5.24.0 is in the summary the run found
+    assert summary["new_releases"] == [] and "(new)" not in md
+
+
+def test_new_releases_against_a_summary_written_before_releases_were_recorded(tmp_path: Path):
+    (tmp_path / "results").mkdir()
+    old = {"generated": "x", "machine": "y", "verdicts": {vid(REF_VERSION): "pass", vid("5.2.0"): "pass"}}
+    (tmp_path / "results" / "summary.json").write_text(json.dumps(old))
+    _, _, summary = run_report(tmp_path, [ok(REF_VERSION), ok("5.2.0"), ok("5.3.0")])
+    assert summary["new_releases"] == ["5.3.0"]
+
+
+def test_newly_broken_cells_are_listed_before_the_tables(tmp_path: Path):
+    run_report(tmp_path, [ok(REF_VERSION), ok("5.2.0")])
+    write_records(tmp_path / "records", [ok("5.2.0", sha="d" * 64)])
+    _, md, _ = run_report(tmp_path)
+    assert "### Newly broken" in md and vid("5.2.0") in md
+    assert md.index("### Newly broken") < md.index("## Detail")
+
+
+def test_pictures_are_written_with_matplotlib(tmp_path: Path):
+    pytest.importorskip("matplotlib")  # the [plot] extra; the test below covers its absence
+    _, md, _ = run_report(tmp_path / "with", [ok(REF_VERSION), ok("5.2.0")])
+    for name in ("matrix_grid.png", "paris_logit.png"):
+        assert (tmp_path / "with" / "results" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "(matrix_grid.png)" in md
+
+
+def test_without_matplotlib_only_the_pictures_are_skipped(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(report, "_pyplot", lambda: None)
+    bad, md, summary = run_report(tmp_path, [ok(REF_VERSION), ok("5.2.0")])
+    assert bad == 0 and "matplotlib is not installed" in md and summary["counts"] == {"pass": 2}
+    assert not list((tmp_path / "results").glob("*.png"))
+
+
+# --- bad results paths: one line, exit 2 ------------------------------------------------------------------------
+
+
+def test_results_path_that_is_a_file_or_under_a_file_is_refused(tmp_path: Path):
+    write_records(tmp_path / "records", [ok(REF_VERSION)])
+    (tmp_path / "file").write_text("")
+    for results in (tmp_path / "file", tmp_path / "file" / "sub"):
+        with pytest.raises(DestinationError):
+            report.write_report(tmp_path / "records", results, log=lambda *a: None)
+
+
+def test_read_only_results_dir_is_refused_before_anything_is_written(tmp_path: Path, monkeypatch):
+    """chmod does not stop root (these tests may run as root), so the write check itself is faked."""
+    write_records(tmp_path / "records", [ok(REF_VERSION)])
+    monkeypatch.setattr(report.os, "access", lambda *a: False)
+    with pytest.raises(DestinationError, match="not writable"):
+        report.write_report(tmp_path / "records", tmp_path / "results", log=lambda *a: None)
+    assert not list((tmp_path / "results").iterdir())
+
+
+@pytest.mark.parametrize("content", ["{", "[]", '{"verdicts": {"a": 1}}'])
+def test_corrupt_committed_summary_is_an_error_not_overwritten(tmp_path: Path, content: str):
+    write_records(tmp_path / "records", [ok(REF_VERSION)])
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "summary.json").write_text(content)
+    with pytest.raises(OpensciPatchError, match="summary.json"):
+        report.write_report(tmp_path / "records", tmp_path / "results", log=lambda *a: None)
+    assert (tmp_path / "results" / "summary.json").read_text() == content
+
+
+def test_cli_report_bad_paths_are_one_line_and_exit_2(tmp_path: Path):
+    write_records(tmp_path / "records", [ok(REF_VERSION)])
+    (tmp_path / "file").write_text("")
+    for results in (tmp_path / "file",):
+        proc = subprocess.run(
+            [sys.executable, "-m", "opensci_patch.cli", "report", "--records", str(tmp_path / "records"),
+             "--results", str(results)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_cli_report_exits_1_on_a_problem(tmp_path: Path):
+    write_records(tmp_path / "records", [ok(REF_VERSION)])
+    (tmp_path / "records" / "broken.json").write_text("{")
+    proc = subprocess.run(
+        [sys.executable, "-m", "opensci_patch.cli", "report", "--records", str(tmp_path / "records"),
+         "--results", str(tmp_path / "results")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
