@@ -7,6 +7,9 @@ reference, not "whatever 4.x said", so bisection never assumes which side is rig
 
 Every probed release gets its own reused environment (`envs`), so a second bisect over the
 same range installs nothing. The driver needs only the standard library (plus `packaging`).
+
+A cell that could not run (environment, hotfix, crash) says nothing about the release's
+logits, so it stops the search with its reason instead of being counted as bad.
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ from pathlib import Path
 
 from packaging.version import InvalidVersion, Version
 
+from . import records
+from .diagnose import TOLERANCE
 from .errors import OpensciPatchError
 from .matrix import Cell, run_cell
+from .records import Record
 
 PYPI_JSON = "https://pypi.org/pypi/transformers/json"
-# fp32 eager on CPU agrees with fp64 to ~4e-6 on the shipped checkpoint; broken RoPE is > 1.
-REFERENCE_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
+# Absolute bound on max |logit - fp64 ref|, per dtype: diagnose's stage tolerances (one definition). fp32 eager on
+# CPU agrees with fp64 to ~4e-6 on the shipped checkpoint; broken RoPE is > 1.
 
 
 @dataclass
@@ -55,25 +61,41 @@ def released_versions(timeout: float = 30) -> list[str]:
     return sorted(out, key=Version)
 
 
+def release(value: str, flag: str) -> Version:
+    """A release number given on the command line, or one line saying what was expected."""
+    try:
+        return Version(value)
+    except InvalidVersion:
+        raise OpensciPatchError(f"{flag} {value!r} is not a transformers release number (e.g. 4.57.6)") from None
+
+
 def between(versions: list[str], good: str, bad: str) -> list[str]:
     """Releases from `good` to `bad` inclusive, oldest first."""
-    g, b = Version(good), Version(bad)
+    g, b = release(good, "--good"), release(bad, "--bad")
     if g >= b:
         raise OpensciPatchError(f"--good {good} must be older than --bad {bad}")
     span = [v for v in sorted(set(versions) | {good, bad}, key=Version) if g <= Version(v) <= b]
     return span
 
 
-def judge(record: dict) -> tuple[bool, str]:
-    """Good = ran and agrees with the fp64 reference within the dtype's tolerance."""
-    if record.get("status") != "ok":
-        err = record.get("error") or {}
-        return False, f"{record.get('status')}: {err.get('type', '')} {err.get('message', '')}".strip()
-    ref = record.get("reference")
-    if not ref:
+def judge(record: Record) -> tuple[bool, str]:
+    """Good = ran and agrees with the fp64 reference within the dtype's tolerance.
+
+    A cell that could not run, or never finished, is no evidence either way: OpensciPatchError.
+    """
+    if record.status in records.RUN_ERRORS or record.status == records.RUNNING:
+        err = record.error or {}
+        raise OpensciPatchError(
+            f"cannot judge transformers {record.environment.get('transformers', '?')}: {record.status}: "
+            f"{err.get('message', '')}; fix it (see the record) and re-run"
+        )
+    if record.status != records.OK:
+        err = record.error or {}
+        return False, f"{record.status}: {err.get('type', '')} {err.get('message', '')}".strip()
+    if not record.reference:
         return False, "no fp64 reference in the record (checkpoint too large? use a smaller one)"
-    tol = REFERENCE_TOLERANCE[record["settings"]["dtype"]]
-    gap = ref["max_abs_diff"]
+    tol = TOLERANCE[record.settings["dtype"]]
+    gap = record.reference["max_abs_diff"]
     return gap <= tol, f"max |logit - fp64 ref| = {gap:.3g} (tolerance {tol:g})"
 
 
@@ -89,6 +111,7 @@ def bisect(
     log: Callable[[str], object] = print,
 ) -> tuple[str, str, list[Probe]]:
     """Return (last good release, first bad release, probes in the order they ran)."""
+    release(good, "--good"), release(bad, "--bad")  # before listing releases on the index: a typo fails fast
     span = between(versions if versions is not None else released_versions(), good, bad)
     work = work or Path(tempfile.mkdtemp(prefix="opensci-bisect-"))
     log(f"bisecting {len(span)} releases {span[0]} .. {span[-1]} (variant {variant}, torch {torch_build})")
@@ -98,7 +121,7 @@ def bisect(
     def probe(v: str) -> bool:
         if v not in cache:
             path = run_cell(Cell(v, torch_build, variant), model_dir, work / "records", log=lambda m: log(f"    {m}"))
-            ok, why = judge(json.loads(path.read_text()))
+            ok, why = judge(records.load(path))
             probes.append(Probe(v, ok, why, path))
             cache[v] = ok
             log(f"  {v}: {'good' if ok else 'BAD'} ({why})")

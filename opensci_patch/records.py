@@ -260,7 +260,9 @@ def load(path: Path | str) -> Record:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        what = "truncated JSON" if exc.pos >= len(text.rstrip()) else f"invalid JSON ({exc.msg}, line {exc.lineno})"
+        # cut short (a killed writer): the parser ran off the end, or a string never closes
+        cut = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")
+        what = "truncated JSON" if cut else f"invalid JSON ({exc.msg}, line {exc.lineno})"
         raise _fail(path, what) from None
     if not isinstance(data, dict):
         raise _fail(path, f"a JSON {type(data).__name__}, not a record object")

@@ -2,26 +2,42 @@
 
 from __future__ import annotations
 
-import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from opensci_patch import bisect as bisect_mod
+from opensci_patch import records
+from opensci_patch.diagnose import TOLERANCE
 from opensci_patch.errors import OpensciPatchError
+from opensci_patch.records import Record
 
 RELEASES = ["4.55.0", "4.56.0", "4.57.6", "5.0.0", "5.1.0", "5.2.0", "5.3.0"]
 
 
-def fake_runner(first_bad: str, probed: list[str]):
-    def run_cell(cell, model_dir, records, **kwargs) -> Path:
+def measured(gap: float, dtype: str = "float32", version: str = "5.2.0") -> Record:
+    """A finished capture whose logits are `gap` away from the fp64 reference."""
+    kv = {"ok": True, "tolerance": 1e-4, "max_abs_diff": 0.0, "first_bad_step": None, "detail": ""}
+    return Record(
+        settings={"dtype": dtype},
+        environment={"transformers": version},
+        logits_sha256="a" * 64,
+        generation={"ids": [1], "text": "x", "step_logits_sha256": ["a" * 64], "kv_check": kv},
+        reference={"dtype": "float64", "max_abs_diff": gap},
+    )
+
+
+def fake_runner(first_bad: str, probed: list[str], *, status: str | None = None):
+    def run_cell(cell, model_dir, records_dir, **kwargs) -> Path:
         probed.append(cell.transformers)
         bad = bisect_mod.Version(cell.transformers) >= bisect_mod.Version(first_bad)
-        rec = {"status": "ok", "settings": {"dtype": "float32"}, "reference": {"max_abs_diff": 4.7 if bad else 3e-6}}
-        records.mkdir(parents=True, exist_ok=True)
-        path = records / f"{cell.transformers}.json"
-        path.write_text(json.dumps(rec))
-        return path
+        rec = measured(4.7 if bad else 3e-6, version=cell.transformers)
+        if status and bad:
+            rec = records.error_record(cell, status, "EnvironmentSetupError", "uv: no such release", "log")
+        records_dir.mkdir(parents=True, exist_ok=True)
+        return records.write_atomic(records_dir / f"{cell.id}.json", rec)
 
     return run_cell
 
@@ -50,12 +66,70 @@ def test_between_keeps_the_range_and_orders_by_version():
         bisect_mod.between(RELEASES, "5.2.0", "4.57.6")
 
 
-def test_judge_uses_the_fp64_reference_not_another_release():
-    ok = {"status": "ok", "settings": {"dtype": "float32"}, "reference": {"max_abs_diff": 4e-6}}
-    off = ok | {"reference": {"max_abs_diff": 0.5}}
-    assert bisect_mod.judge(ok)[0] is True
-    assert bisect_mod.judge(off)[0] is False
-    assert bisect_mod.judge({"status": "load-error", "error": {"type": "ImportError", "message": "x"}})[0] is False
+def test_judge_uses_the_fp64_reference_and_diagnose_tolerance():
+    for dtype, tol in TOLERANCE.items():
+        assert bisect_mod.judge(measured(tol * 0.9, dtype))[0] is True
+        assert bisect_mod.judge(measured(tol * 1.1, dtype))[0] is False
+    failed = records.error_record(_cell("5.0.0"), "load-error", "ImportError", "x", "")
+    assert bisect_mod.judge(failed)[0] is False
+
+
+def _cell(v: str):
+    from opensci_patch.matrix import Cell
+
+    return Cell(v, "cpu", "structural")
+
+
+@pytest.mark.parametrize("status", [*records.RUN_ERRORS, records.RUNNING])
+def test_a_cell_that_could_not_run_stops_the_search_instead_of_counting_as_bad(monkeypatch, tmp_path, status):
+    monkeypatch.setattr(bisect_mod, "run_cell", fake_runner("5.0.0", [], status=status))
+    with pytest.raises(OpensciPatchError, match=f"cannot judge transformers .*{status}"):
+        bisect_mod.bisect("4.55.0", "5.3.0", model_dir=tmp_path, versions=RELEASES, work=tmp_path, log=lambda *a: None)
+
+
+def test_an_unreadable_record_stops_the_search(monkeypatch, tmp_path):
+    def truncated(cell, model_dir, records_dir, **kwargs) -> Path:
+        records_dir.mkdir(parents=True, exist_ok=True)
+        path = records_dir / "r.json"
+        path.write_text(measured(0.0).to_json()[:50])
+        return path
+
+    monkeypatch.setattr(bisect_mod, "run_cell", truncated)
+    with pytest.raises(records.RecordError, match="truncated"):
+        bisect_mod.bisect("4.55.0", "5.3.0", model_dir=tmp_path, versions=RELEASES, work=tmp_path, log=lambda *a: None)
+
+
+@pytest.mark.parametrize(("good", "bad", "flag"), [("abc", "5.2.0", "--good"), ("4.57.6", "5.x", "--bad")])
+def test_a_bad_release_number_is_refused_before_anything_runs(monkeypatch, tmp_path, good, bad, flag):
+    def no_index(*a, **k):
+        raise AssertionError("listed the package index")
+
+    monkeypatch.setattr(bisect_mod, "released_versions", no_index)
+    monkeypatch.setattr(bisect_mod, "run_cell", no_index)
+    with pytest.raises(OpensciPatchError, match=f"{flag} '.*' is not a transformers release"):
+        bisect_mod.bisect(good, bad, model_dir=tmp_path, work=tmp_path, log=lambda *a: None)
+
+
+def test_cli_bisect_good_abc_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "opensci_patch.cli",
+            "bisect",
+            "--good",
+            "abc",
+            "--bad",
+            "5.2.0",
+            "--work",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "--good 'abc'" in proc.stderr
 
 
 @pytest.mark.crossversion

@@ -125,6 +125,7 @@ def test_concurrent_writers_use_distinct_temp_files(tmp_path: Path):
 BAD_FILES = {
     "empty": ("", "empty file"),
     "truncated": (None, "truncated JSON"),
+    "truncated_in_a_string": ('{"schema_version": 2, "status": "o', "truncated JSON"),
     "garbage": ("{not json", "invalid JSON"),
     "list": ("[1, 2]", "not a record object"),
     "no_schema": ({"status": "ok"}, "no schema_version"),
