@@ -59,6 +59,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -76,6 +77,7 @@ TORCH_PIN = os.environ.get("OPENSCI_PATCH_TORCH_PIN", "2.13.0")
 TORCH_INDEX_VAR = "OPENSCI_PATCH_TORCH_INDEX_URL"
 WHEELS_VAR = "OPENSCI_PATCH_WHEELS"
 ROOT_VAR = "OPENSCI_PATCH_ENV_ROOT"
+FAULT_VAR = "OPENSCI_PATCH_FAULT"  # tests only: "point:SIGNAL[,point:SIGNAL...]", see fault_point
 
 MARKER = "opensci-patch-env.json"  # written last: its presence means "complete"
 SENTINEL = ".opensci-patch-env"  # written first: "this directory is ours"
@@ -113,6 +115,23 @@ class Env:
     transformers_version: str
     torch_build: str
     reused: bool
+
+
+def fault_point(name: str) -> None:
+    """Send this process the signal that $OPENSCI_PATCH_FAULT names for point `name` (fault-injection tests).
+
+    `OPENSCI_PATCH_FAULT=hotfix.copied:SIGKILL` kills a hotfix right after its copy, deterministically,
+    where a timer would hit a different point on every machine. tests/test_faults.py checks that a run
+    killed at any named point leaves SRC intact, DST absent or complete, and nothing the next run cannot
+    clean up. Unset (always, outside those tests) this is one dictionary lookup.
+    """
+    spec = os.environ.get(FAULT_VAR)
+    if not spec:
+        return
+    for item in spec.split(","):
+        point, _, sig = item.strip().partition(":")
+        if point == name:
+            os.kill(os.getpid(), getattr(signal, sig or "SIGKILL"))
 
 
 def default_root() -> Path:

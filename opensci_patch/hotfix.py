@@ -5,10 +5,19 @@ Safety rules, because the input is a user's (possibly only) copy of a multi-GB c
 - DST appears atomically: everything is built in a hidden sibling directory (same file
   system) and renamed into place, so Ctrl-C or a crash leaves either no DST or the old one,
   never a half-written one; the partial directory is removed on any exception.
+- One run per DST at a time: the run holds an exclusive `flock` on `.<DST>.lock` next to DST
+  from the first check to the swap; a second run to the same DST fails at once. SIGKILL leaves
+  `.<DST>.partial-<pid>-<hex>` (or `.old-` during a swap); the next run to that DST removes
+  those of dead pids, and only those it recognises as its own (a marker file or our manifest),
+  and puts a previous output back that a killed swap had moved aside.
 - An existing DST is replaced only with `force=True` and only if it holds our manifest
   (`opensci_patch_manifest.json`), i.e. an earlier hotfix made it: a directory we did not
-  create is never deleted, force or not. DST equal to SRC, inside SRC, or containing SRC is
-  refused.
+  create is never deleted, force or not. Checked again at the swap: a directory that appeared
+  at DST during the run (a user's, another tool's) is left as it is and the run fails. DST equal
+  to SRC, inside SRC, or containing SRC is refused.
+- A symlinked SRC is read through the link; the default DST is `<SRC>_fixed` next to the link as
+  the user named it, not next to the link's target. Links inside SRC are followed; two links to
+  one directory are copied twice; only a link back to a directory above it is a loop (an error).
 - Weights are copied, never hard-linked: a hard link shares the inode, so a later in-place
   write to the output would silently change the input. Each file is hashed while it is
   copied, in chunks, so multi-GB files are read once and never held in memory.
@@ -25,18 +34,25 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
-from collections.abc import Callable, Iterable
+import socket
+import stat
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
+from .envs import fault_point
 from .errors import DestinationError, ModelDirError
 from .patches import PATCHES, Patch, Status, apply_patches, select
 
 MANIFEST = "opensci_patch_manifest.json"
 TOOL = "opensci-patch"
+PARTIAL_MARK = ".opensci-patch-partial"  # inside a partial dir until the swap: "ours, being written by pid N"
+LOCK_TEXT = "opensci-patch hotfix lock\n"
 CHUNK = 8 << 20
 SKIP_DIRS = {"__pycache__"}
 STATUS_TEXT = {
@@ -95,14 +111,13 @@ def hotfix(
     a DST we may not write, PatchError when a needed patch cannot be applied.
     """
     source = _validate_source(Path(src))
-    target = Path(dst) if dst is not None else source.parent / f"{source.name}_fixed"
+    named = Path(os.path.abspath(src))  # as the user named it: a symlinked SRC's output goes next to the link
+    target = Path(dst) if dst is not None else named.parent / f"{named.name}_fixed"
     patches = select(extras, only)
-    if not check:
-        target = _prepare_destination(source, target, force)  # before the work, to fail fast
-    patched = [_patch_file(path, patches) for path in sorted(source.glob("*.py")) if path.is_file()]
-    summary = _summary(patched, patches)
-    diff = "".join(_diff(p) for p in patched)
     if check:
+        patched = _patch_all(source, patches)
+        summary = _summary(patched, patches)
+        diff = "".join(_diff(p) for p in patched)
         files = tuple(FileReport(p.path, _sha(p.before), _sha(p.after), p.statuses) for p in patched)
         changed = sum(f.changed for f in files)
         _log_summary(log, source, target, summary, patched, check=True)
@@ -111,7 +126,14 @@ def hotfix(
         log(f"check only: {changed} file(s) would change; nothing written")
         return HotfixResult(target, summary, changed, diff, files, check=True)
 
-    files = _build(source, target, {p.path: p for p in patched}, summary, patches)
+    target = _prepare_destination(source, target, force)  # before the work, to fail fast
+    with _exclusive(target):
+        _remove_stale(target, log)  # may put back an output a killed swap had moved aside
+        _check_existing(target, force)  # again, now that no other hotfix can write there
+        patched = _patch_all(source, patches)
+        summary = _summary(patched, patches)
+        diff = "".join(_diff(p) for p in patched)
+        files = _build(source, target, {p.path: p for p in patched}, summary, patches, force)
     changed = sum(f.changed for f in files)
     _log_summary(log, source, target, summary, patched, check=False)
     log(f"wrote {target} ({changed} file(s) changed; manifest {MANIFEST})")
@@ -131,6 +153,10 @@ def _validate_source(src: Path) -> Path:
     if not any(p.is_file() for p in src.glob("modeling_*.py")):
         raise ModelDirError(f"{src}: no modeling_*.py; hotfix repairs remote-code model directories")
     return src.resolve()
+
+
+def _patch_all(source: Path, patches: list[Patch]) -> list[_Patched]:
+    return [_patch_file(path, patches) for path in sorted(source.glob("*.py")) if path.is_file()]
 
 
 def _patch_file(path: Path, patches: list[Patch]) -> _Patched:
@@ -182,16 +208,7 @@ def _prepare_destination(src: Path, dst: Path, force: bool) -> Path:
         raise DestinationError(f"{dst} is the source directory or inside it; choose an output outside {src}")
     if src.is_relative_to(resolved):
         raise DestinationError(f"{dst} contains the source directory {src}; choose another output")
-    if resolved.exists():
-        if not resolved.is_dir():
-            raise DestinationError(f"{dst} exists and is not a directory; choose another output")
-        if not _made_by_us(resolved):
-            raise DestinationError(
-                f"{dst} exists and was not created by opensci-patch (no {MANIFEST}); it is never replaced, "
-                "even with --force: choose another output"
-            )
-        if not force:
-            raise DestinationError(f"{dst} exists (an earlier hotfix output); pass --force to replace it")
+    _check_existing(resolved, force)
     try:
         resolved.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -199,12 +216,147 @@ def _prepare_destination(src: Path, dst: Path, force: bool) -> Path:
     return resolved
 
 
+def _check_existing(dst: Path, force: bool) -> None:
+    """Refuse an existing DST unless an earlier hotfix made it and `force` is given (also at the swap)."""
+    if dst.is_symlink():
+        raise DestinationError(f"{dst} is a symbolic link; give the real output path")
+    if not dst.exists():
+        return
+    if not dst.is_dir():
+        raise DestinationError(f"{dst} exists and is not a directory; choose another output")
+    if not _made_by_us(dst):
+        raise DestinationError(
+            f"{dst} exists and was not created by opensci-patch (no {MANIFEST}); it is never replaced, "
+            "even with --force: choose another output"
+        )
+    if not force:
+        raise DestinationError(f"{dst} exists (an earlier hotfix output); pass --force to replace it")
+
+
+@contextmanager
+def _exclusive(dst: Path) -> Iterator[None]:
+    """Hold an exclusive lock for DST for the whole run; fail at once when another run holds it.
+
+    The lock is `flock` on `.<DST>.lock` in DST's parent. It is released by the kernel when the
+    process dies, however it dies. A finishing run removes the file while still holding it; a run
+    that locked a file that is no longer at that path (removed meanwhile) locks the new one.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; the checks at the swap still refuse to replace what is not ours
+        yield
+        return
+    lock = dst.parent / f".{dst.name}.lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as exc:
+            raise DestinationError(
+                f"cannot write in {dst.parent} ({exc.strerror}); choose an output in a writable directory"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise DestinationError(
+                f"another hotfix is writing {dst} right now (it holds {lock}); wait for it to finish, "
+                "or choose another output"
+            ) from None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        if os.fstat(fd).st_size == 0:
+            os.write(fd, LOCK_TEXT.encode())
+        yield
+    finally:
+        try:
+            with open(lock, encoding="utf-8") as fh:
+                ours = fh.read(len(LOCK_TEXT) + 1) == LOCK_TEXT
+            if ours:  # never a file of the same name that we did not write
+                os.unlink(lock)
+        except OSError:
+            pass
+        os.close(fd)
+
+
 def _sibling(dst: Path, tag: str) -> Path:
-    return dst.parent / f".{dst.name}.{tag}-{secrets.token_hex(4)}"
+    return dst.parent / f".{dst.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def _partial_is_ours(path: Path) -> bool:
+    """A partial dir we made: its marker, our manifest (written just before the swap), or nothing at all."""
+    try:
+        return (path / PARTIAL_MARK).is_file() or _made_by_us(path) or not any(path.iterdir())
+    except OSError:
+        return False
+
+
+def _remove_stale(dst: Path, log: Callable[[str], object]) -> None:
+    """Remove what killed runs to DST left behind; put back an output a killed swap had moved aside.
+
+    Runs under DST's lock, so no live hotfix (of this version) writes to DST. Still only siblings named
+    `.<DST>.partial-<pid>-<hex>` / `.<DST>.old-<pid>-<hex>` whose pid is gone on this host, and that hold
+    our marker or manifest, are touched: never a directory we did not create.
+    """
+    pattern = re.compile(rf"\.{re.escape(dst.name)}\.(partial|old)-(\d+)-[0-9a-f]{{8}}")
+    stale: dict[str, list[Path]] = {"partial": [], "old": []}
+    for path in dst.parent.iterdir():
+        found = pattern.fullmatch(path.name)
+        if not found or path.is_symlink() or not path.is_dir() or _pid_alive(int(found.group(2))):
+            continue
+        if found.group(1) == "partial" and _partial_is_ours(path):
+            stale["partial"].append(path)
+        elif found.group(1) == "old" and _made_by_us(path):
+            stale["old"].append(path)
+    olds = sorted(stale["old"], key=lambda p: p.stat().st_mtime)
+    if olds and not os.path.lexists(dst):  # killed between the two renames of a swap: the previous output
+        os.rename(olds.pop(), dst)
+        log(f"restored {dst}, the previous output that an interrupted hotfix had moved aside")
+    for path in stale["partial"] + olds:
+        log(f"removing {path.name}, left by an interrupted hotfix (pid gone)")
+        _remove_tree(path)
+
+
+def _remove_tree(path: Path) -> None:
+    """rmtree, but the files that say "ours" (marker, manifest) go last, so a kill midway leaves it recognisable."""
+    for child in path.iterdir():
+        if child.name in (PARTIAL_MARK, MANIFEST):
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    for name in (MANIFEST, PARTIAL_MARK):
+        (path / name).unlink(missing_ok=True)
+    try:
+        path.rmdir()
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _build(
-    src: Path, dst: Path, patched: dict[str, _Patched], summary: dict[str, Status], patches: list[Patch]
+    src: Path,
+    dst: Path,
+    patched: dict[str, _Patched],
+    summary: dict[str, Status],
+    patches: list[Patch],
+    force: bool,
 ) -> tuple[FileReport, ...]:
     """Write everything into a hidden sibling, then rename it into place (see the module docstring)."""
     partial = _sibling(dst, "partial")
@@ -213,7 +365,10 @@ def _build(
     except OSError as exc:
         raise DestinationError(f"cannot write in {dst.parent}: {exc.strerror}") from None
     try:
+        (partial / PARTIAL_MARK).write_text(f"pid {os.getpid()} on {socket.gethostname()}: hotfix -> {dst}\n")
+        fault_point("hotfix.started")
         files = _copy_tree(src, partial, patched)
+        fault_point("hotfix.copied")
         manifest = {
             "tool": TOOL,
             "version": __version__,
@@ -224,58 +379,96 @@ def _build(
                 f.path: {"sha256_in": f.sha256_in, "sha256_out": f.sha256_out, "patches": f.patches} for f in files
             },
         }
-        (partial / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        _swap_in(partial, dst)
+        tmp = partial / f"{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.replace(partial / MANIFEST)  # the manifest is whole or absent
+        (partial / PARTIAL_MARK).unlink()  # the manifest now says "ours"; the output must not carry the marker
+        fault_point("hotfix.manifest")
+        _swap_in(partial, dst, force)
     except BaseException as exc:
-        shutil.rmtree(partial, ignore_errors=True)
-        if isinstance(exc, OSError):  # disk full, permissions, a broken link in SRC...
+        _remove_tree(partial)
+        if isinstance(exc, OSError):  # disk full, permissions...
             raise DestinationError(f"hotfix stopped, nothing written: {exc}") from exc
         raise
     return files
 
 
-def _swap_in(partial: Path, dst: Path) -> None:
-    if not dst.exists():
+def _swap_in(partial: Path, dst: Path, force: bool) -> None:
+    """Rename `partial` to DST; what is at DST now is checked again (it may have appeared during the run)."""
+    if not os.path.lexists(dst):
         try:
-            os.rename(partial, dst)
+            os.rename(partial, dst)  # fails on a non-empty directory or a file that appeared meanwhile
         except OSError as exc:
-            raise DestinationError(f"{dst} appeared while the output was being written ({exc.strerror})") from None
+            raise DestinationError(
+                f"{dst} appeared while the output was being written ({exc.strerror}); it was left as it is and "
+                "nothing was written: remove it or choose another output, then run again"
+            ) from None
         return
+    try:
+        _check_existing(dst, force)
+    except DestinationError as exc:
+        raise DestinationError(f"{exc} (it appeared while the output was being written; nothing written)") from None
     old = _sibling(dst, "old")
     os.rename(dst, old)
+    if not _made_by_us(old):  # replaced by someone between the check and the rename: put it back, untouched
+        os.rename(old, dst)
+        raise DestinationError(f"{dst} changed while the output was being written; it was left as it is")
+    fault_point("hotfix.swap")
     try:
         os.rename(partial, dst)
     except BaseException:
         os.rename(old, dst)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    _remove_tree(old)
 
 
 def _copy_tree(src: Path, out: Path, patched: dict[str, _Patched]) -> tuple[FileReport, ...]:
-    """Copy `src` into `out` (following symlinks, e.g. a Hugging Face cache snapshot), hashing as it goes."""
-    files = []
-    seen: set[str] = set()
-    for root, dirs, names in os.walk(src, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:
-            raise ModelDirError(f"{root}: symbolic link loop in the model directory")
-        seen.add(real)
-        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
-        rel_root = Path(root).relative_to(src)
-        (out / rel_root).mkdir(exist_ok=True)
-        for name in sorted(names):
-            rel = (rel_root / name).as_posix()
-            if rel == MANIFEST:
-                continue  # an earlier hotfix's manifest: this run writes its own
-            source, target = Path(root) / name, out / rel_root / name
-            if rel in patched:
-                p = patched[rel]
-                target.write_bytes(p.after)
-                shutil.copymode(source, target)
-                files.append(FileReport(rel, _sha(p.before), _sha(p.after), p.statuses))
+    """Copy `src` into `out` (following symlinks, e.g. a Hugging Face cache snapshot), hashing as it goes.
+
+    Two links to one directory give two copies; only a link back to a directory above it (which would
+    never end) is an error. Anything but regular files and directories (a pipe would block the copy
+    forever; a dangling link has nothing to copy) is refused with its path.
+    """
+    files: list[FileReport] = []
+
+    def walk(directory: Path, rel: Path, above: tuple[str, ...]) -> None:
+        (out / rel).mkdir(exist_ok=True)
+        for name in sorted(os.listdir(directory)):
+            path, rel_path = directory / name, rel / name
+            try:
+                info = os.stat(path)  # follows links
+            except FileNotFoundError:
+                target = os.readlink(path) if path.is_symlink() else "?"
+                raise ModelDirError(
+                    f"{path}: broken symbolic link (to {target}); fix or remove it in the model directory"
+                ) from None
+            if stat.S_ISDIR(info.st_mode):
+                if name in SKIP_DIRS:
+                    continue
+                real = os.path.realpath(path)
+                if real in above:
+                    raise ModelDirError(f"{path}: symbolic link loop (it leads back to {real}); remove that link")
+                walk(path, rel_path, (*above, real))
+            elif stat.S_ISREG(info.st_mode):
+                key = rel_path.as_posix()
+                if key == MANIFEST:
+                    continue  # an earlier hotfix's manifest: this run writes its own
+                target = out / rel_path
+                if key in patched:
+                    p = patched[key]
+                    target.write_bytes(p.after)
+                    shutil.copymode(path, target)
+                    files.append(FileReport(key, _sha(p.before), _sha(p.after), p.statuses))
+                else:
+                    digest = _copy_hashing(path, target)
+                    files.append(FileReport(key, digest, digest, {}))
             else:
-                digest = _copy_hashing(source, target)
-                files.append(FileReport(rel, digest, digest, {}))
+                raise ModelDirError(
+                    f"{path}: not a regular file or directory (a pipe, socket or device); "
+                    "remove it from the model directory"
+                )
+
+    walk(src, Path(), (os.path.realpath(src),))
     return tuple(files)
 
 

@@ -7,17 +7,22 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from opensci_patch import __version__
+from opensci_patch import __version__, envs
 from opensci_patch import hotfix as hotfix_module
 from opensci_patch.errors import DestinationError, ModelDirError, PatchError
 from opensci_patch.hotfix import MANIFEST, hotfix
 from opensci_patch.patches import default_patches
 
-FIXTURE = Path(__file__).resolve().parents[1] / "opensci_patch" / "data" / "opensci-tiny"
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO / "opensci_patch" / "data" / "opensci-tiny"
 
 
 @pytest.fixture
@@ -249,3 +254,211 @@ def test_unusable_source_raises_model_dir_error(tmp_path: Path, quiet: list[str]
     with pytest.raises(ModelDirError, match=message):
         hotfix(make(tmp_path), tmp_path / "out", log=quiet.append)
     assert not (tmp_path / "out").exists()
+
+
+# --- concurrency, leftovers of killed runs, the swap re-check (issue 11) ----------------------------------------
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _stopped(pid: int, timeout: float = 120) -> bool:
+    """Wait until `pid` is stopped (SIGSTOP at a fault point); False if it exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        if state in ("T", "t"):
+            return True
+        if state == "Z":
+            return False
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("what", ["user-dir", "user-file", "earlier-output"])
+def test_output_that_appears_during_the_run_is_never_replaced(src: Path, quiet: list[str], monkeypatch, what: str):
+    """`hotfix big --out race & mkdir race; echo x > race/thesis.txt`: thesis.txt must survive, the run must fail."""
+    dst = src.parent / "race"
+    real_copy = hotfix_module._copy_hashing
+
+    def appear(source: Path, target: Path) -> str:
+        if not os.path.lexists(dst):
+            if what == "user-file":
+                dst.write_text("x\n")
+            else:
+                dst.mkdir()
+                (dst / "thesis.txt").write_text("x\n")
+                if what == "earlier-output":  # ours, but this run has no --force
+                    (dst / MANIFEST).write_text(json.dumps({"tool": "opensci-patch"}))
+        return real_copy(source, target)
+
+    monkeypatch.setattr(hotfix_module, "_copy_hashing", appear)
+    with pytest.raises(DestinationError, match="while the output was being written"):
+        hotfix(src, dst, log=quiet.append)
+    if what == "user-file":
+        assert dst.read_text() == "x\n"
+    else:
+        assert (dst / "thesis.txt").read_text() == "x\n"
+    assert _leftovers(src.parent) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_second_run_to_the_same_output_fails_at_once_while_the_first_holds_it(src: Path, quiet: list[str], cli):
+    env = {**os.environ, "PYTHONPATH": str(REPO), envs.FAULT_VAR: "hotfix.copied:SIGSTOP"}
+    dst = src.parent / "out"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "opensci_patch.cli", "hotfix", str(src), "--out", str(dst)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert _stopped(first.pid), first.communicate(timeout=60)
+        with pytest.raises(DestinationError, match="another hotfix is writing"):
+            hotfix(src, dst, log=quiet.append)
+        with pytest.raises(DestinationError, match="another hotfix is writing"):
+            hotfix(src, dst, force=True, log=quiet.append)
+        second = cli("hotfix", str(src), "--out", str(dst))
+        assert second.returncode == 2
+        assert second.stderr.count("\n") == 1 and "another hotfix is writing" in second.stderr
+        assert not dst.exists()
+    finally:
+        first.send_signal(signal.SIGCONT)
+        out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert _made_by_us_manifest(dst)
+    assert _leftovers(src.parent) == []  # no partial dir, no lock file
+
+
+def _made_by_us_manifest(path: Path) -> bool:
+    return json.loads((path / MANIFEST).read_text())["tool"] == "opensci-patch"
+
+
+def test_leftovers_of_killed_runs_are_removed_by_the_next_run_and_nothing_else(src: Path, quiet: list[str]):
+    parent, dead = src.parent, _dead_pid()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        stale = parent / f".opensci-tiny_fixed.partial-{dead}-0123abcd"
+        stale.mkdir()
+        (stale / hotfix_module.PARTIAL_MARK).write_text(f"pid {dead}")
+        (stale / "model.safetensors").write_bytes(b"half")
+        stale_done = parent / f".opensci-tiny_fixed.partial-{dead}-4567abcd"  # killed after the manifest
+        stale_done.mkdir()
+        (stale_done / MANIFEST).write_text(json.dumps({"tool": "opensci-patch"}))
+        alive = parent / f".opensci-tiny_fixed.partial-{live.pid}-89abcdef"
+        alive.mkdir()
+        (alive / hotfix_module.PARTIAL_MARK).write_text(f"pid {live.pid}")
+        foreign = parent / f".opensci-tiny_fixed.partial-{dead}-deadbeef"  # our name pattern, not our content
+        foreign.mkdir()
+        (foreign / "precious.txt").write_text("user data")
+        other_output = parent / f".other_fixed.partial-{dead}-0123abcd"  # another DST's: not this run's business
+        other_output.mkdir()
+        (other_output / hotfix_module.PARTIAL_MARK).write_text("")
+        result = hotfix(src, log=quiet.append)
+        assert not stale.exists() and not stale_done.exists()
+        assert alive.is_dir() and (foreign / "precious.txt").read_text() == "user data" and other_output.is_dir()
+        assert sum("left by an interrupted hotfix" in line for line in quiet) == 2
+        assert _made_by_us_manifest(result.dst)
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_an_output_moved_aside_by_a_killed_swap_is_put_back(src: Path, quiet: list[str]):
+    first = hotfix(src, log=quiet.append)
+    before = _tree(first.dst)
+    aside = src.parent / f".opensci-tiny_fixed.old-{_dead_pid()}-0123abcd"
+    first.dst.rename(aside)  # what SIGKILL between the two renames of a --force run leaves
+    with pytest.raises(DestinationError, match="--force"):
+        hotfix(src, log=quiet.append)  # the previous output is back, so without --force nothing is replaced
+    assert _tree(first.dst) == before
+    assert _leftovers(src.parent) == []
+
+
+def test_output_in_a_directory_that_cannot_be_written_is_one_clear_error(src: Path, quiet: list[str], monkeypatch):
+    """As root (this project's machines) chmod does not stop writes: simulate EACCES where the lock is created."""
+    real_open = os.open
+
+    def denied(path, flags, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(DestinationError, match="cannot write in .*Permission denied.*writable directory"):
+        hotfix(src, src.parent / "out", log=quiet.append)
+    assert not (src.parent / "out").exists()
+
+
+# --- bad inputs: one line, exit 2 ------------------------------------------------------------------------------
+
+
+def test_two_links_to_one_directory_are_copied_not_called_a_loop(src: Path, quiet: list[str], tmp_path: Path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "vocab.txt").write_text("a b c\n")
+    (src / "one").symlink_to(shared)
+    (src / "two").symlink_to(shared)
+    result = hotfix(src, log=quiet.append)
+    for name in ("one", "two"):
+        assert not (result.dst / name).is_symlink()
+        assert (result.dst / name / "vocab.txt").read_text() == "a b c\n"
+
+
+def test_a_real_symlink_loop_is_one_error_naming_the_link(src: Path, quiet: list[str], cli):
+    (src / "extra" / "back").symlink_to(src)
+    with pytest.raises(ModelDirError, match="symbolic link loop"):
+        hotfix(src, log=quiet.append)
+    proc = cli("hotfix", str(src))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "extra/back" in proc.stderr
+    assert _leftovers(src.parent) == [] and not (src.parent / "opensci-tiny_fixed").exists()
+
+
+@pytest.mark.parametrize("kind", ["broken-link", "fifo"])
+def test_entries_that_are_not_files_or_directories_are_refused_with_their_path(src: Path, cli, kind: str):
+    """A dangling link has nothing to copy; reading a FIFO would block the copy forever."""
+    bad = src / "extra" / "odd"
+    if kind == "fifo":
+        os.mkfifo(bad)
+    else:
+        bad.symlink_to(src / "gone")
+    proc = cli("hotfix", str(src), timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and str(bad) in proc.stderr
+    assert _leftovers(src.parent) == [] and not (src.parent / "opensci-tiny_fixed").exists()
+
+
+def test_symlinked_source_puts_the_default_output_next_to_the_link(src: Path, quiet: list[str], tmp_path: Path):
+    """The user named the link; the output belongs where they look, not in the (maybe read-only) target's dir."""
+    where = tmp_path / "links"
+    where.mkdir()
+    (where / "osr").symlink_to(src)
+    result = hotfix(where / "osr", log=quiet.append)
+    assert result.dst == where / "osr_fixed"
+    assert (where / "osr_fixed" / MANIFEST).is_file()
+    assert not (src.parent / "opensci-tiny_fixed").exists()
+
+
+@pytest.mark.parametrize("case", ["dst-is-a-file", "src-is-dst", "dst-is-a-link", "dst-parent-is-a-file"])
+def test_bad_destinations_are_one_line_and_exit_2(src: Path, cli, case: str):
+    dst = {
+        "dst-is-a-file": src.parent / "file",
+        "src-is-dst": src,
+        "dst-is-a-link": src.parent / "link",
+        "dst-parent-is-a-file": src.parent / "file" / "out",
+    }[case]
+    (src.parent / "file").write_text("mine\n")
+    (src.parent / "elsewhere").mkdir()
+    (src.parent / "link").symlink_to(src.parent / "elsewhere")
+    before = _tree(src.parent)
+    proc = cli("hotfix", str(src), "--out", str(dst), "--force")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert _tree(src.parent) == before
