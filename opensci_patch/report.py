@@ -122,11 +122,18 @@ def _failure(rec: Record) -> str:
 
 
 def first_step_difference(rec: Record, ref: Record) -> str | None:
-    """None when every decode step's logits are bit-identical to the reference's, else what differs."""
+    """None when the decode steps' logits are bit-identical to the reference's, else what differs.
+
+    Step 0 (generate's forward over the prompt) is not compared bit for bit: its logits are the
+    prompt forward's, already compared as `logits_sha256`, but 5.x `generate` passes
+    `logits_to_keep=1` and 4.x does not, so the head's matmul runs over one row instead of the whole
+    prompt and rounds differently (measured: 5.2.0 vs 4.48.0 patched fp32 eager, max diff 2.9e-6,
+    steps 1-19 bit-identical). A wrong step 0 still shows in the KV self-check (`generate-mismatch`).
+    """
     mine = (rec.generation or {}).get("step_logits_sha256") or []
     theirs = (ref.generation or {}).get("step_logits_sha256") or []
-    for step, (a, b) in enumerate(zip(mine, theirs, strict=False)):
-        if a != b:
+    for step in range(1, min(len(mine), len(theirs))):
+        if mine[step] != theirs[step]:
             return f"decode step {step} logits differ from the reference cell"
     if len(mine) != len(theirs):
         return f"{len(mine)} decode steps recorded, the reference cell has {len(theirs)}"
@@ -568,7 +575,7 @@ def matrix_markdown(rep: Report, *, title: str, date: str, machine: str, grid_pn
         "## Detail",
         "",
         f"Reference cell: transformers {' '.join(REFERENCE)} (same torch build, device, dtype, attention); "
-        "decode step 0 is the prompt's forward.",
+        "decode step 0 is generate's prompt forward (compared as the first logits).",
         "",
         markdown_table(rep.table),
         "",

@@ -104,6 +104,19 @@ def test_same_first_logits_but_a_different_decode_step_fails_naming_the_step():
     assert row["bit_identical"] is True and row["decode_steps"].startswith("decode step 3")
 
 
+def test_step_0_alone_differing_is_not_a_failure_but_step_1_is():
+    """Step 0 is the prompt forward, compared as the first logits: 5.x generate computes only its last
+    position (logits_to_keep=1), 4.x all of them, which rounds the head's matmul differently."""
+    got = verdicts([ok(REF_VERSION), ok("5.2.0", steps=["ff" * 32, *STEPS[1:]]), ok("5.23.0", sha="b" * 64)])
+    assert got[vid("5.2.0")] == ("pass", "")
+    assert got[vid("5.23.0")][0] == "FAIL"  # a different prompt forward is still caught, by the first logits
+    steps = [STEPS[0], "ff" * 32, *STEPS[2:]]
+    assert verdicts([ok(REF_VERSION), ok("5.2.0", steps=steps)])[vid("5.2.0")] == (
+        "FAIL",
+        "decode step 1 logits differ from the reference cell",
+    )
+
+
 def test_fewer_decode_steps_than_the_reference_fail():
     status, why = verdicts([ok(REF_VERSION), ok("5.2.0", steps=STEPS[:2])])[vid("5.2.0")]
     assert status == "FAIL" and "2 decode steps" in why and str(len(STEPS)) in why
