@@ -288,47 +288,30 @@ def _fmt(x, spec: str) -> str:
     return format(x, spec)
 
 
+# the detail table: (header, how a row shows in it); one list, so headers and cells cannot drift apart
+DETAIL_COLUMNS = (
+    ("transformers", lambda r: r["transformers"]),
+    ("torch", lambda r: r["torch"]),
+    ("device", lambda r: r["device"]),
+    ("dtype", lambda r: r["dtype"]),
+    ("attn", lambda r: r["attn"]),
+    ("model", lambda r: r["model"]),
+    ("status", lambda r: r["status"]),
+    ('" Paris" logit', lambda r: _fmt(r["paris_logit"], ".4f")),
+    ("rank", lambda r: _fmt(r["rank"], "d")),
+    ("top-1", lambda r: repr(r["top1"]) if r["top1"] else "-"),
+    ("max abs diff top-10 vs ref", lambda r: _fmt(r["top10_max_diff"], ".2e")),
+    ("bit-identical", lambda r: _fmt(r["bit_identical"], "")),
+    ("decode steps vs ref", lambda r: r["decode_steps"] or "-"),
+    ("max abs diff vs fp64 ref", lambda r: _fmt(r["fp64_ref_diff"], ".2e")),
+    ("greedy completion", lambda r: repr(r["greedy"]) if r["greedy"] else "-"),
+    ("note", lambda r: _cell_text(r["why"][:160])),
+)
+
+
 def markdown_table(table: list[dict]) -> str:
-    headers = [
-        "transformers",
-        "torch",
-        "device",
-        "dtype",
-        "attn",
-        "model",
-        "status",
-        '" Paris" logit',
-        "rank",
-        "top-1",
-        "max abs diff top-10 vs ref",
-        "bit-identical",
-        "decode steps vs ref",
-        "max abs diff vs fp64 ref",
-        "greedy completion",
-        "note",
-    ]
-    body = [
-        [
-            r["transformers"],
-            r["torch"],
-            r["device"],
-            r["dtype"],
-            r["attn"],
-            r["model"],
-            r["status"],
-            _fmt(r["paris_logit"], ".4f"),
-            _fmt(r["rank"], "d"),
-            repr(r["top1"]) if r["top1"] else "-",
-            _fmt(r["top10_max_diff"], ".2e"),
-            _fmt(r["bit_identical"], ""),
-            r["decode_steps"] or "-",
-            _fmt(r["fp64_ref_diff"], ".2e"),
-            repr(r["greedy"]) if r["greedy"] else "-",
-            _cell_text(r["why"][:160]),
-        ]
-        for r in table
-    ]
-    return tabulate(body, headers=headers, tablefmt="github")
+    body = [[show(r) for _, show in DETAIL_COLUMNS] for r in table]
+    return tabulate(body, headers=[h for h, _ in DETAIL_COLUMNS], tablefmt="github")
 
 
 def _cell_text(text: str) -> str:
