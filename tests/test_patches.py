@@ -59,6 +59,10 @@ MANGLED = {
     "inv_freq_guard": ("self.config = config\n        self.rope_init_fn", "self.rope_init_fn"),
     "init_weights": ("module.bias.data.zero_()", "module.bias.data = torch.zeros_like(module.bias)"),
     "moved_helpers": ("import create_causal_mask, create_sliding", "import create_causal_mask as ccm, create_sliding"),
+    "cache_kwarg": (
+        "        logits_to_keep: Union[int, torch.Tensor] = 0,\n",
+        "        logits_to_keep: Union[int, torch.Tensor] = 0,\n        cache: Optional[Cache] = None,\n",
+    ),
 }
 
 
@@ -99,13 +103,14 @@ def test_registry_order_and_defaults():
     assert NAMES == [
         "loss_kwargs",
         "moved_helpers",
+        "cache_kwarg",
         "rope_default",
         "tied_weights",
         "sdpa_gqa",
         "inv_freq_guard",
         "init_weights",
     ]
-    assert [p.name for p in default_patches()] == NAMES[:6]
+    assert [p.name for p in default_patches()] == NAMES[:7]
     assert [p.name for p in select(["init_weights"])] == NAMES
     with pytest.raises(PatchError, match="unknown patch 'nope'"):
         select(["nope"])

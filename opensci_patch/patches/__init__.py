@@ -3,7 +3,7 @@
 `PATCHES` is ordered: they are applied in this order, and later ones may rely on earlier ones
 (`inv_freq_guard` recomputes frequencies through `rope_init_fn`, which `rope_default` makes
 resolvable on 5.x). Default patches make the file load and give the 4.48 logits on every release
-from 4.48.0 to 5.23.0; opt-in ones (`default=False`) fix what the test matrix must still show as
+from 4.48.0 to 5.24.0; opt-in ones (`default=False`) fix what the test matrix must still show as
 an upstream regression unless asked for.
 """
 
@@ -12,7 +12,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ..errors import PatchError
-from . import init_weights, inv_freq_guard, loss_kwargs, moved_helpers, rope_default, sdpa_gqa, tied_weights
+from . import (
+    cache_kwarg,
+    init_weights,
+    inv_freq_guard,
+    loss_kwargs,
+    moved_helpers,
+    rope_default,
+    sdpa_gqa,
+    tied_weights,
+)
 from .base import Outcome, Patch, State, Status
 
 __all__ = ["PATCHES", "Outcome", "Patch", "State", "Status", "apply_patches", "by_name", "default_patches", "select"]
@@ -20,6 +29,7 @@ __all__ = ["PATCHES", "Outcome", "Patch", "State", "Status", "apply_patches", "b
 PATCHES: tuple[Patch, ...] = (
     loss_kwargs.PATCH,
     moved_helpers.PATCH,
+    cache_kwarg.PATCH,
     rope_default.PATCH,
     tied_weights.PATCH,
     sdpa_gqa.PATCH,
