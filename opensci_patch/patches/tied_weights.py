@@ -13,12 +13,25 @@ Also: transformers before 4.54 ties through the model's `get_input_embeddings` /
 `get_output_embeddings`; a modular-generated file inherits those from 4.54's base class and does
 not define them, so on 4.48 `lm_head` stays untied (random). The class that declares one tied key
 gets the four accessors it lacks, read off that key (`lm_head.weight` <- `model.embed_tokens.weight`).
-Verifies: every `_tied_weights_keys` is a dict of string literals, and a class with one tied
-key defines the four accessors.
+Also: transformers 5.3.0 (only that release) drops a tied key the checkpoint lacks from the
+missing keys when the model is remote code: `mark_tied_weights_as_initialized` flags every tied
+target `_is_hf_initialized`, then, for `is_remote_code()` classes, removes from
+`loading_info.missing_keys` every key whose tensor carries that flag, the tied targets it has just
+flagged included. `tie_weights` then sees `lm_head.weight` as loaded ("both are present in the
+checkpoints, so we will NOT tie them"), pops it from `all_tied_weights_keys`, and it stays on the
+meta device. The same happens to transformers' own Qwen3ForCausalLM once `_auto_class` is set, as
+`trust_remote_code` loading sets it; 5.4.0 keeps keys that are in `all_tied_weights_keys`. The
+class that declares tied keys gets an override that puts the missing tied keys back after the
+upstream method, which is the 5.4 behaviour; on 5.0-5.2 (no argument), 5.4+ (nothing removed) and
+4.x (never called) it changes nothing.
+Verifies: every `_tied_weights_keys` is a dict of string literals, a class with one tied key
+defines the four accessors, and a class with tied keys defines the override, exactly as written
+here (a different method of that name is refused: it may not keep the tie).
 """
 
 from __future__ import annotations
 
+import ast
 import json
 
 import libcst as cst
@@ -28,6 +41,7 @@ from .base import (
     State,
     Unrecognised,
     code,
+    docstring_offset,
     full_name,
     is_string,
     method,
@@ -41,6 +55,7 @@ NAME = "tied_weights"
 ATTRIBUTE = "_tied_weights_keys"
 WHY = "transformers 5.x needs {target: source}"
 WHY_ACCESSORS = "transformers < 4.54 ties lm_head through these accessors"
+WHY_GUARD = "transformers 5.3.0 forgets the missing tied keys of remote code"
 ACCESSORS = """
 class _Template:
     def get_input_embeddings(self):
@@ -55,6 +70,23 @@ class _Template:
     def set_output_embeddings(self, new_embeddings):
         self.{target} = new_embeddings
 """
+GUARD_NAME = "mark_tied_weights_as_initialized"
+GUARD = '''
+class _Template:
+    def mark_tied_weights_as_initialized(self, *args, **kwargs):
+        """Keep the tied keys the checkpoint lacks in `missing_keys`, so that `tie_weights` ties them.
+
+        transformers 5.3.0 drops every flagged key from a remote-code model's missing keys, the tied
+        targets this method has just flagged included: `lm_head.weight` then counts as loaded, is not
+        tied and stays on the meta device. 5.4 keeps them; this does the same on 5.3.0.
+        """
+        loading_info = args[0] if args else kwargs.get("loading_info")
+        tied = set(getattr(self, "all_tied_weights_keys", None) or ())
+        missing_tied = tied & set(getattr(loading_info, "missing_keys", None) or ())
+        super().mark_tied_weights_as_initialized(*args, **kwargs)
+        if missing_tied:
+            loading_info.missing_keys = set(loading_info.missing_keys) | missing_tied
+'''
 
 
 def _declarations(tree: cst.Module) -> list[tuple[cst.ClassDef, cst.BaseExpression]]:
@@ -87,18 +119,22 @@ def _is_string_dict(value: cst.BaseExpression) -> bool:
 
 
 def inspect(tree: cst.Module) -> State:
+    """NEEDED while any declaration is a list or its class lacks an accessor or the 5.3.0 guard.
+
+    Every declaration is checked before answering, so a refused one is reported even when another
+    class still needs the rewrite."""
     declarations = _declarations(tree)
     if not declarations:
         return State.ABSENT
+    needed = False
     for cls, value in declarations:
         if _is_string_dict(value):
-            if _missing_accessors(cls, value):
-                return State.NEEDED
-            continue
-        if _string_list(value) is None:
+            needed |= bool(_missing_accessors(cls, value)) or _needs_guard(cls, value)
+        elif _string_list(value) is None:
             raise Unrecognised(f"{cls.name.value}.{ATTRIBUTE} = {code(value)} is neither a list of names nor a dict")
-        return State.NEEDED
-    return State.DONE
+        else:
+            needed = True
+    return State.NEEDED if needed else State.DONE
 
 
 def _missing_accessors(cls: cst.ClassDef, value: cst.Dict) -> list[cst.FunctionDef]:
@@ -112,6 +148,32 @@ def _missing_accessors(cls: cst.ClassDef, value: cst.Dict) -> list[cst.FunctionD
     text = ACCESSORS.format(target=target[: -len(".weight")], source=source[: -len(".weight")])
     methods = template(text)[0].body.body
     return [m for m in methods if method(cls, m.name.value) is None]
+
+
+def _guard() -> cst.FunctionDef:
+    return template(GUARD)[0].body.body[0]
+
+
+def _shape(func: cst.FunctionDef) -> str:
+    """The method's syntax tree without its docstring: comments, layout and wording do not count."""
+    body = func.body.body
+    func = func.with_changes(leading_lines=[], body=func.body.with_changes(body=body[docstring_offset(body) :]))
+    return ast.dump(ast.parse(code(func)))
+
+
+def _needs_guard(cls: cst.ClassDef, value: cst.Dict) -> bool:
+    """Whether `cls`, which ties keys, still lacks the 5.3.0 override; a foreign override is refused."""
+    if not value.elements:
+        return False
+    own = method(cls, GUARD_NAME)
+    if own is None:
+        return True
+    if _shape(own) != _shape(_guard()):
+        raise Unrecognised(
+            f"{cls.name.value} defines its own {GUARD_NAME}, which may drop the tie on transformers 5.3.0; "
+            "make it call super() and put the missing tied keys back into loading_info.missing_keys"
+        )
+    return False
 
 
 def embedding_source(tree: cst.Module, cls: cst.ClassDef) -> str:
@@ -156,7 +218,7 @@ def rewrite(tree: cst.Module) -> cst.Module:
         if isinstance(stmt, cst.ClassDef):
             members = [_rewrite_member(tree, stmt, member) for member in stmt.body.body]
             stmt = stmt.with_changes(body=stmt.body.with_changes(body=members))
-            stmt = _with_accessors(stmt)
+            stmt = _with_methods(stmt)
         body.append(stmt)
     return tree.with_changes(body=body)
 
@@ -180,13 +242,18 @@ def _rewrite_member(tree: cst.Module, cls: cst.ClassDef, member: cst.BaseStateme
     return with_marker(member.with_changes(body=body), NAME, WHY) if changed else member
 
 
-def _with_accessors(cls: cst.ClassDef) -> cst.ClassDef:
-    declared = _declarations(cst.Module(body=[cls]))
-    missing = [m for c, value in declared if _is_string_dict(value) for m in _missing_accessors(c, value)]
-    if not missing:
+def _with_methods(cls: cst.ClassDef) -> cst.ClassDef:
+    """`cls` with the accessors and the 5.3.0 guard it lacks appended, each group under its marker."""
+    declared = [(c, value) for c, value in _declarations(cst.Module(body=[cls])) if _is_string_dict(value)]
+    added: list[cst.BaseStatement] = []
+    accessors = [m for c, value in declared for m in _missing_accessors(c, value)]
+    if accessors:
+        spaced = [m.with_changes(leading_lines=[cst.EmptyLine(indent=False)]) for m in accessors]
+        added += top_level_def(spaced, 1, NAME, WHY_ACCESSORS)
+    if any(_needs_guard(c, value) for c, value in declared):
+        added += top_level_def([_guard()], 1, NAME, WHY_GUARD)
+    if not added:
         return cls
-    added = top_level_def([m.with_changes(leading_lines=[cst.EmptyLine(indent=False)]) for m in missing], 1, NAME,
-                          WHY_ACCESSORS)  # fmt: skip
     return cls.with_changes(body=cls.body.with_changes(body=[*cls.body.body, *added]))
 
 
@@ -196,7 +263,10 @@ def _literal(text: str) -> cst.SimpleString:
 
 PATCH = Patch(
     name=NAME,
-    description="turn _tied_weights_keys from a list into the {target: source} dict transformers 5.x requires",
+    description=(
+        "turn _tied_weights_keys from a list into the {target: source} dict transformers 5.x requires, "
+        "and keep the tie on 5.3.0"
+    ),
     default=True,
     inspect=inspect,
     rewrite=rewrite,
