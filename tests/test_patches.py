@@ -397,47 +397,6 @@ def test_init_weights_rewrite_still_initialises_a_fresh_embedding(modeling_sourc
 # --- moved_helpers: what the inserted code does ----------------------------------------------------
 
 
-def _mask_function(*names: str, any_keywords: bool = False):
-    """A stand-in for an installed mask function with these keyword parameters; returns what it got."""
-    params = ", ".join(names) + (", **more" if any_keywords else "")
-    extra = " | more" if any_keywords else ""
-    namespace: dict = {}
-    exec(f"def mask({params}):\n    return dict({', '.join(f'{n}={n}' for n in names)}){extra}\n", namespace)
-    return namespace["mask"]
-
-
-CALL = {"config": "c", "input_embeds": "e", "attention_mask": "a", "cache_position": "p", "past_key_values": "k"}
-
-
-@pytest.mark.parametrize(
-    ("release", "params", "received"),
-    [
-        ("4.54-5.1", ("config", "input_embeds", "attention_mask", "cache_position", "past_key_values"), CALL),
-        (
-            "5.2",
-            ("config", "inputs_embeds", "attention_mask", "cache_position", "past_key_values"),
-            {"config": "c", "inputs_embeds": "e", "attention_mask": "a", "cache_position": "p", "past_key_values": "k"},
-        ),
-        (
-            "5.23",
-            ("config", "inputs_embeds", "attention_mask", "past_key_values", "layer_idx"),
-            {"config": "c", "inputs_embeds": "e", "attention_mask": "a", "past_key_values": "k", "layer_idx": None},
-        ),
-    ],
-)
-def test_mask_adapter_passes_the_keywords_each_release_takes(release, params, received):
-    adapter = _function(by_name("moved_helpers").apply(GENERATED).source, "_opensci_mask_keywords")
-    defaults = {"layer_idx": None}
-    function = _mask_function(*params)
-    function.__defaults__ = tuple(defaults[n] for n in params if n in defaults) or None
-    assert adapter(function)(**CALL) == received
-
-
-def test_mask_adapter_passes_everything_to_a_function_that_takes_any_keyword():
-    adapter = _function(by_name("moved_helpers").apply(GENERATED).source, "_opensci_mask_keywords")
-    assert adapter(_mask_function("config", any_keywords=True))(**CALL) == CALL
-
-
 def _check_guard(monkeypatch, generic_names: dict, capture_outputs=None) -> dict:
     """Run the patched file's check_model_inputs guard against fake transformers.utils modules."""
     import types

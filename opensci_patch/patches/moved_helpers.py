@@ -12,8 +12,9 @@ hand-written file does not. Per release:
   declares only as the annotation `config: XConfig`;
 - 5.2 to 5.22: no `check_model_inputs` (split into `merge_with_config_defaults` and
   `capture_outputs`; 5.23 has it again);
-- the mask helpers' keywords: 4.54 code passes `input_embeds=` and `cache_position=`; 5.2 renamed
-  the first to `inputs_embeds`, 5.23 dropped the second;
+- the mask helpers' keywords: 4.54 code passes `input_embeds=`, `cache_position=` and
+  `past_key_values=`; 5.2 renamed the first to `inputs_embeds`, 5.23 dropped the second, 5.24 renamed
+  the third to `cache` (a required parameter, and no `**kwargs` to swallow the old name);
 - files generated from 4.56 or later call `DynamicCache(config=...)`, which older releases reject:
   where the installed `DynamicCache` takes no `config`, a subclass that accepts and ignores it is
   used (the per-layer cache kinds it selects do not exist there).
@@ -26,12 +27,14 @@ apply the config's `use_cache`/`return_dict` defaults as 4.54 does (`check_model
 record); the mask helpers build the same mask 4.54 builds (eager: 0 / dtype-min floats; SDPA: none
 when causal order alone suffices, else booleans); `dynamic_rope_update` refuses the dynamic rope
 types it would have to update. Each imported mask helper is then re-bound through
-`_opensci_mask_keywords`, which passes the keywords the installed function takes. A class with
+`_opensci_mask_keywords`, which passes the keywords the installed function takes. An adapter an
+earlier version of this patch wrote (it did not rename `past_key_values`) makes the file NEEDED again,
+and re-hotfixing replaces it with the current one. A class with
 `config: XConfig` and no `config_class` gets `config_class = XConfig`.
 
 Measured on a Qwen3-generated (transformers 4.54.0) open-sci file with the shipped weights
 (`opensci-patch fixture DIR --generated`): with this patch and the others, logits on every release from 4.48.0
-to 5.23.0 are bit-identical to the shipped model's on 4.48.0.
+to 5.24.0 are bit-identical to the shipped model's on 4.48.0.
 
 Detects: top-level, un-renamed imports of those names from `transformers...` modules, and
 `config:` annotations without `config_class`. Verifies: every such import is guarded, every
@@ -60,7 +63,7 @@ NAME = "moved_helpers"
 ADAPTER = "_opensci_mask_keywords"
 MASKS = ("create_causal_mask", "create_sliding_window_causal_mask")
 WHY_IMPORT = "a generated file's helper, missing or moved in some transformers release"
-WHY_MASK = "create_causal_mask's keywords changed in 5.2 and 5.23"
+WHY_MASK = "create_causal_mask's keywords changed in 5.2, 5.23 and 5.24"
 WHY_CONFIG = "transformers < 4.54 reads config_class, not the annotation"
 
 _IDENTITY_DECORATOR = '''
@@ -217,7 +220,32 @@ if not {CACHE_CHECK}({CACHE}):
             super().__init__(*args, **kwargs)
 '''
 
+# The adapter as this patch writes it. Keywords 4.54 code passes -> what later releases call them:
+# `input_embeds` -> `inputs_embeds` (5.2), `past_key_values` -> `cache` (5.24, positional, no **kwargs).
 ADAPTER_DEF = f'''
+def {ADAPTER}(mask_function):
+    """Call `mask_function` with the keywords of the installed release (this code passes 4.54's)."""
+    import inspect
+
+    parameters = inspect.signature(mask_function).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    renamed = {{"input_embeds": "inputs_embeds", "past_key_values": "cache"}}  # 5.2, 5.24
+
+    def call(*args, **kwargs):
+        for old, new in renamed.items():
+            if old in kwargs and old not in parameters and new in parameters:
+                kwargs[new] = kwargs.pop(old)
+        if not takes_any:
+            kwargs = {{key: value for key, value in kwargs.items() if key in parameters}}
+        return mask_function(*args, **kwargs)
+
+    return call
+'''
+
+# Adapters earlier versions of this patch wrote: a file hotfixed with one of them is upgraded in place.
+# 1: renamed only `input_embeds`, so on 5.24 the cache never reached the helper (TypeError: missing 'cache').
+OLD_ADAPTER_DEFS = (
+    f'''
 def {ADAPTER}(mask_function):
     """Call `mask_function` with the keywords of the installed release (this code passes 4.54's)."""
     import inspect
@@ -233,7 +261,8 @@ def {ADAPTER}(mask_function):
         return mask_function(*args, **kwargs)
 
     return call
-'''
+''',
+)
 
 
 def _imports(node: cst.BaseSmallStatement) -> list[str]:
@@ -335,8 +364,24 @@ def _cache_state(tree: cst.Module) -> tuple[bool, bool]:
     return imported and bool(calls), shim
 
 
+def _adapter_current(stmt: cst.BaseStatement) -> bool | None:
+    """For the top-level adapter: True if it is this version's, False if an earlier version's; else None.
+
+    An adapter that is neither (edited by hand, or written by a newer version) is refused, not replaced."""
+    if not (isinstance(stmt, cst.FunctionDef) and stmt.name.value == ADAPTER):
+        return None
+    bare = stmt.with_changes(leading_lines=[])
+    if bare.deep_equals(template(ADAPTER_DEF)[0]):
+        return True
+    if any(bare.deep_equals(template(old)[0]) for old in OLD_ADAPTER_DEFS):
+        return False
+    raise Unrecognised(f"`{ADAPTER}` is not the adapter this patch writes (edited?)")
+
+
 def inspect(tree: cst.Module) -> State:
     _refuse_nested(tree)
+    if any(_adapter_current(s) is False for s in tree.body):
+        return State.NEEDED
     plain = [name for s in tree.body for name in _line_imports(s)]
     guarded = [name for s in tree.body if (name := _guarded(s))]
     rebound = {name for s in tree.body if (name := _rebinding(s))}
@@ -399,6 +444,9 @@ def rewrite(tree: cst.Module) -> cst.Module:
         pad = False
         if isinstance(stmt, cst.ClassDef):
             body.append(_with_config_class(stmt))
+            continue
+        if _adapter_current(stmt) is False:  # written by an earlier version: the current one in its place
+            body.append(template(ADAPTER_DEF)[0].with_changes(leading_lines=stmt.leading_lines))
             continue
         if cache_needed and not cache_shim and _imports_cache(stmt):
             body.extend([stmt, *top_level_def(template(CACHE_DEF), 1, NAME, WHY_CACHE)])
