@@ -35,10 +35,18 @@ Layout: ``<root>/tf<release>-<build>-py<X.Y>/`` with ``opensci-patch-env.json`` 
 written last, after a successful install and a check that ``import torch`` and
 ``transformers.is_torch_available()`` work inside. The root is ``$OPENSCI_PATCH_ENV_ROOT``, else
 ``$XDG_CACHE_HOME/opensci-patch/envs`` (``~/.cache/opensci-patch/envs``). A directory without a
-marker is a half-made env (Ctrl-C, crash) and is removed and rebuilt, but only when it is ours.
-Creation is serialised per env with ``fcntl.flock`` on ``<root>/<name>.lock`` (pytest-xdist
-workers may ask for the same env at once). Another ``.pth`` makes the ``opensci_patch`` source tree
-importable, so a cell always runs the current code, never a stale installed copy.
+marker is a half-made env (Ctrl-C, a killed driver, a crash) and is removed and rebuilt, but only
+when it is ours (``.opensci-patch-env`` written first, or our ``.pth``). Removal first renames the
+directory aside (``.trash-<name>-<pid>-<hex>``, swept by later builds), so an installer that outlived
+a killed driver and still writes into it can neither make the removal fail nor leave a directory
+that no longer looks like ours; on Linux installer children also get ``PR_SET_PDEATHSIG`` and die
+with the driver. Creation is serialised per env with ``fcntl.flock`` on ``<root>/<name>.lock``
+(pytest-xdist workers may ask for the same env at once).
+
+Which ``opensci_patch`` a child runs: `child_env()` puts the caller's own source tree first on
+``PYTHONPATH``, so two checkouts (two branches, CI and a local run) sharing one env root each run
+their own code. The env's ``_opensci_patch_src.pth`` (the last caller's tree) is only a fallback
+for children started without `child_env()`.
 
 Besides transformers, the env gets opensci_patch's own runtime dependencies (``[project]
 dependencies`` of pyproject.toml: libcst, safetensors, tabulate) so that ``python -m opensci_patch.cli
@@ -57,6 +65,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -66,6 +75,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -199,15 +209,31 @@ def run_python(
     timeout: float | None = None,
     cwd: str | Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``env.python *args``; stdout/stderr captured as text. PYTHONPATH/PYTHONHOME are dropped."""
+    """Run ``env.python *args``; stdout/stderr captured as text, in `child_env` (this source tree, no PYTHONHOME)."""
     return subprocess.run(
         [str(env.python), *args],
-        env=_clean_environ(env_vars),
+        env=child_env(env_vars, root=env.path.parent),
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=cwd,
     )
+
+
+def child_env(extra: dict[str, str] | None = None, *, root: Path | None = None, source: bool = True) -> dict[str, str]:
+    """The environment for a child process: os.environ without PYTHONPATH/PYTHONHOME, plus `extra`.
+
+    With `source` (default) PYTHONPATH is exactly the directory holding this process's own
+    `opensci_patch` (the checkout, or a one-link directory under `root` for an installed copy), so
+    the child runs the caller's code and nothing else of the caller's path leaks in; PYTHONPATH comes
+    before the env's site-packages and its `.pth` files, whichever checkout wrote those last. Installers
+    get `source=False`.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    if source:
+        env["PYTHONPATH"] = str(_source_dir((root or default_root()).expanduser().absolute()))
+    env.update(extra or {})
+    return env
 
 
 def installed_versions(env: Env) -> dict[str, Any]:
@@ -242,6 +268,9 @@ def ensure_system_torch_dir(root: Path | None = None, *, log: Log = print) -> Pa
         if (farm / FARM_MANIFEST).exists() and (farm / "torch").exists():
             return farm
         dists, missing = _requirement_closure(torch)
+        for old in root.glob(f".tmp-{glob_escape(farm.name)}-*"):  # of killed runs (we hold the lock)
+            if old.name.rpartition("-")[2].isdigit() and not _pid_alive(int(old.name.rpartition("-")[2])):
+                shutil.rmtree(old, ignore_errors=True)
         tmp = root / f".tmp-{farm.name}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -274,9 +303,11 @@ def _create(path: Path, root: Path, version: str, torch_build: str, expected: di
     log(f"creating env {path.name} ({'uv' if uv else 'venv + pip'}) in {root} ...")
     start = time.monotonic()
     torch_dir = ensure_system_torch_dir(root, log=log) if "torch" in expected else None
+    _sweep_trash(root)
     path.mkdir()
-    (path / SENTINEL).write_text("created by opensci_patch.envs; safe to delete\n")
+    (path / SENTINEL).write_text(f"created by opensci_patch.envs (pid {os.getpid()}); safe to delete\n")
     try:
+        fault_point("env.created")
         python = _python(path)
         if uv:
             _run_installer(
@@ -290,6 +321,7 @@ def _create(path: Path, root: Path, version: str, torch_build: str, expected: di
         if torch_dir is None:
             _run_installer([*install, *_torch_install_args(torch_build, uv=bool(uv))], root, path.name)
         _run_installer([*install, f"transformers=={version}", *expected["requirements"]], root, path.name)
+        fault_point("env.installed")
         env = Env(path, python, version, torch_build, reused=False)
         seen = installed_versions(env)
         _check_installed(env, seen, expected)
@@ -308,9 +340,10 @@ def _create(path: Path, root: Path, version: str, torch_build: str, expected: di
         }
         tmp = path / f"{MARKER}.tmp"
         tmp.write_text(json.dumps(marker, indent=1))
+        fault_point("env.marker")
         tmp.replace(path / MARKER)
     except BaseException:
-        shutil.rmtree(path, ignore_errors=True)
+        _discard(path, root)
         raise
     log(
         f"created env {path.name} in {time.monotonic() - start:.1f} s "
@@ -487,11 +520,18 @@ def _find_uv() -> str | None:
 
 
 def _run_installer(cmd: list[str], cwd: Path, name: str) -> None:
-    env = _clean_environ({"UV_PYTHON_DOWNLOADS": "never"})
+    env = child_env({"UV_PYTHON_DOWNLOADS": "never"}, source=False)
     env.pop("VIRTUAL_ENV", None)
     try:
         proc = subprocess.run(
-            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=INSTALL_TIMEOUT
+            cmd,
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=INSTALL_TIMEOUT,
+            preexec_fn=_death_signal_setter(),
         )
     except subprocess.TimeoutExpired as exc:
         out = exc.output.decode(errors="replace") if isinstance(exc.output, bytes) else (exc.output or "")
@@ -630,9 +670,10 @@ def _source_dir(root: Path) -> Path:
         return SRC_ROOT
     link_dir = root / f"_opensci_patch-src-{hashlib.sha256(str(SRC_ROOT).encode()).hexdigest()[:10]}"
     if not (link_dir / "opensci_patch").exists():
-        link_dir.mkdir(exist_ok=True)
-        (link_dir / "opensci_patch").unlink(missing_ok=True)
-        (link_dir / "opensci_patch").symlink_to(SRC_ROOT / "opensci_patch")
+        link_dir.mkdir(parents=True, exist_ok=True)
+        tmp = link_dir / f".opensci_patch-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.symlink_to(SRC_ROOT / "opensci_patch")
+        os.replace(tmp, link_dir / "opensci_patch")  # atomic: concurrent callers never see it missing
     return link_dir
 
 
@@ -646,13 +687,68 @@ def _read_marker(path: Path) -> dict[str, Any] | None:
 def _remove_ours(path: Path, root: Path, why: str, log: Log, *, sentinel: str = SENTINEL) -> None:
     """Remove a directory we made; refuse anything that is not plainly ours."""
     inside = path.parent.resolve() == root.resolve() and not path.is_symlink()
-    ours = inside and path.is_dir() and ((path / sentinel).exists() or not any(path.iterdir()))
+    ours = inside and path.is_dir() and (_looks_ours(path, sentinel) or not any(path.iterdir()))
     if not ours:
         raise EnvironmentSetupError(
             f"{path} exists but was not created by opensci-patch; move it away or choose another env root (${ROOT_VAR})"
         )
     log(f"removing {why} env dir {path}")
-    shutil.rmtree(path)
+    _discard(path, root)
+
+
+def _looks_ours(path: Path, sentinel: str) -> bool:
+    """Our sentinel, or (an env whose removal an older version left half-done) our source `.pth` in it."""
+    if (path / sentinel).exists():
+        return True
+    return sentinel == SENTINEL and (_site_packages(path) / SRC_PTH).is_file()
+
+
+def _discard(path: Path, root: Path) -> None:
+    """Remove a directory of ours: rename it aside first (atomic), then delete it, ignoring errors.
+
+    An installer that outlived a killed driver may still write into it, so `rmtree` can fail with
+    "Directory not empty"; renamed aside, that failure no longer matters (a later build sweeps the
+    rest) and the env path is free at once.
+    """
+    trash = root / f".trash-{path.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        path.rename(trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _sweep_trash(root: Path) -> None:
+    for trash in root.glob(".trash-*"):
+        if trash.is_dir() and not trash.is_symlink():
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _death_signal_setter() -> Callable[[], None] | None:
+    """Linux: a `preexec_fn` that makes the installer get SIGKILL when the driver dies.
+
+    Without it, an installer outlives a killed driver and writes on into the env alone. The libc
+    function is looked up here, in the parent: the forked child only calls it (no imports, no loading).
+    """
+    if sys.platform != "linux":
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 @contextmanager
@@ -668,12 +764,6 @@ def _locked(lock_path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _clean_environ(extra: dict[str, str] | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    env.update(extra or {})
-    return env
 
 
 def _tail(text: str, n: int = TAIL_LINES) -> str:
