@@ -47,6 +47,21 @@ class OsrModel(PreTrainedModel):
         return create_causal_mask(**mask_kwargs), create_sliding_window_causal_mask(**mask_kwargs)
 """
 
+# A 4.4x-era file built on a library config class, which reads `config.rope_theta`: the target of rope_theta.
+LLAMA_STYLE = """\
+import torch
+from torch import nn
+
+
+class LlamaRotaryEmbedding(nn.Module):
+    def __init__(self, config, device=None):
+        super().__init__()
+        self.rope_theta = config.rope_theta
+        dim = config.hidden_size // config.num_attention_heads
+        inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, dim, 2).float() / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+"""
+
 # patch -> (text in the fixture, what it becomes): a target the patch must refuse to guess at
 MANGLED = {
     "loss_kwargs": ("import LossKwargs, TransformersKwargs", "import LossKwargs as LK, TransformersKwargs"),
@@ -59,6 +74,7 @@ MANGLED = {
     "inv_freq_guard": ("self.config = config\n        self.rope_init_fn", "self.rope_init_fn"),
     "init_weights": ("module.bias.data.zero_()", "module.bias.data = torch.zeros_like(module.bias)"),
     "moved_helpers": ("import create_causal_mask, create_sliding", "import create_causal_mask as ccm, create_sliding"),
+    "rope_theta": ("self.rope_theta = config.rope_theta", 'self.rope_theta = getattr(config, "rope_theta", 1e4)'),
     "cache_kwarg": (
         "        logits_to_keep: Union[int, torch.Tensor] = 0,\n",
         "        logits_to_keep: Union[int, torch.Tensor] = 0,\n        cache: Optional[Cache] = None,\n",
@@ -77,8 +93,8 @@ def patched_source(modeling_source: str) -> str:
 
 
 def target_source(name: str, modeling_source: str) -> str:
-    """The source a patch has a target in: the shipped file, or for moved_helpers a generated-style one."""
-    return GENERATED if name == "moved_helpers" else modeling_source
+    """The source a patch has a target in: the shipped file, or for moved_helpers and rope_theta a small one."""
+    return {"moved_helpers": GENERATED, "rope_theta": LLAMA_STYLE}.get(name, modeling_source)
 
 
 def _function(source: str, name: str, **namespace):
@@ -109,9 +125,11 @@ def test_registry_order_and_defaults():
         "sdpa_gqa",
         "inv_freq_guard",
         "init_weights",
+        "rope_theta",
     ]
     assert [p.name for p in default_patches()] == NAMES[:7]
-    assert [p.name for p in select(["init_weights"])] == NAMES
+    assert [p.name for p in select(["init_weights"])] == NAMES[:8]
+    assert [p.name for p in select(["rope_theta", "init_weights"])] == NAMES
     with pytest.raises(PatchError, match="unknown patch 'nope'"):
         select(["nope"])
 
@@ -154,7 +172,9 @@ def test_patch_refuses_a_mangled_target_naming_patch_and_file(modeling_source: s
 def test_all_patches_together_are_idempotent(patched_source: str):
     again, statuses = apply_patches(patched_source, PATCHES)
     assert again == patched_source
-    assert statuses == {n: "not-applicable" if n == "moved_helpers" else "already-applied" for n in NAMES}
+    assert statuses == {
+        n: "not-applicable" if n in ("moved_helpers", "rope_theta") else "already-applied" for n in NAMES
+    }
 
 
 def test_patches_find_targets_by_structure_not_by_name(modeling_source: str):

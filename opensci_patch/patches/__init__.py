@@ -19,6 +19,7 @@ from . import (
     loss_kwargs,
     moved_helpers,
     rope_default,
+    rope_theta,
     sdpa_gqa,
     tied_weights,
 )
@@ -35,6 +36,7 @@ PATCHES: tuple[Patch, ...] = (
     sdpa_gqa.PATCH,
     inv_freq_guard.PATCH,
     init_weights.PATCH,
+    rope_theta.PATCH,
 )
 
 
