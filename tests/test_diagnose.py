@@ -20,7 +20,8 @@ import torch
 from conftest import FIXTURE_DIR, REPO, structural_copy
 
 from opensci_patch import diagnose as dg
-from opensci_patch import reference
+from opensci_patch.diagnose import checks as dgchecks
+from opensci_patch.diagnose.compare import side_verdict, split_positions
 from opensci_patch.envs import ensure_env
 from opensci_patch.errors import OpensciPatchError
 from opensci_patch.hotfix import hotfix
@@ -66,7 +67,10 @@ def replace_once(text: str, old: str, new: str) -> str:
 
 def test_driver_module_imports_no_torch_or_transformers():
     """The driver runs where torch/transformers may be missing: its imports are stdlib-only."""
-    code = "import sys, opensci_patch.diagnose; print(sorted({'torch', 'transformers', 'libcst'} & set(sys.modules)))"
+    code = (
+        "import sys, opensci_patch.diagnose, opensci_patch.diagnose.driver, opensci_patch.diagnose.checks; "
+        "print(sorted({'torch', 'transformers', 'libcst'} & set(sys.modules)))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
@@ -82,13 +86,13 @@ def test_driver_module_imports_no_torch_or_transformers():
     ],
 )
 def test_parse_cell_reads_short_specs_and_matrix_ids(spec, expected):
-    assert dg.parse_cell(spec) == expected
+    assert Cell.parse(spec) == expected
 
 
 @pytest.mark.parametrize("spec", ["5.2.0:structual", "5.2.0:float8", "tf5.2.0-cpu-nosuch-float32-eager"])
 def test_parse_cell_names_the_bad_field(spec):
     with pytest.raises(OpensciPatchError, match="cell|variant"):
-        dg.parse_cell(spec)
+        Cell.parse(spec)
 
 
 def test_threshold_is_relative_and_dtype_aware():
@@ -120,7 +124,7 @@ def _row(a_ref: float, b_ref: float, dtypes: tuple[str, str] = ("float32", "floa
     ids=["bug", "noise", "both", "bf16-noise", "fp32-off-next-to-bf16"],
 )
 def test_fp64_noise_test_tells_rounding_from_bugs(row, wrong, says):
-    verdict = dg._side_verdict(row, ("A", "B"))
+    verdict = side_verdict(row, ("A", "B"))
     assert verdict["wrong"] == wrong
     assert says in verdict["text"]
 
@@ -128,11 +132,11 @@ def test_fp64_noise_test_tells_rounding_from_bugs(row, wrong, says):
 def test_split_keeps_position_zero_apart():
     diff = torch.zeros(1, 4, 5, 8)  # (batch, heads, seq, head_dim): seq axis 2
     diff[0, 1, 3, 2] = -2.0
-    pos0, rest, per = dg._split(diff, 2)
+    pos0, rest, per = split_positions(diff, 2)
     assert (pos0, rest) == (0.0, 2.0)
     assert per == [0.0, 0.0, 0.0, 2.0, 0.0]
     diff[0, 0, 2, 0] = math.nan
-    assert math.isnan(dg._split(diff, 2)[1])  # NaN is a divergence, never silently dropped
+    assert math.isnan(split_positions(diff, 2)[1])  # NaN is a divergence, never silently dropped
 
 
 def _rotary(values: torch.Tensor) -> dict:
@@ -159,8 +163,8 @@ def _rotary(values: torch.Tensor) -> dict:
 )
 def test_inv_freq_check_compares_with_recomputed_values(values, fires, evidence):
     buffers = [{"name": "model.rotary_emb.inv_freq", "persistent": False}]
-    cfg = reference.read_config(FIXTURE_DIR)
-    values_check, dtype_check = dg._inv_freq_checks("B", _rotary(values), buffers, cfg, torch, reference)
+    cfg = json.loads((FIXTURE_DIR / "config.json").read_text())
+    values_check, dtype_check = dgchecks.inv_freq_checks("B", _rotary(values), buffers, cfg)
     assert values_check["fired"] is fires
     assert evidence in values_check["evidence"]
     assert dtype_check["fired"] is False
@@ -168,9 +172,9 @@ def test_inv_freq_check_compares_with_recomputed_values(values, fires, evidence)
 
 def test_inv_freq_dtype_check_fires_for_bf16_only():
     buffers = [{"name": "model.rotary_emb.inv_freq", "persistent": False}]
-    cfg = reference.read_config(FIXTURE_DIR)
-    bf16 = dg._inv_freq_checks("B", _rotary(expected_inv_freq().bfloat16()), buffers, cfg, torch, reference)
-    f32 = dg._inv_freq_checks("A", _rotary(expected_inv_freq().float()), buffers, cfg, torch, reference)
+    cfg = json.loads((FIXTURE_DIR / "config.json").read_text())
+    bf16 = dgchecks.inv_freq_checks("B", _rotary(expected_inv_freq().bfloat16()), buffers, cfg)
+    f32 = dgchecks.inv_freq_checks("A", _rotary(expected_inv_freq().float()), buffers, cfg)
     assert [c["fired"] for c in bf16] == [False, True]  # right to bf16 precision, but downcast
     assert "bfloat16" in bf16[1]["evidence"]
     assert [c["fired"] for c in f32] == [False, False]
@@ -278,6 +282,12 @@ def test_patched_cells_agree_at_every_stage_across_releases(tmp_path):
     )
     assert result["status"] == "agree" and result["diverged"] is False
     assert result["first_divergence"] is None
+    # the forward agrees, so the decode loop is compared too: same tokens and logits, each side equal to its
+    # own no-cache recomputation (4.57.6 and 5.2.0 both pass the cache as past_key_values)
+    decode = result["decode"]
+    assert decode["status"] == "agree" and decode["first_step"] is None and decode["first_token"] is None
+    assert decode["steps"] == dg.DEFAULT_DECODE_STEPS
+    assert all(s["first_bad_step"] is None for s in decode["sides"].values()) and not decode["findings"]
     assert len(result["stages"]) == 3 + 3 * len(dg.LAYER_STAGES) + 2 and not result["missing_stages"]
     assert [c for c in result["checks"] if c["fired"]] == []
     assert all(r["ab_pos0"] <= r["threshold"] and r["ab_rest"] <= r["threshold"] for r in result["stages"])
