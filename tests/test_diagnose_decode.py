@@ -163,3 +163,16 @@ def test_cli_diagnose_names_the_decode_step_and_the_missing_cache(cli, tmp_path)
     assert "cache of length 5" in text and "left it at 5" in text and "drops the cache" in text
     assert text in proc.stdout and text in result["verdict"]
     assert not (out / "models").exists()
+
+
+def test_a_side_that_fails_in_generate_is_a_finding(tmp_path, steps):
+    """generate raising on one side (5.24's mask helper did on generated files) diverges and names the error."""
+    a = _write_side(tmp_path / "a", _decode([_call(k) for k in range(4)]), steps, steps, [1, 2, 3, 4])
+    b = tmp_path / "b"
+    b.mkdir()
+    error = {"type": "TypeError", "message": "create_causal_mask() missing 1 required positional argument: 'cache'"}
+    (b / DECODE).write_text(json.dumps({"status": "generate-error", "steps": 0, "error": error}))
+    result = compare_decode(a, b, ("A", "B"), ("float32", "float32"))
+    assert result["diverged"] is True
+    assert result["findings"] == [f"B: decode: generate-error: TypeError: {error['message']}"]
+    assert result["findings"][0] in decode_verdict(result, ("A", "B"))

@@ -283,8 +283,10 @@ def compare_decode(dir_a: Path, dir_b: Path, labels: tuple[str, str], dtypes: tu
         side["tokens"] = decode["tokens"]
         if "text" in side:
             result["findings"].append(side["text"])
-    if len(tensors) < 2:
+    if not tensors:  # neither side got through the decode loop: nothing to compare
         return result | {"status": "error", "diverged": None}
+    if len(tensors) < 2:  # one side ran it, the other failed: they differ
+        return result | {"status": "diverged", "diverged": True, "first_step": None, "first_token": None}
     (logits_a, nocache_a), (logits_b, _) = tensors[labels[0]], tensors[labels[1]]
     tokens_a, tokens_b = decodes[0]["tokens"], decodes[1]["tokens"]
     per_step, first = [], None

@@ -200,8 +200,9 @@ def compare_sides(
         checks.append(_attention_rerun(a, b, out_dir, ref_dir, prompt, timeout, parallel, first, result))
     decode = compared.get("decode")
     diverged = first is not None or bool(decode and decode.get("diverged"))
+    failed_to_decode = first is None and bool(decode) and decode.get("status") == "error"
     result |= {
-        "status": "diverged" if diverged else "agree",
+        "status": "error" if failed_to_decode else "diverged" if diverged else "agree",
         "diverged": diverged,
         "first_divergence": first,
         "first_divergence_verdict": compared.get("first_divergence_verdict"),
