@@ -12,27 +12,25 @@ and `HF_HUB_OFFLINE=1`; the CLI enters it before transformers is imported.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import hashlib
 import json
 import logging
 import os
 import platform
+import re
 import shutil
 import struct
 import sys
 import tempfile
 import time
-import traceback
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import __version__
 from .errors import CaptureError, ModelDirError
+from .records import Record, error_info
 
-SCHEMA_VERSION = 1
 DEFAULT_PROMPT = "The capital of France is"
 DEFAULT_TARGET = " Paris"
 MANIFEST = "opensci_patch_manifest.json"
@@ -40,6 +38,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION = ("eager", "sdpa")
 # The fp64 reference needs ~8 bytes per parameter on the CPU: skip it above this size.
 REFERENCE_MAX_WEIGHT_BYTES = 1 << 30
+# KV-cache self-check: max |step logits with the cache - the same step recomputed without one|.
+# Measured on the shipped checkpoint (fp32 eager/SDPA: <= 1e-5; bf16: <= 0.13; a forward that drops
+# its cache: >= 2 in every dtype), see docs/upstream.md.
+KV_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.1}
+OLDEST_SUPPORTED = (4, 48)
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps|xpu(:\d+)?)$")
 
 
 @dataclass
@@ -56,29 +60,6 @@ class CaptureSettings:
     reference: str = "auto"  # auto | on | off
 
 
-@dataclass
-class Record:
-    settings: dict
-    environment: dict
-    model: dict
-    status: str = "ok"  # ok | load-error | forward-error | generate-error
-    error: dict | None = None
-    input_ids: list[int] = field(default_factory=list)
-    target: dict | None = None
-    topk: list[dict] = field(default_factory=list)
-    logits_sha256: str | None = None
-    generation: dict | None = None
-    reference: dict | None = None
-    timings: dict = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    schema_version: int = SCHEMA_VERSION
-    tool_version: str = __version__
-    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
-
-
 def _check_safetensors(path: Path) -> None:
     """Cheap structural check of a safetensors file: header length, JSON header, data size."""
     size = path.stat().st_size
@@ -93,6 +74,23 @@ def _check_safetensors(path: Path) -> None:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise ModelDirError(f"{path}: corrupt safetensors file (header is not JSON)") from None
+
+    def offsets_ok(entry) -> bool:
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        return (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in offsets)
+            and offsets[0] <= offsets[1]
+        )
+
+    if not isinstance(header, dict):
+        raise ModelDirError(
+            f"{path}: corrupt safetensors file (header is a JSON {type(header).__name__}, not an object)"
+        )
+    bad = next((k for k, v in header.items() if k != "__metadata__" and not offsets_ok(v)), None)
+    if bad is not None:
+        raise ModelDirError(f"{path}: corrupt safetensors file (tensor {bad!r} has no valid data_offsets)")
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise ModelDirError(f"{path}: corrupt safetensors file (truncated: needs {8 + n + end} bytes, has {size})")
@@ -108,14 +106,25 @@ def validate_model_dir(model: Path) -> None:
     if not config.is_file():
         raise ModelDirError(f"{model}: no config.json; not a model directory")
     try:
-        json.loads(config.read_text())
-    except json.JSONDecodeError as exc:
+        data = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelDirError(f"{config}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelDirError(f"{config}: a JSON {type(data).__name__}, not a config object")
     weights = sorted(model.glob("*.safetensors"))
     if not weights:
         raise ModelDirError(f"{model}: no *.safetensors weights")
     for w in weights:
         _check_safetensors(w)
+
+
+def _forget_remote_modules() -> None:
+    """Drop the `transformers_modules` package (remote code) from sys.modules: its path is a modules cache."""
+    import importlib
+
+    for name in [n for n in sys.modules if n == "transformers_modules" or n.startswith("transformers_modules.")]:
+        del sys.modules[name]
+    importlib.invalidate_caches()
 
 
 @contextlib.contextmanager
@@ -134,9 +143,11 @@ def isolated_hf_cache() -> Iterator[Path]:
     old_cache = getattr(dmu, "HF_MODULES_CACHE", None)
     if dmu is not None:  # transformers already imported: it read the variable at import time
         dmu.HF_MODULES_CACHE = str(tmp)
+    _forget_remote_modules()  # a second capture in one process must not import from the first one's cache
     try:
         yield tmp
     finally:
+        _forget_remote_modules()
         if dmu is not None:
             dmu.HF_MODULES_CACHE = old_cache
         for k, v in saved.items():
@@ -145,15 +156,6 @@ def isolated_hf_cache() -> Iterator[Path]:
             else:
                 os.environ[k] = v
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _error(exc: BaseException) -> dict:
-    tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
-    return {
-        "type": type(exc).__name__,
-        "message": str(exc).strip().splitlines()[0] if str(exc).strip() else "",
-        "traceback_tail": "".join(tb)[-3000:],
-    }
 
 
 def _model_info(model: Path) -> dict:
@@ -301,12 +303,39 @@ def capture(settings: CaptureSettings, log=print) -> Record:
     return record
 
 
-def _capture(settings: CaptureSettings, log) -> Record:
-    model = Path(settings.model)
+def check_settings(settings: CaptureSettings) -> None:
+    """Refuse bad input up front (exit 2), so it is never recorded as a failure of the model."""
     if settings.dtype not in DTYPES:
         raise CaptureError(f"dtype {settings.dtype!r} not one of {', '.join(DTYPES)}")
     if settings.attn not in ATTENTION:
         raise CaptureError(f"attention {settings.attn!r} not one of {', '.join(ATTENTION)}")
+    if not _DEVICE.match(settings.device):
+        raise CaptureError(f"device {settings.device!r} is not a device; use cpu or cuda[:N]")
+    if not settings.prompt:
+        raise CaptureError("the prompt is empty; pass --prompt with some text")
+    if settings.max_new_tokens < 1:
+        raise CaptureError(f"--max-new-tokens must be at least 1 (got {settings.max_new_tokens})")
+    if settings.top_k < 1:
+        raise CaptureError(f"top_k must be at least 1 (got {settings.top_k})")
+    if settings.reference not in ("auto", "on", "off"):
+        raise CaptureError(f"reference {settings.reference!r} not one of auto, on, off")
+
+
+def check_release() -> None:
+    """Refuse a transformers older than the oldest supported release before any probe runs on it."""
+    import transformers
+
+    parts = re.match(r"(\d+)\.(\d+)", transformers.__version__)
+    if parts is None or (int(parts[1]), int(parts[2])) < OLDEST_SUPPORTED:
+        oldest = ".".join(map(str, OLDEST_SUPPORTED))
+        raise CaptureError(
+            f"transformers {transformers.__version__} is unsupported (< {oldest}); install {oldest} or newer"
+        )
+
+
+def _capture(settings: CaptureSettings, log) -> Record:
+    model = Path(settings.model)
+    check_settings(settings)
     validate_model_dir(model)
 
     import torch
@@ -315,6 +344,7 @@ def _capture(settings: CaptureSettings, log) -> Record:
         raise CaptureError(
             f"device {settings.device!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU"
         )
+    check_release()
 
     from . import compat
 
@@ -328,6 +358,8 @@ def _capture(settings: CaptureSettings, log) -> Record:
     tokenizer = load_tokenizer(model)
     target_id = target_token_id(tokenizer, settings.target)
     input_ids = tokenizer(settings.prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    if input_ids.shape[1] == 0:
+        raise CaptureError(f"the prompt {settings.prompt!r} encodes to no tokens; pass --prompt with some text")
     record.input_ids = input_ids[0].tolist()
 
     t0 = time.perf_counter()
@@ -335,34 +367,51 @@ def _capture(settings: CaptureSettings, log) -> Record:
     try:
         lm = load_model(model, settings.dtype, settings.attn, settings.device)
     except Exception as exc:  # noqa: BLE001 - the model code failing to load is a result, not a crash
-        record.status, record.error = "load-error", _error(exc)
+        record.status, record.error = "load-error", error_info(exc)
         return record
     record.timings["load_s"] = round(time.perf_counter() - t0, 3)
+    limit = getattr(lm.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and input_ids.shape[1] + settings.max_new_tokens > limit:
+        message = (
+            f"prompt ({input_ids.shape[1]} tokens) + --max-new-tokens {settings.max_new_tokens} exceeds the model's "
+            f"max_position_embeddings ({limit}): positions past it were never trained"
+        )
+        log(f"warning: {message}")
+        warnings.warn(message, stacklevel=1)
 
     input_ids = input_ids.to(settings.device)
     try:
         with torch.no_grad():
             logits = lm(input_ids=input_ids).logits[0, -1]
     except Exception as exc:  # noqa: BLE001
-        record.status, record.error = "forward-error", _error(exc)
+        record.status, record.error = "forward-error", error_info(exc)
         return record
     record.timings["forward_s"] = round(time.perf_counter() - t0 - record.timings["load_s"], 3)
     record.logits_sha256 = logits_sha256(logits)
     f32 = logits.float().cpu()
     rank = target_rank(f32, target_id)
     record.target = {"token": settings.target, "id": target_id, "logit": float(f32[target_id]), "rank": rank}
-    top = torch.topk(f32, settings.top_k)
+    top = torch.topk(f32, min(settings.top_k, f32.numel()))
     record.topk = [
         {"id": int(i), "token": tokenizer.decode([int(i)]), "logit": float(v)}
         for v, i in zip(top.values, top.indices, strict=True)
     ]
+    bad = int((~torch.isfinite(f32)).sum())
+    if bad:
+        record.status = "nonfinite-logits"
+        record.error = {
+            "type": "NonFiniteLogits",
+            "message": f"{bad} of {f32.numel()} last-position logits are NaN or infinite (broken weights or buffers)",
+            "traceback_tail": "",
+        }
+        return record
 
     if settings.reference == "on" or (
         settings.reference == "auto" and _weights_bytes(model) <= REFERENCE_MAX_WEIGHT_BYTES
     ):
         from . import reference
 
-        cfg = reference.read_config(model)
+        cfg = reference.resolved_config(model, lm.config)
         ref = reference.forward(reference.load_params(model), cfg, input_ids.cpu())[0, -1]
         record.reference = {
             "dtype": "float64",
@@ -372,18 +421,76 @@ def _capture(settings: CaptureSettings, log) -> Record:
 
     t1 = time.perf_counter()
     try:
-        with torch.no_grad():
-            out = lm.generate(
-                input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=settings.max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-            )
+        record.generation = generate_and_check(lm, tokenizer, input_ids, settings)
     except Exception as exc:  # noqa: BLE001
-        record.status, record.error = "generate-error", _error(exc)
+        record.status, record.error = "generate-error", error_info(exc)
         return record
-    new = out[0, input_ids.shape[1] :].tolist()
-    record.generation = {"ids": new, "text": tokenizer.decode(new, skip_special_tokens=True)}
     record.timings["generate_s"] = round(time.perf_counter() - t1, 3)
+    kv = record.generation["kv_check"]
+    if not kv["ok"]:
+        record.status = "generate-mismatch"
+        record.error = {"type": "KVCacheMismatch", "message": kv["detail"], "traceback_tail": ""}
     return record
+
+
+def generate_and_check(lm, tokenizer, input_ids, settings: CaptureSettings) -> dict:
+    """Greedy decoding with the KV cache, checked step by step against the same steps without one.
+
+    A single forward proves nothing about generation: a forward that loses its cache (5.24 passes it
+    as `cache=`) gives the right first logits and wrong text from token 2. So each decode step's
+    logits (as `generate` saw them) are compared with a full forward over the prompt and the tokens
+    generated so far, with no cache. Needs no other release. Also returns a sha256 per step, which
+    the report compares with the reference cell's.
+    """
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        out = lm.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    prompt_len = input_ids.shape[1]
+    sequence = out.sequences[0]
+    new = sequence[prompt_len:].tolist()
+    steps = [step[0] for step in out.logits]
+    tolerance = KV_TOLERANCE[settings.dtype]
+    worst, first_bad, detail = 0.0, None, ""
+    with torch.no_grad():
+        for i, cached in enumerate(steps):
+            full = lm(input_ids=sequence[None, : prompt_len + i], use_cache=False).logits[0, -1].float().cpu()
+            cached = cached.float().cpu()
+            diff = float((cached - full).abs().max()) if bool(torch.isfinite(cached).all()) else float("inf")
+            worst = max(worst, diff)
+            chosen = new[i] if i < len(new) else int(cached.argmax())
+            best = int(full.argmax())
+            # a token counts as different only when the no-cache logits prefer another one by more than the tolerance
+            token_bad = chosen != best and float(full[best] - full[chosen]) > tolerance
+            if first_bad is None and (diff > tolerance or token_bad):
+                first_bad = i
+                got, want = tokenizer.decode([chosen]), tokenizer.decode([best])
+                what = f"token {got!r} where the no-cache forward gives {want!r}; "
+                detail = (
+                    f"decode step {i}: "
+                    + (what if token_bad else "")
+                    + f"logits with the KV cache differ from the no-cache recomputation by {diff:.3g} "
+                    f"(tolerance {tolerance:g} for {settings.dtype})"
+                )
+    return {
+        "ids": new,
+        "text": tokenizer.decode(new, skip_special_tokens=True),
+        "step_logits_sha256": [logits_sha256(step) for step in steps],
+        "kv_check": {
+            "ok": first_bad is None,
+            "tolerance": tolerance,
+            "max_abs_diff": worst,
+            "first_bad_step": first_bad,
+            "detail": detail
+            or f"{len(steps)} decode steps agree with the no-cache recomputation (max diff {worst:.3g})",
+        },
+    }

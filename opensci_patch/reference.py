@@ -37,6 +37,37 @@ def read_config(model_dir: Path) -> dict:
         raise ModelDirError(f"{path}: not valid JSON ({exc})") from None
 
 
+# the config keys the reference forward reads, and those it cannot do without
+CONFIG_KEYS = (
+    "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
+    "head_dim", "rms_norm_eps", "rope_theta", "partial_rotary_factor", "vocab_size", "tie_word_embeddings",
+)  # fmt: skip
+REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+
+
+def resolved_config(model_dir: Path, model_config=None) -> dict:
+    """config.json, completed with the values the loaded model's config class resolved.
+
+    A key missing from config.json takes the config class's default in the model (e.g. the shipped
+    class's `rms_norm_eps=1e-5`); the reference must use the same value, not a guess of its own, or it
+    reports a gap that is not there. 5.x library configs keep `rope_theta` in `rope_parameters`.
+    A key neither side knows is a ModelDirError naming it.
+    """
+    cfg = read_config(model_dir)
+    if model_config is not None:
+        for key in CONFIG_KEYS:
+            if cfg.get(key) is None:
+                value = getattr(model_config, key, None)
+                if value is None and key == "rope_theta":
+                    value = (getattr(model_config, "rope_parameters", None) or {}).get("rope_theta")
+                if value is not None:
+                    cfg[key] = value
+    missing = [k for k in REQUIRED_KEYS if cfg.get(k) is None]
+    if missing:
+        raise ModelDirError(f"{Path(model_dir) / 'config.json'}: lacks {', '.join(missing)}; add it to the config")
+    return cfg
+
+
 def weight_files(model_dir: Path) -> list[Path]:
     """The safetensors files of a checkpoint: sharded (via the index) or single."""
     model_dir = Path(model_dir)

@@ -1,6 +1,18 @@
-"""Pure helpers of capture."""
+"""capture, in process, with the installed transformers: statuses, the KV-cache self-check, bad input."""
 
 from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURE_DIR, cache_dropping_copy
+
+from opensci_patch.capture import CaptureSettings, capture, isolated_hf_cache
+from opensci_patch.errors import CaptureError, ModelDirError
+from opensci_patch.patches import apply_patches, default_patches
 
 
 def test_target_rank_is_not_fooled_by_nan_logits():
@@ -13,3 +25,99 @@ def test_target_rank_is_not_fooled_by_nan_logits():
     assert target_rank(logits, 0) == 3
     assert target_rank(torch.tensor([float("nan"), 3.0]), 0) is None
     assert target_rank(torch.tensor([float("nan"), 3.0, 5.0]), 1) == 2
+
+
+@pytest.fixture(scope="module")
+def patched(tmp_path_factory) -> Path:
+    """The shipped checkpoint with the default patches (what `hotfix` writes, minus the manifest)."""
+    dst = tmp_path_factory.mktemp("capture") / "patched"
+    shutil.copytree(FIXTURE_DIR, dst)
+    modeling = dst / "modeling_opensci.py"
+    modeling.write_text(apply_patches(modeling.read_text(), default_patches(), modeling.name)[0])
+    return dst
+
+
+def run(model: Path, **options):
+    with isolated_hf_cache():
+        return capture(CaptureSettings(model=model, **options), log=lambda *a: None)
+
+
+def test_patched_model_decodes_with_its_cache_as_without(patched):
+    rec = run(patched, max_new_tokens=6)
+    kv = rec.generation["kv_check"]
+    assert rec.status == "ok", rec.error
+    assert kv["ok"] and kv["first_bad_step"] is None and kv["max_abs_diff"] <= kv["tolerance"]
+    # one sha per decode step, the prompt's forward included
+    assert len(rec.generation["step_logits_sha256"]) == len(rec.generation["ids"]) == 6
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_forward_that_drops_its_cache_is_a_generate_mismatch_at_step_1(tmp_path, dtype):
+    rec = run(cache_dropping_copy(tmp_path / "m"), dtype=dtype, max_new_tokens=5)
+    assert rec.status == "generate-mismatch"
+    assert rec.generation["kv_check"]["first_bad_step"] == 1
+    assert rec.generation["kv_check"]["max_abs_diff"] > 1.0
+    assert "decode step 1" in rec.error["message"]
+
+
+def test_nan_in_a_weight_is_not_ok(tmp_path, patched):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    dst = tmp_path / "nan"
+    shutil.copytree(patched, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    tensors["model.layers.0.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(dst / "model.safetensors"))
+    rec = run(dst, max_new_tokens=2)
+    assert rec.status == "nonfinite-logits"
+    assert torch.isnan(torch.tensor(rec.target["logit"]))
+
+
+def test_reference_uses_the_config_class_default_for_a_key_config_json_lacks(tmp_path, patched):
+    dst = tmp_path / "no-eps"
+    shutil.copytree(patched, dst)
+    config = json.loads((dst / "config.json").read_text())
+    del config["rms_norm_eps"]  # the model now runs with its class default; so must the reference
+    (dst / "config.json").write_text(json.dumps(config))
+    rec = run(dst, max_new_tokens=1)
+    assert rec.status == "ok"
+    assert rec.reference["max_abs_diff"] < 1e-4
+
+
+def test_a_prompt_past_the_models_positions_is_warned_about(tmp_path, patched):
+    dst = tmp_path / "short"
+    shutil.copytree(patched, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config["max_position_embeddings"] = 8
+    (dst / "config.json").write_text(json.dumps(config))
+    rec = run(dst, max_new_tokens=4)
+    assert any("max_position_embeddings (8)" in w for w in rec.warnings)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "words"),
+    [
+        ("prompt", "", "prompt is empty"),
+        ("device", "bogus", "not a device"),
+        ("max_new_tokens", 0, "at least 1"),
+        ("max_new_tokens", -3, "at least 1"),
+        ("dtype", "float8", "not one of"),
+    ],
+)
+def test_bad_settings_are_refused_before_loading(patched, option, value, words):
+    with pytest.raises(CaptureError, match=words):
+        run(patched, **{option: value})
+
+
+@pytest.mark.parametrize(
+    "header",
+    [[1, 2], {"w": {"dtype": "F32", "shape": [1]}}, {"w": {"data_offsets": ["a", 4]}}, {"w": {"data_offsets": [4, 0]}}],
+)
+def test_a_safetensors_header_of_the_wrong_shape_is_a_model_dir_error(tmp_path, patched, header):
+    dst = tmp_path / "bad"
+    shutil.copytree(patched, dst)
+    blob = json.dumps(header).encode()
+    (dst / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + b"\0" * 16)
+    with pytest.raises(ModelDirError, match="corrupt safetensors"):
+        run(dst)
