@@ -11,12 +11,10 @@ the noxfile imports it to build its parametrisation, with no torch or transforme
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -185,47 +183,38 @@ def gpu_present() -> str | None:
     return None if ok.returncode == 0 and "GPU" in ok.stdout else "nvidia-smi finds no GPU"
 
 
-def _tail(text: str, n: int = 40) -> str:
-    return "\n".join(text.splitlines()[-n:])
-
-
-def _error_record(cell: Cell, status: str, exc_type: str, message: str, log_tail: str) -> dict:
-    return {
-        "status": status,
-        "error": {"type": exc_type, "message": message, "traceback_tail": log_tail},
-        "environment": {"transformers": cell.transformers},
-        "model": {"patched": cell.model != "original"},
-    }
-
-
 def run_cell(
     cell: Cell, model_dir: Path, records: Path, *, env_root: Path | None = None, timeout: float = 900, log=print
 ) -> Path:
-    """Run one cell; always leaves `records/<cell.id>.json` and returns its path."""
+    """Run one cell; always leaves `records/<cell.id>.json` and returns its path.
+
+    The previous run's record is replaced by a "running" placeholder before anything else happens,
+    so a killed cell leaves "running" (the report lists it as never finished), never a stale result.
+    """
+    from . import records as rec_io
     from .envs import ensure_env, run_python
     from .errors import EnvironmentSetupError
 
     records.mkdir(parents=True, exist_ok=True)
     out = records / f"{cell.id}.json"
+    expected = asdict(expectation(cell))
+    rec_io.write_atomic(out, rec_io.running_record(cell, expected=expected))
     start = time.monotonic()
-    record: dict
     try:
         env = ensure_env(cell.transformers, cell.torch, root=env_root, log=log)
-        if cell.model == "generated":
+        if cell.model in OWN_CHECKPOINT:
             from .generated_style import ensure_generated
 
             model_dir = ensure_generated(env_root, log=log)
     except EnvironmentSetupError as exc:
-        record = _error_record(cell, "env-error", "EnvironmentSetupError", str(exc).splitlines()[0], str(exc))
+        record = rec_io.error_record(cell, "env-error", "EnvironmentSetupError", str(exc), str(exc))
     else:
         with tempfile.TemporaryDirectory(prefix=f"opensci-{cell.id}-") as tmp:
             record = _capture_in_env(cell, env, model_dir, Path(tmp), timeout, run_python)
-    record["cell"] = asdict(cell) | {"id": cell.id, "device": cell.device}
-    record["expected"] = asdict(expectation(cell))
-    record["cell_wall_s"] = round(time.monotonic() - start, 1)
-    tmp_out = out.with_name(out.name + ".tmp")
-    tmp_out.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    tmp_out.replace(out)
+    record.cell = asdict(cell) | {"id": cell.id, "device": cell.device}
+    record.expected = expected
+    record.cell_wall_s = round(time.monotonic() - start, 1)
+    rec_io.write_atomic(out, record)
     return out
 
 
@@ -244,47 +233,54 @@ def cell_cli_args(cell: Cell, model_dir: Path, workdir: Path, record: Path) -> t
     return hotfix, capture
 
 
-def _capture_in_env(cell: Cell, env, model_dir: Path, tmp: Path, timeout: float, run_python) -> dict:
+def _capture_in_env(cell: Cell, env, model_dir: Path, tmp: Path, timeout: float, run_python):
+    from . import records as rec_io
+
     rec_path = tmp / "record.json"
     hotfix, capture = cell_cli_args(cell, model_dir, tmp, rec_path)
     cli = ["-m", "opensci_patch.cli"]
     if hotfix is not None:  # hotfix in the cell's own env: the driver needs no libcst or torch
         proc = run_python(env, [*cli, *hotfix], timeout=timeout)
         if proc.returncode != 0:
-            return _error_record(
-                cell, "hotfix-error", "HotfixFailed", _tail(proc.stderr, 1), _tail(proc.stdout + proc.stderr)
+            return rec_io.error_record(
+                cell,
+                "hotfix-error",
+                "HotfixFailed",
+                rec_io.tail(proc.stderr, 1),
+                rec_io.tail(proc.stdout + proc.stderr),
             )
     args = [*cli, *capture]
     try:
         proc = run_python(env, args, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        return _error_record(cell, "crash", "Timeout", f"capture ran over {timeout:.0f}s", str(exc))
+        return rec_io.error_record(cell, "crash", "Timeout", f"capture ran over {timeout:.0f}s", str(exc))
     if not rec_path.is_file():
-        return _error_record(
+        return rec_io.error_record(
             cell,
             "crash",
             f"exit {proc.returncode}",
-            _tail(proc.stderr, 1) or "no record written",
-            _tail(proc.stdout + proc.stderr),
+            rec_io.tail(proc.stderr, 1) or "no record written",
+            rec_io.tail(proc.stdout + proc.stderr),
         )
-    return json.loads(rec_path.read_text())
+    try:
+        return rec_io.load(rec_path)
+    except rec_io.RecordError as exc:
+        return rec_io.error_record(cell, "crash", "RecordError", str(exc), rec_io.tail(proc.stdout + proc.stderr))
 
 
 def main_cells(cells: list[Cell], model_dir: Path, records: Path, log=print) -> int:
     """Run cells one after another with progress lines; returns the number of cells run."""
+    from . import records as rec_io
+
     total = len(cells)
     t0 = time.monotonic()
     for i, cell in enumerate(cells, 1):
         log(f"[{i}/{total}] {cell.id} ... ({time.monotonic() - t0:.0f}s elapsed)")
-        path = run_cell(cell, model_dir, records, log=lambda m: log(f"    {m}"))
-        rec = json.loads(path.read_text())
-        t = rec.get("target")
-        got = f"ran: ' Paris' logit {t['logit']:.4f} rank {t['rank']}" if t else rec["status"]
-        log(f"[{i}/{total}] {cell.id}: {got} (expected {rec['expected']['outcome']}, {rec['cell_wall_s']}s)")
+        rec = rec_io.load(run_cell(cell, model_dir, records, log=lambda m: log(f"    {m}")))
+        t = rec.target
+        got = f"ran: ' Paris' logit {t['logit']:.4f} rank {t['rank']}" if t else rec.status
+        if t and rec.status != "ok":
+            got += f" ({rec.status})"
+        log(f"[{i}/{total}] {cell.id}: {got} (expected {rec.expected['outcome']}, {rec.cell_wall_s}s)")
     log(f"{total} cells in {time.monotonic() - t0:.0f}s; records in {records}")
     return total
-
-
-if __name__ == "__main__":  # pragma: no cover - debugging aid
-    print(json.dumps([c.id for c in all_cells()], indent=1))
-    sys.exit(0)
