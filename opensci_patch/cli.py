@@ -7,8 +7,8 @@ code fails to load); 2 bad input or a refused operation (one line on stderr); 13
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -16,6 +16,7 @@ from pathlib import Path
 from . import __version__
 from .errors import DestinationError, OpensciPatchError
 from .matrix import MODELS, OWN_CHECKPOINT  # stdlib-only module
+from .records import write_atomic
 
 FIXTURE_DIR = Path(__file__).parent / "data" / "opensci-tiny"
 
@@ -39,6 +40,42 @@ def write_fixture(dst: Path, force: bool = False, source: Path = FIXTURE_DIR) ->
     return dst
 
 
+def check_output_file(path: Path, force: bool) -> None:
+    """Refuse an output file we could not write or must not overwrite, before any work is done."""
+    if path.is_dir():
+        raise DestinationError(f"{path} is a directory; --out takes a file name")
+    if path.exists() and not force:
+        raise DestinationError(f"{path} exists; pass --force to overwrite it")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise DestinationError(f"{path}: cannot write into {parent} (not a writable directory)")
+
+
+def check_release_name(version: str) -> None:
+    """A transformers release number we support (a typo must not cost an env build, nor stop later cells)."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        parsed = Version(version)
+    except InvalidVersion:
+        raise OpensciPatchError(f"transformers {version!r} is not a release number (e.g. 5.2.0)") from None
+    if parsed < Version("4.48.0"):
+        raise OpensciPatchError(f"transformers {version} is unsupported (< 4.48); choose 4.48.0 or newer")
+
+
+def check_output_dir(path: Path, option: str) -> None:
+    """A directory we can create or write into, checked before any work is done."""
+    if path.exists() and not path.is_dir():
+        raise DestinationError(f"{option} {path} is not a directory")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise DestinationError(f"{option} {path}: cannot write into {existing} (not a writable directory)")
+
+
 def summary_line(record) -> str:
     env = record.environment
     variant = "patched" if record.model["patched"] else "original"
@@ -51,7 +88,7 @@ def summary_line(record) -> str:
         line += f" | max|logit-fp64 ref| {record.reference['max_abs_diff']:.2e}"
     if record.generation:
         line += f" | greedy: {record.generation['text']!r}"
-    else:
+    if record.status != "ok":
         line += f" | {record.status}: {record.error['type']}: {record.error['message']}"
     return line
 
@@ -78,8 +115,8 @@ def cmd_hotfix(args) -> int:
 def cmd_capture(args) -> int:
     from .capture import CaptureSettings, capture, isolated_hf_cache
 
-    if args.out and args.out.exists() and not args.force:
-        raise DestinationError(f"{args.out} exists; pass --force to overwrite it")
+    if args.out:
+        check_output_file(args.out, args.force)
     settings = CaptureSettings(
         model=args.model,
         device=args.device,
@@ -96,9 +133,7 @@ def cmd_capture(args) -> int:
         record = capture(settings, log=log)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(record.to_json())
-        tmp.replace(args.out)
+        write_atomic(args.out, record)
     print(summary_line(record))
     if record.status != "ok":
         _err(f"{record.status}: {record.error['type']}: {record.error['message']}")
@@ -107,35 +142,10 @@ def cmd_capture(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The main job on the shipped checkpoint: fixture -> hotfix -> capture original and patched."""
-    from .hotfix import hotfix
+    """The main job on the shipped checkpoint; the verdict compares with the shipped 4.48.0 record."""
+    from .demo import run
 
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="opensci-demo-"))
-    orig = write_fixture(work / "opensci-tiny", force=False)
-    fixed = work / "opensci-tiny_fixed"
-    hotfix(orig, fixed)
-    rc = 0
-    for name, model in (("original", orig), ("patched", fixed)):
-        print(f"== capture: {name} model", flush=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "opensci_patch.cli",
-            "capture",
-            str(model),
-            "--quiet",
-            "--out",
-            str(work / f"record-{name}.json"),
-        ]
-        proc = subprocess.run(cmd, text=True, capture_output=True)
-        print(proc.stdout.strip())
-        if proc.returncode not in (0, 1):
-            print(proc.stderr.strip(), file=sys.stderr)
-            rc = proc.returncode
-        elif name == "patched" and proc.returncode != 0:
-            rc = 1
-    print(f"records and model dirs are in {work}")
-    return rc
+    return run(args.workdir, log=lambda m: print(m, flush=True))
 
 
 def cmd_releases(args) -> int:
@@ -160,6 +170,9 @@ def cmd_cell(args) -> int:
         versions = args.transformers
     if not versions:
         raise OpensciPatchError("name a release with --transformers X (repeatable), or pass --all or --sweep")
+    for v in versions:  # all refused before any cell runs
+        check_release_name(v)
+    check_output_dir(args.records, "--records")
     source = args.model or FIXTURE_DIR
     variants = args.variant or list(matrix.MODELS)
     if args.model:
@@ -185,7 +198,7 @@ def cmd_report(args) -> int:
 
     bad = write_report(args.records, args.results, machine=args.machine)
     if bad:
-        _err(f"{bad} cell(s) FAIL, XPASS or error: see {args.results / 'matrix.md'}")
+        _err(f"{bad} cell(s) FAIL, XPASS or error, or record file(s) refused: see {args.results / 'matrix.md'}")
         return 1
     return 0
 
