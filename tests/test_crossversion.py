@@ -159,7 +159,10 @@ def generated(tmp_path_factory) -> dict:
 
 
 def test_generated_style_file_needs_every_default_patch(generated):
-    assert generated["summary"] == {p.name: "applied" for p in default_patches()}
+    # rope_theta targets 4.4x-era files that read `config.rope_theta` of a library config; this one reads none
+    assert generated["summary"] == {
+        p.name: "not-applicable" if p.name == "rope_theta" else "applied" for p in default_patches()
+    }
 
 
 def test_generated_style_checkpoint_is_built_once_and_reused(generated, monkeypatch):

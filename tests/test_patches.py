@@ -120,16 +120,15 @@ def test_registry_order_and_defaults():
         "loss_kwargs",
         "moved_helpers",
         "cache_kwarg",
+        "rope_theta",
         "rope_default",
         "tied_weights",
         "sdpa_gqa",
         "inv_freq_guard",
         "init_weights",
-        "rope_theta",
     ]
-    assert [p.name for p in default_patches()] == NAMES[:7]
-    assert [p.name for p in select(["init_weights"])] == NAMES[:8]
-    assert [p.name for p in select(["rope_theta", "init_weights"])] == NAMES
+    assert [p.name for p in default_patches()] == NAMES[:8]
+    assert [p.name for p in select(["init_weights"])] == NAMES
     with pytest.raises(PatchError, match="unknown patch 'nope'"):
         select(["nope"])
 
@@ -190,7 +189,9 @@ def test_patches_find_targets_by_structure_not_by_name(modeling_source: str):
         )
     )
     patched, statuses = apply_patches(variant, default_patches(), "modeling_osr.py")
-    assert statuses == {p.name: "not-applicable" if p.name == "moved_helpers" else "applied" for p in default_patches()}
+    assert statuses == {
+        p.name: "not-applicable" if p.name in ("moved_helpers", "rope_theta") else "applied" for p in default_patches()
+    }
     assert _class_attribute(patched, "OsrForCausalLM", "_tied_weights_keys") == {
         "lm_head.weight": "transformer.wte.weight"
     }

@@ -31,12 +31,12 @@ PATCHES: tuple[Patch, ...] = (
     loss_kwargs.PATCH,
     moved_helpers.PATCH,
     cache_kwarg.PATCH,
+    rope_theta.PATCH,
     rope_default.PATCH,
     tied_weights.PATCH,
     sdpa_gqa.PATCH,
     inv_freq_guard.PATCH,
     init_weights.PATCH,
-    rope_theta.PATCH,
 )
 
 

@@ -16,9 +16,10 @@ alone, and so is `self.rope_theta` (an object reading what it stored itself).
 Refuses `getattr(X, "rope_theta", ...)` outside the functions opensci-patch inserts: with a default it
 would silently give the default on 5.x instead of the configured value, so it needs a human.
 
-Opt-in for now (`--with rope_theta`): neither the shipped nor the generated open-sci file reads it, and the
-tests that count the default patches applying to those files would have to learn about a default that
-does not apply.
+A default patch, although neither the shipped nor the generated open-sci file reads `rope_theta` (it is
+not applicable to them, and leaves their output unchanged): remote code of the same era written by others
+does, and `hotfix` should make it load without the user knowing which patch to ask for. It runs before
+`rope_default`, whose inlined init reads `rope_theta` by `getattr` with its own fallback.
 
 Detects: reads of a `.rope_theta` attribute other than on `self`. Verifies: every such read goes
 through the helper and the helper is defined at module level.
@@ -148,7 +149,7 @@ def rewrite(tree: cst.Module) -> cst.Module:
 PATCH = Patch(
     name=NAME,
     description="read rope_theta through rope_parameters where a 5.x library config has no such attribute",
-    default=False,
+    default=True,
     inspect=inspect,
     rewrite=rewrite,
 )
