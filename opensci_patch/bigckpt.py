@@ -88,7 +88,17 @@ def make_config(
     max_positions: int = 4096,
     rope_theta: float = 100000.0,
 ) -> dict:
-    """config.json: the fixture's, with the given (default: 1.7B) shapes and torch_dtype bfloat16."""
+    """config.json: the fixture's, with the given (default: 1.7B) shapes and torch_dtype bfloat16.
+
+    Every refusal is an OpensciPatchError (one line, exit 2), checked before anything is derived from
+    the sizes (hidden // heads with heads=0 was a ZeroDivisionError traceback).
+    """
+    given = {"layers": layers, "hidden": hidden, "intermediate": intermediate, "heads": heads, "kv_heads": kv_heads,
+             "head_dim": head_dim, "vocab": vocab, "max_positions": max_positions}  # fmt: skip
+    if bad := [f"{k}={v}" for k, v in given.items() if v is not None and (not isinstance(v, int) or v < 1)]:
+        raise OpensciPatchError(f"sizes must be positive integers: {', '.join(bad)}")
+    if not (math.isfinite(rope_theta) and rope_theta > 1):
+        raise OpensciPatchError(f"rope_theta ({rope_theta}) must be a finite number above 1")
     kv_heads = heads if kv_heads is None else kv_heads
     head_dim = hidden // heads if head_dim is None else head_dim
     sizes = {
@@ -270,19 +280,18 @@ def generate(
     """
     if sys.byteorder != "little":  # safetensors stores little-endian; we write raw tensor memory
         raise OpensciPatchError("bigckpt writes raw little-endian tensor bytes; this machine is big-endian")
+    if not (math.isfinite(std) and std > 0):
+        raise OpensciPatchError(f"std ({std}) must be a finite positive number")
     out = Path(out)
     _check_destination(out)
     cfg = make_config(**shape)
+    _check_free_space(out, _checkpoint_bytes(cfg))  # before listing the tensors: --layers 1000000000 would not fit
     specs = tensor_specs(cfg)
     shards = plan_shards(specs, shard_bytes)
     total = sum(s.nbytes for s in specs)
     n_params = sum(s.numel for s in specs)
 
-    parent = out.absolute().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(parent).free
-    if free < total + (64 << 20):
-        raise DestinationError(f"{parent}: {human(free)} free, the checkpoint needs {human(total)}")
+    parent = _check_free_space(out, total)
     log(
         f"generating {n_params / 1e9:.3f}B parameters ({len(specs)} tensors, {human(total)} bf16) "
         f"in {len(shards)} shard(s) of <= {human(shard_bytes)}, seed {seed} -> {out}"
@@ -323,6 +332,27 @@ def generate(
         f"peak RSS of the generator {human(peak_rss_bytes())}"
     )
     return out
+
+
+def _checkpoint_bytes(cfg: dict) -> int:
+    """The size of the tensors `tensor_specs(cfg)` lists, computed from one layer (no list of every tensor)."""
+    one = tensor_specs({**cfg, "num_hidden_layers": 1})
+    outside = [s for s in one if not s.name.startswith("model.layers.")]
+    per_layer = sum(s.nbytes for s in one) - sum(s.nbytes for s in outside)
+    return sum(s.nbytes for s in outside) + per_layer * cfg["num_hidden_layers"]
+
+
+def _check_free_space(out: Path, total: int) -> Path:
+    """Create OUT's parent; refuse when it has less free space than the checkpoint needs. Returns the parent."""
+    parent = out.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DestinationError(f"cannot create {parent}: {exc.strerror}; choose another output path") from None
+    free = shutil.disk_usage(parent).free
+    if free < total + (64 << 20):
+        raise DestinationError(f"{parent}: {human(free)} free, the checkpoint needs {human(total)}")
+    return parent
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}

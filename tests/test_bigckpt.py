@@ -154,3 +154,25 @@ def test_hotfixed_copy_loads_with_installed_transformers(tiny: Path, tmp_path: P
     assert proc.returncode == 0, proc.stdout + proc.stderr
     record = json.loads((tmp_path / "r.json").read_text())
     assert record["status"] == "ok" and len(record["generation"]["ids"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--heads", "0"], "heads=0"),
+        (["--hidden", "0"], "hidden=0"),
+        (["--kv-heads", "0"], "kv_heads=0"),
+        (["--heads", "-4"], "heads=-4"),
+        (["--std", "nan"], "std"),
+        (["--std", "0"], "std"),
+        (["--rope-theta", "0"], "rope_theta"),
+        (["--rope-theta", "inf"], "rope_theta"),
+        (["--layers", "1000000000"], "free"),  # refused from the sizes alone, before listing 15e9 tensors
+    ],
+)
+def test_nonsense_shapes_are_one_line_and_exit_2(tmp_path: Path, capsys, args: list[str], message: str) -> None:
+    small = ["--vocab", "512", "--hidden", "64", "--intermediate", "64", "--heads", "2"]
+    assert bigckpt.main([str(tmp_path / "out"), *small, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert list(tmp_path.iterdir()) == []
