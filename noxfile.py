@@ -25,7 +25,7 @@ from pathlib import Path
 import nox
 
 sys.path.insert(0, str(Path(__file__).parent))
-from opensci_patch import matrix  # noqa: E402  (stdlib-only module)
+from opensci_patch import defaults, matrix  # noqa: E402  (stdlib-only modules)
 
 nox.needs_version = ">=2024.10.9"
 nox.options.default_venv_backend = "uv|virtualenv"
@@ -43,8 +43,7 @@ def torch_install_args() -> list[str]:
     Pinned with `+cpu` (except on macOS, whose wheels have no local label) so that a missing
     index fails at once instead of resolving PyPI's multi-GB CUDA build.
     """
-    pin = os.environ.get("OPENSCI_PATCH_TORCH_PIN", "2.13.0")
-    args = [f"torch=={pin}" + ("" if sys.platform == "darwin" else "+cpu")]
+    args = [f"torch=={defaults.TORCH_PIN}" + ("" if sys.platform == "darwin" else "+cpu")]
     for link in os.environ.get("PIP_FIND_LINKS", "").split():
         args += ["--find-links", link]
     if index := os.environ.get("OPENSCI_PATCH_TORCH_INDEX_URL"):
@@ -89,7 +88,7 @@ def lint(session: nox.Session) -> None:
 
 
 @nox.session(venv_backend="none", default=False)
-@nox.parametrize("torch", [nox.param(b, tags=[b]) for b in matrix.TORCH_BUILDS])
+@nox.parametrize("torch", [nox.param(b, tags=[b]) for b in defaults.TORCH_BUILDS])
 @nox.parametrize("transformers", matrix.releases_from_env())
 def cell(session: nox.Session, transformers: str, torch: str) -> None:
     """One environment: every model variant on one release and torch build.
@@ -117,7 +116,7 @@ def cell(session: nox.Session, transformers: str, torch: str) -> None:
 @nox.session(name="matrix", venv_backend="none", default=False)
 def run_matrix(session: nox.Session) -> None:
     """Every CPU cell, in sequence, with progress lines; a broken cell is recorded and the rest go on."""
-    cli(session, "cell", "--all", "--torch", matrix.DEFAULT_TORCH_BUILD, "--records", str(RECORDS), *session.posargs)
+    cli(session, "cell", "--all", "--torch", defaults.DEFAULT_TORCH_BUILD, "--records", str(RECORDS), *session.posargs)
 
 
 @nox.session(default=False)

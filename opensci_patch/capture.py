@@ -28,21 +28,16 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .defaults import ATTENTION, DEFAULT_PROMPT, DEFAULT_TARGET, DTYPES, MANIFEST, MAX_NEW_TOKENS, OLDEST_SUPPORTED
 from .errors import CaptureError, ModelDirError
 from .records import Record, error_info
 
-DEFAULT_PROMPT = "The capital of France is"
-DEFAULT_TARGET = " Paris"
-MANIFEST = "opensci_patch_manifest.json"
-DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION = ("eager", "sdpa")
 # The fp64 reference needs ~8 bytes per parameter on the CPU: skip it above this size.
 REFERENCE_MAX_WEIGHT_BYTES = 1 << 30
 # KV-cache self-check: max |step logits with the cache - the same step recomputed without one|.
 # Measured on the shipped checkpoint (fp32 eager/SDPA: <= 1e-5; bf16: <= 0.13; a forward that drops
 # its cache: >= 2 in every dtype), see docs/upstream.md.
 KV_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.1}
-OLDEST_SUPPORTED = (4, 48)
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps|xpu(:\d+)?)$")
 
 
@@ -54,7 +49,7 @@ class CaptureSettings:
     attn: str = "eager"
     prompt: str = DEFAULT_PROMPT
     target: str = DEFAULT_TARGET
-    max_new_tokens: int = 20
+    max_new_tokens: int = MAX_NEW_TOKENS
     top_k: int = 10
     shim: bool = False
     reference: str = "auto"  # auto | on | off
@@ -326,8 +321,8 @@ def check_release() -> None:
     import transformers
 
     parts = re.match(r"(\d+)\.(\d+)", transformers.__version__)
-    if parts is None or (int(parts[1]), int(parts[2])) < OLDEST_SUPPORTED:
-        oldest = ".".join(map(str, OLDEST_SUPPORTED))
+    oldest = ".".join(OLDEST_SUPPORTED.split(".")[:2])
+    if parts is None or (int(parts[1]), int(parts[2])) < tuple(int(x) for x in oldest.split(".")):
         raise CaptureError(
             f"transformers {transformers.__version__} is unsupported (< {oldest}); install {oldest} or newer"
         )

@@ -14,11 +14,20 @@ import tempfile
 from pathlib import Path
 
 from . import __version__
+from .defaults import (
+    ATTENTION,
+    DEFAULT_PROMPT,
+    DEFAULT_TARGET,
+    DEFAULT_TORCH_BUILD,
+    DTYPES,
+    FIXTURE_DIR,
+    MAX_NEW_TOKENS,
+    OLDEST_SUPPORTED,
+    TORCH_BUILDS,
+)
 from .errors import DestinationError, OpensciPatchError
 from .matrix import MODELS, OWN_CHECKPOINT  # stdlib-only module
 from .records import write_atomic
-
-FIXTURE_DIR = Path(__file__).parent / "data" / "opensci-tiny"
 
 
 def _err(msg: str) -> None:
@@ -61,8 +70,8 @@ def check_release_name(version: str) -> None:
         parsed = Version(version)
     except InvalidVersion:
         raise OpensciPatchError(f"transformers {version!r} is not a release number (e.g. 5.2.0)") from None
-    if parsed < Version("4.48.0"):
-        raise OpensciPatchError(f"transformers {version} is unsupported (< 4.48); choose 4.48.0 or newer")
+    if parsed < Version(OLDEST_SUPPORTED):
+        raise OpensciPatchError(f"transformers {version} is unsupported (< {OLDEST_SUPPORTED}); choose a newer one")
 
 
 def check_output_dir(path: Path, option: str) -> None:
@@ -289,11 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="write the JSON record here")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--attn", default="eager", choices=["eager", "sdpa"])
-    p.add_argument("--prompt", default="The capital of France is")
-    p.add_argument("--target", default=" Paris", help="token whose logit is recorded (must be one token)")
-    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--dtype", default=DTYPES[0], choices=DTYPES)
+    p.add_argument("--attn", default=ATTENTION[0], choices=ATTENTION)
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--target", default=DEFAULT_TARGET, help="token whose logit is recorded (must be one token)")
+    p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
     p.add_argument(
         "--shim",
         action="store_true",
@@ -331,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the pinned releases plus the latest patch of every minor from 4.48 on the package index",
     )
     p.add_argument("--pre", action="store_true", help="also the newest pre-release, if newer than the newest final")
-    p.add_argument("--torch", default="cpu", choices=["cpu", "system", "cuda"])
+    p.add_argument("--torch", default=DEFAULT_TORCH_BUILD, choices=TORCH_BUILDS)
     p.add_argument(
         "--variant",
         action="append",
@@ -341,13 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         action="append",
-        choices=["float32", "bfloat16", "float16"],
+        choices=DTYPES,
         help="dtypes to run (repeatable; default float32)",
     )
     p.add_argument(
         "--attn",
         action="append",
-        choices=["eager", "sdpa"],
+        choices=ATTENTION,
         help="attention implementations to run (repeatable; default eager)",
     )
     p.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: the shipped fixture)")
@@ -369,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[m for m in MODELS if m not in OWN_CHECKPOINT],
         help="model variant to judge (default: structural, the naive three-fix model)",
     )
-    p.add_argument("--torch", default="cpu", choices=["cpu", "system", "cuda"])
+    p.add_argument("--torch", default=DEFAULT_TORCH_BUILD, choices=TORCH_BUILDS)
     p.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: the shipped fixture)")
     p.add_argument(
         "--versions",

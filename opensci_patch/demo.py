@@ -19,11 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .defaults import DATA_DIR
 from .records import Record, load
 
-DATA = Path(__file__).parent / "data"
-FIXTURE_DIR = DATA / "opensci-tiny"
-REFERENCE_RECORD = DATA / "opensci-tiny.reference.json"
+REFERENCE_RECORD = DATA_DIR / "opensci-tiny.reference.json"
 TOLERANCE = 1e-4  # fp32 logits; the fp64 reference agrees to 3.5e-6 on every supported release
 
 

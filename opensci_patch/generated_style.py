@@ -24,10 +24,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .defaults import FIXTURE_DIR
 from .envs import _find_uv, _locked, _wheel_dir_args, default_root
 from .errors import EnvironmentSetupError
 
-FIXTURE_DIR = Path(__file__).resolve().parent / "data" / "opensci-tiny"
 RELEASE = "4.54.0"  # the first release with TransformersKwargs, the snapshot's generation
 QWEN3 = Path("transformers") / "models" / "qwen3"
 

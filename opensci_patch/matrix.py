@@ -20,12 +20,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .defaults import ATTENTION, DEFAULT_TORCH_BUILD, DTYPES, TORCH_BUILDS
+
 # The pinned releases: the first and second supported 4.x, the last 4.x, the 5.x releases with
 # known behaviour changes, and the newest 5.x when it was pinned. `opensci-patch releases --sweep`
 # adds the latest patch of every minor from the index (releases.py). Edit here only.
 TRANSFORMERS_VERSIONS = ["4.48.0", "4.49.0", "4.57.6", "5.0.0", "5.1.0", "5.2.0", "5.23.0", "5.24.0"]
-TORCH_BUILDS = ["cpu", "system", "cuda"]
-DEFAULT_TORCH_BUILD = "cpu"
 # model variant -> hotfix options (None: the original code, unpatched). "structural" is what a
 # naive fix does (the three load errors only): it shows the silent RoPE breakage on 5.x.
 STRUCTURAL = ("loss_kwargs", "rope_default", "tied_weights")
@@ -54,7 +54,6 @@ class Cell:
         """A cell from the command line: a matrix cell id (tf5.2.0-cpu-patched-float32-eager) or
         VERSION[:FIELD...] where each field is a model variant, torch build, dtype or attention
         (their value sets do not overlap), e.g. 5.2.0:structural or 4.57.6:patched:bfloat16:sdpa."""
-        from .capture import ATTENTION, DTYPES  # stdlib-only at import time
         from .errors import OpensciPatchError
 
         m = re.fullmatch(r"tf([^-]+)-([^-]+)-([^-]+)-([^-]+)-([^-]+)", spec)

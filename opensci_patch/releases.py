@@ -31,11 +31,12 @@ from collections.abc import Callable, Iterable
 
 from packaging.version import InvalidVersion, Version
 
+from . import defaults
 from .errors import OpensciPatchError
 
 PYPI_SIMPLE = "https://pypi.org/simple"
 INDEX_VARIABLES = ("OPENSCI_PATCH_INDEX_URL", "PIP_INDEX_URL", "UV_DEFAULT_INDEX", "UV_INDEX_URL")
-OLDEST_SUPPORTED = Version("4.48.0")
+OLDEST_SUPPORTED = Version(defaults.OLDEST_SUPPORTED)
 PROJECT = "transformers"
 # the file names of a project page: transformers-5.24.0-py3-none-any.whl, transformers-5.24.0.tar.gz
 _FILE = re.compile(rf"^{PROJECT}-([^-]+?)(?:-[^-]+-[^-]+-[^-]+\.whl|\.tar\.gz|\.zip)$", re.IGNORECASE)

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..capture import ATTENTION, DEFAULT_PROMPT, DTYPES
+from ..defaults import ATTENTION, DEFAULT_PROMPT, DTYPES
 from ..errors import OpensciPatchError
 from .decode import DEFAULT_DECODE_STEPS
 

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..capture import DEFAULT_PROMPT, REFERENCE_MAX_WEIGHT_BYTES, validate_model_dir
+from ..capture import REFERENCE_MAX_WEIGHT_BYTES, validate_model_dir
+from ..defaults import DEFAULT_PROMPT, FIXTURE_DIR
 from ..errors import OpensciPatchError
 from ..matrix import DEFAULT_TORCH_BUILD, MODELS, OWN_CHECKPOINT, TORCH_BUILDS, Cell, cell_cli_args
 from ..records import tail
@@ -28,7 +29,6 @@ from .report import format_report, verdict
 from .stages import MARKER, MODEL_INFO, RESULT, SCHEMA, fmt, fresh_dir, prepare_out, read_json, write_json
 
 Log = Callable[[str], object]
-FIXTURE_DIR = Path(__file__).resolve().parents[1] / "data" / "opensci-tiny"
 
 
 class DiagnoseError(OpensciPatchError):

@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from ..capture import ATTENTION, DEFAULT_PROMPT, DTYPES, validate_model_dir
+from ..capture import validate_model_dir
+from ..defaults import ATTENTION, DEFAULT_PROMPT, DTYPES
 from ..errors import OpensciPatchError
 from ..records import error_info
 from . import fp64
