@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "--variant",
         action="append",
         default=None,
-        choices=[m for m in matrix.MODELS if m not in matrix.OWN_CHECKPOINT],  # both approaches run the shipped dir
+        choices=[m for m, v in matrix.VARIANTS.items() if not v.own_checkpoint],  # both approaches run the shipped dir
         help="model variant (repeatable; default patched)",
     )
     ap.add_argument(

@@ -26,8 +26,9 @@ from packaging.version import InvalidVersion, Version
 from . import records
 from .diagnose import TOLERANCE
 from .errors import OpensciPatchError
-from .matrix import Cell, run_cell
+from .matrix import Cell
 from .records import Record
+from .runner import run_cell
 
 PYPI_JSON = "https://pypi.org/pypi/transformers/json"
 # Absolute bound on max |logit - fp64 ref|, per dtype: diagnose's stage tolerances (one definition). fp32 eager on

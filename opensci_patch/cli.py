@@ -26,7 +26,7 @@ from .defaults import (
     TORCH_BUILDS,
 )
 from .errors import DestinationError, OpensciPatchError
-from .matrix import MODELS, OWN_CHECKPOINT  # stdlib-only module
+from .matrix import VARIANTS  # stdlib-only module
 from .records import write_atomic
 
 
@@ -183,14 +183,15 @@ def cmd_cell(args) -> int:
         check_release_name(v)
     check_output_dir(args.records, "--records")
     source = args.model or FIXTURE_DIR
-    variants = args.variant or list(matrix.MODELS)
+    variants = args.variant or list(matrix.VARIANTS)
     if args.model:
         from .capture import validate_model_dir
 
         validate_model_dir(args.model)
-        if args.variant and set(args.variant) & matrix.OWN_CHECKPOINT:
+        own = {name for name, v in matrix.VARIANTS.items() if v.own_checkpoint}
+        if args.variant and set(args.variant) & own:
             raise OpensciPatchError("--variant generated runs the shipped weights under generated code; drop --model")
-        variants = [m for m in variants if m not in matrix.OWN_CHECKPOINT]
+        variants = [m for m in variants if m not in own]
     cells = [
         matrix.Cell(v, args.torch, m, dtype, attn)
         for v in versions
@@ -198,7 +199,9 @@ def cmd_cell(args) -> int:
         for attn in args.attn or ["eager"]
         for m in variants
     ]
-    matrix.main_cells(cells, source, args.records, log=lambda m: print(m, flush=True))
+    from .runner import main_cells
+
+    main_cells(cells, source, args.records, log=lambda m: print(m, flush=True))
     return 0
 
 
@@ -344,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--variant",
         action="append",
-        choices=list(MODELS),
+        choices=list(VARIANTS),
         help="model variants to run (default: all; with --model, all but generated)",
     )
     p.add_argument(
@@ -375,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--variant",
         default="structural",
-        choices=[m for m in MODELS if m not in OWN_CHECKPOINT],
+        choices=[m for m, v in VARIANTS.items() if not v.own_checkpoint],
         help="model variant to judge (default: structural, the naive three-fix model)",
     )
     p.add_argument("--torch", default=DEFAULT_TORCH_BUILD, choices=TORCH_BUILDS)

@@ -1,9 +1,7 @@
-"""The cross-version matrix: which cells exist, what each is expected to do, and running one.
+"""The cross-version matrix, declared: releases, variants, cells and what each cell must do.
 
-A cell is (transformers release, torch build, model variant). Each runs in the per-release
-environment from `envs` (reused across runs) and leaves exactly one JSON record, also when
-the environment cannot be built or the child process crashes: then the record says so,
-with the tail of the log, and the other cells go on.
+A cell is (transformers release, torch build, model variant, dtype, attention). Running cells is
+`runner`'s job; this module only declares, so the noxfile can read it.
 
 This module imports only the standard library (and `packaging`, which nox itself depends on):
 the noxfile imports it to build its parametrisation, with no torch or transformers around.
@@ -15,9 +13,7 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from .defaults import ATTENTION, DEFAULT_TORCH_BUILD, DTYPES, TORCH_BUILDS
@@ -26,18 +22,46 @@ from .defaults import ATTENTION, DEFAULT_TORCH_BUILD, DTYPES, TORCH_BUILDS
 # known behaviour changes, and the newest 5.x when it was pinned. `opensci-patch releases --sweep`
 # adds the latest patch of every minor from the index (releases.py). Edit here only.
 TRANSFORMERS_VERSIONS = ["4.48.0", "4.49.0", "4.57.6", "5.0.0", "5.1.0", "5.2.0", "5.23.0", "5.24.0"]
-# model variant -> hotfix options (None: the original code, unpatched). "structural" is what a
-# naive fix does (the three load errors only): it shows the silent RoPE breakage on 5.x.
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model variant a cell can run: which hotfix makes it, and on which checkpoint.
+
+    Adding a variant is one entry in `VARIANTS`: the CLI choices, the noxfile cells, the report's
+    grid columns and plot markers all follow from it.
+    """
+
+    name: str
+    hotfix: tuple[str, ...] | None  # `opensci-patch hotfix` options; None: the original code, unpatched
+    description: str
+    own_checkpoint: bool = False  # runs its own checkpoint (not --model / the matrix's checkpoint)
+    marker: str = "o"  # matplotlib marker in the report's plot
+
+
+# "structural" is what a naive fix does (the three load errors only): it shows the silent RoPE breakage on 5.x.
 STRUCTURAL = ("loss_kwargs", "rope_default", "tied_weights")
-MODELS: dict[str, tuple[str, ...] | None] = {
-    "original": None,
-    "structural": tuple(a for p in STRUCTURAL for a in ("--only", p)),
-    "patched": (),
-    "patched+init": ("--with", "init_weights"),
-    "generated": (),  # hotfixed, but the shipped weights under a modular-generated file (generated_style)
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("original", None, "the files as shipped", marker="x"),
+        Variant(
+            "structural",
+            tuple(a for p in STRUCTURAL for a in ("--only", p)),
+            "only the three load fixes (a naive fix)",
+            marker="s",
+        ),
+        Variant("patched", (), "the default patches", marker="o"),
+        Variant("patched+init", ("--with", "init_weights"), "the default patches plus init_weights", marker="^"),
+        Variant(
+            "generated",
+            (),
+            "the shipped weights under a modular-generated model file, hotfixed (generated_style)",
+            own_checkpoint=True,
+            marker="d",
+        ),
+    )
 }
-# variants whose checkpoint is not the one the matrix runs on
-OWN_CHECKPOINT = {"generated"}
 REFERENCE = ("4.48.0", "patched")  # compared against, per torch build / device / dtype / attention
 
 
@@ -62,17 +86,17 @@ class Cell:
         else:
             version, *rest = spec.split(":")
             fields = {"transformers": version, "torch": torch_build, "model": "patched"}
-            kinds = (("model", tuple(MODELS)), ("torch", tuple(TORCH_BUILDS)), ("dtype", DTYPES), ("attn", ATTENTION))
+            kinds = (("model", tuple(VARIANTS)), ("torch", tuple(TORCH_BUILDS)), ("dtype", DTYPES), ("attn", ATTENTION))
             for value in rest:
                 kind = next((k for k, values in kinds if value in values), None)
                 if kind is None:
                     raise OpensciPatchError(
-                        f"cell {spec!r}: {value!r} is no model variant ({', '.join(MODELS)}), "
+                        f"cell {spec!r}: {value!r} is no model variant ({', '.join(VARIANTS)}), "
                         f"torch build ({', '.join(TORCH_BUILDS)}), dtype ({', '.join(DTYPES)}) "
                         f"or attention ({', '.join(ATTENTION)})"
                     )
                 fields[kind] = value
-        allowed = {"model": tuple(MODELS), "torch": tuple(TORCH_BUILDS), "dtype": DTYPES, "attn": ATTENTION}
+        allowed = {"model": tuple(VARIANTS), "torch": tuple(TORCH_BUILDS), "dtype": DTYPES, "attn": ATTENTION}
         for kind, values in allowed.items():
             if kind in fields and fields[kind] not in values:
                 raise OpensciPatchError(
@@ -170,7 +194,7 @@ def all_cells(versions=None, builds=None, models=None) -> list[Cell]:
         Cell(v, b, m)
         for v in (versions or TRANSFORMERS_VERSIONS)
         for b in (builds or [DEFAULT_TORCH_BUILD])
-        for m in (models or list(MODELS))
+        for m in (models or list(VARIANTS))
     ]
 
 
@@ -182,104 +206,16 @@ def gpu_present() -> str | None:
     return None if ok.returncode == 0 and "GPU" in ok.stdout else "nvidia-smi finds no GPU"
 
 
-def run_cell(
-    cell: Cell, model_dir: Path, records: Path, *, env_root: Path | None = None, timeout: float = 900, log=print
-) -> Path:
-    """Run one cell; always leaves `records/<cell.id>.json` and returns its path.
-
-    The previous run's record is replaced by a "running" placeholder before anything else happens,
-    so a killed cell leaves "running" (the report lists it as never finished), never a stale result.
-    """
-    from . import records as rec_io
-    from .envs import ensure_env, run_python
-    from .errors import EnvironmentSetupError
-
-    records.mkdir(parents=True, exist_ok=True)
-    out = records / f"{cell.id}.json"
-    expected = asdict(expectation(cell))
-    rec_io.write_atomic(out, rec_io.running_record(cell, expected=expected))
-    start = time.monotonic()
-    try:
-        env = ensure_env(cell.transformers, cell.torch, root=env_root, log=log)
-        if cell.model in OWN_CHECKPOINT:
-            from .generated_style import ensure_generated
-
-            model_dir = ensure_generated(env_root, log=log)
-    except EnvironmentSetupError as exc:
-        record = rec_io.error_record(cell, "env-error", "EnvironmentSetupError", str(exc), str(exc))
-    else:
-        with tempfile.TemporaryDirectory(prefix=f"opensci-{cell.id}-") as tmp:
-            record = _capture_in_env(cell, env, model_dir, Path(tmp), timeout, run_python)
-    record.cell = asdict(cell) | {"id": cell.id, "device": cell.device}
-    record.expected = expected
-    record.cell_wall_s = round(time.monotonic() - start, 1)
-    rec_io.write_atomic(out, record)
-    return out
-
-
 def cell_cli_args(cell: Cell, model_dir: Path, workdir: Path, record: Path) -> tuple[list[str] | None, list[str]]:
     """The `opensci-patch` arguments a cell runs: (hotfix, or None for the original code; capture).
 
     One definition for the matrix and for the benchmarks that time the same cells another way.
     """
     model, hotfix = model_dir, None
-    extras = MODELS[cell.model]
+    extras = VARIANTS[cell.model].hotfix
     if extras is not None:
         model = workdir / (model_dir.name + "_fixed")
         hotfix = ["hotfix", str(model_dir), "--out", str(model), *extras]
     capture = ["capture", str(model), "--out", str(record), "--quiet",
                "--device", cell.device, "--dtype", cell.dtype, "--attn", cell.attn]  # fmt: skip
     return hotfix, capture
-
-
-def _capture_in_env(cell: Cell, env, model_dir: Path, tmp: Path, timeout: float, run_python):
-    from . import records as rec_io
-
-    rec_path = tmp / "record.json"
-    hotfix, capture = cell_cli_args(cell, model_dir, tmp, rec_path)
-    cli = ["-m", "opensci_patch.cli"]
-    if hotfix is not None:  # hotfix in the cell's own env: the driver needs no libcst or torch
-        proc = run_python(env, [*cli, *hotfix], timeout=timeout)
-        if proc.returncode != 0:
-            return rec_io.error_record(
-                cell,
-                "hotfix-error",
-                "HotfixFailed",
-                rec_io.tail(proc.stderr, 1),
-                rec_io.tail(proc.stdout + proc.stderr),
-            )
-    args = [*cli, *capture]
-    try:
-        proc = run_python(env, args, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        return rec_io.error_record(cell, "crash", "Timeout", f"capture ran over {timeout:.0f}s", str(exc))
-    if not rec_path.is_file():
-        return rec_io.error_record(
-            cell,
-            "crash",
-            f"exit {proc.returncode}",
-            rec_io.tail(proc.stderr, 1) or "no record written",
-            rec_io.tail(proc.stdout + proc.stderr),
-        )
-    try:
-        return rec_io.load(rec_path)
-    except rec_io.RecordError as exc:
-        return rec_io.error_record(cell, "crash", "RecordError", str(exc), rec_io.tail(proc.stdout + proc.stderr))
-
-
-def main_cells(cells: list[Cell], model_dir: Path, records: Path, log=print) -> int:
-    """Run cells one after another with progress lines; returns the number of cells run."""
-    from . import records as rec_io
-
-    total = len(cells)
-    t0 = time.monotonic()
-    for i, cell in enumerate(cells, 1):
-        log(f"[{i}/{total}] {cell.id} ... ({time.monotonic() - t0:.0f}s elapsed)")
-        rec = rec_io.load(run_cell(cell, model_dir, records, log=lambda m: log(f"    {m}")))
-        t = rec.target
-        got = f"ran: ' Paris' logit {t['logit']:.4f} rank {t['rank']}" if t else rec.status
-        if t and rec.status != "ok":
-            got += f" ({rec.status})"
-        log(f"[{i}/{total}] {cell.id}: {got} (expected {rec.expected['outcome']}, {rec.cell_wall_s}s)")
-    log(f"{total} cells in {time.monotonic() - t0:.0f}s; records in {records}")
-    return total

@@ -35,7 +35,7 @@ from tabulate import tabulate
 
 from . import records
 from .errors import DestinationError, OpensciPatchError
-from .matrix import MODELS, REFERENCE
+from .matrix import REFERENCE, VARIANTS
 from .records import Record, RecordError
 
 BAD = ("FAIL", "XPASS", "error")
@@ -190,10 +190,10 @@ def version_key(v: str) -> tuple:
 
 
 def rows(recs: list[Record], sources: list[str] | None = None) -> list[dict]:
-    """One row per cell id, sorted by release, build, dtype, attention and variant order in `MODELS`."""
+    """One row per cell id, sorted by release, build, dtype, attention and variant order in `VARIANTS`."""
     ambiguous = _ambiguous(recs, sources)
     refs = references(recs, ambiguous)
-    order = {m: i for i, m in enumerate(MODELS)}
+    order = {m: i for i, m in enumerate(VARIANTS)}
     seen: set[str] = set()
     out = []
     for r in sorted(
@@ -254,9 +254,9 @@ def _device(rec: Record) -> str:
 
 
 def variants(table: list[dict]) -> list[str]:
-    """The grid's columns: every variant of `matrix.MODELS`, then any other variant a record names."""
-    extra = sorted({r["model"] for r in table} - set(MODELS))
-    return [*MODELS, *extra]
+    """The grid's columns: every variant of `matrix.VARIANTS`, then any other variant a record names."""
+    extra = sorted({r["model"] for r in table} - set(VARIANTS))
+    return [*VARIANTS, *extra]
 
 
 def _group_name(r: dict) -> str:
@@ -365,11 +365,11 @@ def _png(fig, plt) -> bytes:
 def paris_series(table: list[dict]) -> list[tuple[str, str, list[tuple[int, float]]]]:
     """(variant, marker, [(release index, " Paris" logit)]) for every variant, CPU cells only."""
     versions = sorted({r["transformers"] for r in table}, key=version_key)
-    marker_cycle = "xso^dv<>pP*hH"
+    marker_cycle = "v<>pP*hH"  # for variants a record names but `VARIANTS` does not declare
     return [
         (
             model,
-            marker_cycle[i % len(marker_cycle)],
+            VARIANTS[model].marker if model in VARIANTS else marker_cycle[i % len(marker_cycle)],
             [
                 (versions.index(r["transformers"]), r["paris_logit"])
                 for r in table

@@ -51,7 +51,8 @@ def cache_dropping_copy(dst: Path) -> Path:
     modeling = dst / "modeling_opensci.py"
     source, _ = apply_patches(modeling.read_text(), default_patches(), modeling.name)
     assert source.count(DROP_CACHE_AT) == 1, "the shipped model no longer builds its cache where this fault expects"
-    modeling.write_text(source.replace(DROP_CACHE_AT, "        past_key_values = None  # injected fault\n" + DROP_CACHE_AT))
+    fault = "        past_key_values = None  # injected fault\n"
+    modeling.write_text(source.replace(DROP_CACHE_AT, fault + DROP_CACHE_AT))
     return dst
 
 

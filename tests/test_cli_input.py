@@ -84,10 +84,10 @@ def test_diagnose_rejects_a_malformed_cell_and_writes_nothing(cli, tmp_path: Pat
 
 def test_cell_runs_every_combination_of_the_dtype_attn_and_variant_options(monkeypatch, tmp_path: Path):
     from opensci_patch import cli as cli_module
-    from opensci_patch import matrix
+    from opensci_patch import matrix, runner
 
     ran = []
-    monkeypatch.setattr(matrix, "main_cells", lambda cells, *a, **k: ran.extend(cells) or len(cells))
+    monkeypatch.setattr(runner, "main_cells", lambda cells, *a, **k: ran.extend(cells) or len(cells))
     args = ["cell", "--transformers", "4.48.0", "--torch", "cuda", "--variant", "patched", "--variant", "structural",
             "--attn", "eager", "--attn", "sdpa", "--dtype", "bfloat16", "--records", str(tmp_path)]  # fmt: skip
     assert cli_module.main(args) == 0
@@ -97,11 +97,11 @@ def test_cell_runs_every_combination_of_the_dtype_attn_and_variant_options(monke
     ran.clear()
     assert cli_module.main(["cell", "--transformers", "5.2.0", "--records", str(tmp_path)]) == 0
     assert {(c.dtype, c.attn, c.torch) for c in ran} == {("float32", "eager", "cpu")}
-    assert {c.model for c in ran} == set(matrix.MODELS)
+    assert {c.model for c in ran} == set(matrix.VARIANTS)
     ran.clear()
     own = ["cell", "--transformers", "5.2.0", "--model", str(FIXTURE_DIR), "--records", str(tmp_path)]
     assert cli_module.main(own) == 0  # another checkpoint: every variant but the one with its own weights
-    assert {c.model for c in ran} == set(matrix.MODELS) - matrix.OWN_CHECKPOINT
+    assert {c.model for c in ran} == {m for m, v in matrix.VARIANTS.items() if not v.own_checkpoint}
 
 
 def test_cell_refuses_the_generated_variant_on_another_checkpoint(cli, model_dir: Path, tmp_path: Path):

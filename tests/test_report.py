@@ -13,7 +13,7 @@ import pytest
 
 from opensci_patch import records, report
 from opensci_patch.errors import DestinationError, OpensciPatchError
-from opensci_patch.matrix import MODELS, REFERENCE, Cell
+from opensci_patch.matrix import REFERENCE, VARIANTS, Cell, Variant
 from opensci_patch.records import Record
 
 PASS = {"outcome": "pass", "reason": ""}
@@ -255,7 +255,7 @@ def test_matrix_md_and_summary_json_agree(tmp_path: Path):
             mismatch("5.24.0"), failed("5.24.0", "structural", "crash")]  # fmt: skip
     bad, md, summary = run_report(tmp_path, recs)
     header, *grid_rows = _md_table(md, "transformers")
-    assert header[1:] == list(MODELS)
+    assert header[1:] == list(VARIANTS)
     (grid,) = summary["grid"].values()
     assert {r[0]: dict(zip(header[1:], r[1:], strict=True)) for r in grid_rows} == grid
     detail_header, *detail = _md_table(md[md.index("## Detail") :], "transformers")
@@ -272,20 +272,20 @@ def test_grid_has_one_row_per_release_a_column_per_variant_and_says_missing():
     table = report.rows([ok(REF_VERSION), failed("5.2.0", "original", expected=XFAIL)])
     (cells,) = report.grid(table).values()
     assert list(cells) == [REF_VERSION, "5.2.0"]
-    assert list(cells["5.2.0"]) == list(MODELS)
+    assert list(cells["5.2.0"]) == list(VARIANTS)
     assert cells["5.2.0"]["original"] == "expected-fail"
     assert cells["5.2.0"][REF_MODEL] == report.MISSING
 
 
 def test_a_new_variant_in_matrix_models_reaches_the_grid_and_the_plot(monkeypatch):
-    monkeypatch.setattr(report, "MODELS", {**MODELS, "brand-new": ()})
+    monkeypatch.setattr(report, "VARIANTS", {**VARIANTS, "brand-new": Variant("brand-new", (), "a new variant")})
     table = report.rows([ok(REF_VERSION), ok("5.2.0", "brand-new")])
     (cells,) = report.grid(table).values()
     assert list(cells[REF_VERSION])[-1] == "brand-new"
     series = {model: pts for model, _, pts in report.paris_series(table)}
-    assert set(series) == set(MODELS) | {"brand-new"} and series["brand-new"] == [(1, 14.5)]
+    assert set(series) == set(VARIANTS) | {"brand-new"} and series["brand-new"] == [(1, 14.5)]
     # a record of a variant the matrix no longer lists is still shown, not dropped
-    monkeypatch.setattr(report, "MODELS", {m: v for m, v in MODELS.items() if m != "generated"})
+    monkeypatch.setattr(report, "VARIANTS", {m: v for m, v in VARIANTS.items() if m != "generated"})
     assert "generated" in report.variants(report.rows([ok(REF_VERSION, "generated")]))
 
 

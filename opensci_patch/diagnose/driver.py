@@ -21,7 +21,7 @@ from typing import Any
 from ..capture import REFERENCE_MAX_WEIGHT_BYTES, validate_model_dir
 from ..defaults import DEFAULT_PROMPT, FIXTURE_DIR
 from ..errors import OpensciPatchError
-from ..matrix import DEFAULT_TORCH_BUILD, MODELS, OWN_CHECKPOINT, TORCH_BUILDS, Cell, cell_cli_args
+from ..matrix import DEFAULT_TORCH_BUILD, TORCH_BUILDS, VARIANTS, Cell, cell_cli_args
 from ..records import tail
 from .checks import result as check_result
 from .decode import DEFAULT_DECODE_STEPS
@@ -307,9 +307,9 @@ def diagnose(
     out_dir = Path(out_dir).absolute()
     cells = (("A", a), ("B", b))
     for label, cell in cells:
-        if cell.model not in MODELS:
-            raise OpensciPatchError(f"unknown model variant {cell.model!r}: choose one of {', '.join(MODELS)}")
-        if cell.model in OWN_CHECKPOINT and sources[label] != FIXTURE_DIR:
+        if cell.model not in VARIANTS:
+            raise OpensciPatchError(f"unknown model variant {cell.model!r}: choose one of {', '.join(VARIANTS)}")
+        if VARIANTS[cell.model].own_checkpoint and sources[label] != FIXTURE_DIR:
             option = "--model" if label == "A" or model_dir_b is None else "--model-b"
             raise OpensciPatchError(f"{cell.model!r} runs the shipped weights under generated code; drop {option}")
     envs = {}
@@ -318,13 +318,13 @@ def diagnose(
         key = (cell.transformers, cell.torch)
         if key not in envs:
             envs[key] = ensure_env(cell.transformers, cell.torch, root=env_root, log=log)
-        if cell.model in OWN_CHECKPOINT:
+        if VARIANTS[cell.model].own_checkpoint:
             from ..generated_style import ensure_generated
 
             runs_on[label] = ensure_generated(env_root, log=log)
     prepare_out(out_dir)
     models_root = out_dir / "models"
-    if any(MODELS[c.model] is not None for _, c in cells):
+    if any(VARIANTS[c.model].hotfix is not None for _, c in cells):
         fresh_dir(models_root)
     prepared: dict[tuple[str, Path], Path] = {}  # one hotfix per variant and checkpoint
     models: dict[str, Path] = {}
