@@ -335,7 +335,11 @@ def _remove_stale(dst: Path, log: Callable[[str], object]) -> None:
 
 def _remove_tree(path: Path) -> None:
     """rmtree, but the files that say "ours" (marker, manifest) go last, so a kill midway leaves it recognisable."""
-    for child in path.iterdir():
+    try:
+        children = list(path.iterdir())
+    except FileNotFoundError:  # e.g. the partial dir, already renamed into place
+        return
+    for child in children:
         if child.name in (PARTIAL_MARK, MANIFEST):
             continue
         if child.is_dir() and not child.is_symlink():
@@ -419,7 +423,11 @@ def _swap_in(partial: Path, dst: Path, force: bool) -> None:
     except BaseException:
         os.rename(old, dst)
         raise
-    _remove_tree(old)
+    try:
+        _remove_tree(old)
+    except KeyboardInterrupt:  # the new output is in place: finish removing the old one, then stop
+        _remove_tree(old)
+        raise
 
 
 def _copy_tree(src: Path, out: Path, patched: dict[str, _Patched]) -> tuple[FileReport, ...]:

@@ -1,0 +1,200 @@
+"""Fault injection: hotfix and env builds killed (SIGKILL, SIGINT) at seeded points, then run again.
+
+Invariants after every kill: SRC is unchanged; DST is absent or complete (a valid manifest whose
+hashes match every file), and an earlier output replaced with --force is either still the old one
+or the new one; the next run succeeds and leaves nothing behind (no partial, old, lock or trash
+entries). Kills come at named points (`envs.fault_point`, via $OPENSCI_PATCH_FAULT: deterministic)
+and, for hotfix, also after a delay drawn from the seed (points no one named).
+
+A few seeds run by default; OPENSCI_PATCH_FAULT_SEEDS=50 runs 50 (nightly).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from opensci_patch import envs
+from opensci_patch.hotfix import MANIFEST
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = REPO / "opensci_patch" / "data" / "opensci-tiny"
+SEEDS = range(int(os.environ.get("OPENSCI_PATCH_FAULT_SEEDS", "3")))
+HOTFIX_POINTS = ("hotfix.started", "hotfix.copied", "hotfix.manifest", "hotfix.swap")
+ENV_POINTS = ("env.created", "env.installing", "env.installed", "env.marker")
+SIGNALS = ("SIGKILL", "SIGINT")
+VERSION = "4.48.0"
+
+needs_torch = pytest.mark.skipif(
+    not any(d.metadata["Name"] == "torch" for d in metadata.distributions()), reason="no torch in this interpreter"
+)
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def _child_env(fault: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", envs.FAULT_VAR)}
+    env["PYTHONPATH"] = str(REPO)
+    if fault:
+        env[envs.FAULT_VAR] = fault
+    return env
+
+
+def _hotfix(src: Path, dst: Path, *, force: bool, fault: str | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "opensci_patch.cli", "hotfix", str(src), "--out", str(dst)] + ["--force"] * force
+    return subprocess.Popen(cmd, env=_child_env(fault), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _complete(dst: Path) -> dict[str, str]:
+    """DST holds a valid manifest whose output hashes match exactly the files there; returns the tree."""
+    manifest = json.loads((dst / MANIFEST).read_text())
+    assert manifest["tool"] == "opensci-patch"
+    files = {k: v for k, v in _tree(dst).items() if v != "dir" and k != MANIFEST}
+    assert files == {path: entry["sha256_out"] for path, entry in manifest["files"].items()}
+    return files
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    model = tmp_path / "models" / "src"
+    shutil.copytree(FIXTURE, model)
+    (model / "weights.bin").write_bytes(os.urandom(32 << 20))  # a copy long enough to be killed in
+    return model
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("mode", ["named-point", "random-delay"])
+def test_killed_hotfix_leaves_src_and_dst_whole_and_the_next_run_cleans_up(src: Path, seed: int, mode: str):
+    rng = random.Random(f"{seed}:{mode}")
+    replacing = rng.random() < 0.5
+    sig = rng.choice(SIGNALS)
+    parent, dst = src.parent, src.parent / "out"
+    if replacing:
+        first = _hotfix(src, dst, force=False)
+        assert first.wait(timeout=300) == 0, first.communicate()[1]
+        manifest = json.loads((dst / MANIFEST).read_text())
+        (dst / MANIFEST).write_text(json.dumps({**manifest, "test_mark": "old"}))  # tells the old output from a new one
+        old = _tree(dst)
+    src_before = _tree(src)
+
+    if mode == "named-point":
+        points = HOTFIX_POINTS if replacing else HOTFIX_POINTS[:3]  # the swap point only exists when replacing
+        proc = _hotfix(src, dst, force=True, fault=f"{rng.choice(points)}:{sig}")
+        proc.wait(timeout=300)
+    else:  # once the copy has begun (interpreter start-up varies far more than the copy), after a seeded delay
+        proc = _hotfix(src, dst, force=True)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and not list(parent.glob(".out.partial-*")):
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.1))  # the copy of 32 MB takes about 0.1 s here
+        proc.send_signal(getattr(signal, sig))
+        proc.wait(timeout=300)
+    what = f"seed {seed}, {mode}, {sig}, {'replacing' if replacing else 'fresh'}: rc {proc.returncode}"
+
+    assert _tree(src) == src_before, what
+    if dst.exists():
+        _complete(dst)
+        if json.loads((dst / MANIFEST).read_text()).get("test_mark") == "old":  # the old output, untouched
+            assert _tree(dst) == old, what
+    else:
+        assert not replacing or proc.returncode != 0, what
+    if sig == "SIGINT":  # Ctrl-C: handled (130) and cleaned up; or it came too late (0, or -2 at exit)
+        assert proc.returncode in (0, 130, -signal.SIGINT), what
+        if proc.returncode == 130:
+            assert [p.name for p in parent.iterdir() if p.name.startswith(".")] == [], what
+
+    again = _hotfix(src, dst, force=True)
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, f"{what}; next run: {err}"
+    _complete(dst)
+    assert "test_mark" not in json.loads((dst / MANIFEST).read_text()), what
+    assert sorted(p.name for p in parent.iterdir()) == ["out", "src"], what  # no leftovers
+    assert _tree(src) == src_before, what
+
+
+# An env build in a child process, the real envs logic around installers that take milliseconds: the
+# "venv" makes the directory layout, the "install" starts a writer (like uv, dying with its driver through
+# envs' own PR_SET_PDEATHSIG setter) and waits for it; the probe reports the expected versions.
+ENV_DRIVER = """
+import json, subprocess, sys
+from importlib import metadata
+from pathlib import Path
+from opensci_patch import envs
+
+WRITER = (
+    "import sys, time, pathlib\\n"
+    "for i in range(40):\\n    pathlib.Path(sys.argv[1], f'f{i}.py').write_text('')\\n    time.sleep(0.005)"
+)
+
+def run_installer(cmd, cwd, name):
+    if "venv" in cmd:
+        path = Path(cmd[-1])
+        envs._site_packages(path).mkdir(parents=True, exist_ok=True)
+        envs._python(path).parent.mkdir(parents=True, exist_ok=True)
+        envs._python(path).symlink_to(sys.executable)
+        return
+    site = envs._site_packages(Path(cmd[cmd.index("--python") + 1]).parents[1])
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(site)], preexec_fn=envs._death_signal_setter())
+    envs.fault_point("env.installing")
+    writer.wait()
+
+def versions(env):
+    return {"python": sys.version.split()[0], "torch": metadata.version("torch"), "transformers": sys.argv[2],
+            "torch_available": True}
+
+envs._find_uv = lambda: "uv"
+envs._run_installer = run_installer
+envs.installed_versions = versions
+env = envs.ensure_env(sys.argv[2], "system", root=Path(sys.argv[1]), log=lambda m: None)
+print(json.dumps({"reused": env.reused}))
+"""
+
+
+def _build_env(root: Path, fault: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", ENV_DRIVER, str(root), VERSION],
+        env=_child_env(fault),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@needs_torch
+@pytest.mark.parametrize("seed", SEEDS)
+def test_killed_env_build_is_rebuilt_by_the_next_run_and_leaves_nothing(tmp_path: Path, seed: int):
+    rng = random.Random(f"{seed}:env")
+    point, sig = rng.choice(ENV_POINTS), rng.choice(SIGNALS)
+    root = tmp_path / "envs"
+    killed = _build_env(root, f"{point}:{sig}")
+    what = f"seed {seed}: {point}:{sig}, rc {killed.returncode}"
+    assert killed.returncode != 0, what
+    path = root / envs.env_name(VERSION, "system")
+    assert not (path / envs.MARKER).exists(), what  # never a marker on a half-made env
+    if sig == "SIGINT":  # Ctrl-C removes what it made
+        assert not path.exists(), what
+
+    again = _build_env(root)
+    assert again.returncode == 0, f"{what}; next run: {again.stderr[-2000:]}"
+    assert json.loads(again.stdout.splitlines()[-1]) == {"reused": False}, what
+    marker = json.loads((path / envs.MARKER).read_text())
+    assert (marker["transformers"], marker["torch_build"]) == (VERSION, "system"), what
+    leftovers = [p.name for p in root.iterdir() if p.name.startswith((".trash-", ".tmp-"))]
+    assert leftovers == [], what
+    assert json.loads(_build_env(root).stdout.splitlines()[-1]) == {"reused": True}, what
