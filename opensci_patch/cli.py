@@ -201,8 +201,28 @@ def cmd_cell(args) -> int:
     ]
     from .runner import main_cells
 
-    main_cells(cells, source, args.records, log=lambda m: print(m, flush=True))
+    main_cells(cells, source, args.records, log=lambda m: print(m, flush=True), jobs=args.jobs)
     return 0
+
+
+def parse_jobs(value: str) -> int:
+    """`--jobs N` (N >= 1) or `auto` (the CPU count): how many releases run at once."""
+    if value == "auto":
+        return os.cpu_count() or 1
+    try:
+        jobs = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of jobs; pass N >= 1 or auto") from None
+    if jobs < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: pass N >= 1 or auto")
+    return jobs
+
+
+def cmd_capture_batch(args) -> int:
+    """Hidden: the capture steps of one release in this process (written and started by `cell`)."""
+    from .runner import run_plan
+
+    return run_plan(args.plan)
 
 
 def cmd_report(args) -> int:
@@ -364,7 +384,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: the shipped fixture)")
     p.add_argument("--records", type=Path, default=Path("records"))
+    p.add_argument(
+        "--jobs",
+        type=parse_jobs,
+        default=1,
+        metavar="N|auto",
+        help="releases run at once (default 1; auto: one per CPU)",
+    )
     p.set_defaults(func=cmd_cell)
+
+    # hidden (no help): one release's hotfix or capture steps in one process, planned by `cell`
+    visible = "{" + ",".join(sub.choices) + "}"
+    p = sub.add_parser("capture-batch")
+    p.add_argument("plan", type=Path)
+    p.set_defaults(func=cmd_capture_batch)
 
     from .diagnose import add_cli_arguments, cmd_diagnose  # stdlib-only import
 
@@ -405,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, default=Path("results"))
     p.add_argument("--machine", default=None, help="machine description for the report header")
     p.set_defaults(func=cmd_report)
+    sub.metavar = (
+        visible[:-1] + "," + ",".join(c for c in sub.choices if c not in visible and c != "capture-batch") + "}"
+    )
     return ap
 
 

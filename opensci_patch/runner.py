@@ -1,21 +1,60 @@
-"""Running matrix cells: one per-release env, one child process per step, exactly one record per cell.
+"""Running matrix cells: per-release envs, shared hotfixes, one capture process per release, one record per cell.
 
 What a cell is and what it must do is declared in `matrix` (stdlib only, read by the noxfile); this
 module runs cells. Each cell runs in the per-release environment from `envs` (reused across runs) and
-leaves exactly one JSON record, also when the environment cannot be built or the child process
+leaves exactly one JSON record, also when the environment cannot be built or a child process
 crashes: then the record says so, with the tail of the log, and the other cells go on.
+
+A run of many cells (`run_cells`, `opensci-patch cell`) costs about one import of torch and
+transformers per release, not two per cell:
+
+- Hotfix once per variant per run. The hotfix output depends only on the source files and this
+  tool's version, never on the installed transformers, so each variant is hotfixed once, in the
+  first release's env, into the run's temp dir, each into a directory of its own basename (the
+  remote-code module name under `transformers_modules` comes from it, so no two variants share one).
+- One capture process per release (`opensci-patch capture-batch PLAN.json`, hidden) captures every
+  cell of that release in turn: each from its own model dir, each in a fresh `isolated_hf_cache()`
+  (private modules cache, `HF_HUB_OFFLINE=1`), each record written atomically as soon as it is done.
+- Isolation when it fails: a crash of the shared process costs only the cells it had not finished;
+  they are rerun one process per cell. A cell that makes no progress for `timeout` seconds is
+  recorded as a timeout and the cells after it are rerun one per process. Bad input to a capture
+  (exit 2) is recorded as a run error ("crash", "exit 2"), never as a failure of the model.
+- Releases in parallel (`jobs`), one progress line per finished cell.
+
+`run_cell` (one cell: its own hotfix and capture processes) is kept for `bisect`, which runs one
+cell at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import os
+import queue
+import re
+import signal
 import subprocess
+import sys
 import tempfile
+import threading
 import time
-from dataclasses import asdict
+import traceback
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import records as rec_io
 from .matrix import VARIANTS, Cell, cell_cli_args, expectation
+
+# Fault injection (tests only): a capture-batch process with more steps left kills itself (SIGKILL)
+# right after finishing this many capture steps, as a segfault in the middle of a release would.
+CRASH_AFTER_VAR = "OPENSCI_PATCH_BATCH_CRASH_AFTER"
+STEP_DONE = "OPENSCI_PATCH_STEP_DONE"  # the batch's progress line on stdout: "<marker> <step index> <exit code>"
+
+Log = Callable[[str], None]
 
 
 def run_cell(
@@ -45,11 +84,17 @@ def run_cell(
     else:
         with tempfile.TemporaryDirectory(prefix=f"opensci-{cell.id}-") as tmp:
             record = _capture_in_env(cell, env, model_dir, Path(tmp), timeout, run_python)
-    record.cell = asdict(cell) | {"id": cell.id, "device": cell.device}
-    record.expected = expected
-    record.cell_wall_s = round(time.monotonic() - start, 1)
+    _finish(record, cell, expected, time.monotonic() - start)
     rec_io.write_atomic(out, record)
     return out
+
+
+def _finish(record: rec_io.Record, cell: Cell, expected: dict, wall_s: float) -> rec_io.Record:
+    """The matrix-only fields of a cell record (the same in every path that writes one)."""
+    record.cell = asdict(cell) | {"id": cell.id, "device": cell.device}
+    record.expected = expected
+    record.cell_wall_s = round(wall_s, 1)
+    return record
 
 
 def _capture_in_env(cell: Cell, env, model_dir: Path, tmp: Path, timeout: float, run_python):
@@ -72,32 +117,423 @@ def _capture_in_env(cell: Cell, env, model_dir: Path, tmp: Path, timeout: float,
         proc = run_python(env, args, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         return rec_io.error_record(cell, "crash", "Timeout", f"capture ran over {timeout:.0f}s", str(exc))
+    return _capture_result(cell, rec_path, proc.returncode, proc.stdout + proc.stderr)
+
+
+def _capture_result(cell: Cell, rec_path: Path, returncode: int, log_text: str) -> rec_io.Record:
+    """The record a capture step left, or the run error that says why there is none."""
     if not rec_path.is_file():
         return rec_io.error_record(
             cell,
             "crash",
-            f"exit {proc.returncode}",
-            rec_io.tail(proc.stderr, 1) or "no record written",
-            rec_io.tail(proc.stdout + proc.stderr),
+            f"exit {returncode}",
+            rec_io.tail(log_text, 1) or "no record written",
+            rec_io.tail(log_text),
         )
     try:
         return rec_io.load(rec_path)
     except rec_io.RecordError as exc:
-        return rec_io.error_record(cell, "crash", "RecordError", str(exc), rec_io.tail(proc.stdout + proc.stderr))
+        return rec_io.error_record(cell, "crash", "RecordError", str(exc), rec_io.tail(log_text))
 
 
-def main_cells(cells: list[Cell], model_dir: Path, records: Path, log=print) -> int:
-    """Run cells one after another with progress lines; returns the number of cells run."""
+# ---------------------------------------------------------------------------------------------------
+# The batch process (runs inside a release's env): `opensci-patch capture-batch PLAN.json`.
+#
+# PLAN.json: {"steps": [step, ...]}; a step is {"argv": [opensci-patch arguments], "status": path} and,
+# for a capture step, also "cell" (asdict(Cell)), "expected", "record" (where capture writes) and
+# "final" (records/<cell id>.json). After each step the batch writes the step's status file
+# ({"rc", "stderr"}) and, for a capture step, the cell's final record, then prints STEP_DONE.
 
-    total = len(cells)
-    t0 = time.monotonic()
-    for i, cell in enumerate(cells, 1):
-        log(f"[{i}/{total}] {cell.id} ... ({time.monotonic() - t0:.0f}s elapsed)")
-        rec = rec_io.load(run_cell(cell, model_dir, records, log=lambda m: log(f"    {m}")))
-        t = rec.target
-        got = f"ran: ' Paris' logit {t['logit']:.4f} rank {t['rank']}" if t else rec.status
-        if t and rec.status != "ok":
-            got += f" ({rec.status})"
-        log(f"[{i}/{total}] {cell.id}: {got} (expected {rec.expected['outcome']}, {rec.cell_wall_s}s)")
-    log(f"{total} cells in {time.monotonic() - t0:.0f}s; records in {records}")
-    return total
+
+def run_plan(plan_path: Path) -> int:
+    """Run every step of a batch plan in this process, in order; one status (and record) per step."""
+    from .errors import OpensciPatchError
+
+    try:
+        steps = json.loads(Path(plan_path).read_text())["steps"]
+        if not isinstance(steps, list) or not all(isinstance(s, dict) and "argv" in s for s in steps):
+            raise ValueError("steps must be a list of objects with argv")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise OpensciPatchError(f"{plan_path}: not a capture-batch plan ({exc}); it is written by `cell`") from None
+    crash_after = int(os.environ.get(CRASH_AFTER_VAR) or 0)
+    captures = 0
+    for i, step in enumerate(steps):
+        start = time.monotonic()
+        rc, err = _run_step(step["argv"])
+        if step.get("cell"):
+            cell = Cell(**step["cell"])
+            record = _capture_result(cell, Path(step["record"]), rc, err)
+            _finish(record, cell, step["expected"], time.monotonic() - start)
+            rec_io.write_atomic(Path(step["final"]), record)
+            captures += 1
+        rec_io.write_atomic(Path(step["status"]), {"rc": rc, "stderr": rec_io.tail(err)})
+        print(f"{STEP_DONE} {i} {rc}", flush=True)
+        if crash_after and captures == crash_after and i < len(steps) - 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return 0
+
+
+def _run_step(argv: list[str]) -> tuple[int, str]:
+    """One `opensci-patch` command in this process: (exit code, its stderr). Never raises."""
+    from .cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        try:
+            rc = main(argv)
+        except SystemExit as exc:  # argparse refusing the arguments
+            rc = exc.code if isinstance(exc.code, int) else 2
+        except Exception:  # noqa: BLE001 - a bug in one step must not cost the steps after it
+            traceback.print_exc()
+            rc = 1
+    # transformers logs some warnings once per process (an lru_cache): the next capture must see them too
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    clear = getattr(getattr(hf_logging, "warning_once", None), "cache_clear", None)
+    if clear is not None:
+        clear()
+    import gc
+
+    gc.collect()  # the previous model's tensors, before the next one is loaded (peak memory)
+    return rc, buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The driver.
+
+
+@dataclass
+class _Step:
+    argv: list[str]
+    status: Path
+    cell: Cell | None = None
+    record: Path | None = None
+    final: Path | None = None
+    expected: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        out: dict = {"argv": self.argv, "status": str(self.status)}
+        if self.cell is not None:
+            out |= {"cell": asdict(self.cell), "record": str(self.record), "final": str(self.final)}
+            out["expected"] = self.expected
+        return out
+
+
+@dataclass
+class _BatchOutcome:
+    finished: set[int]  # indices of the steps that wrote their status
+    returncode: int | None
+    log: str  # the tail of stdout and stderr
+    timed_out: int | None = None  # the step that made no progress for `timeout` seconds
+
+
+def run_batch(
+    env, steps: list[_Step], plan_dir: Path, *, timeout: float, on_step: Callable[[int], None]
+) -> _BatchOutcome:
+    """Run `steps` in one `capture-batch` child of `env`; `on_step(i)` as each finishes.
+
+    A step that makes no progress for `timeout` seconds gets the process killed (`timed_out`).
+    """
+    from .envs import child_env
+
+    plan_dir.mkdir(parents=True, exist_ok=True)
+    fd, plan_name = tempfile.mkstemp(dir=plan_dir, prefix="plan-", suffix=".json")
+    os.close(fd)
+    plan = Path(plan_name)
+    rec_io.write_atomic(plan, {"steps": [s.to_json() for s in steps]})
+    proc = subprocess.Popen(
+        [str(env.python), "-m", "opensci_patch.cli", "capture-batch", str(plan)],
+        env=child_env(None, root=env.path.parent),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+    logs: deque[str] = deque(maxlen=200)
+
+    def pump(stream, forward: bool) -> None:
+        for line in stream:
+            logs.append(line.rstrip("\n"))
+            if forward:
+                lines.put(line)
+        if forward:
+            lines.put(None)
+
+    threads = [
+        threading.Thread(target=pump, args=(s, f), daemon=True) for s, f in ((proc.stdout, True), (proc.stderr, False))
+    ]
+    for t in threads:
+        t.start()
+    finished: set[int] = set()
+    timed_out = None
+    while True:
+        try:
+            line = lines.get(timeout=timeout)
+        except queue.Empty:
+            timed_out = next((i for i in range(len(steps)) if i not in finished), None)
+            proc.kill()
+            break
+        if line is None:
+            break
+        m = re.match(rf"{STEP_DONE} (\d+) (-?\d+)$", line.strip())
+        if m and int(m[1]) < len(steps):
+            finished.add(int(m[1]))
+            on_step(int(m[1]))
+    rc = proc.wait()
+    for t in threads:
+        t.join(timeout=5)
+    return _BatchOutcome(finished, rc, "\n".join(logs), timed_out)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text)
+
+
+def hotfix_dir(tmp: Path, source: Path, variant: str) -> Path:
+    """Where a run hotfixes `variant`: a basename of its own (the remote-code module name comes from it)."""
+    return tmp / "models" / f"{_slug(source.name)}_{_slug(variant)}"
+
+
+class _Progress:
+    """One line per finished cell, numbered in finishing order, from any thread."""
+
+    def __init__(self, total: int, log: Log):
+        self.total, self.log, self.done = total, log, 0
+        self.lock = threading.Lock()
+        self.start = time.monotonic()
+
+    def cell_done(self, cell: Cell, record: rec_io.Record) -> None:
+        t = record.target
+        got = f"ran: ' Paris' logit {t['logit']:.4f} rank {t['rank']}" if t else record.status
+        if t and record.status != "ok":
+            got += f" ({record.status})"
+        with self.lock:
+            self.done += 1
+            self.log(
+                f"[{self.done}/{self.total}] {cell.id}: {got} "
+                f"(expected {(record.expected or {}).get('outcome')}, {record.cell_wall_s}s)"
+            )
+
+
+@dataclass
+class _Run:
+    """What the releases of one run share: where things go, the hotfixed models, the envs."""
+
+    records: Path
+    tmp: Path
+    env_root: Path | None
+    timeout: float
+    log: Log
+    progress: _Progress
+    models: dict[str, Path | rec_io.Record] = field(default_factory=dict)  # variant -> model dir, or why not
+    envs: dict[tuple[str, str], object] = field(default_factory=dict)  # (release, build) -> Env or the error
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def env(self, version: str, build: str):
+        """The env of a release (built at most once per run); an EnvironmentSetupError is returned, not raised."""
+        from .envs import ensure_env
+        from .errors import EnvironmentSetupError
+
+        key = (version, build)
+        if key not in self.envs:
+            try:
+                self.envs[key] = ensure_env(version, build, root=self.env_root, log=lambda m: self.log(f"    {m}"))
+            except EnvironmentSetupError as exc:
+                self.envs[key] = exc
+        return self.envs[key]
+
+    def write(self, cell: Cell, record: rec_io.Record, wall_s: float | None = None) -> None:
+        if wall_s is not None:
+            _finish(record, cell, asdict(expectation(cell)), wall_s)
+        rec_io.write_atomic(self.records / f"{cell.id}.json", record)
+        self.progress.cell_done(cell, record)
+
+
+def run_cells(
+    cells: list[Cell],
+    model_dir: Path,
+    records: Path,
+    *,
+    env_root: Path | None = None,
+    jobs: int = 1,
+    timeout: float = 900,
+    log: Log = print,
+) -> int:
+    """Run cells, `jobs` releases at a time; one record per cell, one progress line per cell. Returns the count."""
+    records.mkdir(parents=True, exist_ok=True)
+    for cell in cells:  # a killed run leaves "running", never the previous run's result
+        rec_io.write_atomic(
+            records / f"{cell.id}.json", rec_io.running_record(cell, expected=asdict(expectation(cell)))
+        )
+    groups: dict[tuple[str, str], list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault((cell.transformers, cell.torch), []).append(cell)
+    progress = _Progress(len(cells), log)
+    with tempfile.TemporaryDirectory(prefix="opensci-run-") as tmp:
+        run = _Run(records, Path(tmp), env_root, timeout, log, progress)
+        variants = list(dict.fromkeys(c.model for c in cells))
+        hotfix_variants(run, variants, model_dir, list(groups))
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            for f in [pool.submit(run_release, run, group) for group in groups.values()]:
+                f.result()
+    log(f"{len(cells)} cells in {time.monotonic() - progress.start:.0f}s; records in {records}")
+    return len(cells)
+
+
+def hotfix_variants(run: _Run, variants: list[str], model_dir: Path, releases: list[tuple[str, str]]) -> None:
+    """Fill `run.models`: each variant's model dir, hotfixed once for the whole run (or the record saying why not)."""
+    from .errors import EnvironmentSetupError
+
+    sources: dict[str, Path] = {}
+    for name in variants:
+        source = model_dir
+        if VARIANTS[name].own_checkpoint:
+            from .generated_style import ensure_generated
+
+            try:
+                source = ensure_generated(run.env_root, log=lambda m: run.log(f"    {m}"))
+            except EnvironmentSetupError as exc:
+                run.models[name] = rec_io.error_record(
+                    _any_cell(name), "env-error", "EnvironmentSetupError", str(exc), str(exc)
+                )
+                continue
+        if VARIANTS[name].hotfix is None:
+            run.models[name] = source
+        else:
+            sources[name] = source
+    if not sources:
+        return
+    env = None
+    for version, build in releases:  # the first env that builds; the hotfix output does not depend on it
+        env = run.env(version, build)
+        if not isinstance(env, Exception):
+            break
+    if env is None or isinstance(env, Exception):
+        for name in sources:
+            msg = f"no env to hotfix in: {env}"
+            run.models[name] = rec_io.error_record(_any_cell(name), "env-error", "EnvironmentSetupError", msg, msg)
+        return
+    steps = []
+    for name, source in sources.items():
+        hotfix, _ = cell_cli_args(Cell("0", model=name), source, run.tmp, run.tmp / "unused.json")
+        out = hotfix_dir(run.tmp, source, name)
+        hotfix[hotfix.index("--out") + 1] = str(out)
+        steps.append(_Step(hotfix, run.tmp / "status" / f"hotfix-{_slug(name)}.json"))
+    (run.tmp / "status").mkdir(parents=True, exist_ok=True)
+    failed = _run_with_fallback(run, env, steps, lambda i: None)
+    for i, (name, step) in enumerate(zip(sources, steps, strict=True)):
+        status = _read_status(step.status)
+        out = Path(step.argv[step.argv.index("--out") + 1])
+        if status is not None and status["rc"] == 0 and out.is_dir():
+            run.models[name] = out
+        else:
+            err = status["stderr"] if status else "\n".join(failed.get(i, ("", "the hotfix process died", ""))[1:])
+            run.models[name] = rec_io.error_record(
+                _any_cell(name), "hotfix-error", "HotfixFailed", rec_io.tail(err, 1) or "hotfix failed", err
+            )
+
+
+def _any_cell(variant: str) -> Cell:
+    return Cell("0", model=variant)
+
+
+def _read_status(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("rc"), int) else None
+
+
+def _run_with_fallback(
+    run: _Run, env, steps: list[_Step], on_step: Callable[[int], None]
+) -> dict[int, tuple[str, str, str]]:
+    """All steps in one process; after a crash or timeout, each unfinished step in a process of its own.
+
+    The step that was running when the shared process crashed is rerun too (another cell may have
+    caused it); the one that made no progress for `timeout` seconds is not (it would hang again).
+    Returns {step index: (error type, one-line message, log tail)} for the steps that never finished.
+    """
+    failed: dict[int, tuple[str, str, str]] = {}
+    if not steps:
+        return failed
+    outcome = run_batch(env, steps, run.tmp / "plans", timeout=run.timeout, on_step=on_step)
+    left = [i for i in range(len(steps)) if i not in outcome.finished]
+    if left and len(steps) > 1:
+        what = (
+            f"timed out in step {outcome.timed_out}" if outcome.timed_out is not None else f"exit {outcome.returncode}"
+        )
+        run.log(
+            f"    the shared process ({env.transformers_version}) {what}: {len(left)} step(s) rerun one per process"
+        )
+    for i in left:
+        alone = outcome
+        if len(steps) > 1 and i != outcome.timed_out:
+            alone = run_batch(
+                env, [steps[i]], run.tmp / "plans", timeout=run.timeout, on_step=lambda _j, i=i: on_step(i)
+            )
+            if 0 in alone.finished:
+                continue
+        if alone.timed_out is not None:
+            failed[i] = ("Timeout", f"no progress for {run.timeout:.0f}s", rec_io.tail(alone.log))
+        else:
+            message = rec_io.tail(alone.log, 1) or "no record written"
+            failed[i] = (f"exit {alone.returncode}", message, rec_io.tail(alone.log))
+    return failed
+
+
+def run_release(run: _Run, cells: list[Cell]) -> None:
+    """Every cell of one release: one capture process for all of them, then the fallback for the rest."""
+    from .errors import EnvironmentSetupError
+
+    start = time.monotonic()
+    env = run.env(cells[0].transformers, cells[0].torch)
+    if isinstance(env, EnvironmentSetupError):
+        for cell in cells:
+            run.write(cell, rec_io.error_record(cell, "env-error", "EnvironmentSetupError", str(env), str(env)), 0.0)
+        return
+    steps: list[_Step] = []
+    for cell in cells:
+        model = run.models.get(cell.model)
+        if isinstance(model, rec_io.Record):  # hotfix or generated checkpoint failed: that variant's cells say so
+            err = model.error or {}
+            record = rec_io.error_record(
+                cell, model.status, err.get("type", ""), err.get("message", ""), err.get("traceback_tail", "")
+            )
+            run.write(cell, record, time.monotonic() - start)
+            continue
+        work = run.tmp / "cells" / cell.id
+        work.mkdir(parents=True, exist_ok=True)
+        rec_path = work / "record.json"
+        # the capture arguments of this cell on `model` as it is (hotfixed already): those of the unhotfixed variant
+        as_is = Cell(cell.transformers, cell.torch, "original", cell.dtype, cell.attn)
+        _, capture = cell_cli_args(as_is, model, work, rec_path)
+        steps.append(
+            _Step(
+                capture,
+                work / "status.json",
+                cell,
+                rec_path,
+                run.records / f"{cell.id}.json",
+                asdict(expectation(cell)),
+            )
+        )
+
+    def done(i: int) -> None:
+        step = steps[i]
+        try:
+            record = rec_io.load(step.final)
+        except rec_io.RecordError as exc:
+            record = rec_io.error_record(step.cell, "crash", "RecordError", str(exc), str(exc))
+            run.write(step.cell, record, 0.0)
+            return
+        run.progress.cell_done(step.cell, record)
+
+    failed = _run_with_fallback(run, env, steps, done)
+    for i, (exc_type, message, log_text) in failed.items():  # never finished, not even alone: a run error
+        cell = steps[i].cell
+        run.write(cell, rec_io.error_record(cell, "crash", exc_type, message, log_text), time.monotonic() - start)
+
+
+def main_cells(cells: list[Cell], model_dir: Path, records: Path, log=print, *, jobs: int = 1) -> int:
+    """Run cells (`jobs` releases at a time) with one progress line per cell; returns the number of cells run."""
+    return run_cells(cells, model_dir, records, jobs=jobs, log=log)
