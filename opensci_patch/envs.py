@@ -338,10 +338,10 @@ def _create(path: Path, root: Path, version: str, torch_build: str, expected: di
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "seconds": round(time.monotonic() - start, 1),
         }
-        tmp = path / f"{MARKER}.tmp"
-        tmp.write_text(json.dumps(marker, indent=1))
         fault_point("env.marker")
-        tmp.replace(path / MARKER)
+        from .records import write_atomic
+
+        write_atomic(path / MARKER, marker)  # whole or absent, also across a power cut (fsync)
     except BaseException:
         _discard(path, root)
         raise
