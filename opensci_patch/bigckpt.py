@@ -39,9 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .defaults import FIXTURE_DIR
 from .errors import DestinationError, OpensciPatchError
 
-FIXTURE_DIR = Path(__file__).parent / "data" / "opensci-tiny"
 COPIED_FILES = (
     "configuration_opensci.py",
     "modeling_opensci.py",

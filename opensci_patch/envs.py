@@ -80,14 +80,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from opensci_patch.defaults import TORCH_BUILDS, TORCH_PIN
 from opensci_patch.errors import EnvironmentSetupError
+from opensci_patch.faults import fault_point
 
-TORCH_BUILDS: tuple[str, ...] = ("system", "cpu", "cuda")
-TORCH_PIN = os.environ.get("OPENSCI_PATCH_TORCH_PIN", "2.13.0")
 TORCH_INDEX_VAR = "OPENSCI_PATCH_TORCH_INDEX_URL"
 WHEELS_VAR = "OPENSCI_PATCH_WHEELS"
 ROOT_VAR = "OPENSCI_PATCH_ENV_ROOT"
-FAULT_VAR = "OPENSCI_PATCH_FAULT"  # tests only: "point:SIGNAL[,point:SIGNAL...]", see fault_point
 
 MARKER = "opensci-patch-env.json"  # written last: its presence means "complete"
 SENTINEL = ".opensci-patch-env"  # written first: "this directory is ours"
@@ -127,23 +126,6 @@ class Env:
     reused: bool
 
 
-def fault_point(name: str) -> None:
-    """Send this process the signal that $OPENSCI_PATCH_FAULT names for point `name` (fault-injection tests).
-
-    `OPENSCI_PATCH_FAULT=hotfix.copied:SIGKILL` kills a hotfix right after its copy, deterministically,
-    where a timer would hit a different point on every machine. tests/test_faults.py checks that a run
-    killed at any named point leaves SRC intact, DST absent or complete, and nothing the next run cannot
-    clean up. Unset (always, outside those tests) this is one dictionary lookup.
-    """
-    spec = os.environ.get(FAULT_VAR)
-    if not spec:
-        return
-    for item in spec.split(","):
-        point, _, sig = item.strip().partition(":")
-        if point == name:
-            os.kill(os.getpid(), getattr(signal, sig or "SIGKILL"))
-
-
 def default_root() -> Path:
     """Where environments live: $OPENSCI_PATCH_ENV_ROOT, else the user cache directory."""
     if value := os.environ.get(ROOT_VAR):
@@ -157,9 +139,7 @@ def env_name(transformers_version: str, torch_build: str) -> str:
     return f"tf{transformers_version}-{torch_build}-py{sys.version_info[0]}.{sys.version_info[1]}"
 
 
-def ensure_env(
-    transformers_version: str, torch_build: str = "system", *, root: Path | None = None, log: Log = print
-) -> Env:
+def ensure_env(transformers_version: str, torch_build: str, *, root: Path | None = None, log: Log = print) -> Env:
     """Return the env for this release and torch build, creating it on first use.
 
     A warm call reads the marker and runs no installer (milliseconds). Raises

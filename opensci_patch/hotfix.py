@@ -45,11 +45,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .envs import fault_point
+from .defaults import MANIFEST
 from .errors import DestinationError, ModelDirError
+from .faults import fault_point
 from .patches import PATCHES, Patch, Status, apply_patches, select
 
-MANIFEST = "opensci_patch_manifest.json"
 TOOL = "opensci-patch"
 PARTIAL_MARK = ".opensci-patch-partial"  # inside a partial dir until the swap: "ours, being written by pid N"
 LOCK_TEXT = "opensci-patch hotfix lock\n"

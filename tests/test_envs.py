@@ -156,7 +156,7 @@ def test_half_made_env_without_marker_is_rebuilt(tmp_path):
 def test_concurrent_callers_build_the_env_once(tmp_path):
     code = (
         f"from pathlib import Path; from opensci_patch.envs import ensure_env; "
-        f"print(ensure_env({VERSION!r}, root=Path({str(tmp_path)!r}), log=lambda m: None).reused)"
+        f"print(ensure_env({VERSION!r}, 'system', root=Path({str(tmp_path)!r}), log=lambda m: None).reused)"
     )
     procs = [
         subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True) for _ in range(2)

@@ -3,7 +3,7 @@
 Invariants after every kill: SRC is unchanged; DST is absent or complete (a valid manifest whose
 hashes match every file), and an earlier output replaced with --force is either still the old one
 or the new one; the next run succeeds and leaves nothing behind (no partial, old, lock or trash
-entries). Kills come at named points (`envs.fault_point`, via $OPENSCI_PATCH_FAULT: deterministic)
+entries). Kills come at named points (`faults.fault_point`, via $OPENSCI_PATCH_FAULT: deterministic)
 and, for hotfix, also after a delay drawn from the seed (points no one named).
 
 A few seeds run by default; OPENSCI_PATCH_FAULT_SEEDS=50 runs 50 (nightly).
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import pytest
 
-from opensci_patch import envs
-from opensci_patch.hotfix import MANIFEST
+from opensci_patch import envs, faults
+from opensci_patch.defaults import FIXTURE_DIR, MANIFEST
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURE = REPO / "opensci_patch" / "data" / "opensci-tiny"
+FIXTURE = FIXTURE_DIR
 SEEDS = range(int(os.environ.get("OPENSCI_PATCH_FAULT_SEEDS", "3")))
 HOTFIX_POINTS = ("hotfix.started", "hotfix.copied", "hotfix.manifest", "hotfix.swap")
 ENV_POINTS = ("env.created", "env.installing", "env.installed", "env.marker")
@@ -49,10 +49,10 @@ def _tree(root: Path) -> dict[str, str]:
 
 
 def _child_env(fault: str | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", envs.FAULT_VAR)}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", faults.FAULT_VAR)}
     env["PYTHONPATH"] = str(REPO)
     if fault:
-        env[envs.FAULT_VAR] = fault
+        env[faults.FAULT_VAR] = fault
     return env
 
 
@@ -135,7 +135,7 @@ ENV_DRIVER = """
 import json, subprocess, sys
 from importlib import metadata
 from pathlib import Path
-from opensci_patch import envs
+from opensci_patch import envs, faults
 
 WRITER = (
     "import sys, time, pathlib\\n"
@@ -151,7 +151,7 @@ def run_installer(cmd, cwd, name):
         return
     site = envs._site_packages(Path(cmd[cmd.index("--python") + 1]).parents[1])
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(site)], preexec_fn=envs._death_signal_setter())
-    envs.fault_point("env.installing")
+    faults.fault_point("env.installing")
     writer.wait()
 
 def versions(env):

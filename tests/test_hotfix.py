@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from opensci_patch import __version__, envs
+from opensci_patch import __version__, faults
 from opensci_patch import hotfix as hotfix_module
 from opensci_patch.errors import DestinationError, ModelDirError, PatchError
 from opensci_patch.hotfix import MANIFEST, hotfix
@@ -312,7 +312,7 @@ def test_output_that_appears_during_the_run_is_never_replaced(src: Path, quiet: 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
 def test_second_run_to_the_same_output_fails_at_once_while_the_first_holds_it(src: Path, quiet: list[str], cli):
-    env = {**os.environ, "PYTHONPATH": str(REPO), envs.FAULT_VAR: "hotfix.copied:SIGSTOP"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), faults.FAULT_VAR: "hotfix.copied:SIGSTOP"}
     dst = src.parent / "out"
     first = subprocess.Popen(
         [sys.executable, "-m", "opensci_patch.cli", "hotfix", str(src), "--out", str(dst)],
