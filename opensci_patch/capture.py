@@ -229,7 +229,11 @@ class _Collect(logging.Handler):
         self.sink = sink
 
     def emit(self, rec: logging.LogRecord) -> None:
-        self.sink.append(f"{rec.name}: {rec.getMessage()}")
+        try:
+            message = rec.getMessage()
+        except (TypeError, ValueError):  # a library's bad %-format (5.2.0's attn-mask deprecation) is not our crash
+            message = f"{rec.msg} (args {rec.args!r})"
+        self.sink.append(f"{rec.name}: {message}")
 
 
 @contextlib.contextmanager

@@ -255,7 +255,7 @@ RELEASES = ["4.48.0", "5.2.0", "5.24.0"]
 # `logger.warning_once(DEPRECATION_MESSAGE, FutureWarning)`, a %-format with an argument and no placeholder, and
 # capture's log collector formats every record unguarded, so the TypeError ends the forward. (Outside capture the
 # logging module reports it on stderr and the forward goes on: the same logits as 4.48.0, measured.)
-SDPA_RELEASES = ["4.48.0", "5.24.0"]
+SDPA_RELEASES = ["4.48.0", "5.2.0", "5.24.0"]
 
 
 @pytest.fixture(scope="module")
