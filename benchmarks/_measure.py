@@ -45,11 +45,9 @@ class Run:
 
 def child_env(extra: dict[str, str] | None = None, *, pythonpath: bool = True) -> dict[str, str]:
     """os.environ, with the checkout on PYTHONPATH (or no PYTHONPATH at all) and `extra` on top."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    if pythonpath:
-        env["PYTHONPATH"] = str(REPO)
-    env.update(extra or {})
-    return env
+    from opensci_patch import envs
+
+    return envs.child_env(extra, source=pythonpath)
 
 
 def _status_kib(pid: int) -> tuple[int, int]:

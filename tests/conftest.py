@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -58,8 +57,9 @@ def cache_dropping_copy(dst: Path) -> Path:
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `opensci-patch` in a child process, as a user would."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PYTHONPATH"] = str(REPO)
+    from opensci_patch.envs import child_env
+
+    env = child_env()
     return subprocess.run(
         [sys.executable, "-m", "opensci_patch.cli", *args], text=True, capture_output=True, timeout=timeout, env=env
     )

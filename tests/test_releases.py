@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -107,8 +106,9 @@ def test_unreachable_index_falls_back_to_the_pinned_list_and_says_so(monkeypatch
 
 
 def _cli(*args: str, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    env |= {"PYTHONPATH": str(REPO), **env_extra}
+    from opensci_patch.envs import child_env
+
+    env = child_env(env_extra)
     return subprocess.run(
         [sys.executable, "-m", "opensci_patch.cli", *args], capture_output=True, text=True, env=env, timeout=60
     )

@@ -61,10 +61,11 @@ class Side:
 
 def _run_in(side: Side, args: list[str], what: str, timeout: float, ok: Iterable[int] = (0,)) -> str:
     """`side.python -m opensci_patch.diagnose ARGS` with a clean environment; its output, or DiagnoseError."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    from ..envs import child_env  # stdlib-only import
+
+    env = child_env({"TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error")})
     if side.pythonpath is not None:
         env["PYTHONPATH"] = str(side.pythonpath)
-    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         proc = subprocess.run(
             [str(side.python), "-m", "opensci_patch.diagnose", *args],
