@@ -133,6 +133,33 @@ def test_registry_order_and_defaults():
         select(["nope"])
 
 
+def test_a_new_patch_module_is_found_by_itself_in_its_order(tmp_path, monkeypatch):
+    """Adding a patch is one new module in opensci_patch/patches: the registry discovers and orders it."""
+    import opensci_patch.patches as registry
+
+    package = tmp_path / "fake_patches"
+    package.mkdir()
+    for name, order in (("zeta", 5), ("alpha", 95), ("not_a_patch", None)):
+        body = (
+            ""
+            if order is None
+            else (
+                "from opensci_patch.patches.base import Patch, State\n"
+                f"PATCH = Patch(name={name!r}, order={order}, description='', default=True,\n"
+                "              inspect=lambda tree: State.ABSENT, rewrite=lambda tree: tree)\n"
+            )
+        )
+        (package / f"{name}.py").write_text(body)
+    (package / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "__path__", [str(package)])
+    monkeypatch.setattr(registry, "__name__", "fake_patches")
+    assert [p.name for p in registry._discover()] == ["zeta", "alpha"]
+    (package / "beta.py").write_text((package / "alpha.py").read_text().replace("alpha", "beta"))
+    with pytest.raises(RuntimeError, match="share an order"):
+        registry._discover()
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_patch_applies_to_fixture_and_marks_the_change(modeling_source: str, name: str):
     source = target_source(name, modeling_source)

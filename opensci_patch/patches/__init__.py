@@ -1,6 +1,7 @@
 """The patch registry: source rewrites that make open-sci-ref remote code work on released transformers.
 
-`PATCHES` is ordered: they are applied in this order, and later ones may rely on earlier ones
+`PATCHES` is every module here that defines `PATCH`, sorted by `Patch.order`: they are applied in that
+order, and later ones may rely on earlier ones
 (`inv_freq_guard` recomputes frequencies through `rope_init_fn`, which `rope_default` makes
 resolvable on 5.x). Default patches make the file load and give the 4.48 logits on every release
 from 4.48.0 to 5.24.0; opt-in ones (`default=False`) fix what the test matrix must still show as
@@ -9,35 +10,30 @@ an upstream regression unless asked for.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Iterable
 
 from ..errors import PatchError
-from . import (
-    cache_kwarg,
-    init_weights,
-    inv_freq_guard,
-    loss_kwargs,
-    moved_helpers,
-    rope_default,
-    rope_theta,
-    sdpa_gqa,
-    tied_weights,
-)
 from .base import Outcome, Patch, State, Status
 
 __all__ = ["PATCHES", "Outcome", "Patch", "State", "Status", "apply_patches", "by_name", "default_patches", "select"]
 
-PATCHES: tuple[Patch, ...] = (
-    loss_kwargs.PATCH,
-    moved_helpers.PATCH,
-    cache_kwarg.PATCH,
-    rope_theta.PATCH,
-    rope_default.PATCH,
-    tied_weights.PATCH,
-    sdpa_gqa.PATCH,
-    inv_freq_guard.PATCH,
-    init_weights.PATCH,
-)
+
+def _discover() -> tuple[Patch, ...]:
+    """Every module of this package that defines `PATCH`, in `Patch.order`: adding a patch is one new module."""
+    found = []
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if isinstance(getattr(module, "PATCH", None), Patch):
+            found.append(module.PATCH)
+    orders = [p.order for p in found]
+    if len(set(orders)) != len(orders):
+        raise RuntimeError(f"two patches share an order: {sorted((p.order, p.name) for p in found)}")
+    return tuple(sorted(found, key=lambda p: p.order))
+
+
+PATCHES: tuple[Patch, ...] = _discover()
 
 
 def by_name(name: str) -> Patch:

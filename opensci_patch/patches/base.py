@@ -55,6 +55,7 @@ class Patch:
     """One structure-aware source rewrite; see the module docstring for the contract."""
 
     name: str
+    order: int  # place in the registry: patches apply in this order (later ones may rely on earlier ones)
     description: str
     default: bool
     inspect: Callable[[cst.Module], State]

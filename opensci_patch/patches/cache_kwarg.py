@@ -198,6 +198,7 @@ def rewrite(tree: cst.Module) -> cst.Module:
 
 PATCH = Patch(
     name=NAME,
+    order=30,
     description="forwards taking past_key_values also take the cache as cache= (transformers 5.24's generate)",
     default=True,
     inspect=inspect,

@@ -139,6 +139,7 @@ def rewrite(tree: cst.Module) -> cst.Module:
 
 PATCH = Patch(
     name=NAME,
+    order=90,
     description="rewrite _init_weights writes through .data to torch.nn.init calls (fixes 5.0/5.1 weight wipes)",
     default=False,
     inspect=inspect,

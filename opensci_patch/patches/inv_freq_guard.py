@@ -263,6 +263,7 @@ def rewrite(tree: cst.Module) -> cst.Module:
 
 PATCH = Patch(
     name=NAME,
+    order=80,
     description="recompute the rotary inv_freq buffer in _init_weights and check it at the top of forward",
     default=True,
     inspect=inspect,

@@ -179,6 +179,7 @@ def rewrite(tree: cst.Module) -> cst.Module:
 
 PATCH = Patch(
     name=NAME,
+    order=10,
     description="replace LossKwargs by TransformersKwargs, with a fallback for releases that lack it",
     default=True,
     inspect=inspect,

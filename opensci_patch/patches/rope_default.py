@@ -54,6 +54,7 @@ LOOKUP = GuardedLookup(
 
 PATCH = Patch(
     name=NAME,
+    order=50,
     description="inline the default RoPE init that transformers 5.x dropped from ROPE_INIT_FUNCTIONS",
     default=True,
     inspect=LOOKUP.inspect,

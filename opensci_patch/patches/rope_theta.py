@@ -148,6 +148,7 @@ def rewrite(tree: cst.Module) -> cst.Module:
 
 PATCH = Patch(
     name=NAME,
+    order=40,
     description="read rope_theta through rope_parameters where a 5.x library config has no such attribute",
     default=True,
     inspect=inspect,

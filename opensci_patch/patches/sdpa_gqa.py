@@ -57,6 +57,7 @@ LOOKUP = GuardedLookup(
 
 PATCH = Patch(
     name=NAME,
+    order=70,
     description="route 'sdpa' attention through an inlined 4.48-style SDPA call (no enable_gqa)",
     default=True,
     inspect=LOOKUP.inspect,

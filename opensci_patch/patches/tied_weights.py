@@ -263,6 +263,7 @@ def _literal(text: str) -> cst.SimpleString:
 
 PATCH = Patch(
     name=NAME,
+    order=60,
     description=(
         "turn _tied_weights_keys from a list into the {target: source} dict transformers 5.x requires, "
         "and keep the tie on 5.3.0"
