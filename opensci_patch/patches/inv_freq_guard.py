@@ -24,7 +24,8 @@ non-zero garbage through, so the patch compares with recomputed values, in two p
     Dynamic and longrope rotary types change `inv_freq` at run time on purpose, so (b) leaves
     them alone and only (a) applies to them.
 
-Detects: classes whose `__init__` registers an `inv_freq` buffer (any class name), and the
+Detects: classes with a method that registers an `inv_freq` buffer (any class name; `__init__` or a
+helper it calls; a registration elsewhere is refused, never "not applicable"), and the
 class that defines `_init_weights` (or else the one deriving from `PreTrainedModel`).
 Verifies: each rotary forward starts with the check, the check method exists, and each
 `_init_weights` has an `isinstance(module, <rotary class>)` branch that copies into `inv_freq`.
@@ -114,28 +115,47 @@ class _Template:
 """
 
 
-def _registers_inv_freq(func: cst.FunctionDef) -> bool:
-    def registers(call: cst.Call) -> bool:
-        if full_name(call.func) != "self.register_buffer" or not call.args:
-            return False
-        named = [a.value for a in call.args if a.keyword is not None and a.keyword.value == "name"]
-        return is_string(named[0] if named else call.args[0].value, "inv_freq")
+def _is_inv_freq_registration(call: cst.Call) -> bool:
+    """`<anything>.register_buffer("inv_freq", ...)` (or `name="inv_freq"`)."""
+    name = full_name(call.func) or ""
+    if not name.endswith("register_buffer") or not call.args:
+        return False
+    named = [a.value for a in call.args if a.keyword is not None and a.keyword.value == "name"]
+    return is_string(named[0] if named else call.args[0].value, "inv_freq")
 
-    return bool(find_all(func, cst.Call, registers))
+
+def _registers_inv_freq(func: cst.FunctionDef) -> bool:
+    return bool(find_all(func, cst.Call, lambda call: full_name(call.func) == "self.register_buffer"
+                         and _is_inv_freq_registration(call)))  # fmt: skip
+
+
+def _methods(cls: cst.ClassDef) -> list[cst.FunctionDef]:
+    return [stmt for stmt in cls.body.body if isinstance(stmt, cst.FunctionDef)]
 
 
 def rotary_classes(tree: cst.Module) -> list[cst.ClassDef]:
-    """Top-level classes whose `__init__` registers an `inv_freq` buffer, checked for what (b) needs."""
+    """Top-level classes with a method that registers an `inv_freq` buffer (`__init__` or a helper it
+    calls), checked for what (b) needs.
+
+    A registration anywhere else (a module-level function, a nested class) is `Unrecognised`: "not
+    applicable" must mean the file has no such buffer, never "the pattern did not match".
+    """
     found = []
     for cls in (s for s in tree.body if isinstance(s, cst.ClassDef)):
-        init = method(cls, "__init__")
-        if init is None or not _registers_inv_freq(init):
+        methods = _methods(cls)
+        if not any(_registers_inv_freq(m) for m in methods):
             continue
-        missing = [a for a in ("rope_init_fn", "config") if a not in self_assignments(init)]
+        assigned: dict[str, cst.BaseExpression] = {}
+        for m in methods:
+            assigned |= self_assignments(m)
+        missing = [a for a in ("rope_init_fn", "config") if a not in assigned]
         if missing or method(cls, "forward") is None:
             what = f"self.{missing[0]}" if missing else "a forward method"
             raise Unrecognised(f"{cls.name.value} registers inv_freq but has no {what}")
         found.append(cls)
+    in_classes = sum(len(find_all(cls, cst.Call, _is_inv_freq_registration)) for cls in found)
+    if len(find_all(tree, cst.Call, _is_inv_freq_registration)) != in_classes:
+        raise Unrecognised("inv_freq is registered outside the methods of a top-level class")
     return found
 
 

@@ -1,0 +1,64 @@
+"""inv_freq_guard: "not applicable" means the file has no inv_freq buffer, never "the pattern did not match"."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from conftest import FIXTURE_DIR
+
+from opensci_patch.capture import CaptureSettings, capture, isolated_hf_cache
+from opensci_patch.errors import PatchError
+from opensci_patch.patches import apply_patches, by_name, default_patches
+
+REGISTER = '        self.register_buffer("inv_freq", inv_freq, persistent=False)\n'
+
+
+def shipped() -> str:
+    return (FIXTURE_DIR / "modeling_opensci.py").read_text()
+
+
+def registered_in_a_helper() -> str:
+    """The shipped file with the registration moved into a method that `__init__` calls."""
+    source = shipped()
+    assert source.count(REGISTER) == 1
+    return source.replace(REGISTER, "        self._register_rotary_buffers(inv_freq)\n").replace(
+        "    @torch.no_grad()\n    def forward(self, x, position_ids):",
+        "    def _register_rotary_buffers(self, inv_freq):\n"
+        + REGISTER
+        + "\n    @torch.no_grad()\n    def forward(self, x, position_ids):",
+        1,
+    )
+
+
+def test_a_registration_in_a_helper_method_is_found_and_guarded():
+    outcome = by_name("inv_freq_guard").apply(registered_in_a_helper(), "modeling_opensci.py")
+    assert outcome.status == "applied"
+    assert "self._opensci_check_inv_freq()" in outcome.source
+    assert by_name("inv_freq_guard").apply(outcome.source, "modeling_opensci.py").status == "already-applied"
+
+
+def test_a_registration_outside_any_class_is_refused_not_skipped():
+    source = shipped().replace(REGISTER, "        _register(self, inv_freq)\n") + (
+        "\n\ndef _register(module, inv_freq):\n" + REGISTER.replace("self.", "module.").strip().join(["    ", "\n"])
+    )
+    with pytest.raises(PatchError, match="inv_freq_guard.*outside the methods"):
+        by_name("inv_freq_guard").apply(source, "modeling_opensci.py")
+
+
+def test_a_file_without_the_buffer_is_not_applicable():
+    assert by_name("inv_freq_guard").apply("import torch\n\nclass A:\n    pass\n").status == "not-applicable"
+
+
+def test_the_helper_registered_model_gives_the_shipped_logits_on_the_installed_release(tmp_path):
+    """On 5.x (the default test env) an unguarded buffer is uninitialised memory: the logit would move."""
+    logits = {}
+    for kind, source in (("helper", registered_in_a_helper()), ("shipped", shipped())):
+        dst = tmp_path / kind
+        shutil.copytree(FIXTURE_DIR, dst)
+        (dst / "modeling_opensci.py").write_text(apply_patches(source, default_patches())[0])
+        with isolated_hf_cache():
+            rec = capture(CaptureSettings(model=dst, max_new_tokens=2), log=lambda *a: None)
+        assert rec.status == "ok", rec.error
+        logits[kind] = rec.logits_sha256
+    assert logits["helper"] == logits["shipped"]
