@@ -121,3 +121,14 @@ def test_a_safetensors_header_of_the_wrong_shape_is_a_model_dir_error(tmp_path, 
     (dst / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + b"\0" * 16)
     with pytest.raises(ModelDirError, match="corrupt safetensors"):
         run(dst)
+
+
+@pytest.mark.crossversion
+@pytest.mark.parametrize("version", ["4.48.0", "5.2.0"])
+def test_the_self_check_needs_no_other_release(tmp_path, version):
+    """The dropped cache is caught on any release, by the cell itself: no reference cell involved."""
+    from test_crossversion import capture as capture_in
+
+    code, rec = capture_in(version, cache_dropping_copy(tmp_path / "m"), tmp_path / "r.json")
+    assert code == 1 and rec["status"] == "generate-mismatch"
+    assert rec["generation"]["kv_check"]["first_bad_step"] == 1
