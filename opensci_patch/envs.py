@@ -15,13 +15,16 @@ torch on Linux resolves to a multi-GB CUDA build:
   ``is_torch_available()`` find torch), and a ``.pth`` file in the env points at it. ``.pth``
   entries come after the env's own site-packages, so packages the env installs itself (its own
   ``typing_extensions``, ``filelock``, ``fsspec``...) take precedence over the linked ones.
-- ``"cpu"``: install the CPU torch ``TORCH_PIN`` into the env (``torch==<pin>+cpu`` on Linux and
-  Windows, so a CUDA build can never match). Wheels come from the find-links directories of
-  ``PIP_FIND_LINKS`` and pip's configuration files (uv does not read pip's configuration, so they
-  are passed explicitly), and from ``OPENSCI_PATCH_TORCH_INDEX_URL`` when set (e.g.
-  ``https://download.pytorch.org/whl/cpu`` on GitHub Actions).
+- ``"cpu"``: the CPU torch ``TORCH_PIN`` (``torch==<pin>+cpu`` on Linux and Windows, so a CUDA
+  build can never match), installed and byte-compiled once into a shared layer venv,
+  ``_torch-cpu-<pin>-py<X.Y>``, and linked into every release env exactly like ``"system"`` (a
+  link directory and a ``.pth``): a new release costs only transformers and its small dependencies.
+  Wheels come from the find-links directories of ``PIP_FIND_LINKS`` and pip's configuration files
+  (uv does not read pip's configuration, so they are passed explicitly), and from
+  ``OPENSCI_PATCH_TORCH_INDEX_URL`` when set (e.g. ``https://download.pytorch.org/whl/cpu`` on GitHub Actions).
 - ``"cuda"``: a GPU build of torch. With ``OPENSCI_PATCH_TORCH_INDEX_URL`` (e.g.
-  ``https://download.pytorch.org/whl/cu128``) the pinned ``TORCH_PIN`` is installed from there.
+  ``https://download.pytorch.org/whl/cu128``) the pinned ``TORCH_PIN`` is installed from there, into
+  the build's shared layer as for ``"cpu"``.
   Without it, the interpreter's own torch is linked as for ``"system"`` when it is a CUDA or ROCm
   build (GPU machines and clusters ship one; nothing is downloaded). Otherwise it is an error,
   never a silent multi-GB download of whatever PyPI offers.
@@ -159,25 +162,28 @@ def ensure_env(transformers_version: str, torch_build: str, *, root: Path | None
         "torch_build": torch_build,
         "requirements": _package_requirements(),
     }
-    # "torch" (the linked version) marks an env that links the interpreter's torch; "torch_pin" one that installs it
+    # "torch": the linked torch's version; every env links one: the interpreter's ("system"), or the shared
+    # layer of its build, where the pinned torch is installed and byte-compiled once ("torch_pin" set)
+    _wheel_dir_args()  # fail early: OPENSCI_PATCH_WHEELS names no directory
     if _links_system_torch(torch_build):
         expected["torch"] = _system_torch().version
+        layer = None
     else:
         expected["torch_pin"] = TORCH_PIN
         _torch_install_args(torch_build)  # fail early: e.g. a bad index
-    _wheel_dir_args()  # fail early: OPENSCI_PATCH_WHEELS names no directory
+        layer = ensure_torch_layer(torch_build, root, log=log)
+        expected["torch"] = layer.version
 
     with _locked(root / f"{name}.lock"):
         marker = _read_marker(path)
         if marker is not None and all(marker.get(k) == v for k, v in expected.items()) and _python(path).exists():
-            torch_dir = ensure_system_torch_dir(root, log=log) if "torch" in expected else None
-            _write_pths(path, torch_dir, log=log)
+            _write_pths(path, _torch_farm(root, layer, log), log=log)
             log(f"reusing env {name} ({path})")
             return Env(path, _python(path), version, torch_build, reused=True)
         if path.exists() or path.is_symlink():
             why = "stale (built for something else)" if marker is not None else "half-made (no marker)"
             _remove_ours(path, root, why, log)
-        _create(path, root, version, torch_build, expected, log)
+        _create(path, root, version, torch_build, expected, _torch_farm(root, layer, log), log)
         return Env(path, _python(path), version, torch_build, reused=False)
 
 
@@ -231,23 +237,81 @@ def installed_versions(env: Env) -> dict[str, Any]:
 
 
 def ensure_system_torch_dir(root: Path | None = None, *, log: Log = print) -> Path:
-    """The shared directory of symlinks to this interpreter's torch and its requirement closure.
+    """The shared directory of symlinks to this interpreter's torch and its requirement closure."""
+    return _ensure_farm((root or default_root()).expanduser().absolute(), _system_torch(), "system", log)
+
+
+def _torch_farm(root: Path, layer, log: Log) -> Path:
+    """The link directory an env's `.pth` names: of the build's shared layer, else of this interpreter's torch."""
+    return _ensure_farm(root, layer, "layer", log) if layer is not None else ensure_system_torch_dir(root, log=log)
+
+
+def ensure_torch_layer(torch_build: str, root: Path | None = None, *, log: Log = print):
+    """The shared layer of an installing build: a venv holding only the pinned torch, installed and
+    byte-compiled once; every release env of that build links it (`_ensure_farm`), so a new release
+    costs only transformers and its small dependencies. Returns the layer's torch distribution.
+
+    Built like an env: ours (sentinel first), marker last, serialised by a lock, a half-made or stale
+    one removed and rebuilt.
+    """
+    root = (root or default_root()).expanduser().absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    path = root / f"_torch-{torch_build}-{TORCH_PIN}-py{py}"
+    want = {"schema": SCHEMA, "torch_build": torch_build, "torch_pin": TORCH_PIN, "base_python": sys.executable}
+    with _locked(root / f"{path.name}.lock"):
+        marker = _read_marker(path)
+        if marker is None or any(marker.get(k) != v for k, v in want.items()) or not _python(path).exists():
+            if path.exists() or path.is_symlink():
+                _remove_ours(path, root, "stale or half-made torch layer", log)
+            _create_layer(path, root, torch_build, want, log)
+    found = list(metadata.distributions(name="torch", path=[str(_site_packages(path))]))
+    if not found:
+        raise EnvironmentSetupError(f"torch layer {path} holds no torch distribution; delete it and retry")
+    return found[0]
+
+
+def _create_layer(path: Path, root: Path, torch_build: str, want: dict[str, Any], log: Log) -> None:
+    uv = _find_uv()
+    log(f"creating the shared torch layer {path.name} (torch {TORCH_PIN}, built once for every release env) ...")
+    start = time.monotonic()
+    _sweep_trash(root)
+    path.mkdir()
+    (path / SENTINEL).write_text(f"created by opensci_patch.envs (pid {os.getpid()}); safe to delete\n")
+    try:
+        if uv:
+            _run_installer(
+                [uv, "venv", "--allow-existing", "--no-project", "--python", sys.executable, str(path)], root, path.name
+            )
+            install = [uv, "pip", "install", "--python", str(_python(path)), "--compile-bytecode"]
+        else:
+            install = _make_venv(path, root, log)
+        _run_installer([*install, *_wheel_dir_args(), *_torch_install_args(torch_build, uv=bool(uv))], root, path.name)
+        from .records import write_atomic
+
+        write_atomic(path / MARKER, {**want, "seconds": round(time.monotonic() - start, 1)})
+    except BaseException:
+        _discard(path, root)
+        raise
+    log(f"created the torch layer {path.name} in {time.monotonic() - start:.1f} s")
+
+
+def _ensure_farm(root: Path, torch, kind: str, log: Log) -> Path:
+    """The shared directory of symlinks to `torch` (a distribution) and its requirement closure.
 
     Created once per (torch version, torch location) under `root`, atomically (temp dir + rename);
     re-created when a link went dangling (e.g. the base venv was rebuilt).
     """
-    root = (root or default_root()).expanduser().absolute()
     root.mkdir(parents=True, exist_ok=True)
-    torch = _system_torch()
     where = str(Path(torch.locate_file("")).resolve())
     digest = hashlib.sha256(f"{where}\n{torch.version}".encode()).hexdigest()[:10]
-    farm = root / f"_torch-system-{torch.version}-{digest}"
+    farm = root / f"_torch-{kind}-{torch.version}-{digest}"
     if (farm / FARM_MANIFEST).exists() and (farm / "torch").exists():
         return farm
     with _locked(root / f"{farm.name}.lock"):
         if (farm / FARM_MANIFEST).exists() and (farm / "torch").exists():
             return farm
-        dists, missing = _requirement_closure(torch)
+        dists, missing = _requirement_closure(torch, [where] if kind == "layer" else None)
         for old in root.glob(f".tmp-{glob_escape(farm.name)}-*"):  # of killed runs (we hold the lock)
             if old.name.rpartition("-")[2].isdigit() and not _pid_alive(int(old.name.rpartition("-")[2])):
                 shutil.rmtree(old, ignore_errors=True)
@@ -278,11 +342,12 @@ def ensure_system_torch_dir(root: Path | None = None, *, log: Log = print) -> Pa
 # creation
 
 
-def _create(path: Path, root: Path, version: str, torch_build: str, expected: dict[str, Any], log: Log) -> None:
+def _create(
+    path: Path, root: Path, version: str, torch_build: str, expected: dict[str, Any], torch_dir: Path, log: Log
+) -> None:
     uv = _find_uv()
     log(f"creating env {path.name} ({'uv' if uv else 'venv + pip'}) in {root} ...")
     start = time.monotonic()
-    torch_dir = ensure_system_torch_dir(root, log=log) if "torch" in expected else None
     _sweep_trash(root)
     path.mkdir()
     (path / SENTINEL).write_text(f"created by opensci_patch.envs (pid {os.getpid()}); safe to delete\n")
@@ -298,8 +363,6 @@ def _create(path: Path, root: Path, version: str, torch_build: str, expected: di
             install = _make_venv(path, root, log)
         install += _wheel_dir_args()
         _write_pths(path, torch_dir, log=log)
-        if torch_dir is None:
-            _run_installer([*install, *_torch_install_args(torch_build, uv=bool(uv))], root, path.name)
         _run_installer([*install, f"transformers=={version}", *expected["requirements"]], root, path.name)
         fault_point("env.installed")
         env = Env(path, python, version, torch_build, reused=False)
@@ -360,12 +423,12 @@ def _check_installed(env: Env, seen: dict[str, Any], expected: dict[str, Any]) -
     if not seen["torch_available"]:
         problems.append("transformers.is_torch_available() is False")
     torch_local = Version(seen["torch"]).local or ""
-    linked = "torch" in expected
-    if linked and not _same_torch(seen["torch"], expected["torch"]):
-        problems.append(f"torch {seen['torch']} seen inside, {expected['torch']} in the base interpreter")
-    elif not linked and Version(seen["torch"]).public != Version(TORCH_PIN).public:
+    pinned = "torch_pin" in expected  # linked from the build's shared layer, which installed the pin
+    if not _same_torch(seen["torch"], expected["torch"]):
+        problems.append(f"torch {seen['torch']} seen inside, {expected['torch']} linked")
+    elif pinned and Version(seen["torch"]).public != Version(TORCH_PIN).public:
         problems.append(f"torch {seen['torch']} installed, {TORCH_PIN} pinned")
-    elif not linked and env.torch_build == "cuda" and not torch_local.startswith(("cu", "rocm")):
+    elif pinned and env.torch_build == "cuda" and not torch_local.startswith(("cu", "rocm")):
         problems.append(f"torch {seen['torch']} installed, a CUDA build asked for (check {TORCH_INDEX_VAR})")
     if problems:
         raise EnvironmentSetupError(f"env {env.path.name} is not what was asked for: {'; '.join(problems)}")
@@ -542,8 +605,9 @@ def _system_torch():
         ) from None
 
 
-def _requirement_closure(top) -> tuple[list, list[str]]:
-    """`top` and every distribution it needs at runtime (markers evaluated, no extras)."""
+def _requirement_closure(top, path: list[str] | None = None) -> tuple[list, list[str]]:
+    """`top` and every distribution it needs at runtime (markers evaluated, no extras), looked up in
+    `path` (site-packages directories; default: this interpreter's)."""
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
@@ -559,11 +623,15 @@ def _requirement_closure(top) -> tuple[list, list[str]]:
             key = canonicalize_name(req.name)
             if key in seen or req.name in missing:
                 continue
-            try:
-                seen[key] = metadata.distribution(req.name)
-            except metadata.PackageNotFoundError:
+            found = (
+                list(metadata.distributions(name=req.name, path=path))
+                if path is not None
+                else list(metadata.distributions(name=req.name))
+            )
+            if not found:
                 missing.append(req.name)
                 continue
+            seen[key] = found[0]
             queue.append(seen[key])
     return list(seen.values()), missing
 

@@ -187,7 +187,7 @@ def test_unknown_transformers_release_fails_with_installer_output_and_leaves_not
 
 @pytest.mark.parametrize("build", ["rocm", "CPU", ""])
 def test_unknown_torch_build_is_rejected_before_anything_is_made(tmp_path, build):
-    with pytest.raises(EnvironmentSetupError, match="system, cpu, cuda"):
+    with pytest.raises(EnvironmentSetupError, match="cpu, system, cuda"):
         ensure_env(VERSION, build, root=tmp_path / "root", log=lambda msg: None)
     assert not (tmp_path / "root").exists()
 
@@ -460,3 +460,17 @@ def test_two_checkouts_sharing_one_env_root_each_run_their_own_code(env, env_roo
     finally:
         monkeypatch.setattr(envs, "SRC_ROOT", REPO)
         ensure_env(VERSION, "system", root=env_root, log=lambda msg: None)  # point the .pth back for later tests
+
+
+def test_cpu_envs_link_one_shared_torch_layer_installed_once(tmp_path):
+    """The "cpu" build installs and byte-compiles the pinned torch once; each release env only links it."""
+    messages: list[str] = []
+    env = ensure_env(VERSION, "cpu", root=tmp_path, log=messages.append)
+    layers = sorted(p.name for p in tmp_path.glob("_torch-cpu-*") if p.is_dir())
+    assert layers == [f"_torch-cpu-{envs.TORCH_PIN}-py{sys.version_info.major}.{sys.version_info.minor}"]
+    where = run_python(env, ["-c", "import torch; print(torch.__file__, torch.__version__)"]).stdout.split()
+    assert where[0].startswith(str(tmp_path / "_torch-layer-")) and where[1].startswith(envs.TORCH_PIN)
+    assert not list((env.path / "lib").glob("python*/site-packages/torch"))  # linked, not installed
+    messages.clear()
+    layer = envs.ensure_torch_layer("cpu", tmp_path, log=messages.append)
+    assert layer.version.startswith(envs.TORCH_PIN) and not any("creating" in m for m in messages)
