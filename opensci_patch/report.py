@@ -22,7 +22,6 @@ value, so they cannot disagree.
 from __future__ import annotations
 
 import datetime as _dt
-import io
 import json
 import math
 import os
@@ -30,25 +29,16 @@ import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from packaging.version import InvalidVersion, Version
 from tabulate import tabulate
 
 from . import records
 from .errors import DestinationError, OpensciPatchError
 from .matrix import REFERENCE, VARIANTS
 from .records import Record, RecordError
+from .report_plot import MISSING, plot, plot_grid, variants, version_key
 
 BAD = ("FAIL", "XPASS", "error")
 VERDICTS = ("pass", "expected-fail", "FAIL", "XPASS", "error")
-MISSING = "missing"
-GRID_COLOURS = {
-    "pass": "#4caf50",
-    "expected-fail": "#b0bec5",
-    "FAIL": "#e53935",
-    "XPASS": "#ff9800",
-    "error": "#8e24aa",
-    MISSING: "#ffffff",
-}
 
 
 @dataclass
@@ -181,14 +171,6 @@ def _decode(rec: Record, ref: Record | None) -> str | None:
     return first_step_difference(rec, ref) or f"= ({len(steps)})"
 
 
-def version_key(v: str) -> tuple:
-    """Release order (5.10 after 5.9, rc before final); unparsable strings last, by text."""
-    try:
-        return (0, Version(v), "")
-    except InvalidVersion:
-        return (1, Version("0"), v)
-
-
 def rows(recs: list[Record], sources: list[str] | None = None) -> list[dict]:
     """One row per cell id, sorted by release, build, dtype, attention and variant order in `VARIANTS`."""
     ambiguous = _ambiguous(recs, sources)
@@ -251,12 +233,6 @@ def _device(rec: Record) -> str:
     device = rec.cell["device"]
     name = rec.environment.get("device_name")
     return f"{device}: {name}" if device != "cpu" and name else device
-
-
-def variants(table: list[dict]) -> list[str]:
-    """The grid's columns: every variant of `matrix.VARIANTS`, then any other variant a record names."""
-    extra = sorted({r["model"] for r in table} - set(VARIANTS))
-    return [*VARIANTS, *extra]
 
 
 def _group_name(r: dict) -> str:
@@ -342,95 +318,6 @@ def changes(table: list[dict], previous: dict[str, str]) -> list[str]:
     if other:
         out += ["### Other changes", *other]
     return out
-
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def _png(fig, plt) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def paris_series(table: list[dict]) -> list[tuple[str, str, list[tuple[int, float]]]]:
-    """(variant, marker, [(release index, " Paris" logit)]) for every variant, CPU cells only."""
-    versions = sorted({r["transformers"] for r in table}, key=version_key)
-    marker_cycle = "v<>pP*hH"  # for variants a record names but `VARIANTS` does not declare
-    return [
-        (
-            model,
-            VARIANTS[model].marker if model in VARIANTS else marker_cycle[i % len(marker_cycle)],
-            [
-                (versions.index(r["transformers"]), r["paris_logit"])
-                for r in table
-                if r["model"] == model and r["paris_logit"] is not None and r["device"] == "cpu"
-            ],
-        )
-        for i, model in enumerate(variants(table))
-    ]
-
-
-def plot(table: list[dict], path: Path) -> bool:
-    """The " Paris" logit per release and variant (CPU cells). False when matplotlib is missing."""
-    plt = _pyplot()
-    if plt is None:
-        return False
-    versions = sorted({r["transformers"] for r in table}, key=version_key)
-    fig, ax = plt.subplots(figsize=(max(8, 0.35 * len(versions)), 4))
-    for model, marker, pts in paris_series(table):
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker=marker, linestyle="", label=model, markersize=8)
-        else:
-            ax.plot([], [], marker=marker, linestyle="", label=f"{model} (no logits)")
-    ax.set_xticks(range(len(versions)), versions, rotation=60 if len(versions) > 10 else 30)
-    ax.set_ylabel('logit of " Paris"')
-    ax.set_title('"The capital of France is" -> " Paris", CPU')
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    records.write_atomic(path, _png(fig, plt))
-    return True
-
-
-def plot_grid(cells: dict[str, dict[str, dict[str, str]]], new: set[str], path: Path) -> bool:
-    """A picture of the release x variant grid(s), one panel per group. False when matplotlib is missing."""
-    plt = _pyplot()
-    if plt is None:
-        return False
-    from matplotlib.colors import to_rgb
-
-    n_rows = sum(len(g) for g in cells.values())
-    fig, axes = plt.subplots(
-        len(cells), 1, figsize=(8, 1.2 + 0.32 * n_rows + 0.6 * len(cells)), squeeze=False, constrained_layout=True
-    )
-    for ax, (name, g) in zip(axes[:, 0], cells.items(), strict=True):
-        releases = list(g)
-        cols = list(next(iter(g.values())))
-        image = [[to_rgb(GRID_COLOURS[g[v][c]]) for c in cols] for v in releases]
-        ax.imshow(image, aspect="auto")
-        for y, v in enumerate(releases):
-            for x, c in enumerate(cols):
-                ax.text(x, y, g[v][c], ha="center", va="center", fontsize=7)
-        ax.set_xticks(range(len(cols)), cols)
-        ax.xaxis.tick_top()
-        ax.set_yticks(range(len(releases)), [f"{v} (new)" if v in new else v for v in releases])
-        ax.set_xticks([x - 0.5 for x in range(1, len(cols))], minor=True)
-        ax.set_yticks([y - 0.5 for y in range(1, len(releases))], minor=True)
-        ax.grid(which="minor", color="white", linewidth=1.5)
-        ax.tick_params(which="minor", length=0)
-        ax.set_title(name, fontsize=9, pad=18)
-    records.write_atomic(path, _png(fig, plt))
-    return True
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from opensci_patch import records, report
+from opensci_patch import records, report, report_plot
 from opensci_patch.errors import DestinationError, OpensciPatchError
 from opensci_patch.matrix import REFERENCE, VARIANTS, Cell, Variant
 from opensci_patch.records import Record
@@ -274,19 +274,23 @@ def test_grid_has_one_row_per_release_a_column_per_variant_and_says_missing():
     assert list(cells) == [REF_VERSION, "5.2.0"]
     assert list(cells["5.2.0"]) == list(VARIANTS)
     assert cells["5.2.0"]["original"] == "expected-fail"
-    assert cells["5.2.0"][REF_MODEL] == report.MISSING
+    assert cells["5.2.0"][REF_MODEL] == report_plot.MISSING
 
 
 def test_a_new_variant_in_matrix_models_reaches_the_grid_and_the_plot(monkeypatch):
-    monkeypatch.setattr(report, "VARIANTS", {**VARIANTS, "brand-new": Variant("brand-new", (), "a new variant")})
+    declared = {**VARIANTS, "brand-new": Variant("brand-new", (), "a new variant")}
+    for module in (report, report_plot):  # rows order by it; the grid's columns and the plot's markers follow it
+        monkeypatch.setattr(module, "VARIANTS", declared)
     table = report.rows([ok(REF_VERSION), ok("5.2.0", "brand-new")])
     (cells,) = report.grid(table).values()
     assert list(cells[REF_VERSION])[-1] == "brand-new"
-    series = {model: pts for model, _, pts in report.paris_series(table)}
+    series = {model: pts for model, _, pts in report_plot.paris_series(table)}
     assert set(series) == set(VARIANTS) | {"brand-new"} and series["brand-new"] == [(1, 14.5)]
     # a record of a variant the matrix no longer lists is still shown, not dropped
-    monkeypatch.setattr(report, "VARIANTS", {m: v for m, v in VARIANTS.items() if m != "generated"})
-    assert "generated" in report.variants(report.rows([ok(REF_VERSION, "generated")]))
+    fewer = {m: v for m, v in VARIANTS.items() if m != "generated"}
+    for module in (report, report_plot):
+        monkeypatch.setattr(module, "VARIANTS", fewer)
+    assert "generated" in report_plot.variants(report.rows([ok(REF_VERSION, "generated")]))
 
 
 def test_releases_new_since_the_committed_summary_are_marked(tmp_path: Path):
@@ -325,7 +329,7 @@ def test_pictures_are_written_with_matplotlib(tmp_path: Path):
 
 
 def test_without_matplotlib_only_the_pictures_are_skipped(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(report, "_pyplot", lambda: None)
+    monkeypatch.setattr(report_plot, "_pyplot", lambda: None)
     bad, md, summary = run_report(tmp_path, [ok(REF_VERSION), ok("5.2.0")])
     assert bad == 0 and "matplotlib is not installed" in md and summary["counts"] == {"pass": 2}
     assert not list((tmp_path / "results").glob("*.png"))
