@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from opensci_patch import envs
+from opensci_patch import envs, envs_base, torch_links
 from opensci_patch.envs import Env, ensure_env, ensure_system_torch_dir, installed_versions, run_python
 from opensci_patch.errors import EnvironmentSetupError
 
@@ -125,7 +125,7 @@ def test_run_python_drops_pythonpath_and_passes_env_vars(env, tmp_path, monkeypa
 def test_second_call_reuses_the_env_without_any_installer(env, env_root, monkeypatch):
     monkeypatch.setattr(subprocess, "run", _no_installer)
     monkeypatch.setattr(subprocess, "Popen", _no_installer)
-    monkeypatch.setattr(envs, "_run_installer", _no_installer)
+    monkeypatch.setattr(envs_base, "run_installer", _no_installer)
     monkeypatch.setattr(envs, "installed_versions", _no_installer)
     marker = (env.path / envs.MARKER).read_bytes()
     messages: list[str] = []
@@ -200,8 +200,8 @@ def test_version_that_is_not_a_release_is_rejected(tmp_path, version):
 
 def test_cuda_build_without_an_index_or_a_gpu_torch_is_an_error_not_a_download(tmp_path, monkeypatch):
     monkeypatch.delenv(envs.TORCH_INDEX_VAR, raising=False)
-    monkeypatch.setattr(envs, "_gpu_build", lambda dist: None)  # this interpreter's torch: a CPU build
-    monkeypatch.setattr(envs, "_run_installer", _no_installer)
+    monkeypatch.setattr(torch_links, "_gpu_build", lambda dist: None)  # this interpreter's torch: a CPU build
+    monkeypatch.setattr(envs_base, "run_installer", _no_installer)
     with pytest.raises(EnvironmentSetupError, match=envs.TORCH_INDEX_VAR) as info:
         ensure_env(VERSION, "cuda", root=tmp_path, log=lambda msg: None)
     assert "CUDA or ROCm build" in str(info.value)
@@ -232,16 +232,16 @@ def test_gpu_build_is_read_from_torch_version_py(tmp_path, text, expected):
     fake = _FakeTorch(text)
     fake.path = tmp_path / "version.py"
     fake.path.write_text(text)
-    assert envs._gpu_build(fake) == expected
+    assert torch_links._gpu_build(fake) == expected
     fake.path = tmp_path / "missing.py"
-    assert envs._gpu_build(fake) is None
+    assert torch_links._gpu_build(fake) is None
 
 
 @needs_torch
 def test_this_interpreters_torch_is_classified_as_it_really_is():
     import torch
 
-    gpu = envs._gpu_build(metadata.distribution("torch"))
+    gpu = torch_links._gpu_build(metadata.distribution("torch"))
     assert (gpu is not None) == bool(torch.version.cuda or getattr(torch.version, "hip", None))
 
 
@@ -250,10 +250,10 @@ def test_this_interpreters_torch_is_classified_as_it_really_is():
 def test_cuda_build_links_the_interpreters_gpu_torch_when_no_index_is_set(tmp_path, monkeypatch):
     """A GPU machine's own CUDA torch is reused (linked like "system"), never downloaded again."""
     monkeypatch.delenv(envs.TORCH_INDEX_VAR, raising=False)
-    monkeypatch.setattr(envs, "_gpu_build", lambda dist: "cuda 13.0")  # pretend: this torch is a CUDA build
+    monkeypatch.setattr(torch_links, "_gpu_build", lambda dist: "cuda 13.0")  # pretend: this torch is a CUDA build
     installs = []
-    real = envs._run_installer
-    monkeypatch.setattr(envs, "_run_installer", lambda cmd, *a: (installs.append(cmd), real(cmd, *a)))
+    real = envs_base.run_installer
+    monkeypatch.setattr(envs_base, "run_installer", lambda cmd, *a: (installs.append(cmd), real(cmd, *a)))
     env = ensure_env(VERSION, "cuda", root=tmp_path, log=lambda msg: None)
     marker = json.loads((env.path / envs.MARKER).read_text())
     assert marker["torch"] == metadata.version("torch") and "torch_pin" not in marker
@@ -264,7 +264,7 @@ def test_cuda_build_links_the_interpreters_gpu_torch_when_no_index_is_set(tmp_pa
 
 def test_wheel_dir_that_does_not_exist_is_an_error_before_anything_is_made(tmp_path, monkeypatch):
     monkeypatch.setenv(envs.WHEELS_VAR, str(tmp_path / "nowhere"))
-    monkeypatch.setattr(envs, "_run_installer", _no_installer)
+    monkeypatch.setattr(envs_base, "run_installer", _no_installer)
     with pytest.raises(EnvironmentSetupError, match=envs.WHEELS_VAR):
         ensure_env(VERSION, "system", root=tmp_path / "root", log=lambda msg: None)
     assert not (tmp_path / "root" / envs.env_name(VERSION, "system")).exists()
@@ -292,11 +292,11 @@ def test_wheel_dir_is_the_only_source_offline_installs_use(tmp_path, monkeypatch
 def test_cpu_build_pins_a_cpu_torch_and_passes_pip_find_links(monkeypatch, tmp_path):
     monkeypatch.setenv("PIP_FIND_LINKS", f"{tmp_path}/a {tmp_path}/b")
     monkeypatch.delenv(envs.TORCH_INDEX_VAR, raising=False)
-    args = envs._torch_install_args("cpu")
+    args = torch_links.torch_install_args("cpu")
     assert args[0] == f"torch=={envs.TORCH_PIN}" + ("" if sys.platform == "darwin" else "+cpu")
     assert args[1:5] == ["--find-links", f"{tmp_path}/a", "--find-links", f"{tmp_path}/b"]
     monkeypatch.setenv(envs.TORCH_INDEX_VAR, "https://download.pytorch.org/whl/cpu")
-    assert envs._torch_install_args("cpu")[-2:] == ["--index", "https://download.pytorch.org/whl/cpu"]
+    assert torch_links.torch_install_args("cpu")[-2:] == ["--index", "https://download.pytorch.org/whl/cpu"]
 
 
 @pytest.mark.parametrize(
@@ -310,7 +310,7 @@ def test_cpu_build_pins_a_cpu_torch_and_passes_pip_find_links(monkeypatch, tmp_p
     ],
 )
 def test_linked_torch_version_check_accepts_a_runtime_label_the_metadata_lacks(inside, linked, same):
-    assert envs._same_torch(inside, linked) is same
+    assert torch_links.same_torch(inside, linked) is same
 
 
 class _UnlabelledTorch:
@@ -328,13 +328,13 @@ class _UnlabelledTorch:
 @pytest.mark.crossversion
 def test_env_linking_an_unlabelled_torch_is_reused_not_rebuilt(tmp_path, monkeypatch):
     """Distribution version 2.13.0, runtime 2.13.0+cu130: built once, then reused without any installer."""
-    real = envs._system_torch()
+    real = torch_links.system_torch()
     if "+" not in real.version:
         pytest.skip("this torch has no local label to drop")
-    monkeypatch.setattr(envs, "_system_torch", lambda: _UnlabelledTorch(real))
+    monkeypatch.setattr(torch_links, "system_torch", lambda: _UnlabelledTorch(real))
     first = ensure_env(VERSION, "system", root=tmp_path, log=lambda msg: None)
     assert not first.reused
-    monkeypatch.setattr(envs, "_run_installer", _no_installer)
+    monkeypatch.setattr(envs_base, "run_installer", _no_installer)
     again = ensure_env(VERSION, "system", root=tmp_path, log=lambda msg: None)
     assert again.reused
     marker = json.loads((again.path / envs.MARKER).read_text())
@@ -345,8 +345,8 @@ def test_env_linking_an_unlabelled_torch_is_reused_not_rebuilt(tmp_path, monkeyp
 @pytest.mark.crossversion
 def test_without_uv_or_ensurepip_the_env_is_filled_by_this_interpreters_pip(tmp_path, monkeypatch):
     """GPU images and Debian Pythons without python3-venv cannot seed pip into a venv."""
-    monkeypatch.setattr(envs, "_find_uv", lambda: None)
-    real = envs._run_installer
+    monkeypatch.setattr(envs_base, "find_uv", lambda: None)
+    real = envs_base.run_installer
     ran = []
 
     def installer(cmd, cwd, name):
@@ -355,14 +355,14 @@ def test_without_uv_or_ensurepip_the_env_is_filled_by_this_interpreters_pip(tmp_
             raise EnvironmentSetupError(f"env {name}: Error: ensurepip is not available (exit 1)")
         return real(cmd, cwd, name)
 
-    monkeypatch.setattr(envs, "_run_installer", installer)
+    monkeypatch.setattr(envs_base, "run_installer", installer)
     messages: list[str] = []
     env = ensure_env(VERSION, "system", root=tmp_path, log=messages.append)
     assert any("no ensurepip" in m for m in messages)
     assert any("--without-pip" in cmd for cmd in ran)
     assert any(cmd[:5] == [sys.executable, "-m", "pip", "--python", str(env.python)] for cmd in ran)
     assert installed_versions(env)["transformers"] == VERSION
-    assert not (envs._site_packages(env.path) / "pip").exists()  # the env itself has no pip
+    assert not (envs_base.site_packages(env.path) / "pip").exists()  # the env itself has no pip
 
 
 # --- interrupted builds, two checkouts on one env root, child_env (issue 11) ------------------------------------
@@ -377,16 +377,16 @@ def fake_installer(monkeypatch) -> list[list[str]]:
         ran.append(cmd)
         if "venv" in cmd:
             path = Path(cmd[-1])
-            envs._site_packages(path).mkdir(parents=True, exist_ok=True)
-            envs._python(path).parent.mkdir(parents=True, exist_ok=True)
-            envs._python(path).symlink_to(sys.executable)
+            envs_base.site_packages(path).mkdir(parents=True, exist_ok=True)
+            envs_base.venv_python(path).parent.mkdir(parents=True, exist_ok=True)
+            envs_base.venv_python(path).symlink_to(sys.executable)
 
     def versions(env):
         return {"python": sys.version.split()[0], "torch": metadata.version("torch"), "transformers": VERSION,
                 "torch_available": True}  # fmt: skip
 
-    monkeypatch.setattr(envs, "_find_uv", lambda: "uv")
-    monkeypatch.setattr(envs, "_run_installer", run_installer)
+    monkeypatch.setattr(envs_base, "find_uv", lambda: "uv")
+    monkeypatch.setattr(envs_base, "run_installer", run_installer)
     monkeypatch.setattr(envs, "installed_versions", versions)
     return ran
 
@@ -406,25 +406,25 @@ def test_removal_that_an_orphaned_installer_makes_fail_leaves_the_env_usable(tmp
         if not ignore_errors:  # ...then the orphan wrote another file
             raise OSError(errno.ENOTEMPTY, "Directory not empty", str(path))
 
-    monkeypatch.setattr(envs.shutil, "rmtree", orphan_racing_rmtree)
+    monkeypatch.setattr(envs_base.shutil, "rmtree", orphan_racing_rmtree)
     rebuilt = ensure_env(VERSION, "system", root=tmp_path, log=lambda msg: None)
     assert rebuilt.reused is False and (half / envs.MARKER).is_file()
     assert not (half / "written-by-the-orphan").exists()
-    monkeypatch.setattr(envs.shutil, "rmtree", real_rmtree)
+    monkeypatch.setattr(envs_base.shutil, "rmtree", real_rmtree)
     assert ensure_env(VERSION, "system", root=tmp_path, log=lambda msg: None).reused is True
-    envs._sweep_trash(tmp_path)
+    envs_base.sweep_trash(tmp_path)
     assert not list(tmp_path.glob(".trash-*"))
 
 
 @needs_torch
 def test_env_left_without_its_sentinel_by_an_older_version_is_recognised_and_rebuilt(tmp_path, fake_installer):
     stuck = tmp_path / envs.env_name(VERSION, "system")
-    envs._site_packages(stuck).mkdir(parents=True)
-    (envs._site_packages(stuck) / envs.SRC_PTH).write_text(str(REPO) + "\n")
-    (envs._site_packages(stuck) / "half-installed.py").write_text("")
+    envs_base.site_packages(stuck).mkdir(parents=True)
+    (envs_base.site_packages(stuck) / envs.SRC_PTH).write_text(str(REPO) + "\n")
+    (envs_base.site_packages(stuck) / "half-installed.py").write_text("")
     rebuilt = ensure_env(VERSION, "system", root=tmp_path, log=lambda msg: None)
     assert rebuilt.reused is False and (stuck / envs.MARKER).is_file()
-    assert not (envs._site_packages(stuck) / "half-installed.py").exists()
+    assert not (envs_base.site_packages(stuck) / "half-installed.py").exists()
 
 
 def test_child_env_runs_the_callers_source_tree_and_drops_pythonhome(tmp_path, monkeypatch):
@@ -436,7 +436,7 @@ def test_child_env_runs_the_callers_source_tree_and_drops_pythonhome(tmp_path, m
     # an installed copy (no pyproject.toml next to it): a directory holding nothing but the package
     installed = tmp_path / "site-packages"
     (installed / "opensci_patch").mkdir(parents=True)
-    monkeypatch.setattr(envs, "SRC_ROOT", installed)
+    monkeypatch.setattr(envs_base, "SRC_ROOT", installed)
     only = Path(envs.child_env(root=tmp_path / "root")["PYTHONPATH"])
     assert only.parent == tmp_path / "root" and [p.name for p in only.iterdir()] == ["opensci_patch"]
     assert (only / "opensci_patch").resolve() == installed / "opensci_patch"
@@ -450,15 +450,15 @@ def test_two_checkouts_sharing_one_env_root_each_run_their_own_code(env, env_roo
     shutil.copy(REPO / "pyproject.toml", other)
     probe = ["-c", "import opensci_patch; print(opensci_patch.__file__)"]
     try:
-        monkeypatch.setattr(envs, "SRC_ROOT", other)
+        monkeypatch.setattr(envs_base, "SRC_ROOT", other)
         ensure_env(VERSION, "system", root=env_root, log=lambda msg: None)  # a cell started from the other checkout
         proc = run_python(env, probe, timeout=300, cwd=tmp_path)
         assert proc.stdout.strip() == str(other / "opensci_patch" / "__init__.py"), proc.stderr
-        monkeypatch.setattr(envs, "SRC_ROOT", REPO)
+        monkeypatch.setattr(envs_base, "SRC_ROOT", REPO)
         proc = run_python(env, probe, timeout=300, cwd=tmp_path)
         assert proc.stdout.strip() == str(REPO / "opensci_patch" / "__init__.py"), proc.stderr
     finally:
-        monkeypatch.setattr(envs, "SRC_ROOT", REPO)
+        monkeypatch.setattr(envs_base, "SRC_ROOT", REPO)
         ensure_env(VERSION, "system", root=env_root, log=lambda msg: None)  # point the .pth back for later tests
 
 

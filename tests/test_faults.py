@@ -135,7 +135,7 @@ ENV_DRIVER = """
 import json, subprocess, sys
 from importlib import metadata
 from pathlib import Path
-from opensci_patch import envs, faults
+from opensci_patch import envs, envs_base, faults
 
 WRITER = (
     "import sys, time, pathlib\\n"
@@ -145,12 +145,12 @@ WRITER = (
 def run_installer(cmd, cwd, name):
     if "venv" in cmd:
         path = Path(cmd[-1])
-        envs._site_packages(path).mkdir(parents=True, exist_ok=True)
-        envs._python(path).parent.mkdir(parents=True, exist_ok=True)
-        envs._python(path).symlink_to(sys.executable)
+        envs_base.site_packages(path).mkdir(parents=True, exist_ok=True)
+        envs_base.venv_python(path).parent.mkdir(parents=True, exist_ok=True)
+        envs_base.venv_python(path).symlink_to(sys.executable)
         return
-    site = envs._site_packages(Path(cmd[cmd.index("--python") + 1]).parents[1])
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(site)], preexec_fn=envs._death_signal_setter())
+    site = envs_base.site_packages(Path(cmd[cmd.index("--python") + 1]).parents[1])
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(site)], preexec_fn=envs_base.death_signal_setter())
     faults.fault_point("env.installing")
     writer.wait()
 
@@ -158,8 +158,8 @@ def versions(env):
     return {"python": sys.version.split()[0], "torch": metadata.version("torch"), "transformers": sys.argv[2],
             "torch_available": True}
 
-envs._find_uv = lambda: "uv"
-envs._run_installer = run_installer
+envs_base.find_uv = lambda: "uv"
+envs_base.run_installer = run_installer
 envs.installed_versions = versions
 env = envs.ensure_env(sys.argv[2], "system", root=Path(sys.argv[1]), log=lambda m: None)
 print(json.dumps({"reused": env.reused}))
