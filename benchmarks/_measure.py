@@ -130,10 +130,10 @@ def median(values: list[float]) -> float:
 
 def pip_find_links() -> list[str]:
     """PIP_FIND_LINKS and pip.conf find-links, as uv arguments (uv does not read pip's configuration)."""
-    from opensci_patch.envs import _find_links
+    from opensci_patch.torch_links import find_links
 
     args: list[str] = []
-    for link in _find_links():
+    for link in find_links():
         args += ["--find-links", link]
     return args
 

@@ -40,14 +40,14 @@ from pathlib import Path
 
 from _measure import REPO, child_env, load_note, pip_find_links, run
 
-from opensci_patch import envs, matrix
+from opensci_patch import envs, envs_base, matrix
 
 FIXTURE = REPO / "opensci_patch" / "data" / "opensci-tiny"
 DEFAULT_RELEASES = ["4.48.0", "5.2.0", "5.23.0"]
 
 
 def _uv() -> str:
-    found = envs._find_uv()
+    found = envs_base.find_uv()
     if not found:
         raise SystemExit("uv not found: pip install 'uv>=0.5'")
     return found
@@ -74,7 +74,7 @@ def _plain_prefix(args, version: str, compile_bytecode: bool) -> list[str]:
         cmd += ["--isolated", "--with", f"torch=={envs.TORCH_PIN}+cpu", *pip_find_links()]
         if index := os.environ.get(envs.TORCH_INDEX_VAR):
             cmd += ["--index", index]
-    for req in envs._package_requirements():
+    for req in envs.package_requirements():
         cmd += ["--with", req]
     if compile_bytecode:
         cmd.append("--compile-bytecode")
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     args.transformers = args.transformers or DEFAULT_RELEASES
     args.variant = args.variant or ["patched"]
     for v in args.transformers:
-        envs._check_version(v)
+        envs.check_version(v)
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="opensci-bench-matrix-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -114,7 +114,7 @@ def ensure_env(transformers_version: str, torch_build: str, *, root: Path | None
     A warm call reads the marker and runs no installer (milliseconds). Raises
     `EnvironmentSetupError` when the env cannot be made; nothing half-made is left behind.
     """
-    version = _check_version(transformers_version)
+    version = check_version(transformers_version)
     if torch_build not in TORCH_BUILDS:
         raise EnvironmentSetupError(f"unknown torch build {torch_build!r}: choose one of {', '.join(TORCH_BUILDS)}")
     root = (root or envs_base.default_root()).expanduser().absolute()
@@ -126,7 +126,7 @@ def ensure_env(transformers_version: str, torch_build: str, *, root: Path | None
         "name": name,
         "transformers_requested": version,
         "torch_build": torch_build,
-        "requirements": _package_requirements(),
+        "requirements": package_requirements(),
     }
     # "torch": the linked torch's version; every env links one: the interpreter's ("system"), or the shared
     # layer of its build, where the pinned torch is installed and byte-compiled once ("torch_pin" set)
@@ -262,7 +262,7 @@ def _check_installed(env: Env, seen: dict[str, Any], expected: dict[str, Any]) -
         raise EnvironmentSetupError(f"env {env.path.name} is not what was asked for: {'; '.join(problems)}")
 
 
-def _package_requirements() -> list[str]:
+def package_requirements() -> list[str]:
     """opensci_patch's own runtime requirements (never torch: that comes only from the chosen build)."""
     from packaging.requirements import Requirement
 
@@ -279,7 +279,7 @@ def _package_requirements() -> list[str]:
     return sorted(r for r in reqs if Requirement(r).name.lower() not in ("torch", "transformers"))
 
 
-def _check_version(version: str) -> str:
+def check_version(version: str) -> str:
     from packaging.version import InvalidVersion, Version
 
     try:
@@ -306,9 +306,6 @@ def _write_pths(path: Path, torch_dir: Path | None, *, log: Log) -> None:
             pth.write_text(line + "\n")
 
 
-# the names other modules and tests imported from here before the split
+# private names callers outside this package still use: tests (`_site_packages`) and benchmarks/sweep_wall.py
 _site_packages = envs_base.site_packages
-_find_uv = envs_base.find_uv
-_locked = envs_base.locked
-_wheel_dir_args = envs_base.wheel_dir_args
-_find_links = torch_links._find_links
+_check_version = check_version

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from .defaults import FIXTURE_DIR
-from .envs import _find_uv, _locked, _wheel_dir_args, default_root
+from .envs_base import default_root, find_uv, locked, wheel_dir_args
 from .errors import EnvironmentSetupError
 
 RELEASE = "4.54.0"  # the first release with TransformersKwargs, the snapshot's generation
@@ -79,14 +79,14 @@ def build(out: Path, qwen3: Path) -> Path:
 
 def _unpack_transformers(target: Path) -> Path:
     """transformers==RELEASE, without dependencies, unpacked into `target`; returns its qwen3 dir."""
-    uv = _find_uv()
+    uv = find_uv()
     requirement = f"transformers=={RELEASE}"
     if uv:
         cmd = [uv, "pip", "install", "--python", sys.executable, "--no-deps", "--target", str(target),
-               *_wheel_dir_args(), requirement]  # fmt: skip
+               *wheel_dir_args(), requirement]  # fmt: skip
     else:
         cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile",
-               "--disable-pip-version-check", "--target", str(target), *_wheel_dir_args(), requirement]  # fmt: skip
+               "--disable-pip-version-check", "--target", str(target), *wheel_dir_args(), requirement]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-10:])
@@ -100,7 +100,7 @@ def ensure_generated(root: Path | None = None, *, log=print) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     weights = hashlib.sha256((FIXTURE_DIR / "model.safetensors").read_bytes()).hexdigest()[:10]
     path = root / f"_generated-style-{RELEASE}-{weights}"
-    with _locked(root / f"{path.name}.lock"):
+    with locked(root / f"{path.name}.lock"):
         if (path / "modeling_opensci.py").is_file():
             return path
         with tempfile.TemporaryDirectory(dir=root, prefix=".tmp-generated-") as tmp:

@@ -220,14 +220,14 @@ def torch_install_args(torch_build: str, *, uv: bool = True) -> list[str]:
     else:
         cpu_label = "" if sys.platform == "darwin" else "+cpu"  # macOS wheels carry no local label
         args = [f"torch=={TORCH_PIN}{cpu_label}"]
-        for link in _find_links():
+        for link in find_links():
             args += ["--find-links", link]
     if index:
         args += ["--index" if uv else "--extra-index-url", index]
     return args
 
 
-def _find_links() -> list[str]:
+def find_links() -> list[str]:
     """pip's find-links (PIP_FIND_LINKS and pip.conf files), which uv does not read by itself."""
     links = os.environ.get("PIP_FIND_LINKS", "").split()
     config_dirs = os.environ.get("XDG_CONFIG_DIRS", "/etc/xdg").split(os.pathsep)

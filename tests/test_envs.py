@@ -281,7 +281,7 @@ def test_wheel_dir_is_the_only_source_offline_installs_use(tmp_path, monkeypatch
         ensure_env(VERSION, "system", root=tmp_path / "root", log=lambda msg: None)
     download = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "-d", str(wheels),
-         f"transformers=={VERSION}", *envs._package_requirements()],
+         f"transformers=={VERSION}", *envs.package_requirements()],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert download.returncode == 0, download.stderr[-2000:]
