@@ -28,11 +28,13 @@ cell at a time.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,6 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import records as rec_io
+from .defaults import MANIFEST
 from .matrix import VARIANTS, Cell, cell_cli_args, expectation
 
 # Fault injection (tests only): a capture-batch process with more steps left kills itself (SIGKILL)
@@ -288,6 +291,47 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", text)
 
 
+def _tree_digest(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(str(path.name).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def hotfix_cache_dir(root: Path | None, source: Path, variant: str) -> Path:
+    """Where the hotfix of `source` for `variant` is kept across runs: keyed by the source's files, the
+    variant's hotfix options and every source file of this opensci_patch (a code change is a new key)."""
+    from .envs import default_root
+
+    package = Path(__file__).resolve().parent
+    key = hashlib.sha256(
+        "\n".join(
+            (
+                _tree_digest(sorted(p for p in source.iterdir() if p.is_file())),
+                json.dumps(VARIANTS[variant].hotfix),
+                _tree_digest(sorted(package.rglob("*.py"))),
+            )
+        ).encode()
+    ).hexdigest()[:20]
+    return (
+        (root or default_root()).expanduser().absolute()
+        / "_hotfix-cache"
+        / key
+        / hotfix_dir(Path(), source, variant).name
+    )
+
+
+def _keep_in_cache(out: Path, cached: Path) -> None:
+    """Copy a finished hotfix output into the cache (temp + rename: whole or absent; a lost race is fine)."""
+    tmp = cached.parent / f".{cached.name}.tmp-{os.getpid()}-{threading.get_ident()}"
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(out, tmp)
+        tmp.rename(cached)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def hotfix_dir(tmp: Path, source: Path, variant: str) -> Path:
     """Where a run hotfixes `variant`: a basename of its own (the remote-code module name comes from it)."""
     return tmp / "models" / f"{_slug(source.name)}_{_slug(variant)}"
@@ -400,6 +444,12 @@ def hotfix_variants(run: _Run, variants: list[str], model_dir: Path, releases: l
             run.models[name] = source
         else:
             sources[name] = source
+    for name in list(sources):  # hotfixed by an earlier run of this same code on the same files: reuse
+        cached = hotfix_cache_dir(run.env_root, sources[name], name)
+        if (cached / MANIFEST).is_file():
+            run.log(f"    {name}: hotfix output reused from {cached.parent}")
+            run.models[name] = cached
+            del sources[name]
     if not sources:
         return
     env = None
@@ -425,6 +475,7 @@ def hotfix_variants(run: _Run, variants: list[str], model_dir: Path, releases: l
         out = Path(step.argv[step.argv.index("--out") + 1])
         if status is not None and status["rc"] == 0 and out.is_dir():
             run.models[name] = out
+            _keep_in_cache(out, hotfix_cache_dir(run.env_root, sources[name], name))
         else:
             err = status["stderr"] if status else "\n".join(failed.get(i, ("", "the hotfix process died", ""))[1:])
             run.models[name] = rec_io.error_record(

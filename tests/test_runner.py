@@ -29,6 +29,7 @@ VARIANTS = ["original", "patched", "patched+init"]  # no `generated`: it needs t
 def this_python_env(monkeypatch, tmp_path: Path) -> list[list[str]]:
     """Every release's env is this interpreter; returns the steps of every batch process started (argv lists)."""
     calls: list[str] = []
+    monkeypatch.setenv("OPENSCI_PATCH_ENV_ROOT", str(tmp_path / "env-root"))  # the hotfix cache lives there
     monkeypatch.setattr(
         "opensci_patch.envs.ensure_env",
         lambda version, build, **kw: (
@@ -73,6 +74,13 @@ def test_hotfix_once_per_variant_and_batch_records_equal_one_process_per_cell(
     batch = _load_all(tmp_path / "batch", cells)
     assert all(r.status != rec_io.RUNNING and r.cell_id == c for c, r in batch.items())
     assert sum(line.startswith(f"[{i}/{len(cells)}] ") for i in range(1, 7) for line in lines) == len(cells)
+
+    # a second run of the same code on the same checkpoint reuses the hotfix outputs: no hotfix step at all
+    batches.clear()
+    runner.run_cells(cells[:3], FIXTURE_DIR, tmp_path / "again", log=lines.append)
+    assert not [argv for b in batches for argv in b if argv[0] == "hotfix"]
+    again = _load_all(tmp_path / "again", cells[:3])
+    assert all(_evidence(again[c.id]) == _evidence(batch[c.id]) for c in cells[:3])
 
     # run 2: the shared process dies (SIGKILL) after its first capture: the other cells rerun one process each
     batches.clear()
