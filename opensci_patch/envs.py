@@ -139,6 +139,7 @@ def ensure_env(transformers_version: str, torch_build: str, *, root: Path | None
         torch_links.torch_install_args(torch_build)  # fail early: e.g. a bad index
         layer = torch_links.ensure_torch_layer(torch_build, root, log=log)
         expected["torch"] = layer.version
+        expected["torch_layer"] = True  # envs that installed torch themselves (before the layer) are rebuilt
 
     with envs_base.locked(root / f"{name}.lock"):
         marker = envs_base.read_marker(path)
