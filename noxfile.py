@@ -3,7 +3,7 @@
     nox -s tests                  # the test suite, pytest -n auto
     nox -s lint                   # ruff + actionlint on the workflows
     nox -s matrix                 # every cell: transformers x torch build x model -> records/
-    nox -s report                 # records/ -> results/matrix.md, summary.json, paris_logit.png
+    nox -s report                 # records/ -> results/matrix.md, summary.json, matrix_grid.png, paris_logit.png
     nox -s "cell(transformers='5.2.0', torch='cpu')"   # one cell session (what a CI job runs)
     nox -s matrix -- --sweep      # the pinned releases + the latest patch of every minor on the index
 
@@ -60,7 +60,7 @@ def cli(session: nox.Session, *args: str) -> None:
 def tests(session: nox.Session) -> None:
     """The test suite in parallel; cross-version tests build per-release envs (cached, reused)."""
     session.install(*torch_install_args())
-    session.install("-e", ".[run,test]")
+    session.install("-e", ".[run,test,plot]")
     session.run(
         "python",
         "-c",
@@ -121,6 +121,6 @@ def run_matrix(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def report(session: nox.Session) -> None:
-    """Aggregate records/ into results/ (markdown tables + plot); non-zero exit on FAIL or XPASS."""
+    """records/ -> results/ (grid, tables, pictures); non-zero exit on FAIL, XPASS, error or a refused record."""
     session.install("-e", ".[plot]")
     session.run("opensci-patch", "report", "--records", str(RECORDS), "--results", str(RESULTS), *session.posargs)
