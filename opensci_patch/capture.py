@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .defaults import ATTENTION, DEFAULT_PROMPT, DEFAULT_TARGET, DTYPES, MANIFEST, MAX_NEW_TOKENS, OLDEST_SUPPORTED
 from .errors import CaptureError, ModelDirError
-from .records import Record, error_info
+from .records import Record, error_info, one_line
 
 # The fp64 reference needs ~8 bytes per parameter on the CPU: skip it above this size.
 REFERENCE_MAX_WEIGHT_BYTES = 1 << 30
@@ -267,7 +267,8 @@ def load_tokenizer(model: Path):
     try:
         return AutoTokenizer.from_pretrained(str(model), trust_remote_code=True)
     except Exception as exc:  # noqa: BLE001 - any tokenizer failure means the dir is unusable
-        raise ModelDirError(f"{model}: cannot load the tokenizer ({type(exc).__name__}: {exc})") from None
+        why = one_line(str(exc)) or "no message"
+        raise ModelDirError(f"{model}: cannot load the tokenizer ({type(exc).__name__}: {why})") from None
 
 
 def load_model(model: Path, dtype: str, attn: str, device: str):

@@ -449,7 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except OpensciPatchError as exc:
-        _err(str(exc))
+        first, *detail = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        _err(first)  # one line; the rest (a log tail, a diff) only when asked for
+        if detail and os.environ.get("OPENSCI_PATCH_VERBOSE"):
+            print("\n".join(detail), file=sys.stderr)
+        elif detail:
+            print(f"  ({len(detail)} more line(s) of detail: set OPENSCI_PATCH_VERBOSE=1)", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         _err("interrupted")

@@ -109,3 +109,21 @@ def test_cell_refuses_the_generated_variant_on_another_checkpoint(cli, model_dir
                "--records", str(tmp_path / "records"))  # fmt: skip
     _assert_one_line_error(proc, "drop --model")
     assert not (tmp_path / "records").exists()
+
+
+def test_a_syntax_error_in_the_model_file_is_one_line(cli, model_dir: Path):
+    with (model_dir / "modeling_opensci.py").open("a") as f:
+        f.write("\ndef broken(:\n")
+    proc = cli("hotfix", str(model_dir))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "syntax error at line" in lines[0] and "modeling_opensci.py" in lines[0]
+
+
+def test_a_missing_tokenizer_is_one_line(cli, model_dir: Path):
+    (model_dir / "tokenizer.json").unlink()
+    (model_dir / "tokenizer_config.json").unlink()
+    proc = cli("capture", str(model_dir))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot load the tokenizer" in lines[0]

@@ -88,7 +88,8 @@ class Patch:
         try:
             return cst.parse_module(source)
         except cst.ParserSyntaxError as exc:
-            raise PatchError(f"patch {self.name!r} {what} {filename}: {exc}") from exc
+            where = f"line {exc.raw_line}, column {exc.raw_column + 1}"
+            raise PatchError(f"patch {self.name!r} {what} {filename}: syntax error at {where}: {exc.message}") from exc
 
 
 # --- helpers shared by the patches -------------------------------------------------------------
