@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import shutil
 
+import patch_sources
 import pytest
 from conftest import FIXTURE_DIR
 
@@ -52,6 +54,10 @@ def test_a_file_without_the_buffer_is_not_applicable():
 
 def test_the_helper_registered_model_gives_the_shipped_logits_on_the_installed_release(tmp_path):
     """On 5.x (the default test env) an unguarded buffer is uninitialised memory: the logit would move."""
+    # isolated_hf_cache redirects transformers.dynamic_module_utils only if it is already imported; when another
+    # test in this process imported transformers.utils but not it, it would import later with the stale modules
+    # cache and the remote code would not be found (capture.py issue, reported): import it first
+    pytest.importorskip("transformers.dynamic_module_utils")
     logits = {}
     for kind, source in (("helper", registered_in_a_helper()), ("shipped", shipped())):
         dst = tmp_path / kind
@@ -62,3 +68,78 @@ def test_the_helper_registered_model_gives_the_shipped_logits_on_the_installed_r
         assert rec.status == "ok", rec.error
         logits[kind] = rec.logits_sha256
     assert logits["helper"] == logits["shipped"]
+
+
+# --- the guard as written, and the patched model loaded end to end --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def modeling_source() -> str:
+    return patch_sources.modeling_source()
+
+
+@pytest.fixture(scope="module")
+def patched_source() -> str:
+    return patch_sources.patched_source()
+
+
+@pytest.fixture(scope="module")
+def loaded() -> dict:
+    """The patched model built, saved, loaded back and probed (once per test process)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    return patch_sources.loaded_model()
+
+
+def test_inv_freq_guard_adds_a_pretrained_init_weights_when_there_is_none(modeling_source: str):
+    tree = ast.parse(modeling_source)
+    pretrained = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "OpensciPreTrainedModel")
+    pretrained.body = [s for s in pretrained.body if not (isinstance(s, ast.FunctionDef) and s.name == "_init_weights")]
+    patched = by_name("inv_freq_guard").apply(ast.unparse(tree)).source
+    init = next(
+        s
+        for n in ast.parse(patched).body
+        if isinstance(n, ast.ClassDef) and n.name == "OpensciPreTrainedModel"
+        for s in n.body
+        if isinstance(s, ast.FunctionDef) and s.name == "_init_weights"
+    )
+    assert ast.unparse(init.body[0].test) == "isinstance(module, OpensciRotaryEmbedding)"
+    assert ast.unparse(init.body[-1]) == "super()._init_weights(module)"
+
+
+def test_inv_freq_guard_never_compares_with_zero(patched_source: str):
+    check = next(
+        s
+        for n in ast.parse(patched_source).body
+        if isinstance(n, ast.ClassDef) and n.name == "OpensciRotaryEmbedding"
+        for s in n.body
+        if isinstance(s, ast.FunctionDef) and s.name == "_opensci_check_inv_freq"
+    )
+    text = ast.unparse(check)
+    assert "torch.equal(inv_freq, expected" in text
+    assert ".any()" not in text and "== 0" not in text
+
+
+def test_inv_freq_is_recomputed_when_loading(loaded: dict):
+    assert loaded["inv_freq_after_load"]
+
+
+@pytest.mark.parametrize("damage", ["zeros", "garbage", "bf16"])
+def test_forward_repairs_a_damaged_inv_freq_buffer(loaded: dict, damage: str):
+    assert loaded[damage]
+    assert loaded[damage + "_logits_equal"]
+
+
+def test_inv_freq_found_correct_is_not_compared_again_until_it_changes(loaded: dict):
+    assert loaded["comparisons_when_unchanged"] == 0  # no comparison (no GPU sync) per forward
+    assert loaded["data_swap_logits_equal"]
+    assert loaded["comparisons_after_data_swap"] >= 1
+
+
+def test_inv_freq_is_repaired_under_inference_mode(loaded: dict):
+    assert loaded["inference_mode_logits_equal"]
+    assert loaded["inference_mode_inplace_logits_equal"]
+
+
+def test_inv_freq_repair_warns_once(loaded: dict):
+    assert loaded["warnings"] == 1

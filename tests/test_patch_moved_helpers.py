@@ -1,13 +1,17 @@
 """moved_helpers' mask keyword adapter: each release's keywords (5.24 renamed `past_key_values` to `cache`), and the
 upgrade of a file hotfixed by the earlier adapter, which did not rename it.
 
-The rest of moved_helpers (guards, stand-ins, config_class, the DynamicCache shim) is tested in tests/test_patches.py.
+And the rest of moved_helpers: the check_model_inputs guard, the mask stand-ins before 4.54, the DynamicCache shim.
 """
 
 from __future__ import annotations
 
+import ast
+import sys
+from types import SimpleNamespace
+
 import pytest
-from test_patches import GENERATED, _function
+from patch_sources import GENERATED, function_of
 
 from opensci_patch.errors import PatchError
 from opensci_patch.patches import by_name
@@ -96,7 +100,7 @@ CALL = {"config": "c", "input_embeds": "e", "attention_mask": "a", "cache_positi
     ],
 )
 def test_mask_adapter_passes_the_keywords_each_release_takes(patched, release, params, received):
-    adapter = _function(patched, "_opensci_mask_keywords")
+    adapter = function_of(patched, "_opensci_mask_keywords")
     defaults = {"layer_idx": None, "position_ids": None}
     function = _mask_function(*params)
     function.__defaults__ = tuple(defaults[n] for n in params if n in defaults) or None
@@ -104,13 +108,13 @@ def test_mask_adapter_passes_the_keywords_each_release_takes(patched, release, p
 
 
 def test_mask_adapter_passes_everything_to_a_function_that_takes_any_keyword(patched):
-    adapter = _function(patched, "_opensci_mask_keywords")
+    adapter = function_of(patched, "_opensci_mask_keywords")
     assert adapter(_mask_function("config", any_keywords=True))(**CALL) == CALL
 
 
 def test_mask_adapter_keeps_past_key_values_for_a_function_taking_both_names(patched):
     """Only a helper that lacks the old name gets the new one: never rename what the helper still takes."""
-    adapter = _function(patched, "_opensci_mask_keywords")
+    adapter = function_of(patched, "_opensci_mask_keywords")
     both = _mask_function("config", "input_embeds", "attention_mask", "cache_position", "past_key_values", "cache")
     both.__defaults__ = (None,)
     assert adapter(both)(**CALL) == {**CALL, "cache": None}
@@ -138,7 +142,7 @@ def test_mask_adapter_hands_the_cache_to_the_installed_create_causal_mask(patche
         "past_key_values": cache,
         "position_ids": torch.tensor([[4]]),
     }
-    mask = _function(patched, "_opensci_mask_keywords")(masking.create_causal_mask)(**step)
+    mask = function_of(patched, "_opensci_mask_keywords")(masking.create_causal_mask)(**step)
     assert mask.shape == (1, 1, 1, 5)
     assert bool((mask == 0).all())  # the new token sees the four cached ones and itself
 
@@ -157,10 +161,10 @@ def test_old_adapter_fails_with_5_24s_helper_and_the_upgraded_one_does_not(patch
     def create_causal_mask(config, inputs_embeds, attention_mask, cache, position_ids=None, layer_idx=None):
         return cache
 
-    old = _function(hotfixed_before_5_24, "_opensci_mask_keywords")
+    old = function_of(hotfixed_before_5_24, "_opensci_mask_keywords")
     with pytest.raises(TypeError, match="missing 1 required positional argument: 'cache'"):
         old(create_causal_mask)(**CALL)
-    assert _function(patched, "_opensci_mask_keywords")(create_causal_mask)(**CALL) == "k"
+    assert function_of(patched, "_opensci_mask_keywords")(create_causal_mask)(**CALL) == "k"
 
 
 def test_an_adapter_edited_by_hand_is_refused_not_replaced(patched):
@@ -168,3 +172,169 @@ def test_an_adapter_edited_by_hand_is_refused_not_replaced(patched):
     assert edited != patched
     with pytest.raises(PatchError, match="patch 'moved_helpers'.*modeling_opensci.py.*not the adapter"):
         PATCH.apply(edited, "modeling_opensci.py")
+
+
+# --- the guards, the stand-ins before 4.54, the DynamicCache shim ------------------------------------------
+
+
+def _check_guard(monkeypatch, generic_names: dict, capture_outputs=None) -> dict:
+    """Run the patched file's check_model_inputs guard against fake transformers.utils modules."""
+    import types
+
+    generic = types.ModuleType("transformers.utils.generic")
+    for key, value in generic_names.items():
+        setattr(generic, key, value)
+    monkeypatch.setitem(sys.modules, "transformers.utils.generic", generic)
+    capturing = types.ModuleType("transformers.utils.output_capturing")
+    if capture_outputs is not None:
+        capturing.capture_outputs = capture_outputs
+    monkeypatch.setitem(sys.modules, "transformers.utils.output_capturing", capturing)
+    tree = ast.parse(by_name("moved_helpers").apply(GENERATED).source)
+    guard = next(n for n in tree.body if isinstance(n, ast.Try) and "check_model_inputs" in ast.unparse(n.body[0]))
+    namespace: dict = {}
+    exec(compile(ast.Module([guard], type_ignores=[]), "guard", "exec"), namespace)
+    return namespace
+
+
+def test_check_model_inputs_fallback_composes_the_two_5_2_decorators(monkeypatch):
+    """Where transformers.utils.generic has no check_model_inputs (5.2-5.22), it is built from its successors."""
+    calls = []
+    namespace = _check_guard(
+        monkeypatch,
+        {"merge_with_config_defaults": lambda f: calls.append(("merge", f)) or ("merged", f)},
+        lambda f, tie_last_hidden_states=True: calls.append(("capture", f, tie_last_hidden_states)) or ("captured", f),
+    )
+
+    def forward():
+        return None
+
+    assert namespace["check_model_inputs"](forward) == ("merged", ("captured", forward))
+    assert namespace["check_model_inputs"](tie_last_hidden_states=False)(forward) == ("merged", ("captured", forward))
+    assert calls == [("capture", forward, True), ("merge", ("captured", forward))] + [
+        ("capture", forward, False),
+        ("merge", ("captured", forward)),
+    ]
+
+
+class _Output:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+    def to_tuple(self):
+        return tuple(self.kwargs.values())
+
+
+def test_check_model_inputs_stand_in_before_4_54_applies_the_config_defaults(monkeypatch):
+    check = _check_guard(monkeypatch, {})["check_model_inputs"]  # neither it nor its successors exist
+
+    class Model:
+        config = SimpleNamespace(use_cache=True, return_dict=True, output_attentions=False)
+        training = False
+
+        @check
+        def forward(self, input_ids=None, use_cache=None, **kwargs):
+            return _Output(use_cache=use_cache, rest=sorted(kwargs))
+
+    model = Model()
+    assert model.forward(1).kwargs == {"use_cache": True, "rest": []}
+    assert model.forward(1, use_cache=False).kwargs["use_cache"] is False
+    assert model.forward(1, return_dict=False) == (True, [])
+    assert model.forward(1, output_attentions=False, output_hidden_states=None).kwargs["rest"] == []
+    with pytest.raises(NotImplementedError, match="output_attentions needs transformers >= 4.54"):
+        model.forward(1, output_attentions=True)
+    Model.config.output_hidden_states = True
+    with pytest.raises(NotImplementedError, match="output_hidden_states"):
+        model.forward(1)
+
+
+def _stand_in(name: str):
+    """The stand-in the patch inserts for `name` (the except branch of its guard), compiled on its own."""
+    tree = ast.parse(by_name("moved_helpers").apply(GENERATED).source)
+    guard = next(n for n in tree.body if isinstance(n, ast.Try) and f"import {name}" in ast.unparse(n.body[0]))
+    import torch
+
+    namespace: dict = {"torch": torch}
+    exec(compile(ast.Module(guard.handlers[0].body, type_ignores=[]), name, "exec"), namespace)
+    return namespace[name]
+
+
+def test_causal_mask_stand_in_builds_4_54s_eager_and_sdpa_masks():
+    torch = pytest.importorskip("torch")
+    mask = _stand_in("create_causal_mask")
+    embeds = torch.zeros(2, 4, 8)
+    config = SimpleNamespace(_attn_implementation="eager")
+    eager = mask(config, embeds, None, torch.arange(4), None)
+    low = torch.finfo(torch.float32).min
+    expected = torch.where(torch.ones(4, 4, dtype=torch.bool).tril(), torch.tensor(0.0), torch.tensor(low))
+    assert eager.shape == (2, 1, 4, 4) and torch.equal(eager[0, 0], expected) and torch.equal(eager[1, 0], expected)
+    padding = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+    padded = mask(config, embeds, padding, torch.arange(4), None)
+    assert bool((padded[1, 0, :, 0] == low).all()) and torch.equal(padded[0, 0], expected)
+    config._attn_implementation = "sdpa"
+    assert mask(config, embeds, None, torch.arange(4), None) is None  # SDPA's own is_causal
+    assert mask(config, embeds, torch.ones(2, 4), torch.arange(4), None) is None
+    assert torch.equal(mask(config, embeds, padding, torch.arange(4), None), padded == 0)
+    past = SimpleNamespace(get_seq_length=lambda: 4)  # one new token after four cached ones
+    step = mask(SimpleNamespace(_attn_implementation="eager"), embeds[:, :1], None, torch.tensor([4]), past)
+    assert step.shape == (2, 1, 1, 5) and bool((step == 0).all())
+
+
+def test_sliding_window_mask_stand_in_limits_how_far_back_a_query_sees():
+    torch = pytest.importorskip("torch")
+    mask = _stand_in("create_sliding_window_causal_mask")
+    config = SimpleNamespace(_attn_implementation="sdpa", sliding_window=2)
+    allowed = mask(config, torch.zeros(1, 4, 8), None, torch.arange(4), None)[0, 0]
+    assert allowed.tolist() == [[True, False, False, False], [True, True, False, False],
+                                [False, True, True, False], [False, False, True, True]]  # fmt: skip
+
+
+def test_moved_helpers_refuses_a_mask_import_inside_a_function():
+    nested = GENERATED.replace(
+        "from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask\n", ""
+    ).replace(
+        "        mask_kwargs = {",
+        "        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask\n\n"
+        "        mask_kwargs = {",
+    )
+    with pytest.raises(PatchError, match="moved_helpers.*not a top-level import"):
+        by_name("moved_helpers").apply(nested, "modeling_opensci.py")
+
+
+CACHE_4_56 = """\
+import torch
+
+from transformers.cache_utils import Cache, DynamicCache
+
+
+class OsrModel:
+    def forward(self, use_cache=True, past_key_values=None):
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        return past_key_values
+"""
+
+
+def test_dynamic_cache_shim_only_where_the_installed_cache_takes_no_config():
+    patch = by_name("moved_helpers")
+    assert patch.apply(CACHE_4_56.replace("DynamicCache(config=self.config)", "DynamicCache()")).status == (
+        "not-applicable"
+    )  # 4.54-generated code: nothing to do
+    patched = patch.apply(CACHE_4_56).source
+    assert patch.apply(patched).status == "already-applied"
+    tree = ast.parse(patched)
+    shim = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.If))]
+
+    class OldCache:  # < 4.56
+        def __init__(self, *args, **kwargs):
+            self.args = args
+
+    class NewCache:  # >= 4.56
+        def __init__(self, ddp_cache_data=None, config=None):
+            self.config = config
+
+    for cls, replaced in ((OldCache, True), (NewCache, False)):
+        namespace = {"DynamicCache": cls}
+        exec(compile(ast.Module(shim, type_ignores=[]), "shim", "exec"), namespace)
+        assert (namespace["DynamicCache"] is not cls) is replaced
+        cache = namespace["DynamicCache"](config="cfg")
+        assert isinstance(cache, cls)

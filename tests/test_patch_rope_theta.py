@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import FIXTURE_DIR
-from test_patches import LLAMA_STYLE
+from patch_sources import LLAMA_STYLE
 
 from opensci_patch.errors import PatchError
 from opensci_patch.patches import by_name

@@ -11,13 +11,16 @@ the hotfixed shipped model on a real 5.3.0.
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 from pathlib import Path
 
 import libcst as cst
+import patch_sources
 import pytest
 from conftest import FIXTURE_DIR
+from patch_sources import class_attribute
 
 from opensci_patch.errors import PatchError
 from opensci_patch.patches import State, by_name
@@ -291,3 +294,50 @@ def test_hotfixed_shipped_model_is_tied_on_5_3_and_gives_the_4_48_logits(tmp_pat
     assert new["target"]["logit"] == old["target"]["logit"]
     assert new["logits_sha256"] == old["logits_sha256"]
     assert new["generation"]["ids"] == old["generation"]["ids"]
+
+
+# --- the tied keys as a dict, and the embedding accessors transformers < 4.54 ties through ----------------
+
+
+@pytest.fixture(scope="module")
+def modeling_source() -> str:
+    return patch_sources.modeling_source()
+
+
+@pytest.fixture(scope="module")
+def patched_source() -> str:
+    return patch_sources.patched_source()
+
+
+def test_tied_weights_become_a_dict_derived_from_the_code(patched_source: str):
+    assert class_attribute(patched_source, "OpensciForCausalLM", "_tied_weights_keys") == {
+        "lm_head.weight": "model.embed_tokens.weight"
+    }
+
+
+def test_tied_weights_adds_the_accessors_a_generated_file_lacks():
+    torch = pytest.importorskip("torch")
+    outcome = by_name("tied_weights").apply(TIED, "modeling_osr.py")
+    assert outcome.status == "applied"
+    assert by_name("tied_weights").apply(outcome.source).status == "already-applied"
+    namespace: dict = {}
+    exec(compile(outcome.source, "modeling_osr.py", "exec"), namespace)
+    lm = namespace["OsrForCausalLM"](None)
+    assert lm.get_input_embeddings() is lm.model.embed_tokens
+    assert lm.get_output_embeddings() is lm.lm_head
+    other = torch.nn.Embedding(10, 4)
+    lm.set_input_embeddings(other)
+    lm.set_output_embeddings(torch.nn.Identity())
+    assert lm.model.embed_tokens is other and isinstance(lm.lm_head, torch.nn.Identity)
+    assert namespace["OsrForCausalLM"]._tied_weights_keys == {"lm_head.weight": "model.embed_tokens.weight"}
+
+
+def test_tied_weights_keeps_accessors_the_class_defines(modeling_source: str):
+    own = TIED + "\n    def get_output_embeddings(self):\n        return None\n"
+    patched = by_name("tied_weights").apply(own).source
+    tree = ast.parse(patched)
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "OsrForCausalLM")
+    names = [n.name for n in cls.body if isinstance(n, ast.FunctionDef)]
+    assert names.count("get_output_embeddings") == 1 and "get_input_embeddings" in names
+    shipped = by_name("tied_weights").apply(modeling_source).source  # defines all four itself
+    assert "# opensci-patch: tied_weights (transformers < 4.54 ties" not in shipped

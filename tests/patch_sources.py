@@ -1,0 +1,181 @@
+"""Sources and helpers several patch test files share (tests/test_patches.py and tests/test_patch_*.py).
+
+Plain functions, cached per process, not fixtures: each test file wraps what it uses in its own fixture, and the
+patched model is built and probed once per process however many files ask for it.
+"""
+
+from __future__ import annotations
+
+import ast
+import atexit
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from opensci_patch.patches import PATCHES, apply_patches
+
+FIXTURE = Path(__file__).resolve().parents[1] / "opensci_patch" / "data" / "opensci-tiny"
+
+# The constructs of a modular-generated model file (transformers 4.54) that the shipped, hand-written
+# file does not have: the target of moved_helpers. tests/test_crossversion.py runs a whole such file.
+GENERATED = """\
+import torch
+from torch import nn
+
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import auto_docstring, can_return_tuple
+from transformers.utils.generic import check_model_inputs
+
+
+class OsrModel(PreTrainedModel):
+    @check_model_inputs
+    @auto_docstring
+    def forward(self, inputs_embeds=None, attention_mask=None, cache_position=None, past_key_values=None):
+        mask_kwargs = {
+            "config": self.config,
+            "input_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "cache_position": cache_position,
+            "past_key_values": past_key_values,
+        }
+        return create_causal_mask(**mask_kwargs), create_sliding_window_causal_mask(**mask_kwargs)
+"""
+
+# A 4.4x-era file built on a library config class, which reads `config.rope_theta`: the target of rope_theta.
+LLAMA_STYLE = """\
+import torch
+from torch import nn
+
+
+class LlamaRotaryEmbedding(nn.Module):
+    def __init__(self, config, device=None):
+        super().__init__()
+        self.rope_theta = config.rope_theta
+        dim = config.hidden_size // config.num_attention_heads
+        inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, dim, 2).float() / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+"""
+
+
+@functools.cache
+def modeling_source() -> str:
+    """The shipped modeling file."""
+    return (FIXTURE / "modeling_opensci.py").read_text()
+
+
+@functools.cache
+def patched_source() -> str:
+    """The shipped modeling file with every patch applied."""
+    return apply_patches(modeling_source(), PATCHES, "modeling_opensci.py")[0]
+
+
+def function_of(source: str, name: str, **namespace):
+    """Compile one top-level function of `source` on its own (the patched file needs transformers to import)."""
+    tree = ast.parse(source)
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    exec(compile(ast.Module([node], type_ignores=[]), name, "exec"), namespace)
+    return namespace[name]
+
+
+def class_attribute(source: str, cls: str, attribute: str):
+    tree = ast.parse(source)
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
+    assign = next(s for s in node.body if isinstance(s, ast.Assign) and s.targets[0].id == attribute)
+    return ast.literal_eval(assign.value)
+
+
+# --- the patched model under the installed transformers (own process and modules cache) -------------
+
+LOAD_SCRIPT = r"""
+import json, shutil, sys
+from pathlib import Path
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+src, weights = Path(sys.argv[1]), Path(sys.argv[2])
+torch.manual_seed(0)
+config = AutoConfig.from_pretrained(src, trust_remote_code=True)
+fresh = AutoModelForCausalLM.from_config(config, trust_remote_code=True, attn_implementation="eager").eval()
+fresh.save_pretrained(weights)
+for f in src.glob("*.py"):
+    shutil.copy(f, weights)
+ids = torch.tensor([[5, 17, 42, 99, 3, 7, 11]])
+dim = config.head_dim
+expected = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+out = {}
+with torch.no_grad():
+    reference = fresh(ids).logits
+    model = AutoModelForCausalLM.from_pretrained(weights, trust_remote_code=True, attn_implementation="eager").eval()
+    rotary = model.model.rotary_emb
+    out["inv_freq_after_load"] = torch.equal(rotary.inv_freq, expected)
+    out["logits_equal"] = torch.equal(model(ids).logits, reference)
+    out["tied"] = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    bad = {"zeros": torch.zeros_like(expected), "garbage": torch.full_like(expected, 8192.0),
+           "bf16": expected.to(torch.bfloat16)}
+    for name, value in bad.items():
+        if value.dtype == rotary.inv_freq.dtype:
+            rotary.inv_freq.copy_(value)  # in place, as uninitialised memory would be
+        else:
+            rotary.register_buffer("inv_freq", value, persistent=False)  # as model.to(bfloat16) does
+        logits = model(ids).logits
+        out[name] = rotary.inv_freq.dtype == torch.float32 and torch.equal(rotary.inv_freq, expected)
+        out[name + "_logits_equal"] = torch.equal(logits, reference)
+    real_equal, compared = torch.equal, []
+    torch.equal = lambda *a: compared.append(1) or real_equal(*a)
+    for _ in range(3):
+        model(ids)
+    out["comparisons_when_unchanged"] = len(compared)
+    rotary.inv_freq.data = torch.full_like(expected, 8192.0)  # new storage, same tensor object
+    out["data_swap_logits_equal"] = torch.equal(model(ids).logits, reference)
+    out["comparisons_after_data_swap"] = len(compared)
+    torch.equal = real_equal
+    with torch.inference_mode():
+        rotary.register_buffer("inv_freq", torch.zeros_like(expected), persistent=False)
+        out["inference_mode_logits_equal"] = torch.equal(model(ids).logits, reference)
+        rotary.inv_freq.zero_()  # an inference tensor: no version counter, so compared every time
+        out["inference_mode_inplace_logits_equal"] = torch.equal(model(ids).logits, reference)
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    torch.nn.functional.scaled_dot_product_attention = lambda *a, **k: calls.append(sorted(k)) or real(*a, **k)
+    sdpa = AutoModelForCausalLM.from_pretrained(weights, trust_remote_code=True, attn_implementation="sdpa").eval()
+    out["sdpa_max_diff"] = float((sdpa(ids).logits - reference).abs().max())
+    torch.nn.functional.scaled_dot_product_attention = real
+    out["sdpa_calls"] = len(calls)
+    out["sdpa_kwargs"] = sorted({k for call in calls for k in call})
+    out["loss_finite"] = bool(torch.isfinite(model(ids, labels=ids).loss))
+print(json.dumps(out))
+"""
+
+
+@functools.cache
+def loaded_model() -> dict:
+    """Build a model from the patched code, save it, load it back with from_pretrained, and probe it."""
+    tmp = Path(tempfile.mkdtemp(prefix="opensci-patched-model-"))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    src = tmp / "opensci-patched"
+    src.mkdir()
+    shutil.copy(FIXTURE / "config.json", src)
+    shutil.copy(FIXTURE / "configuration_opensci.py", src)
+    (src / "modeling_opensci.py").write_text(patched_source())
+    (tmp / "probe.py").write_text(LOAD_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "PYTHONPATH", "TRANSFORMERS_"))}
+    env.update(HF_MODULES_CACHE=str(tmp / "modules"), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
+    proc = subprocess.run(
+        [sys.executable, str(tmp / "probe.py"), str(src), str(tmp / "weights")],
+        cwd=tmp,  # not the repo: the patched code must not need opensci_patch
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(proc.stderr[-3000:])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["warnings"] = proc.stderr.count("opensci-patch: the rotary inv_freq buffer")
+    return result

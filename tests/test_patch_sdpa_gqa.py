@@ -1,0 +1,56 @@
+"""sdpa_gqa: SDPA attention inlined without `enable_gqa` (torch < 2.5 lacks it), other backends left to the registry."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import patch_sources
+import pytest
+from patch_sources import function_of
+
+
+@pytest.fixture(scope="module")
+def patched_source() -> str:
+    return patch_sources.patched_source()
+
+
+@pytest.fixture(scope="module")
+def loaded() -> dict:
+    """The patched model built, saved, loaded back and probed (once per test process)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    return patch_sources.loaded_model()
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_inlined_sdpa_matches_attention_math_without_enable_gqa(patched_source: str, monkeypatch, groups: int):
+    torch = pytest.importorskip("torch")
+    sdpa = function_of(patched_source, "_opensci_sdpa_attention_forward", torch=torch)
+    seen: list[dict] = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: seen.append(k) or real(*a, **k)
+    )
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 5, 8, generator=gen)
+    k, v = (torch.randn(2, 4 // groups, 5, 8, generator=gen) for _ in range(2))
+    out, weights = sdpa(SimpleNamespace(num_key_value_groups=groups), q, k, v, None, scaling=0.25)
+    k_rep, v_rep = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+    scores = (q @ k_rep.transpose(2, 3)) * 0.25 + torch.full((5, 5), float("-inf")).triu(1)
+    expected = (scores.softmax(-1) @ v_rep).transpose(1, 2)
+    assert weights is None
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert len(seen) == 1 and "enable_gqa" not in seen[0] and seen[0]["is_causal"] is True
+
+
+def test_sdpa_dispatch_keeps_other_backends_in_the_registry(patched_source: str):
+    assert (
+        'attention_interface = _opensci_sdpa_attention_forward if self.config._attn_implementation == "sdpa" '
+        "else ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]" in patched_source
+    )
+
+
+def test_sdpa_runs_without_enable_gqa_and_matches_eager(loaded: dict):
+    assert loaded["sdpa_calls"] == 3  # one per layer
+    assert "enable_gqa" not in loaded["sdpa_kwargs"]
+    assert loaded["sdpa_max_diff"] < 1e-5
