@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     args.transformers = args.transformers or DEFAULT_RELEASES
     args.variant = args.variant or list(matrix.VARIANTS)
     for v in args.transformers:
-        envs._check_version(v)
+        envs.check_version(v)
     _uv()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="opensci-bench-sweep-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -134,6 +134,8 @@ def isolated_hf_cache() -> Iterator[Path]:
     }
     saved = {k: os.environ.get(k) for k in settings}
     os.environ.update(settings)
+    if "transformers.utils" in sys.modules:  # a later import of dynamic_module_utils would copy the stale path
+        import transformers.dynamic_module_utils  # noqa: F401
     dmu = sys.modules.get("transformers.dynamic_module_utils")
     old_cache = getattr(dmu, "HF_MODULES_CACHE", None)
     if dmu is not None:  # transformers already imported: it read the variable at import time

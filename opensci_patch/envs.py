@@ -307,6 +307,5 @@ def _write_pths(path: Path, torch_dir: Path | None, *, log: Log) -> None:
             pth.write_text(line + "\n")
 
 
-# private names callers outside this package still use: tests (`_site_packages`) and benchmarks/sweep_wall.py
+# a private name the tests still use
 _site_packages = envs_base.site_packages
-_check_version = check_version

@@ -54,10 +54,6 @@ def test_a_file_without_the_buffer_is_not_applicable():
 
 def test_the_helper_registered_model_gives_the_shipped_logits_on_the_installed_release(tmp_path):
     """On 5.x (the default test env) an unguarded buffer is uninitialised memory: the logit would move."""
-    # isolated_hf_cache redirects transformers.dynamic_module_utils only if it is already imported; when another
-    # test in this process imported transformers.utils but not it, it would import later with the stale modules
-    # cache and the remote code would not be found (capture.py issue, reported): import it first
-    pytest.importorskip("transformers.dynamic_module_utils")
     logits = {}
     for kind, source in (("helper", registered_in_a_helper()), ("shipped", shipped())):
         dst = tmp_path / kind
