@@ -50,6 +50,7 @@ from pathlib import Path
 
 from . import records as rec_io
 from .defaults import MANIFEST
+from .faults import fault_point
 from .matrix import VARIANTS, Cell, cell_cli_args, expectation
 
 # Fault injection (tests only): a capture-batch process with more steps left kills itself (SIGKILL)
@@ -390,6 +391,7 @@ class _Run:
             _finish(record, cell, asdict(expectation(cell)), wall_s)
         rec_io.write_atomic(self.records / f"{cell.id}.json", record)
         self.progress.cell_done(cell, record)
+        fault_point("cell.recorded")  # tests/test_faults.py: the driver killed with some cells done
 
 
 def run_cells(

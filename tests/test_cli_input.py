@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,54 @@ def test_a_missing_tokenizer_is_one_line(cli, model_dir: Path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot load the tokenizer" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--transformers", "abc"], "not a release number"),
+        (["--transformers", "5.2.0", "--transformers", "4.30.0"], "unsupported (< 4.48.0)"),
+    ],
+)
+def test_cell_refuses_bad_releases_before_any_cell_runs(cli, tmp_path: Path, args, words):
+    records = tmp_path / "records"
+    proc = cli("cell", *args, "--records", str(records))
+    assert proc.returncode == 2 and words in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not records.exists()  # nothing ran, nothing was written
+
+
+def test_cell_refuses_a_records_path_that_is_a_file(cli, tmp_path: Path):
+    target = tmp_path / "records"
+    target.write_text("not a directory")
+    proc = cli("cell", "--transformers", "5.2.0", "--records", str(target))
+    assert proc.returncode == 2 and "is not a directory" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--prompt", ""], "prompt is empty"),
+        (["--device", "bogus"], "not a device"),
+        (["--max-new-tokens", "0"], "at least 1"),
+        (["--max-new-tokens", "-2"], "at least 1"),
+    ],
+)
+def test_capture_refuses_bad_settings_with_exit_2_and_no_record(cli, model_dir: Path, tmp_path: Path, args, words):
+    out = tmp_path / "r.json"
+    proc = cli("capture", str(model_dir), "--out", str(out), *args)
+    assert proc.returncode == 2 and words in proc.stderr
+    assert not out.exists()
+
+
+def test_capture_refuses_an_out_path_that_is_a_directory_before_loading(cli, model_dir: Path, tmp_path: Path):
+    proc = cli("capture", str(model_dir), "--out", str(tmp_path))
+    assert proc.returncode == 2 and "is a directory" in proc.stderr
+
+
+def test_capture_of_a_config_without_num_hidden_layers_is_no_traceback(cli, model_dir: Path, tmp_path: Path):
+    config = json.loads((model_dir / "config.json").read_text())
+    del config["num_hidden_layers"]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    proc = cli("capture", str(model_dir), "--out", str(tmp_path / "r.json"), "--max-new-tokens", "1")
+    assert "Traceback" not in proc.stderr and proc.returncode in (0, 1, 2), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 2

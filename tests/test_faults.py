@@ -198,3 +198,39 @@ def test_killed_env_build_is_rebuilt_by_the_next_run_and_leaves_nothing(tmp_path
     leftovers = [p.name for p in root.iterdir() if p.name.startswith((".trash-", ".tmp-"))]
     assert leftovers == [], what
     assert json.loads(_build_env(root).stdout.splitlines()[-1]) == {"reused": True}, what
+
+
+# --- matrix cells: a killed driver leaves every cell accounted for, never a stale record ---------------
+
+
+def _cli(*args: str, fault: str | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "opensci_patch.cli", *args]
+    return subprocess.run(cmd, env=_child_env(fault), capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize("signame", ["SIGKILL", "SIGINT"])
+def test_a_killed_cell_run_leaves_running_records_that_the_report_refuses(tmp_path: Path, signame: str):
+    from opensci_patch import records
+
+    recs, results = tmp_path / "records", tmp_path / "results"
+    cell_args = ["cell", "--transformers", "4.48.0", "--torch", "system", "--records", str(recs)]
+    cell_args += ["--variant", "original", "--variant", "patched"]
+    first = _cli(*cell_args)
+    assert first.returncode == 0, first.stderr
+    before = {p.name: records.load(p).created for p in recs.glob("*.json")}
+    assert len(before) == 2 and _cli("report", "--records", str(recs), "--results", str(results)).returncode == 0
+
+    time.sleep(1.1)  # record timestamps have one-second resolution
+    killed = _cli(*cell_args, fault=f"cell.recorded:{signame}")
+    assert killed.returncode != 0
+    after = {p.name: records.load(p) for p in recs.glob("*.json")}
+    assert set(after) == set(before)  # every cell accounted for
+    assert all(r.created > before[name] for name, r in after.items())  # nothing left from the previous run
+    assert any(r.status == records.RUNNING for r in after.values())  # the driver died before the last cell
+    report = _cli("report", "--records", str(recs), "--results", str(results))
+    assert report.returncode == 1
+    summary = (results / "matrix.md").read_text()
+    assert "never finished" in summary or "running" in summary
+
+    assert _cli(*cell_args).returncode == 0  # the next run replaces the placeholders
+    assert _cli("report", "--records", str(recs), "--results", str(results)).returncode == 0
