@@ -6,10 +6,11 @@
 
 The same cells (release x model variant, float32, eager, CPU) run two ways, in one invocation:
 
-- ours: `python -m opensci_patch.cli cell --transformers X ... --variant V ... --torch B`: one env per
-  release from opensci_patch.envs (uv venv + torch + transformers + opensci_patch's requirements,
-  bytecode compiled at install), reused by every variant and by later runs; each cell runs the
-  hotfix and the capture as two child processes of the env's python.
+- ours: `python -m opensci_patch.cli cell --transformers X ... --variant V ... --torch B --jobs J`: one
+  env per release from opensci_patch.envs (uv venv + transformers + opensci_patch's requirements,
+  bytecode compiled at install, linking one shared torch layer installed once), reused by every variant
+  and by later runs; each variant is hotfixed once per run (kept across runs), and one capture process
+  per release captures every variant; `--jobs` releases at a time (default auto).
 - plain: per cell, `uv run --no-project --isolated --python <this python> --with transformers==X
   --with torch==<pin>+cpu --find-links <PIP_FIND_LINKS> --with <opensci_patch's requirements>
   python -m opensci_patch.cli hotfix ...`, then the same `uv run ... capture ...` (the usual
@@ -55,6 +56,7 @@ def _uv() -> str:
 
 def _ours(args, root: Path, cache: Path, records: Path) -> float:
     cmd = [sys.executable, "-m", "opensci_patch.cli", "cell", "--torch", args.torch, "--records", str(records)]
+    cmd += ["--jobs", args.jobs]
     for v in args.transformers:
         cmd += ["--transformers", v]
     for m in args.variant:
@@ -157,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--model", type=Path, default=None, help="checkpoint (default: the shipped fixture)")
     ap.add_argument("--workdir", type=Path, default=None, help="for env roots, uv caches, records (default: temp)")
+    ap.add_argument(
+        "--jobs", default="auto", help="ours: releases in parallel (`cell --jobs`; default auto = one per CPU)"
+    )
     ap.add_argument("--verbose", action="store_true", help="print the cells' own output")
     args = ap.parse_args(argv)
     args.transformers = args.transformers or DEFAULT_RELEASES

@@ -220,7 +220,7 @@ def parse_jobs(value: str) -> int:
 
 def cmd_capture_batch(args) -> int:
     """Hidden: the capture steps of one release in this process (written and started by `cell`)."""
-    from .runner import run_plan
+    from .batch import run_plan
 
     return run_plan(args.plan)
 

@@ -27,36 +27,32 @@ cell at a time.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
-import queue
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-import traceback
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import records as rec_io
+from .batch import (  # noqa: F401 (CRASH_AFTER_VAR, run_plan: re-exported for the CLI and tests)
+    CRASH_AFTER_VAR,
+    Step,
+    capture_result,
+    finish,
+    run_batch,
+    run_plan,
+)
 from .defaults import MANIFEST
 from .faults import fault_point
 from .matrix import VARIANTS, Cell, cell_cli_args, expectation
-
-# Fault injection (tests only): a capture-batch process with more steps left kills itself (SIGKILL)
-# right after finishing this many capture steps, as a segfault in the middle of a release would.
-CRASH_AFTER_VAR = "OPENSCI_PATCH_BATCH_CRASH_AFTER"
-STEP_DONE = "OPENSCI_PATCH_STEP_DONE"  # the batch's progress line on stdout: "<marker> <step index> <exit code>"
 
 Log = Callable[[str], None]
 
@@ -88,17 +84,9 @@ def run_cell(
     else:
         with tempfile.TemporaryDirectory(prefix=f"opensci-{cell.id}-") as tmp:
             record = _capture_in_env(cell, env, model_dir, Path(tmp), timeout, run_python)
-    _finish(record, cell, expected, time.monotonic() - start)
+    finish(record, cell, expected, time.monotonic() - start)
     rec_io.write_atomic(out, record)
     return out
-
-
-def _finish(record: rec_io.Record, cell: Cell, expected: dict, wall_s: float) -> rec_io.Record:
-    """The matrix-only fields of a cell record (the same in every path that writes one)."""
-    record.cell = asdict(cell) | {"id": cell.id, "device": cell.device}
-    record.expected = expected
-    record.cell_wall_s = round(wall_s, 1)
-    return record
 
 
 def _capture_in_env(cell: Cell, env, model_dir: Path, tmp: Path, timeout: float, run_python):
@@ -121,171 +109,7 @@ def _capture_in_env(cell: Cell, env, model_dir: Path, tmp: Path, timeout: float,
         proc = run_python(env, args, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         return rec_io.error_record(cell, "crash", "Timeout", f"capture ran over {timeout:.0f}s", str(exc))
-    return _capture_result(cell, rec_path, proc.returncode, proc.stdout + proc.stderr)
-
-
-def _capture_result(cell: Cell, rec_path: Path, returncode: int, log_text: str) -> rec_io.Record:
-    """The record a capture step left, or the run error that says why there is none."""
-    if not rec_path.is_file():
-        return rec_io.error_record(
-            cell,
-            "crash",
-            f"exit {returncode}",
-            rec_io.tail(log_text, 1) or "no record written",
-            rec_io.tail(log_text),
-        )
-    try:
-        return rec_io.load(rec_path)
-    except rec_io.RecordError as exc:
-        return rec_io.error_record(cell, "crash", "RecordError", str(exc), rec_io.tail(log_text))
-
-
-# ---------------------------------------------------------------------------------------------------
-# The batch process (runs inside a release's env): `opensci-patch capture-batch PLAN.json`.
-#
-# PLAN.json: {"steps": [step, ...]}; a step is {"argv": [opensci-patch arguments], "status": path} and,
-# for a capture step, also "cell" (asdict(Cell)), "expected", "record" (where capture writes) and
-# "final" (records/<cell id>.json). After each step the batch writes the step's status file
-# ({"rc", "stderr"}) and, for a capture step, the cell's final record, then prints STEP_DONE.
-
-
-def run_plan(plan_path: Path) -> int:
-    """Run every step of a batch plan in this process, in order; one status (and record) per step."""
-    from .errors import OpensciPatchError
-
-    try:
-        steps = json.loads(Path(plan_path).read_text())["steps"]
-        if not isinstance(steps, list) or not all(isinstance(s, dict) and "argv" in s for s in steps):
-            raise ValueError("steps must be a list of objects with argv")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise OpensciPatchError(f"{plan_path}: not a capture-batch plan ({exc}); it is written by `cell`") from None
-    crash_after = int(os.environ.get(CRASH_AFTER_VAR) or 0)
-    captures = 0
-    for i, step in enumerate(steps):
-        start = time.monotonic()
-        rc, err = _run_step(step["argv"])
-        if step.get("cell"):
-            cell = Cell(**step["cell"])
-            record = _capture_result(cell, Path(step["record"]), rc, err)
-            _finish(record, cell, step["expected"], time.monotonic() - start)
-            rec_io.write_atomic(Path(step["final"]), record)
-            captures += 1
-        rec_io.write_atomic(Path(step["status"]), {"rc": rc, "stderr": rec_io.tail(err)})
-        print(f"{STEP_DONE} {i} {rc}", flush=True)
-        if crash_after and captures == crash_after and i < len(steps) - 1:
-            os.kill(os.getpid(), signal.SIGKILL)
-    return 0
-
-
-def _run_step(argv: list[str]) -> tuple[int, str]:
-    """One `opensci-patch` command in this process: (exit code, its stderr). Never raises."""
-    from .cli import main
-
-    buf = io.StringIO()
-    with contextlib.redirect_stderr(buf):
-        try:
-            rc = main(argv)
-        except SystemExit as exc:  # argparse refusing the arguments
-            rc = exc.code if isinstance(exc.code, int) else 2
-        except Exception:  # noqa: BLE001 - a bug in one step must not cost the steps after it
-            traceback.print_exc()
-            rc = 1
-    # transformers logs some warnings once per process (an lru_cache): the next capture must see them too
-    hf_logging = sys.modules.get("transformers.utils.logging")
-    clear = getattr(getattr(hf_logging, "warning_once", None), "cache_clear", None)
-    if clear is not None:
-        clear()
-    import gc
-
-    gc.collect()  # the previous model's tensors, before the next one is loaded (peak memory)
-    return rc, buf.getvalue()
-
-
-# ---------------------------------------------------------------------------------------------------
-# The driver.
-
-
-@dataclass
-class _Step:
-    argv: list[str]
-    status: Path
-    cell: Cell | None = None
-    record: Path | None = None
-    final: Path | None = None
-    expected: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        out: dict = {"argv": self.argv, "status": str(self.status)}
-        if self.cell is not None:
-            out |= {"cell": asdict(self.cell), "record": str(self.record), "final": str(self.final)}
-            out["expected"] = self.expected
-        return out
-
-
-@dataclass
-class _BatchOutcome:
-    finished: set[int]  # indices of the steps that wrote their status
-    returncode: int | None
-    log: str  # the tail of stdout and stderr
-    timed_out: int | None = None  # the step that made no progress for `timeout` seconds
-
-
-def run_batch(
-    env, steps: list[_Step], plan_dir: Path, *, timeout: float, on_step: Callable[[int], None]
-) -> _BatchOutcome:
-    """Run `steps` in one `capture-batch` child of `env`; `on_step(i)` as each finishes.
-
-    A step that makes no progress for `timeout` seconds gets the process killed (`timed_out`).
-    """
-    from .envs import child_env
-
-    plan_dir.mkdir(parents=True, exist_ok=True)
-    fd, plan_name = tempfile.mkstemp(dir=plan_dir, prefix="plan-", suffix=".json")
-    os.close(fd)
-    plan = Path(plan_name)
-    rec_io.write_atomic(plan, {"steps": [s.to_json() for s in steps]})
-    proc = subprocess.Popen(
-        [str(env.python), "-m", "opensci_patch.cli", "capture-batch", str(plan)],
-        env=child_env(None, root=env.path.parent),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines: queue.Queue[str | None] = queue.Queue()
-    logs: deque[str] = deque(maxlen=200)
-
-    def pump(stream, forward: bool) -> None:
-        for line in stream:
-            logs.append(line.rstrip("\n"))
-            if forward:
-                lines.put(line)
-        if forward:
-            lines.put(None)
-
-    threads = [
-        threading.Thread(target=pump, args=(s, f), daemon=True) for s, f in ((proc.stdout, True), (proc.stderr, False))
-    ]
-    for t in threads:
-        t.start()
-    finished: set[int] = set()
-    timed_out = None
-    while True:
-        try:
-            line = lines.get(timeout=timeout)
-        except queue.Empty:
-            timed_out = next((i for i in range(len(steps)) if i not in finished), None)
-            proc.kill()
-            break
-        if line is None:
-            break
-        m = re.match(rf"{STEP_DONE} (\d+) (-?\d+)$", line.strip())
-        if m and int(m[1]) < len(steps):
-            finished.add(int(m[1]))
-            on_step(int(m[1]))
-    rc = proc.wait()
-    for t in threads:
-        t.join(timeout=5)
-    return _BatchOutcome(finished, rc, "\n".join(logs), timed_out)
+    return capture_result(cell, rec_path, proc.returncode, proc.stdout + proc.stderr)
 
 
 def _slug(text: str) -> str:
@@ -388,10 +212,9 @@ class _Run:
 
     def write(self, cell: Cell, record: rec_io.Record, wall_s: float | None = None) -> None:
         if wall_s is not None:
-            _finish(record, cell, asdict(expectation(cell)), wall_s)
+            finish(record, cell, asdict(expectation(cell)), wall_s)
         rec_io.write_atomic(self.records / f"{cell.id}.json", record)
         self.progress.cell_done(cell, record)
-        fault_point("cell.recorded")  # tests/test_faults.py: the driver killed with some cells done
 
 
 def run_cells(
@@ -410,6 +233,7 @@ def run_cells(
         rec_io.write_atomic(
             records / f"{cell.id}.json", rec_io.running_record(cell, expected=asdict(expectation(cell)))
         )
+    fault_point("cell.placeholders")  # tests/test_faults.py: the driver killed before any cell finished
     groups: dict[tuple[str, str], list[Cell]] = {}
     for cell in cells:
         groups.setdefault((cell.transformers, cell.torch), []).append(cell)
@@ -469,7 +293,7 @@ def hotfix_variants(run: _Run, variants: list[str], model_dir: Path, releases: l
         hotfix, _ = cell_cli_args(Cell("0", model=name), source, run.tmp, run.tmp / "unused.json")
         out = hotfix_dir(run.tmp, source, name)
         hotfix[hotfix.index("--out") + 1] = str(out)
-        steps.append(_Step(hotfix, run.tmp / "status" / f"hotfix-{_slug(name)}.json"))
+        steps.append(Step(hotfix, run.tmp / "status" / f"hotfix-{_slug(name)}.json"))
     (run.tmp / "status").mkdir(parents=True, exist_ok=True)
     failed = _run_with_fallback(run, env, steps, lambda i: None)
     for i, (name, step) in enumerate(zip(sources, steps, strict=True)):
@@ -498,7 +322,7 @@ def _read_status(path: Path) -> dict | None:
 
 
 def _run_with_fallback(
-    run: _Run, env, steps: list[_Step], on_step: Callable[[int], None]
+    run: _Run, env, steps: list[Step], on_step: Callable[[int], None]
 ) -> dict[int, tuple[str, str, str]]:
     """All steps in one process; after a crash or timeout, each unfinished step in a process of its own.
 
@@ -544,7 +368,7 @@ def run_release(run: _Run, cells: list[Cell]) -> None:
         for cell in cells:
             run.write(cell, rec_io.error_record(cell, "env-error", "EnvironmentSetupError", str(env), str(env)), 0.0)
         return
-    steps: list[_Step] = []
+    steps: list[Step] = []
     for cell in cells:
         model = run.models.get(cell.model)
         if isinstance(model, rec_io.Record):  # hotfix or generated checkpoint failed: that variant's cells say so
@@ -561,7 +385,7 @@ def run_release(run: _Run, cells: list[Cell]) -> None:
         as_is = Cell(cell.transformers, cell.torch, "original", cell.dtype, cell.attn)
         _, capture = cell_cli_args(as_is, model, work, rec_path)
         steps.append(
-            _Step(
+            Step(
                 capture,
                 work / "status.json",
                 cell,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from opensci_patch import batch, runner
 from opensci_patch import records as rec_io
-from opensci_patch import runner
 from opensci_patch.envs import Env
 from opensci_patch.matrix import Cell, expectation
 
@@ -109,11 +109,11 @@ def test_a_capture_with_bad_input_is_a_run_error_not_a_model_failure(tmp_path: P
         final = tmp_path / f"final{i}.json"
         argv = ["capture", str(model), "--out", str(work / "record.json"), "--quiet"]
         steps.append(
-            runner._Step(argv, work / "status.json", cell, work / "record.json", final, {"outcome": "pass"}).to_json()
+            batch.Step(argv, work / "status.json", cell, work / "record.json", final, {"outcome": "pass"}).to_json()
         )
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"steps": steps}))
-    assert runner.run_plan(plan) == 0
+    assert batch.run_plan(plan) == 0
     for i in range(2):
         rec = rec_io.load(tmp_path / f"final{i}.json")
         assert rec.status == "crash" and rec.status not in rec_io.MODEL_FAILURES
