@@ -115,8 +115,9 @@ def cell(session: nox.Session, transformers: str, torch: str) -> None:
 
 @nox.session(name="matrix", venv_backend="none", default=False)
 def run_matrix(session: nox.Session) -> None:
-    """Every CPU cell, in sequence, with progress lines; a broken cell is recorded and the rest go on."""
-    cli(session, "cell", "--all", "--torch", defaults.DEFAULT_TORCH_BUILD, "--records", str(RECORDS), *session.posargs)
+    """Every CPU cell (releases in parallel, one line per cell); a broken cell is recorded and the rest go on."""
+    cli(session, "cell", "--all", "--torch", defaults.DEFAULT_TORCH_BUILD, "--jobs", "auto", "--records", str(RECORDS),
+        *session.posargs)  # fmt: skip
 
 
 @nox.session(default=False)
