@@ -55,6 +55,32 @@ def cache_dropping_copy(dst: Path) -> Path:
     return dst
 
 
+@pytest.fixture(scope="module")
+def modeling_source() -> str:
+    """The shipped modeling file's source."""
+    import patch_sources
+
+    return patch_sources.modeling_source()
+
+
+@pytest.fixture(scope="module")
+def patched_source() -> str:
+    """The shipped modeling file with the default patches."""
+    import patch_sources
+
+    return patch_sources.patched_source()
+
+
+@pytest.fixture(scope="module")
+def loaded() -> dict:
+    """The patched model built, saved, loaded back and probed (once per test process)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import patch_sources
+
+    return patch_sources.loaded_model()
+
+
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `opensci-patch` in a child process, as a user would."""
     from opensci_patch.envs import child_env

@@ -6,15 +6,9 @@ from __future__ import annotations
 import ast
 from types import SimpleNamespace
 
-import patch_sources
 import pytest
 
 from opensci_patch.patches import by_name
-
-
-@pytest.fixture(scope="module")
-def modeling_source() -> str:
-    return patch_sources.modeling_source()
 
 
 def _init_weights_of(source: str, torch):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import shutil
 
-import patch_sources
 import pytest
 from conftest import FIXTURE_DIR
 
@@ -67,24 +66,6 @@ def test_the_helper_registered_model_gives_the_shipped_logits_on_the_installed_r
 
 
 # --- the guard as written, and the patched model loaded end to end --------------------------------------
-
-
-@pytest.fixture(scope="module")
-def modeling_source() -> str:
-    return patch_sources.modeling_source()
-
-
-@pytest.fixture(scope="module")
-def patched_source() -> str:
-    return patch_sources.patched_source()
-
-
-@pytest.fixture(scope="module")
-def loaded() -> dict:
-    """The patched model built, saved, loaded back and probed (once per test process)."""
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    return patch_sources.loaded_model()
 
 
 def test_inv_freq_guard_adds_a_pretrained_init_weights_when_there_is_none(modeling_source: str):

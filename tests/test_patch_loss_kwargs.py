@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import ast
 
-import patch_sources
 import pytest
-
-
-@pytest.fixture(scope="module")
-def patched_source() -> str:
-    return patch_sources.patched_source()
 
 
 def test_loss_kwargs_leaves_one_transformers_kwargs_base(patched_source: str):

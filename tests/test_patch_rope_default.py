@@ -5,16 +5,10 @@ from __future__ import annotations
 import textwrap
 from types import SimpleNamespace
 
-import patch_sources
 import pytest
 from patch_sources import function_of
 
 from opensci_patch.patches import by_name
-
-
-@pytest.fixture(scope="module")
-def patched_source() -> str:
-    return patch_sources.patched_source()
 
 
 def _rope_448(config, device=None):

@@ -4,22 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import patch_sources
 import pytest
 from patch_sources import function_of
-
-
-@pytest.fixture(scope="module")
-def patched_source() -> str:
-    return patch_sources.patched_source()
-
-
-@pytest.fixture(scope="module")
-def loaded() -> dict:
-    """The patched model built, saved, loaded back and probed (once per test process)."""
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    return patch_sources.loaded_model()
 
 
 @pytest.mark.parametrize("groups", [1, 2])

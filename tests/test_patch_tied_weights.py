@@ -17,7 +17,6 @@ import shutil
 from pathlib import Path
 
 import libcst as cst
-import patch_sources
 import pytest
 from conftest import FIXTURE_DIR
 from patch_sources import class_attribute
@@ -297,16 +296,6 @@ def test_hotfixed_shipped_model_is_tied_on_5_3_and_gives_the_4_48_logits(tmp_pat
 
 
 # --- the tied keys as a dict, and the embedding accessors transformers < 4.54 ties through ----------------
-
-
-@pytest.fixture(scope="module")
-def modeling_source() -> str:
-    return patch_sources.modeling_source()
-
-
-@pytest.fixture(scope="module")
-def patched_source() -> str:
-    return patch_sources.patched_source()
 
 
 def test_tied_weights_become_a_dict_derived_from_the_code(patched_source: str):

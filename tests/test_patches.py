@@ -7,7 +7,6 @@ share are in tests/patch_sources.py."""
 
 from __future__ import annotations
 
-import patch_sources
 import pytest
 from patch_sources import FIXTURE, GENERATED, LLAMA_STYLE, class_attribute
 
@@ -34,24 +33,6 @@ MANGLED = {
         "        logits_to_keep: Union[int, torch.Tensor] = 0,\n        cache: Optional[Cache] = None,\n",
     ),
 }
-
-
-@pytest.fixture(scope="module")
-def modeling_source() -> str:
-    return patch_sources.modeling_source()
-
-
-@pytest.fixture(scope="module")
-def patched_source() -> str:
-    return patch_sources.patched_source()
-
-
-@pytest.fixture(scope="module")
-def loaded() -> dict:
-    """The patched model built, saved, loaded back and probed (once per test process)."""
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    return patch_sources.loaded_model()
 
 
 def target_source(name: str, modeling_source: str) -> str:
