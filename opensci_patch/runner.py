@@ -27,6 +27,7 @@ cell at a time.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -117,10 +118,23 @@ def _slug(text: str) -> str:
 
 
 def _tree_digest(paths: list[Path]) -> str:
+    """Code and config files by content; weight files by name, size and mtime: a real checkpoint's
+    gigabytes are not read again for every variant of every run."""
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(str(path.name).encode() + b"\0" + path.read_bytes() + b"\0")
+        if path.suffix in (".safetensors", ".bin", ".pt"):
+            stat = path.stat()
+            data = f"{stat.st_size}:{stat.st_mtime_ns}".encode()
+        else:
+            data = path.read_bytes()
+        digest.update(str(path.name).encode() + b"\0" + data + b"\0")
     return digest.hexdigest()
+
+
+@functools.cache
+def _package_digest() -> str:
+    """This opensci_patch's sources, read once per process (they do not change under a run)."""
+    return _tree_digest(sorted(Path(__file__).resolve().parent.rglob("*.py")))
 
 
 def hotfix_cache_dir(root: Path | None, source: Path, variant: str) -> Path:
@@ -128,13 +142,12 @@ def hotfix_cache_dir(root: Path | None, source: Path, variant: str) -> Path:
     variant's hotfix options and every source file of this opensci_patch (a code change is a new key)."""
     from .envs import default_root
 
-    package = Path(__file__).resolve().parent
     key = hashlib.sha256(
         "\n".join(
             (
                 _tree_digest(sorted(p for p in source.iterdir() if p.is_file())),
                 json.dumps(VARIANTS[variant].hotfix),
-                _tree_digest(sorted(package.rglob("*.py"))),
+                _package_digest(),
             )
         ).encode()
     ).hexdigest()[:20]
