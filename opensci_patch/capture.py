@@ -326,12 +326,13 @@ def check_settings(settings: CaptureSettings) -> None:
 def check_release() -> None:
     """Refuse a transformers older than the oldest supported release before any probe runs on it."""
     import transformers
+    from packaging.version import Version
 
-    parts = re.match(r"(\d+)\.(\d+)", transformers.__version__)
-    oldest = ".".join(OLDEST_SUPPORTED.split(".")[:2])
-    if parts is None or (int(parts[1]), int(parts[2])) < tuple(int(x) for x in oldest.split(".")):
+    oldest = Version(OLDEST_SUPPORTED).release[:2]  # by minor, as before: a 4.48 pre-release is supported too
+    if Version(transformers.__version__).release[:2] < oldest:
+        wanted = ".".join(map(str, oldest))
         raise CaptureError(
-            f"transformers {transformers.__version__} is unsupported (< {oldest}); install {oldest} or newer"
+            f"transformers {transformers.__version__} is unsupported (< {wanted}); install {wanted} or newer"
         )
 
 
