@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -32,21 +31,6 @@ from .records import write_atomic
 
 def _err(msg: str) -> None:
     print(f"opensci-patch: error: {msg}", file=sys.stderr)
-
-
-def write_fixture(dst: Path, force: bool = False, source: Path = FIXTURE_DIR) -> Path:
-    """Copy the shipped checkpoint to `dst`; refuse to touch an existing non-empty dir without force."""
-    if dst.exists() and not dst.is_dir():
-        raise DestinationError(f"{dst} exists and is not a directory")
-    if dst.is_dir() and any(dst.iterdir()) and not force:
-        raise DestinationError(
-            f"{dst} exists and is not empty; choose another path or pass --force to overwrite the fixture files in it"
-        )
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in sorted(source.iterdir()):
-        if f.is_file():
-            shutil.copyfile(f, dst / f.name)
-    return dst
 
 
 def check_output_file(path: Path, force: bool) -> None:
@@ -108,6 +92,8 @@ def cmd_fixture(args) -> int:
         from .generated_style import ensure_generated
 
         source = ensure_generated(log=lambda m: print(m, flush=True))
+    from .demo import write_fixture
+
     dst = write_fixture(args.dir, args.force, source)
     kind = "generated-style checkpoint (shipped weights, modular-generated code)" if args.generated else "checkpoint"
     print(f"wrote the open-sci fixture {kind} to {dst}")

@@ -14,16 +14,33 @@ being right. `tests/test_demo.py` checks that the shipped record is what 4.48.0 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from .defaults import DATA_DIR
+from .defaults import DATA_DIR, FIXTURE_DIR
+from .errors import DestinationError
 from .records import Record, load
 
 REFERENCE_RECORD = DATA_DIR / "opensci-tiny.reference.json"
 TOLERANCE = 1e-4  # fp32 logits; the fp64 reference agrees to 3.5e-6 on every supported release
+
+
+def write_fixture(dst: Path, force: bool = False, source: Path = FIXTURE_DIR) -> Path:
+    """Copy the shipped checkpoint to `dst`; refuse to touch an existing non-empty dir without force."""
+    if dst.exists() and not dst.is_dir():
+        raise DestinationError(f"{dst} exists and is not a directory")
+    if dst.is_dir() and any(dst.iterdir()) and not force:
+        raise DestinationError(
+            f"{dst} exists and is not empty; choose another path or pass --force to overwrite the fixture files in it"
+        )
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(source.iterdir()):
+        if f.is_file():
+            shutil.copyfile(f, dst / f.name)
+    return dst
 
 
 def compare(record: Record, reference: Record, tolerance: float = TOLERANCE) -> tuple[bool, str]:
@@ -55,7 +72,6 @@ def compare(record: Record, reference: Record, tolerance: float = TOLERANCE) -> 
 
 def run(workdir: Path | None, log=print) -> int:
     """fixture -> hotfix -> capture original and patched (child processes) -> verdict. Returns the exit code."""
-    from .cli import write_fixture
     from .hotfix import hotfix
 
     work = workdir or Path(tempfile.mkdtemp(prefix="opensci-demo-"))
