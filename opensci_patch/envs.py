@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import subprocess
 import sys
 import time
@@ -197,20 +196,11 @@ def _create(
     uv = envs_base.find_uv()
     log(f"creating env {path.name} ({'uv' if uv else 'venv + pip'}) in {root} ...")
     start = time.monotonic()
-    envs_base.sweep_trash(root)
-    path.mkdir()
-    (path / SENTINEL).write_text(f"created by opensci_patch.envs (pid {os.getpid()}); safe to delete\n")
+    envs_base.claim_new_dir(path, root)
     try:
         fault_point("env.created")
         python = envs_base.venv_python(path)
-        if uv:
-            envs_base.run_installer(
-                [uv, "venv", "--allow-existing", "--no-project", "--python", sys.executable, str(path)], root, path.name
-            )
-            install = [uv, "pip", "install", "--python", str(python), "--compile-bytecode"]
-        else:
-            install = envs_base.make_venv(path, root, log)
-        install += envs_base.wheel_dir_args()
+        install = envs_base.new_venv(path, root, uv, log)
         _write_pths(path, torch_dir, log=log)
         envs_base.run_installer([*install, f"transformers=={version}", *expected["requirements"]], root, path.name)
         fault_point("env.installed")

@@ -122,6 +122,26 @@ def run_installer(cmd: list[str], cwd: Path, name: str) -> None:
         )
 
 
+def claim_new_dir(path: Path, root: Path) -> None:
+    """Create `path` marked as ours (the sentinel first, so a kill at any later point leaves it removable),
+    after sweeping the trash of earlier removals."""
+    sweep_trash(root)
+    path.mkdir()
+    (path / SENTINEL).write_text(f"created by opensci_patch.envs (pid {os.getpid()}); safe to delete\n")
+
+
+def new_venv(path: Path, root: Path, uv: str | None, log: Log) -> list[str]:
+    """Make a venv at `path` on this interpreter (uv when given, else venv + pip); its install command prefix,
+    with the offline wheel directory (`wheel_dir_args`) when one is set. One recipe for envs and torch layers."""
+    if uv:
+        run_installer([uv, "venv", "--allow-existing", "--no-project", "--python", sys.executable, str(path)], root,
+                      path.name)  # fmt: skip
+        install = [uv, "pip", "install", "--python", str(venv_python(path)), "--compile-bytecode"]
+    else:
+        install = make_venv(path, root, log)
+    return [*install, *wheel_dir_args()]
+
+
 def make_venv(path: Path, root: Path, log: Log) -> list[str]:
     """`python -m venv` (no uv here); returns the install command prefix for the new env.
 

@@ -48,7 +48,7 @@ from typing import Any
 
 from opensci_patch import envs_base
 from opensci_patch.defaults import TORCH_PIN
-from opensci_patch.envs_base import MARKER, SCHEMA, SENTINEL, Log
+from opensci_patch.envs_base import MARKER, SCHEMA, Log
 from opensci_patch.errors import EnvironmentSetupError
 
 TORCH_INDEX_VAR = "OPENSCI_PATCH_TORCH_INDEX_URL"
@@ -98,20 +98,10 @@ def _create_layer(path: Path, root: Path, torch_build: str, want: dict[str, Any]
     uv = envs_base.find_uv()
     log(f"creating the shared torch layer {path.name} (torch {TORCH_PIN}, built once for every release env) ...")
     start = time.monotonic()
-    envs_base.sweep_trash(root)
-    path.mkdir()
-    (path / SENTINEL).write_text(f"created by opensci_patch.envs (pid {os.getpid()}); safe to delete\n")
+    envs_base.claim_new_dir(path, root)
     try:
-        if uv:
-            envs_base.run_installer(
-                [uv, "venv", "--allow-existing", "--no-project", "--python", sys.executable, str(path)], root, path.name
-            )
-            install = [uv, "pip", "install", "--python", str(envs_base.venv_python(path)), "--compile-bytecode"]
-        else:
-            install = envs_base.make_venv(path, root, log)
-        envs_base.run_installer(
-            [*install, *envs_base.wheel_dir_args(), *torch_install_args(torch_build, uv=bool(uv))], root, path.name
-        )
+        install = envs_base.new_venv(path, root, uv, log)
+        envs_base.run_installer([*install, *torch_install_args(torch_build, uv=bool(uv))], root, path.name)
         from .records import write_atomic
 
         write_atomic(path / MARKER, {**want, "seconds": round(time.monotonic() - start, 1)})
