@@ -83,12 +83,26 @@ def library_configs(tree: cst.Module) -> list[str]:
     return names
 
 
+def _assigned(cls: cst.ClassDef) -> list[cst.BaseExpression]:
+    """The targets of the class body's plain and annotated assignments."""
+    out: list[cst.BaseExpression] = []
+    for stmt in cls.body.body:
+        for small in stmt.body if isinstance(stmt, cst.SimpleStatementLine) else ():
+            if isinstance(small, cst.Assign):
+                out += [t.target for t in small.targets]
+            elif isinstance(small, cst.AnnAssign):
+                out.append(small.target)
+    return out
+
+
 def inspect(tree: cst.Module) -> State:
     roots = _roots(tree)
     if not roots or not library_configs(tree):
         return State.ABSENT
     done = True
     for cls in roots:
+        if any(full_name(t) == "is_remote_code" for t in _assigned(cls)):
+            raise Unrecognised(f"{cls.name.value} assigns is_remote_code; define it as a classmethod returning True")
         own = method(cls, "is_remote_code")
         if own is None:
             done = False

@@ -13,14 +13,14 @@ Annotations are not evaluated by the model's code, so the rewrite cannot change 
 Detects: annotations (parameters, returns, class fields such as a `ModelOutput` dataclass's) whose
 outermost expression is `A | B`, in a file without `from __future__ import annotations`.
 Rewrites: them to `Union[A, B]` (chains flattened), importing `Union` from `typing` when the file lacks it.
-Verifies: no such annotation is left and `Union` is imported.
+Verifies: no such annotation is left and `Union` is imported. A `Union` imported from elsewhere is refused.
 """
 
 from __future__ import annotations
 
 import libcst as cst
 
-from .base import MARKER, Patch, State, find_all, full_name, with_marker
+from .base import MARKER, Patch, State, Unrecognised, find_all, full_name, with_marker
 
 NAME = "union_annotations"
 WHY = "transformers 4.57 @auto_docstring cannot read X | Y annotations"
@@ -58,10 +58,22 @@ def _union_import(tree: cst.Module) -> int | None:
     return None
 
 
+def _refuse_foreign_union(tree: cst.Module) -> None:
+    """`Union` bound to something other than typing's: the rewritten annotations would name the wrong thing."""
+    for node in find_all(tree, cst.ImportFrom):
+        module = full_name(node.module) if node.module is not None else None
+        if module in ("typing", "typing_extensions") or isinstance(node.names, cst.ImportStar):
+            continue
+        if any((a.asname and full_name(a.asname.name) == "Union") or (not a.asname and full_name(a.name) == "Union")
+               for a in node.names):  # fmt: skip
+            raise Unrecognised(f"`Union` is imported from {'.' * len(node.relative)}{module or ''}, not from typing")
+
+
 def inspect(tree: cst.Module) -> State:
     if _future_annotations(tree):
         return State.ABSENT
     if _unions(tree):
+        _refuse_foreign_union(tree)
         return State.NEEDED
     # the marker sits on the `typing` import (in the module header when that import opens the file)
     rewritten = _union_import(tree) is not None and f"{MARKER} {NAME} (" in tree.code
