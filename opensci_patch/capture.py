@@ -371,6 +371,14 @@ def _capture(settings: CaptureSettings, log) -> Record:
         lm = load_model(model, settings.dtype, settings.attn, settings.device)
     except Exception as exc:  # noqa: BLE001 - the model code failing to load is a result, not a crash
         record.status, record.error = "load-error", error_info(exc)
+        from .library_modules import explain, missing_module
+
+        module = missing_module(exc)
+        if module:  # the release lacks a library module the model uses: say which, not a traceback's last line
+            record.error |= {
+                "type": "MissingLibraryModule",
+                "message": explain(module, record.environment["transformers"]),
+            }
         return record
     record.timings["load_s"] = round(time.perf_counter() - t0, 3)
     limit = getattr(lm.config, "max_position_embeddings", None)

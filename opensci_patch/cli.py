@@ -176,7 +176,8 @@ def cmd_cell(args) -> int:
         validate_model_dir(args.model)
         own = {name for name, v in matrix.VARIANTS.items() if v.own_checkpoint}
         if args.variant and set(args.variant) & own:
-            raise OpensciPatchError("--variant generated runs the shipped weights under generated code; drop --model")
+            named = ", ".join(sorted(set(args.variant) & own))
+            raise OpensciPatchError(f"--variant {named} runs its own checkpoint; drop --model")
         variants = [m for m in variants if m not in own]
     cells = [
         matrix.Cell(v, args.torch, m, dtype, attn)

@@ -92,13 +92,52 @@ def _ambiguous(recs: list[Record], sources: list[str] | None) -> dict[str, str]:
 
 
 def references(recs: list[Record], ambiguous: dict[str, str] | None = None) -> dict[tuple, Record]:
-    """The reference record per group: the one finished, unambiguous `REFERENCE` cell with status ok."""
+    """The reference record per group: the one finished, unambiguous `REFERENCE` cell with status ok.
+
+    Keyed by group, and by (group, variant) for a variant compared with its own reference-release
+    cell (`Variant.reference`, e.g. a checkpoint with weights of its own)."""
     ambiguous = _ambiguous(recs, None) if ambiguous is None else ambiguous
+    own = {v.reference for v in VARIANTS.values()} - {REFERENCE[1]}
     out = {}
     for r in recs:
         c = r.cell
-        if (c["transformers"], c["model"]) == REFERENCE and r.status == records.OK and r.cell_id not in ambiguous:
+        if c["transformers"] != REFERENCE[0] or r.status != records.OK or r.cell_id in ambiguous:
+            continue
+        if c["model"] == REFERENCE[1]:
             out[_group(r)] = r
+        elif c["model"] in own:
+            out[(_group(r), c["model"])] = r
+    return out
+
+
+def reference_of(refs: dict[tuple, Record], rec: Record) -> Record | None:
+    """The record `rec` is compared with: its group's reference cell, or its variant's own one."""
+    variant = VARIANTS.get(rec.cell["model"])
+    if variant is not None and variant.reference != REFERENCE[1]:
+        return refs.get((_group(rec), variant.reference))
+    return refs.get(_group(rec))
+
+
+def broken_decode(recs: list[Record]) -> list[str]:
+    """One line per reference cell (of a group, or of a variant's own) that failed the KV-cache self-check.
+
+    The reference release decoding wrongly is the model's own bug (e.g. its cache update commented
+    out), not a release's: it is said once, with the first bad step, next to the variant's FAILs.
+    """
+    own = {REFERENCE[1]} | {v.reference for v in VARIANTS.values()}
+    out = []
+    for ref in recs:
+        c = ref.cell
+        if c["transformers"] != REFERENCE[0] or c["model"] not in own or ref.status != "generate-mismatch":
+            continue
+        same = [r for r in recs if _group(r) == _group(ref) and r.cell["model"] == c["model"]]
+        bad = sum(r.status == "generate-mismatch" for r in same)
+        where = "on every release" if bad == len(same) else f"on {bad} of {len(same)} releases"
+        detail = ((ref.generation or {}).get("kv_check") or {}).get("detail") or (ref.error or {}).get("message", "")
+        out.append(
+            f"{c['model']} ({', '.join(_group(ref))}): the model's own decode is broken {where}, "
+            f"including the reference (transformers {REFERENCE[0]}): {detail}"
+        )
     return out
 
 
@@ -192,7 +231,7 @@ def rows(recs: list[Record], sources: list[str] | None = None) -> list[dict]:
         if r.cell_id in seen:
             continue
         seen.add(r.cell_id)
-        ref = refs.get(_group(r))
+        ref = reference_of(refs, r)
         if r.cell_id in ambiguous:
             v, why = "error", ambiguous[r.cell_id]
         else:
@@ -355,7 +394,7 @@ def build(loaded: Loaded, previous: dict | None) -> Report:
     new = [v for v in releases if v not in set(previous["releases"])] if previous is not None else []
     return Report(
         table=table,
-        problems=list(loaded.problems),
+        problems=[*loaded.problems, *broken_decode(loaded.records)],
         grid=grid(table),
         new_releases=new,
         previous=previous["verdicts"] if previous is not None else None,

@@ -77,9 +77,9 @@ def run_cell(
     try:
         env = ensure_env(cell.transformers, cell.torch, root=env_root, log=log)
         if VARIANTS[cell.model].own_checkpoint:
-            from .generated_style import ensure_generated
+            from .own_checkpoints import ensure_checkpoint
 
-            model_dir = ensure_generated(env_root, log=log)
+            model_dir = ensure_checkpoint(VARIANTS[cell.model].checkpoint, env_root, log=log)
     except EnvironmentSetupError as exc:
         record = rec_io.error_record(cell, "env-error", "EnvironmentSetupError", str(exc), str(exc))
     else:
@@ -270,10 +270,10 @@ def hotfix_variants(run: _Run, variants: list[str], model_dir: Path, releases: l
     for name in variants:
         source = model_dir
         if VARIANTS[name].own_checkpoint:
-            from .generated_style import ensure_generated
+            from .own_checkpoints import ensure_checkpoint
 
             try:
-                source = ensure_generated(run.env_root, log=lambda m: run.log(f"    {m}"))
+                source = ensure_checkpoint(VARIANTS[name].checkpoint, run.env_root, log=lambda m: run.log(f"    {m}"))
             except EnvironmentSetupError as exc:
                 run.models[name] = rec_io.error_record(
                     _any_cell(name), "env-error", "EnvironmentSetupError", str(exc), str(exc)

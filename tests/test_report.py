@@ -387,3 +387,31 @@ def test_cli_report_exits_1_on_a_problem(tmp_path: Path):
         capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr
+
+
+# --- issue 19: variants with their own reference, a model whose own decode is broken ------------------------
+
+
+def test_a_variant_with_weights_of_its_own_is_compared_with_its_own_reference_release_cell():
+    own = "llama-research"
+    assert VARIANTS[own].reference == own
+    recs = [ok(REF_VERSION), ok(REF_VERSION, own, sha="b" * 64), ok("5.3.0", own, sha="b" * 64), ok("5.2.0", own)]
+    got = verdicts(recs)
+    assert got[vid(REF_VERSION, own)] == ("pass", "")
+    assert got[vid("5.3.0", own)] == ("pass", "")
+    assert got[vid("5.2.0", own)] == ("FAIL", "logits differ from the reference cell")
+
+
+def test_a_decode_broken_on_the_reference_release_too_is_one_line_naming_the_first_bad_step():
+    recs = [mismatch(REF_VERSION), mismatch("5.2.0"), mismatch("5.24.0"), ok(REF_VERSION, "llama-research")]
+    rep = report.build(report.Loaded(records=recs, sources=[f"{r.cell_id}.json" for r in recs]), None)
+    lines = [p for p in rep.problem_lines() if "own decode" in p]
+    assert lines == [
+        f"{REF_MODEL} (cpu, cpu, float32, eager): the model's own decode is broken on every release, including the "
+        f"reference (transformers {REF_VERSION}): step 1: cached logits differ by 3.2 from the no-cache recomputation"
+    ]
+    fewer = [mismatch(REF_VERSION), ok("5.2.0")]
+    rep = report.build(report.Loaded(records=fewer, sources=[f"{r.cell_id}.json" for r in fewer]), None)
+    assert any("broken on 1 of 2 releases, including the reference" in p for p in rep.problem_lines())
+    ok_ref = [ok(REF_VERSION), mismatch("5.2.0")]
+    assert not report.build(report.Loaded(records=ok_ref, sources=["a", "b"]), None).problem_lines()
