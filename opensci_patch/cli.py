@@ -37,6 +37,8 @@ def check_output_file(path: Path, force: bool) -> None:
     """Refuse an output file we could not write or must not overwrite, before any work is done."""
     if path.is_dir():
         raise DestinationError(f"{path} is a directory; --out takes a file name")
+    if path.exists() and not path.is_file():  # a device, a pipe, a socket: never replaced, even with --force
+        raise DestinationError(f"{path} exists and is not a regular file; --out takes a file name")
     if path.exists() and not force:
         raise DestinationError(f"{path} exists; pass --force to overwrite it")
     parent = path.parent

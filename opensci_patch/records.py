@@ -175,6 +175,8 @@ def write_atomic(path: Path | str, content: str | bytes | Record | dict | list) 
     try:
         if path.is_dir():
             raise IsADirectoryError(21, "is a directory")
+        if path.exists() and not path.is_file():  # a device node or a pipe is never replaced by a file
+            raise OSError(0, "exists and is not a regular file")
         mode = path.stat().st_mode & 0o777 if path.is_file() else 0o644
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
