@@ -189,7 +189,10 @@ def cmd_cell(args) -> int:
     ]
     from .runner import main_cells
 
-    main_cells(cells, source, args.records, log=lambda m: print(m, flush=True), jobs=args.jobs)
+    broken = main_cells(cells, source, args.records, log=lambda m: print(m, flush=True), jobs=args.jobs)
+    if broken:
+        _err(f"{broken} of {len(cells)} cell(s) could not run (env-error, crash or hotfix-error): see {args.records}")
+        return 1
     return 0
 
 

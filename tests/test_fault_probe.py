@@ -36,3 +36,97 @@ def test_write_atomic_refuses_to_replace_a_non_regular_file(tmp_path: Path):
         write_atomic(fifo, {"a": 1})
     assert stat.S_ISFIFO(fifo.lstat().st_mode)
     assert [p.name for p in tmp_path.iterdir()] == ["pipe"]  # no temp file left
+
+
+# --- (2) destroys: two interpreters sharing one env root; cell exit status when cells crashed -----------------
+
+
+@pytest.fixture
+def fake_layer_installer(monkeypatch) -> list[str]:
+    """Installers that make a torch layer in milliseconds: a venv layout and a torch .dist-info in it."""
+    import sys
+
+    from opensci_patch import envs_base, torch_links
+
+    real_python, built = sys.executable, []
+
+    def run_installer(cmd, cwd, name):
+        if "venv" in cmd:
+            path = Path(cmd[-1])
+            envs_base.site_packages(path).mkdir(parents=True, exist_ok=True)
+            envs_base.venv_python(path).parent.mkdir(parents=True, exist_ok=True)
+            envs_base.venv_python(path).symlink_to(real_python)
+            built.append(path.name)
+            return
+        site = envs_base.site_packages(Path(cmd[cmd.index("--python") + 1]).parents[1])
+        info = site / f"torch-{torch_links.TORCH_PIN}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: torch\nVersion: {torch_links.TORCH_PIN}\n")
+        (site / "torch").mkdir()
+        (site / "torch" / "__init__.py").write_text("")
+
+    monkeypatch.setattr(envs_base, "find_uv", lambda: "uv")
+    monkeypatch.setattr(envs_base, "run_installer", run_installer)
+    return built
+
+
+def _as_interpreter(monkeypatch, executable: str, base: str) -> None:
+    import sys
+
+    monkeypatch.setattr(sys, "executable", executable)
+    monkeypatch.setattr(sys, "_base_executable", base, raising=False)
+
+
+def test_a_second_interpreter_never_deletes_the_torch_layer_the_first_one_uses(tmp_path, monkeypatch,
+                                                                              fake_layer_installer):  # fmt: skip
+    from opensci_patch import envs_base, torch_links
+
+    root = tmp_path / "envs"
+    _as_interpreter(monkeypatch, "/venvs/a/bin/python", "/pythons/one/bin/python3")
+    torch_links.ensure_torch_layer("cpu", root, log=lambda m: None)
+    (first,) = [p for p in root.glob("_torch-cpu-*") if p.is_dir()]
+    in_use = envs_base.site_packages(first) / "torch" / "__init__.py"  # what the first run's cells import
+
+    _as_interpreter(monkeypatch, "/venvs/b/bin/python", "/pythons/one/bin/python3")  # another venv, same base
+    torch_links.ensure_torch_layer("cpu", root, log=lambda m: None)
+    assert in_use.exists() and fake_layer_installer == [first.name]  # shared, not rebuilt
+
+    _as_interpreter(monkeypatch, "/venvs/c/bin/python", "/pythons/two/bin/python3")  # another base interpreter
+    torch_links.ensure_torch_layer("cpu", root, log=lambda m: None)
+    assert in_use.exists()  # its own layer; the first one untouched
+    assert len(fake_layer_installer) == 2 and len({*fake_layer_installer}) == 2
+
+
+def test_a_complete_torch_layer_is_never_deleted_even_when_its_marker_differs(tmp_path, monkeypatch,
+                                                                             fake_layer_installer):  # fmt: skip
+    import json
+
+    from opensci_patch import envs_base, torch_links
+    from opensci_patch.errors import EnvironmentSetupError
+
+    root = tmp_path / "envs"
+    torch_links.ensure_torch_layer("cpu", root, log=lambda m: None)
+    layer = torch_links.torch_layer_path("cpu", root)
+    marker = json.loads((layer / envs_base.MARKER).read_text())
+    (layer / envs_base.MARKER).write_text(json.dumps({**marker, "torch_pin": "0.0.1"}))
+    with pytest.raises(EnvironmentSetupError, match="never deleted"):
+        torch_links.ensure_torch_layer("cpu", root, log=lambda m: None)
+    assert (envs_base.site_packages(layer) / "torch" / "__init__.py").exists()
+
+
+def test_cell_exits_non_zero_when_its_cells_could_not_run(cli, tmp_path: Path):
+    """OPENSCI_PATCH_WHEELS naming no directory: every cell is an env-error, and the command said exit 0."""
+    import subprocess
+    import sys
+
+    from opensci_patch.envs import child_env
+
+    records = tmp_path / "records"
+    env = child_env({"OPENSCI_PATCH_WHEELS": str(tmp_path / "none"), "OPENSCI_PATCH_ENV_ROOT": str(tmp_path / "e")})
+    proc = subprocess.run(
+        [sys.executable, "-m", "opensci_patch.cli", "cell", "--transformers", "4.48.0", "--variant", "patched",
+         "--records", str(records)],
+        text=True, capture_output=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "could not run" in proc.stderr.strip().splitlines()[-1]
