@@ -283,13 +283,46 @@ def load_model(model: Path, dtype: str, attn: str, device: str):
 
     from . import compat
 
-    lm = AutoModelForCausalLM.from_pretrained(
+    lm, info = AutoModelForCausalLM.from_pretrained(
         str(model),
         trust_remote_code=True,
         attn_implementation=attn,
+        output_loading_info=True,
         **{compat.dtype_keyword(): getattr(torch, dtype)},
     )
+    check_loading_info(lm, info)
     return lm.to(device).eval()
+
+
+class WeightsMismatch(Exception):
+    """The checkpoint's tensors are not the model's: some left at their random init, or some never used."""
+
+
+def _names(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def check_loading_info(lm, info: dict) -> None:
+    """Raise `WeightsMismatch` when `from_pretrained` reports missing, unexpected or mismatched keys.
+
+    A missing key whose tensor is tied to a loaded one (lm_head to the embeddings) is not missing.
+    Without this a checkpoint with fewer layers than its config loads "ok" with random layers.
+    """
+    state = lm.state_dict(keep_vars=True)
+    missing = sorted(set(info.get("missing_keys") or []))
+    loaded = {state[k].data_ptr() for k in state if k not in missing}
+    missing = [k for k in missing if k not in state or state[k].data_ptr() not in loaded]
+    unexpected = sorted(set(info.get("unexpected_keys") or []))
+    mismatched = [str(m[0]) if isinstance(m, (tuple, list)) else str(m) for m in info.get("mismatched_keys") or []]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) the model needs are not in the checkpoint ({_names(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} checkpoint tensor(s) the model does not use ({_names(unexpected)})")
+    if mismatched:
+        parts.append(f"{len(mismatched)} tensor(s) of the wrong shape ({_names(mismatched)})")
+    if parts:
+        raise WeightsMismatch("; ".join(parts) + ": check num_hidden_layers and the other sizes in config.json")
 
 
 def capture(settings: CaptureSettings, log=print) -> Record:
@@ -369,6 +402,9 @@ def _capture(settings: CaptureSettings, log) -> Record:
     log(f"loading {model} ({settings.dtype}, {settings.attn}, {settings.device})")
     try:
         lm = load_model(model, settings.dtype, settings.attn, settings.device)
+    except WeightsMismatch as exc:
+        record.status, record.error = "weights-mismatch", error_info(exc)
+        return record
     except Exception as exc:  # noqa: BLE001 - the model code failing to load is a result, not a crash
         record.status, record.error = "load-error", error_info(exc)
         return record

@@ -36,7 +36,15 @@ SCHEMA_VERSION = 2
 OK = "ok"
 RUNNING = "running"  # placeholder written before a cell starts: the cell never finished if it is still there
 # the model code failed: a result of the cell (FAIL or expected-fail)
-MODEL_FAILURES = ("load-error", "forward-error", "generate-error", "generate-mismatch", "nonfinite-logits")
+# weights-mismatch: the checkpoint's tensors are missing, unused or of the wrong shape for the model (its config)
+MODEL_FAILURES = (
+    "load-error",
+    "weights-mismatch",
+    "forward-error",
+    "generate-error",
+    "generate-mismatch",
+    "nonfinite-logits",
+)
 # the cell could not run at all: never a verdict about the model
 RUN_ERRORS = ("env-error", "crash", "hotfix-error")
 STATUSES = (OK, *MODEL_FAILURES, *RUN_ERRORS, RUNNING)

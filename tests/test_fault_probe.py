@@ -130,3 +130,33 @@ def test_cell_exits_non_zero_when_its_cells_could_not_run(cli, tmp_path: Path):
     )  # fmt: skip
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "could not run" in proc.stderr.strip().splitlines()[-1]
+
+
+# --- (3) silently wrong: tensors missing from (or unused in) the checkpoint ------------------------------------
+
+
+def _hotfixed_with_layers(cli, model_dir: Path, tmp_path: Path, layers: int) -> Path:
+    import json
+
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
+    out = tmp_path / f"fixed{layers}"
+    assert cli("hotfix", str(model_dir), "--out", str(out)).returncode == 0
+    return out
+
+
+@pytest.mark.parametrize(("layers", "reference", "words"), [
+    (4, "off", "18 tensor(s) the model needs are not in the checkpoint"),  # was: status ok, 18 tensors random
+    (4, "auto", "18 tensor(s) the model needs are not in the checkpoint"),  # was: a bare traceback
+    (2, "off", "18 checkpoint tensor(s) the model does not use"),
+])  # fmt: skip
+def test_a_checkpoint_whose_tensors_do_not_match_its_config_is_never_ok(cli, model_dir, tmp_path, layers, reference,
+                                                                        words):  # fmt: skip
+    from opensci_patch import records
+
+    fixed = _hotfixed_with_layers(cli, model_dir, tmp_path, layers)
+    out = tmp_path / "r.json"
+    proc = cli("capture", str(fixed), "--reference", reference, "--max-new-tokens", "1", "--out", str(out))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    record = records.load(out)
+    assert record.status == "weights-mismatch" and words in record.error["message"]
