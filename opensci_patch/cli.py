@@ -221,7 +221,8 @@ def cmd_report(args) -> int:
 
     bad = write_report(args.records, args.results, machine=args.machine)
     if bad:
-        _err(f"{bad} cell(s) FAIL, XPASS or error, or record file(s) refused: see {args.results / 'matrix.md'}")
+        where = args.results / "matrix.md"
+        _err(f"{bad} cell(s) FAIL, XPASS, error or cannot-judge, or record file(s) refused: see {where}")
         return 1
     return 0
 

@@ -8,6 +8,7 @@ A cell's verdict compares what happened with what the cell declared (`matrix.exp
 - FAIL: expected to pass and did not (model error, KV-cache self-check failed, wrong answer, or not
   bit-identical: the first differing decode step is named);
 - XPASS: expected to fail but passed: upstream changed, the expectation must be updated;
+- cannot-judge: ran to the end, but there is no reference cell (that ran ok) to compare it with;
 - error: the cell could not run (environment install, crash, hotfix failure), never finished
   (its placeholder record says "running"), or is ambiguous (two records for one cell id).
 
@@ -37,8 +38,8 @@ from .matrix import REFERENCE, VARIANTS
 from .records import Record, RecordError
 from .report_plot import MISSING, plot, plot_grid, variants, version_key
 
-BAD = ("FAIL", "XPASS", "error")
-VERDICTS = ("pass", "expected-fail", "FAIL", "XPASS", "error")
+BAD = ("FAIL", "XPASS", "error", "cannot-judge")
+VERDICTS = ("pass", "expected-fail", "FAIL", "XPASS", "error", "cannot-judge")
 
 
 @dataclass
@@ -130,6 +131,27 @@ def first_step_difference(rec: Record, ref: Record) -> str | None:
     return None
 
 
+def shown_values_differ(rec: Record, ref: Record) -> str | None:
+    """What the report shows of a record that its `logits_sha256` cannot vouch for, compared with the
+    reference cell's: equal hashes mean bit-identical logits, so the target logit and rank, the top-k ids
+    and logits, the fp64 gap (the same deterministic fp64 forward) and the greedy text must be equal too.
+    A record whose values differ while its hash matches was edited or is corrupt; it never passes."""
+    mine, theirs = rec.target or {}, ref.target or {}
+    checks = [
+        ("target logit and rank", (mine.get("id"), mine.get("logit"), mine.get("rank")),
+         (theirs.get("id"), theirs.get("logit"), theirs.get("rank"))),
+        ("top-k logits", [(t.get("id"), t.get("logit")) for t in rec.topk],
+         [(t.get("id"), t.get("logit")) for t in ref.topk]),
+        ("greedy text", (rec.generation or {}).get("text"), (ref.generation or {}).get("text")),
+    ]  # fmt: skip
+    if rec.reference and ref.reference:
+        checks.append(("fp64 gap", rec.reference.get("max_abs_diff"), ref.reference.get("max_abs_diff")))
+    for what, a, b in checks:
+        if a != b:
+            return f"record contradicts itself: logits_sha256 equals the reference cell's but its {what} differs"
+    return None
+
+
 def _succeeded(rec: Record, ref: Record | None) -> tuple[bool, str]:
     if rec.status != records.OK:
         return False, _failure(rec)
@@ -137,6 +159,9 @@ def _succeeded(rec: Record, ref: Record | None) -> tuple[bool, str]:
         return False, "no reference cell to compare with"
     if rec.logits_sha256 != ref.logits_sha256:
         return False, "logits differ from the reference cell"
+    contradiction = shown_values_differ(rec, ref)
+    if contradiction:
+        return False, contradiction
     steps = first_step_difference(rec, ref)
     if steps:
         return False, steps
@@ -148,6 +173,8 @@ def _succeeded(rec: Record, ref: Record | None) -> tuple[bool, str]:
 def verdict(rec: Record, ref: Record | None) -> tuple[str, str]:
     if rec.status in records.RUN_ERRORS or rec.status == records.RUNNING:
         return "error", _failure(rec)
+    if rec.status == records.OK and ref is None:  # ran, but nothing to compare with: neither pass nor FAIL
+        return "cannot-judge", f"no reference cell ({' '.join(REFERENCE)}, same build, dtype and attention) that ran ok"
     ok, why = _succeeded(rec, ref)
     if rec.expected["outcome"] == "xfail":
         reason = rec.expected["reason"]
@@ -215,7 +242,7 @@ def rows(recs: list[Record], sources: list[str] | None = None) -> list[dict]:
                 "rank": t.get("rank"),
                 "top1": r.topk[0]["token"] if r.topk and trusted else None,
                 "top10_max_diff": _top10_diff(r, ref) if trusted else None,
-                "bit_identical": (r.logits_sha256 == ref.logits_sha256)
+                "bit_identical": (r.logits_sha256 == ref.logits_sha256 and not shown_values_differ(r, ref))
                 if trusted and ref and r.logits_sha256
                 else None,
                 "decode_steps": _decode(r, ref) if trusted else None,
@@ -340,7 +367,7 @@ class Report:
 
     @property
     def bad(self) -> int:
-        """Cells that are FAIL, XPASS or error, plus record files refused: the exit status's reason."""
+        """Cells that are FAIL, XPASS, error or cannot-judge, plus record files refused: the exit status's reason."""
         return sum(self.counts.get(k, 0) for k in BAD) + len(self.problems)
 
     def problem_lines(self) -> list[str]:

@@ -160,3 +160,40 @@ def test_a_checkpoint_whose_tensors_do_not_match_its_config_is_never_ok(cli, mod
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     record = records.load(out)
     assert record.status == "weights-mismatch" and words in record.error["message"]
+
+
+# --- (4) silently wrong: report trusted logits_sha256 over the values it shows; no reference cell ---------------
+
+
+def _report_verdicts(recs) -> dict:
+    from opensci_patch import report
+
+    return {r["cell"]: (r["status"], r["why"], r["bit_identical"]) for r in report.rows(recs)}
+
+
+@pytest.mark.parametrize("edit", ["target", "topk", "greedy", "fp64"])
+def test_a_record_whose_shown_values_differ_from_the_reference_never_passes_on_its_hash(edit: str):
+    import test_report as tr
+
+    ref, rec = tr.ok(tr.REF_VERSION), tr.ok("5.2.0")  # the same logits_sha256
+    ref.reference = {"dtype": "float64", "max_abs_diff": 3.4e-6, "target_logit": 14.5}
+    rec.reference = dict(ref.reference)
+    if edit == "target":
+        rec.target = {**rec.target, "logit": 99.0}
+    elif edit == "topk":
+        rec.topk = [{**t, "logit": t["logit"] + 5.0} for t in rec.topk]
+    elif edit == "greedy":
+        rec.generation["text"] = " Berlin."
+    else:
+        rec.reference["max_abs_diff"] = 1e-12
+    status, why, bit_identical = _report_verdicts([ref, rec])[tr.vid("5.2.0")]
+    assert status == "FAIL" and "contradicts itself" in why and bit_identical is False
+    assert _report_verdicts([ref, tr.ok("5.2.0")])[tr.vid("5.2.0")][0] == "pass"  # unedited: still a pass
+
+
+def test_no_reference_cell_is_cannot_judge_not_fail_and_still_exits_non_zero(tmp_path: Path):
+    import test_report as tr
+
+    bad, md, summary = tr.run_report(tmp_path, [tr.ok("5.2.0")])
+    assert summary["verdicts"][tr.vid("5.2.0")] == "cannot-judge" and bad == 1
+    assert "FAIL" not in summary["counts"]
