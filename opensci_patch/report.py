@@ -89,7 +89,21 @@ def _ambiguous(recs: list[Record], sources: list[str] | None) -> dict[str, str]:
     for r in recs:
         if r.cell_id not in out and r.status == records.RUNNING:
             out[r.cell_id] = "never finished (its record still says 'running': killed or still running); re-run it"
+        elif r.cell_id not in out and not _same_release(r.environment.get("transformers"), r.cell["transformers"]):
+            out[r.cell_id] = (
+                f"the record ran transformers {r.environment.get('transformers')!r}, its cell is "
+                f"{r.cell['transformers']}: not this cell's result; re-run it"
+            )
     return out
+
+
+def _same_release(ran, declared) -> bool:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(str(ran)) == Version(str(declared))
+    except InvalidVersion:
+        return False
 
 
 def references(recs: list[Record], ambiguous: dict[str, str] | None = None) -> dict[tuple, Record]:

@@ -197,3 +197,16 @@ def test_no_reference_cell_is_cannot_judge_not_fail_and_still_exits_non_zero(tmp
     bad, md, summary = tr.run_report(tmp_path, [tr.ok("5.2.0")])
     assert summary["verdicts"][tr.vid("5.2.0")] == "cannot-judge" and bad == 1
     assert "FAIL" not in summary["counts"]
+
+
+# --- (5) silently wrong: a record that ran another release than its cell ---------------------------------------
+
+
+def test_a_record_whose_environment_disagrees_with_its_cell_is_an_error_not_the_cell(tmp_path: Path):
+    import test_report as tr
+
+    other = tr.ok("5.2.0")
+    other.environment["transformers"] = "4.57.6"
+    bad, md, summary = tr.run_report(tmp_path, [tr.ok(tr.REF_VERSION), other])
+    assert summary["verdicts"][tr.vid("5.2.0")] == "error" and bad == 1
+    assert any("ran transformers '4.57.6'" in p for p in summary["problems"])
