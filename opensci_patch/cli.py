@@ -21,7 +21,6 @@ from .defaults import (
     DTYPES,
     FIXTURE_DIR,
     MAX_NEW_TOKENS,
-    OLDEST_SUPPORTED,
     TORCH_BUILDS,
 )
 from .errors import DestinationError, OpensciPatchError
@@ -46,18 +45,6 @@ def check_output_file(path: Path, force: bool) -> None:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise DestinationError(f"{path}: cannot write into {parent} (not a writable directory)")
-
-
-def check_release_name(version: str) -> None:
-    """A transformers release number we support (a typo must not cost an env build, nor stop later cells)."""
-    from packaging.version import InvalidVersion, Version
-
-    try:
-        parsed = Version(version)
-    except InvalidVersion:
-        raise OpensciPatchError(f"transformers {version!r} is not a release number (e.g. 5.2.0)") from None
-    if parsed < Version(OLDEST_SUPPORTED):
-        raise OpensciPatchError(f"transformers {version} is unsupported (< {OLDEST_SUPPORTED}); choose a newer one")
 
 
 def check_output_dir(path: Path, option: str) -> None:
@@ -160,16 +147,16 @@ def cmd_cell(args) -> int:
     """Run matrix cells (one env per release x torch build; all model variants in it)."""
     from . import matrix, releases
 
+    named = [releases.canonical(v, pre=args.pre) for v in args.transformers]  # all refused before any cell runs
     if args.sweep or args.pre or args.all:
         versions = releases.resolve(matrix.TRANSFORMERS_VERSIONS, sweep=args.sweep, pre=args.pre)
-        versions = sorted(set(versions) | set(args.transformers), key=releases.Version)
+        versions = sorted(set(versions) | set(named), key=releases.Version)
     else:
-        versions = args.transformers
+        versions = list(dict.fromkeys(named))
     if not versions:
         raise OpensciPatchError("name a release with --transformers X (repeatable), or pass --all or --sweep")
-    for v in versions:  # all refused before any cell runs
-        check_release_name(v)
     check_output_dir(args.records, "--records")
+    releases.check_known(versions, matrix.TRANSFORMERS_VERSIONS)
     source = args.model or FIXTURE_DIR
     variants = args.variant or list(matrix.VARIANTS)
     if args.model:
@@ -236,6 +223,12 @@ def cmd_bisect(args) -> int:
 
         validate_model_dir(args.model)
     versions = [v for arg in args.versions for v in arg.split(",")] if args.versions else None
+    if versions is not None:  # each must exist, before any cell runs (without --versions, bisect checks on PyPI)
+        from . import matrix, releases
+        from .bisect import release
+
+        named = [str(release(v, flag)) for v, flag in ((args.good, "--good"), (args.bad, "--bad"))]
+        releases.check_known([*named, *(str(release(v, "--versions")) for v in versions)], matrix.TRANSFORMERS_VERSIONS)
     work = args.work or Path(tempfile.mkdtemp(prefix="opensci-bisect-"))
     say = lambda m: print(m, flush=True)  # noqa: E731
     last_good, first_bad, _ = bisect(  # logs the boundary itself

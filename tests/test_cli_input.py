@@ -133,7 +133,7 @@ def test_a_missing_tokenizer_is_one_line(cli, model_dir: Path):
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (["--transformers", "abc"], "not a release number"),
+        (["--transformers", "abc"], "not a transformers release number"),
         (["--transformers", "5.2.0", "--transformers", "4.30.0"], "unsupported (< 4.48.0)"),
     ],
 )
