@@ -22,11 +22,13 @@ value, so they cannot disagree.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
 import os
 import platform
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from tabulate import tabulate
 
 from . import records
 from .errors import DestinationError, OpensciPatchError
+from .faults import fault_point
 from .matrix import REFERENCE, VARIANTS
 from .records import Record, RecordError
 from .report_plot import MISSING, plot, plot_grid, variants, version_key
@@ -510,6 +513,70 @@ def _check_results_dir(results_dir: Path) -> None:
         raise DestinationError(f"{results_dir}: not writable; pass a writable --results")
 
 
+JOURNAL = ".report-pending.json"  # the renames a report run has still to make: present = unfinished
+
+
+@contextlib.contextmanager
+def records_lock(results_dir: Path):
+    """One report at a time writes into a results directory (fcntl lock on `.report.lock`)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no cross-process lock
+        yield
+        return
+    with open(results_dir / ".report.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def write_pair(results_dir: Path, files: dict[str, str | dict]) -> None:
+    """Write matrix.md and summary.json so that they are always of one run, also after a kill.
+
+    Both go to temp files first; a journal naming the renames is written (atomically) before the first
+    rename and removed after the last, so a run killed between the two renames is finished by the next
+    one (`finish_pair`), and temp files of a run killed before its journal are removed by it.
+    """
+    with records_lock(results_dir):
+        finish_pair(results_dir)
+        renames = []
+        try:
+            for name, content in files.items():
+                tmp = results_dir / f".{name}.{os.getpid()}-{secrets.token_hex(3)}.tmp"
+                records.write_atomic(tmp, content)
+                renames.append([tmp.name, name])
+            fault_point("report.temps")
+            records.write_atomic(results_dir / JOURNAL, {"renames": renames})
+        except BaseException:
+            for tmp, _ in renames:
+                (results_dir / tmp).unlink(missing_ok=True)
+            raise
+        finish_pair(results_dir, between=lambda: fault_point("report.renamed-one"))
+
+
+def finish_pair(results_dir: Path, between=lambda: None) -> None:
+    """Make the renames a journal names (a killed run's, or this run's), then drop the journal and any
+    temp file of ours that no journal names (a run killed before it wrote its journal). Hold `records_lock`."""
+    journal = results_dir / JOURNAL
+    try:
+        renames = json.loads(journal.read_text())["renames"]
+    except FileNotFoundError:
+        renames = []
+    except (OSError, ValueError, KeyError, TypeError):
+        renames = []  # a torn journal cannot be: it is written atomically; treat it as none
+    for i, (tmp, name) in enumerate(renames):
+        if (results_dir / tmp).is_file():
+            os.replace(results_dir / tmp, results_dir / name)
+        if i == 0:
+            between()
+    journal.unlink(missing_ok=True)
+    for name in ("matrix.md", "summary.json", JOURNAL):  # ours (.NAME.*.tmp) and write_atomic's of ours
+        for leftover in [*results_dir.glob(f".{name}.*.tmp"), *results_dir.glob(f"..{name}.*.tmp")]:
+            leftover.unlink(missing_ok=True)
+
+
 def write_report(
     records_dir: Path, results_dir: Path, *, title: str = "Cross-version matrix", machine: str | None = None, log=print
 ) -> int:
@@ -517,6 +584,8 @@ def write_report(
     results_dir = Path(results_dir)
     _check_results_dir(results_dir)
     summary_path = results_dir / "summary.json"
+    with records_lock(results_dir):
+        finish_pair(results_dir)  # a killed earlier run: completed or cleaned up before anything is read
     previous = read_previous(summary_path)
     loaded = load_records(records_dir)
     if not loaded.records and not loaded.problems:
@@ -528,9 +597,10 @@ def write_report(
     if not grid_png and rep.grid:
         log("matplotlib is not installed: no matrix_grid.png / paris_logit.png (pip install opensci-patch[plot])")
     paris_png = plot(rep.table, results_dir / "paris_logit.png") if grid_png else False
+    run_id = f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}"
     text = matrix_markdown(rep, title=title, date=date, machine=machine, grid_png=grid_png, paris_png=paris_png)
-    records.write_atomic(results_dir / "matrix.md", text)
-    records.write_atomic(summary_path, summary_json(rep, date, machine))  # last: the next run diffs against it
+    text = text.replace("\n\n", f"\n\nReport run `{run_id}` (the same in summary.json).\n\n", 1)
+    write_pair(results_dir, {"matrix.md": text, "summary.json": {**summary_json(rep, date, machine), "run_id": run_id}})
     log(
         f"wrote {results_dir / 'matrix.md'} ({len(rep.table)} cells; "
         + ", ".join(f"{k} {v}" for k, v in rep.counts.items())
