@@ -1,7 +1,8 @@
 """The `opensci-patch` command. Thin: parses arguments and delegates to the modules.
 
 Exit codes: 0 success; 1 the model ran into an error that is recorded (e.g. the original
-code fails to load); 2 bad input or a refused operation (one line on stderr); 130 Ctrl-C.
+code fails to load); 2 bad input or a refused operation (one line on stderr); 130 Ctrl-C; 143 SIGTERM
+(handled as Ctrl-C: the same cleanup runs).
 """
 
 from __future__ import annotations
@@ -429,10 +430,30 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C: every cleanup that runs after Ctrl-C runs (temp dirs, partial outputs, locks)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    batch = sys.modules.get("opensci_patch.batch")
+    if batch is not None:
+        batch.terminate_children()
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
+    except Terminated:
+        _err("terminated")
+        return 143
     except OpensciPatchError as exc:
         first, *detail = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
         _err(first)  # one line; the rest (a log tail, a diff) only when asked for
@@ -444,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

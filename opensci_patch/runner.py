@@ -96,7 +96,7 @@ def _capture_in_env(cell: Cell, env, model_dir: Path, tmp: Path, timeout: float,
     hotfix, capture = cell_cli_args(cell, model_dir, tmp, rec_path)
     cli = ["-m", "opensci_patch.cli"]
     if hotfix is not None:  # hotfix in the cell's own env: the driver needs no libcst or torch
-        proc = run_python(env, [*cli, *hotfix], timeout=timeout)
+        proc = run_python(env, [*cli, *hotfix], timeout=timeout, env_vars={"TMPDIR": str(tmp)})
         if proc.returncode != 0:
             return rec_io.error_record(
                 cell,
@@ -107,7 +107,7 @@ def _capture_in_env(cell: Cell, env, model_dir: Path, tmp: Path, timeout: float,
             )
     args = [*cli, *capture]
     try:
-        proc = run_python(env, args, timeout=timeout)
+        proc = run_python(env, args, timeout=timeout, env_vars={"TMPDIR": str(tmp)})  # its temp files die with tmp
     except subprocess.TimeoutExpired as exc:
         return rec_io.error_record(cell, "crash", "Timeout", f"capture ran over {timeout:.0f}s", str(exc))
     return capture_result(cell, rec_path, proc.returncode, proc.stdout + proc.stderr)

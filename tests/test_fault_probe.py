@@ -354,3 +354,62 @@ def test_a_report_killed_between_its_writes_never_leaves_a_pair_of_two_runs(tmp_
     again = _run_ids(results)
     assert again[0] == again[1] and again != first
     assert sorted(p.name for p in results.iterdir() if p.name.startswith(".")) == [".report.lock"]  # no leftovers
+
+
+# --- leftovers: SIGTERM is handled as Ctrl-C -------------------------------------------------------------------
+
+
+def _terminate_when(cmd: list[str], tmpdir: Path, ready, timeout: float = 300):
+    """Start the CLI with a private TMPDIR, SIGTERM it once `ready()` holds, and return the finished process."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from opensci_patch.envs import child_env
+
+    tmpdir.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "opensci_patch.cli", *cmd], env=child_env({"TMPDIR": str(tmpdir)}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "finished before it could be terminated"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+def test_a_terminated_capture_leaves_no_modules_cache(model_dir: Path, tmp_path: Path):
+    tmpdir = tmp_path / "tmp"
+    rc, err = _terminate_when(["capture", str(model_dir), "--max-new-tokens", "20"], tmpdir,
+                              lambda: any(tmpdir.glob("opensci-hf-modules-*/*")))  # fmt: skip
+    assert rc == 143 and "terminated" in err, err
+    assert list(tmpdir.iterdir()) == []
+
+
+def test_a_terminated_cell_run_leaves_no_run_dir_or_modules_cache(tmp_path: Path):
+    from opensci_patch import records
+
+    tmpdir, recs = tmp_path / "tmp", tmp_path / "records"
+    cmd = ["cell", "--transformers", "4.48.0", "--torch", "system", "--variant", "patched", "--records", str(recs)]
+    rc, err = _terminate_when(cmd, tmpdir, lambda: any(tmpdir.glob("opensci-run-*/**/opensci-hf-modules-*")))
+    assert rc == 143, err
+    assert list(tmpdir.iterdir()) == []
+    assert {records.load(p).status for p in recs.glob("*.json")} <= {"running", "crash"}  # never a result
+
+
+def test_a_terminated_hotfix_leaves_nothing_behind(tmp_path: Path):
+    import subprocess
+    import sys
+
+    from opensci_patch import faults
+    from opensci_patch.defaults import FIXTURE_DIR
+    from opensci_patch.envs import child_env
+
+    dst = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "opensci_patch.cli", "hotfix", str(FIXTURE_DIR), "--out", str(dst)],
+                          env=child_env({faults.FAULT_VAR: "hotfix.copied:SIGTERM"}), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 143, proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no .out.partial-*, no .out.lock
