@@ -413,3 +413,101 @@ def test_a_terminated_hotfix_leaves_nothing_behind(tmp_path: Path):
                           timeout=300)  # fmt: skip
     assert proc.returncode == 143, proc.stderr
     assert list(tmp_path.iterdir()) == []  # no .out.partial-*, no .out.lock
+
+
+# --- bad input: one line, exit 2, before any work ---------------------------------------------------------------
+
+
+def _edit_config(model_dir: Path, **changes) -> None:
+    import json
+
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+@pytest.mark.parametrize(("value", "words"), [(1e23, "not a positive integer"), (10**9, "of memory available"),
+                                               (0, "not a positive integer")])  # fmt: skip
+def test_impossible_sizes_are_refused_before_the_model_is_built(cli, model_dir: Path, tmp_path: Path, value, words):
+    _edit_config(model_dir, num_hidden_layers=value)
+    out = tmp_path / "r.json"
+    _one_line_exit_2(cli("capture", str(model_dir), "--out", str(out), timeout=120), words)
+    assert not out.exists()
+
+
+def test_a_prompt_longer_than_the_models_positions_is_refused(cli, model_dir: Path):
+    _one_line_exit_2(cli("capture", str(model_dir), "--prompt", "word " * 20000), "max_position_embeddings (512)")
+
+
+def _rewrite_header(path: Path, edit) -> None:
+    import json
+    import struct
+
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(new)) + new + data[8 + n :])
+
+
+def _first(header: dict) -> dict:
+    return header[sorted(k for k in header if k != "__metadata__")[0]]
+
+
+@pytest.mark.parametrize("damage", ["overlap", "dtype", "shape"])
+def test_malformed_safetensors_offsets_dtypes_and_shapes_are_bad_input(cli, model_dir: Path, damage: str):
+    def edit(header: dict) -> None:
+        entry = _first(header)
+        if damage == "overlap":  # a tensor whose bytes run into the next one's
+            entry["data_offsets"] = [entry["data_offsets"][0], entry["data_offsets"][1] + 4]
+        elif damage == "dtype":
+            entry["dtype"] = "Q9"
+        else:
+            entry["shape"] = [*entry["shape"], 2]
+
+    _rewrite_header(model_dir / "model.safetensors", edit)
+    _one_line_exit_2(cli("capture", str(model_dir)), "corrupt safetensors")
+
+
+def test_a_shape_mismatch_names_the_tensors_instead_of_an_unshown_report(cli, model_dir, tmp_path):
+    from opensci_patch import records
+
+    assert cli("hotfix", str(model_dir), "--out", str(tmp_path / "fixed")).returncode == 0
+    _edit_config(tmp_path / "fixed", intermediate_size=128)
+    out = tmp_path / "r.json"
+    proc = cli("capture", str(tmp_path / "fixed"), "--out", str(out), "--max-new-tokens", "1")
+    assert proc.returncode == 1 and "above report" not in proc.stderr
+    record = records.load(out)
+    assert record.status == "weights-mismatch"
+    assert "(256, 96) in the checkpoint, (128, 96) in the model" in record.error["message"]
+
+
+def test_a_missing_tokenizer_json_is_blamed_on_the_tokenizer_not_on_target(cli, model_dir: Path):
+    (model_dir / "tokenizer.json").unlink()  # tokenizer_config.json alone loads a tokenizer with no vocabulary
+    proc = cli("capture", str(model_dir))
+    _one_line_exit_2(proc, "tokenizer.json is missing")
+    assert "--target" not in proc.stderr
+
+
+def test_auto_map_naming_a_missing_file_is_bad_input(cli, model_dir: Path, tmp_path: Path):
+    (model_dir / "configuration_opensci.py").unlink()
+    out = tmp_path / "r.json"
+    _one_line_exit_2(cli("capture", str(model_dir), "--out", str(out)), "configuration_opensci.py")
+    assert not out.exists()
+
+
+def test_an_unterminated_triple_quote_is_reported_at_pythons_line(cli, model_dir: Path):
+    modeling = model_dir / "modeling_opensci.py"
+    lines = modeling.read_text().splitlines(keepends=True)
+    at = len(lines) // 2
+    modeling.write_text("".join(lines[:at]) + 'X = """never closed\n' + "".join(lines[at:]))
+    with pytest.raises(SyntaxError) as python:
+        compile(modeling.read_text(), str(modeling), "exec")
+    proc = cli("hotfix", str(model_dir))
+    _one_line_exit_2(proc, f"syntax error at line {python.value.lineno},")
+
+
+def test_hotfix_refuses_a_config_json_that_is_not_an_object(cli, model_dir: Path):
+    (model_dir / "config.json").write_text("[1, 2]")
+    _one_line_exit_2(cli("hotfix", str(model_dir)), "not a config object")
+    assert not (model_dir.parent / f"{model_dir.name}_fixed").exists()
