@@ -97,6 +97,8 @@ def run_plan(plan_path: Path) -> int:
             captures += 1
         rec_io.write_atomic(Path(step["status"]), {"rc": rc, "stderr": rec_io.tail(err)})
         print(f"{STEP_DONE} {i} {rc}", flush=True)
+        if rc in (130, 143):  # the step was interrupted or terminated (Ctrl-C, SIGTERM): so is the batch
+            return rc
         if crash_after and captures == crash_after and i < len(steps) - 1:
             os.kill(os.getpid(), signal.SIGKILL)
     return 0
