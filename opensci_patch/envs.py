@@ -278,9 +278,10 @@ def check_version(version: str) -> str:
     try:
         canonical = releases.canonical(version, pre=True)
     except OpensciPatchError as exc:
-        raise EnvironmentSetupError(str(exc)) from None
+        raise EnvironmentSetupError(f"{version!r} is not a transformers release version ({exc})") from None
     if canonical != version:
-        raise EnvironmentSetupError(f"{version!r} is not a release in its canonical form ({canonical!r})")
+        raise EnvironmentSetupError(f"{version!r} is not a transformers release version in its canonical form "
+                                    f"({canonical!r})")  # fmt: skip
     return canonical
 
 
