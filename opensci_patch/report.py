@@ -517,7 +517,7 @@ JOURNAL = ".report-pending.json"  # the renames a report run has still to make: 
 
 
 @contextlib.contextmanager
-def records_lock(results_dir: Path):
+def results_lock(results_dir: Path):
     """One report at a time writes into a results directory (fcntl lock on `.report.lock`)."""
     try:
         import fcntl
@@ -539,7 +539,7 @@ def write_pair(results_dir: Path, files: dict[str, str | dict]) -> None:
     rename and removed after the last, so a run killed between the two renames is finished by the next
     one (`finish_pair`), and temp files of a run killed before its journal are removed by it.
     """
-    with records_lock(results_dir):
+    with results_lock(results_dir):
         finish_pair(results_dir)
         renames = []
         try:
@@ -558,7 +558,7 @@ def write_pair(results_dir: Path, files: dict[str, str | dict]) -> None:
 
 def finish_pair(results_dir: Path, between=lambda: None) -> None:
     """Make the renames a journal names (a killed run's, or this run's), then drop the journal and any
-    temp file of ours that no journal names (a run killed before it wrote its journal). Hold `records_lock`."""
+    temp file of ours that no journal names (a run killed before it wrote its journal). Hold `results_lock`."""
     journal = results_dir / JOURNAL
     try:
         renames = json.loads(journal.read_text())["renames"]
@@ -584,7 +584,7 @@ def write_report(
     results_dir = Path(results_dir)
     _check_results_dir(results_dir)
     summary_path = results_dir / "summary.json"
-    with records_lock(results_dir):
+    with results_lock(results_dir):
         finish_pair(results_dir)  # a killed earlier run: completed or cleaned up before anything is read
     previous = read_previous(summary_path)
     loaded = load_records(records_dir)
