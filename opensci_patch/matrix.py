@@ -206,19 +206,14 @@ def expectation(cell: Cell) -> Expectation:
 def releases_from_env() -> list[str]:
     """The releases the noxfile parametrises: `OPENSCI_PATCH_RELEASES` (space/comma separated, set by
     the workflows' plan step from `opensci-patch releases --sweep`) or else the pinned list."""
-    from .errors import OpensciPatchError
-
     raw = os.environ.get("OPENSCI_PATCH_RELEASES", "").replace(",", " ").split()
     if not raw:
         return list(TRANSFORMERS_VERSIONS)
-    from packaging.version import InvalidVersion, Version
+    from packaging.version import Version
 
-    for v in raw:
-        try:
-            Version(v)
-        except InvalidVersion:
-            raise OpensciPatchError(f"OPENSCI_PATCH_RELEASES: {v!r} is not a release version") from None
-    return sorted(set(raw), key=Version)
+    from .releases import canonical
+
+    return sorted({canonical(v, what="OPENSCI_PATCH_RELEASES:", pre=True) for v in raw}, key=Version)
 
 
 def all_cells(versions=None, builds=None, models=None) -> list[Cell]:

@@ -133,7 +133,7 @@ def test_noxfile_releases_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("OPENSCI_PATCH_RELEASES", "5.3.0, 4.48.0 5.3.0")
     assert matrix.releases_from_env() == ["4.48.0", "5.3.0"]
     monkeypatch.setenv("OPENSCI_PATCH_RELEASES", "five")
-    with pytest.raises(Exception, match="not a release version"):
+    with pytest.raises(Exception, match="not a transformers release number"):
         matrix.releases_from_env()
     monkeypatch.delenv("OPENSCI_PATCH_RELEASES")
     assert matrix.releases_from_env() == matrix.TRANSFORMERS_VERSIONS
