@@ -80,10 +80,11 @@ def test_hotfix_writes_a_patched_copy_next_to_the_source(src: Path, quiet: list[
     result = hotfix(src, log=quiet.append)
     assert result.dst == src.parent / "opensci-tiny_fixed"
     assert result.changed_files == 1
-    # moved_helpers targets modular-generated files, rope_theta files that read a library config's rope_theta;
-    # the shipped, hand-written one has none of their constructs
+    # moved_helpers and auto_docstring_args target modular-generated files, rope_theta files that read a library
+    # config's rope_theta; the shipped, hand-written one has none of their constructs
     assert result.summary == {
-        p.name: "not-applicable" if p.name in ("moved_helpers", "rope_theta") else "applied" for p in default_patches()
+        p.name: "not-applicable" if p.name in ("moved_helpers", "auto_docstring_args", "rope_theta") else "applied"
+        for p in default_patches()
     }
     fixed = (result.dst / "modeling_opensci.py").read_text()
     assert "# opensci-patch: inv_freq_guard" in fixed
@@ -146,7 +147,7 @@ def test_hotfixing_a_fixed_dir_changes_nothing(src: Path, quiet: list[str], tmp_
     assert set(second.summary.values()) == {"already-applied", "not-applicable"}
     assert second.summary["moved_helpers"] == "not-applicable"
     assert second.diff == ""
-    assert sum("already patched: nothing to change" in line for line in quiet) == len(default_patches()) - 2
+    assert sum("already patched: nothing to change" in line for line in quiet) == len(default_patches()) - 3
     assert {k: v for k, v in _tree(second.dst).items() if k != MANIFEST} == {
         k: v for k, v in _tree(first.dst).items() if k != MANIFEST
     }
