@@ -439,11 +439,11 @@ def matrix_markdown(rep: Report, *, title: str, date: str, machine: str, grid_pn
     for name, cells in rep.grid.items():
         if len(rep.grid) > 1:
             lines += [f"### {name}", ""]
-        overridden = {
-            r["transformers"]: ", ".join(r["overrides"])
-            for r in rep.table
-            if r.get("overrides") and _group_name(r) == name
-        }
+        overridden: dict[str, str] = {}
+        for r in rep.table:
+            if r.get("overrides") and _group_name(r) == name:
+                seen = overridden.get(r["transformers"], "").split("; ") if r["transformers"] in overridden else []
+                overridden[r["transformers"]] = "; ".join(dict.fromkeys([*seen, ", ".join(r["overrides"])]))
         lines += [markdown_grid(cells, set(rep.new_releases), overridden), ""]
     if grid_png:
         lines += ["![release x variant grid](matrix_grid.png)", ""]
