@@ -310,15 +310,23 @@ _REQUIRES = "import importlib.metadata as m, json; print(json.dumps(m.requires('
 def _pip_requirements(path: Path, overrides: list[str]) -> list[str]:
     """transformers' own requirements (no extras) as its installed metadata lists them, the overridden
     packages' replaced by the overrides: pip's nearest equivalent of uv's `--override`."""
-    from packaging.requirements import Requirement
-
-    proc = subprocess.run([str(envs_base.venv_python(path)), "-c", _REQUIRES], capture_output=True, text=True)
+    python = str(envs_base.venv_python(path))
+    isolated = envs_base.child_env(source=False)
+    proc = subprocess.run([python, "-c", _REQUIRES], capture_output=True, text=True, env=isolated)
     if proc.returncode != 0:
         why = envs_base.tail(proc.stderr, 1)
         raise EnvironmentSetupError(f"env {path.name}: cannot read transformers' requirements: {why}")
+    return rewrite_requirements(json.loads(proc.stdout), overrides)
+
+
+def rewrite_requirements(requires: list[str], overrides: list[str]) -> list[str]:
+    """`requires` (a distribution's Requires-Dist) without extras and without the overridden packages, then the
+    overrides."""
+    from packaging.requirements import Requirement
+
     names = {Requirement(r).name.lower() for r in overrides}
     kept = []
-    for line in json.loads(proc.stdout):
+    for line in requires:
         req = Requirement(line)
         if req.name.lower() in names or (req.marker is not None and "extra" in str(req.marker)):
             continue
