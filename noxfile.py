@@ -9,9 +9,9 @@
 
 The lists of releases, torch builds and model variants live in `opensci_patch/matrix.py`
 (one place); this file only declares sessions over them and calls the CLI. The cell sessions
-cover the pinned releases and the newest final on the package index, or those in `OPENSCI_PATCH_RELEASES` (the workflows set it from
-`opensci-patch releases --sweep`, so a release nobody pinned still gets its session). Cells run in
-per-release environments managed by `opensci_patch.envs` (reused across runs, shared by the
+cover the pinned releases and the newest final on the package index, or those in `OPENSCI_PATCH_RELEASES`
+(the workflows set it from `opensci-patch releases --sweep`, so a release nobody pinned still gets its
+session). Cells run in per-release environments managed by `opensci_patch.envs` (reused across runs, shared by the
 original/patched variants), so the cell sessions themselves need no virtualenv of their own.
 Posargs of matrix/cell: `--model DIR` to run on another checkpoint (e.g. the real download). Both pass the
 committed `matrix-overrides.txt` (`--overrides`): releases whose dependency pins the index cannot meet.
