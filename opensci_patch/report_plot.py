@@ -108,8 +108,10 @@ def plot_grid(cells: dict[str, dict[str, dict[str, str]]], new: set[str], path: 
     from matplotlib.colors import to_rgb
 
     n_rows = sum(len(g) for g in cells.values())
+    n_cols = max(len(next(iter(g.values()))) for g in cells.values())  # wide enough for one label a column
     fig, axes = plt.subplots(
-        len(cells), 1, figsize=(8, 1.2 + 0.32 * n_rows + 0.6 * len(cells)), squeeze=False, constrained_layout=True
+        len(cells), 1, figsize=(max(8, 1.4 * n_cols), 1.2 + 0.32 * n_rows + 0.6 * len(cells)), squeeze=False,
+        constrained_layout=True,
     )
     for ax, (name, g) in zip(axes[:, 0], cells.items(), strict=True):
         releases = list(g)
