@@ -487,6 +487,7 @@ def _copy_hashing(source: Path, target: Path) -> str:
         while n := fin.readinto(buffer):
             digest.update(buffer[:n])
             fout.write(buffer[:n])
+            fault_point("hotfix.chunk")  # tests/test_faults.py: killed midway through the copy
     shutil.copystat(source, target)
     return digest.hexdigest()
 
