@@ -204,6 +204,7 @@ def _cli(*args: str, fault: str | None = None) -> subprocess.CompletedProcess[st
     return subprocess.run(cmd, env=_child_env(fault), capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.crossversion  # runs cells
 @pytest.mark.parametrize("signame", ["SIGKILL", "SIGINT"])
 def test_a_killed_cell_run_leaves_running_records_that_the_report_refuses(tmp_path: Path, signame: str):
     from opensci_patch import records

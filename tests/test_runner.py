@@ -57,6 +57,7 @@ def _evidence(rec: rec_io.Record) -> tuple:
     return rec.status, rec.logits_sha256, gen.get("step_logits_sha256"), gen.get("ids")
 
 
+@pytest.mark.crossversion  # runs cells: 18 captures
 def test_hotfix_once_per_variant_and_batch_records_equal_one_process_per_cell(
     this_python_env, tmp_path: Path, monkeypatch
 ):
