@@ -34,14 +34,11 @@ def test_a_file_is_parsed_once_and_its_output_once(modeling_source: str, monkeyp
     assert len(parsed) == 2 and parsed[0] == modeling_source and parsed[1] == out
 
 
-@pytest.mark.parametrize("selection", ["default", "all", "each"])
-def test_the_result_is_that_of_the_patches_one_by_one(modeling_source: str, patched_source: str, selection: str):
-    chosen = {"default": [default_patches()], "all": [list(PATCHES)], "each": [[p] for p in PATCHES]}[selection]
-    sources = [modeling_source, patched_source, modeling_source.replace("Opensci", "Osr")]
-    sources = sources[:1] if selection == "each" else sources
-    for source in sources:
-        for patches in chosen:
-            assert apply_patches(source, patches, "m.py") == one_by_one(source, patches, "m.py")
+def test_the_result_is_that_of_the_patches_one_by_one(modeling_source: str, patched_source: str):
+    cases = [(source, list(PATCHES)) for source in (modeling_source, patched_source)]
+    cases += [(modeling_source, [patch]) for patch in PATCHES]  # each alone (on main's code: one-by-one)
+    for source, patches in cases:
+        assert apply_patches(source, patches, "m.py") == one_by_one(source, patches, "m.py")
 
 
 @pytest.mark.parametrize(
