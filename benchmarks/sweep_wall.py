@@ -114,14 +114,17 @@ def _ours(args, root: Path, cache: Path, records: Path) -> tuple[float, int]:
     return wall, peak
 
 
-def _plain(args, cache: Path, records: Path, generated: Path) -> float:
+def _plain(args, cache: Path, records: Path, root: Path) -> float:
+    from opensci_patch.own_checkpoints import ensure_checkpoint
+
     env = child_env({"UV_CACHE_DIR": str(cache), "UV_PYTHON_DOWNLOADS": "never"})
     env.pop("VIRTUAL_ENV", None)
     records.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     for cell in _cells(args):
         prefix = _plain_prefix(args, cell.transformers, args.plain_bytecode == "compile")
-        source = generated if matrix.VARIANTS[cell.model].own_checkpoint else FIXTURE
+        variant = matrix.VARIANTS[cell.model]
+        source = ensure_checkpoint(variant.checkpoint, root, log=lambda m: None) if variant.own_checkpoint else FIXTURE
         with tempfile.TemporaryDirectory(prefix="plain-cell-") as tmp:
             hotfix, capture = matrix.cell_cli_args(cell, source, Path(tmp), records / f"{cell.id}.json")
             if hotfix is not None:
@@ -220,10 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             ours[phase], peaks[phase] = _ours(args, root, cache, work / f"records-ours-{phase}")
             print(f"ours {phase}: {ours[phase]:.1f} s, peak RSS of driver + children {peaks[phase] / 1e9:.2f} GB",
                   flush=True)  # fmt: skip
-            from opensci_patch.generated_style import ensure_generated
-
-            generated = ensure_generated(root, log=lambda m: None)
-            plain[phase] = _plain(args, work / "uv-cache-plain", work / f"records-plain-{phase}", generated)
+            plain[phase] = _plain(args, work / "uv-cache-plain", work / f"records-plain-{phase}", root)
             print(f"plain uv run per cell {phase}: {plain[phase]:.1f} s", flush=True)
         floors, capture_rss = _floors(args, root, work)
         floor_sum = sum(floors.values())

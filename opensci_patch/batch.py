@@ -38,6 +38,16 @@ from .matrix import Cell
 # right after finishing this many capture steps, as a segfault in the middle of a release would.
 CRASH_AFTER_VAR = "OPENSCI_PATCH_BATCH_CRASH_AFTER"
 STEP_DONE = "OPENSCI_PATCH_STEP_DONE"  # the batch's progress line on stdout: "<marker> <step index> <exit code>"
+LIVE: set[subprocess.Popen] = set()  # capture-batch children now running: a terminated driver terminates them
+STOPPING = threading.Event()  # set by terminate_children: no new capture-batch child starts
+
+
+def terminate_children() -> None:
+    """SIGTERM every capture-batch child (they clean up as after Ctrl-C); called by the CLI's SIGTERM handler."""
+    STOPPING.set()
+    for proc in list(LIVE):
+        with contextlib.suppress(OSError):
+            proc.terminate()
 
 
 def finish(record: rec_io.Record, cell: Cell, expected: dict, wall_s: float) -> rec_io.Record:
@@ -87,6 +97,8 @@ def run_plan(plan_path: Path) -> int:
             captures += 1
         rec_io.write_atomic(Path(step["status"]), {"rc": rc, "stderr": rec_io.tail(err)})
         print(f"{STEP_DONE} {i} {rc}", flush=True)
+        if rc in (130, 143):  # the step was interrupted or terminated (Ctrl-C, SIGTERM): so is the batch
+            return rc
         if crash_after and captures == crash_after and i < len(steps) - 1:
             os.kill(os.getpid(), signal.SIGKILL)
     return 0
@@ -154,6 +166,8 @@ def run_batch(
     """
     from .envs import child_env
 
+    if STOPPING.is_set():  # the driver was terminated: nothing new starts
+        return _BatchOutcome(set(), -signal.SIGTERM, "the driver was terminated (SIGTERM)", None)
     plan_dir.mkdir(parents=True, exist_ok=True)
     fd, plan_name = tempfile.mkstemp(dir=plan_dir, prefix="plan-", suffix=".json")
     os.close(fd)
@@ -161,12 +175,21 @@ def run_batch(
     rec_io.write_atomic(plan, {"steps": [s.to_json() for s in steps]})
     proc = subprocess.Popen(
         [str(env.python), "-m", "opensci_patch.cli", "capture-batch", str(plan)],
-        env=child_env(None, root=env.path.parent),
+        # its temp files (HF modules caches) go under the driver's run dir: removed with it, even after a SIGKILL
+        env=child_env({"TMPDIR": str(plan_dir.parent)}, root=env.path.parent),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         preexec_fn=death_signal_setter(),  # Linux: dies with the driver, never an orphan writing records
     )
+    LIVE.add(proc)
+    try:
+        return _follow(proc, steps, timeout, on_step)
+    finally:
+        LIVE.discard(proc)
+
+
+def _follow(proc: subprocess.Popen, steps: list, timeout: float, on_step: Callable[[int], None]) -> _BatchOutcome:
     lines: queue.Queue[str | None] = queue.Queue()
     logs: deque[str] = deque(maxlen=200)
 

@@ -63,11 +63,10 @@ def released_versions(timeout: float = 30) -> list[str]:
 
 
 def release(value: str, flag: str) -> Version:
-    """A release number given on the command line, or one line saying what was expected."""
-    try:
-        return Version(value)
-    except InvalidVersion:
-        raise OpensciPatchError(f"{flag} {value!r} is not a transformers release number (e.g. 4.57.6)") from None
+    """A release number given on the command line (`releases.canonical`), or one line saying what was expected."""
+    from .releases import canonical
+
+    return Version(canonical(value, what=flag))
 
 
 def between(versions: list[str], good: str, bad: str) -> list[str]:
@@ -112,8 +111,15 @@ def bisect(
     log: Callable[[str], object] = print,
 ) -> tuple[str, str, list[Probe]]:
     """Return (last good release, first bad release, probes in the order they ran)."""
-    release(good, "--good"), release(bad, "--bad")  # before listing releases on the index: a typo fails fast
-    span = between(versions if versions is not None else released_versions(), good, bad)
+    good, bad = str(release(good, "--good")), str(release(bad, "--bad"))  # a typo fails before the index is read
+    if versions is not None:  # the CLI checked that they exist (`releases.check_known`)
+        versions = [str(release(v, "--versions")) for v in versions]
+    else:
+        versions = released_versions()
+        unknown = [v for v in (good, bad) if v not in versions]
+        if unknown:  # before any cell runs: an unknown release would cost an env build and an installer's tail
+            raise OpensciPatchError(f"transformers {', '.join(unknown)}: no such final release on PyPI")
+    span = between(versions, good, bad)
     work = work or Path(tempfile.mkdtemp(prefix="opensci-bisect-"))
     log(f"bisecting {len(span)} releases {span[0]} .. {span[-1]} (variant {variant}, torch {torch_build})")
     probes: list[Probe] = []

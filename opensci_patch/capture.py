@@ -55,6 +55,13 @@ class CaptureSettings:
     reference: str = "auto"  # auto | on | off
 
 
+SAFETENSORS_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
+    "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "F4": 4, "F6_E2M3": 6,
+    "F6_E3M2": 6, "C64": 64,
+}  # fmt: skip
+
+
 def _check_safetensors(path: Path) -> None:
     """Cheap structural check of a safetensors file: header length, JSON header, data size."""
     size = path.stat().st_size
@@ -89,6 +96,105 @@ def _check_safetensors(path: Path) -> None:
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise ModelDirError(f"{path}: corrupt safetensors file (truncated: needs {8 + n + end} bytes, has {size})")
+    # what the safetensors loader checks when the model loads: known dtypes, each tensor's bytes = its shape x its
+    # dtype's size, and the tensors tile the data with no gap or overlap (else a load-error, not bad input)
+    position = 0
+    tensors = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"])
+    for name, entry in tensors:
+        dtype, shape = entry.get("dtype"), entry.get("shape")
+        if dtype not in SAFETENSORS_DTYPE_BITS:
+            raise ModelDirError(f"{path}: corrupt safetensors file (tensor {name!r} has unknown dtype {dtype!r})")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                for d in shape)):  # fmt: skip
+            raise ModelDirError(f"{path}: corrupt safetensors file (tensor {name!r} has no valid shape)")
+        start, stop = entry["data_offsets"]
+        count = 1
+        for d in shape:
+            count *= d
+        if start != position or (stop - start) * 8 != count * SAFETENSORS_DTYPE_BITS[dtype]:
+            raise ModelDirError(
+                f"{path}: corrupt safetensors file (tensor {name!r}: data_offsets {entry['data_offsets']} do not "
+                f"fit its shape {shape} and dtype {dtype} after the previous tensor's end at {position})"
+            )
+        position = stop
+
+
+def read_config(config: Path) -> dict:
+    """config.json as a dict, or a ModelDirError saying what it is instead (exit 2)."""
+    try:
+        data = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelDirError(f"{config}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelDirError(f"{config}: a JSON {type(data).__name__}, not a config object")
+    return data
+
+
+def check_auto_map(model: Path, data: dict) -> None:
+    """Every `auto_map` entry names a module file that is in the directory (else bad input, not a model failure)."""
+    auto_map = data.get("auto_map")
+    if auto_map is None:
+        return
+    if not isinstance(auto_map, dict):
+        raise ModelDirError(f"{model / 'config.json'}: auto_map is a JSON {type(auto_map).__name__}, not an object")
+    for key, ref in auto_map.items():
+        for one in ref if isinstance(ref, list) else [ref]:
+            if one is None:
+                continue
+            if not isinstance(one, str) or "." not in one:
+                raise ModelDirError(f"{model / 'config.json'}: auto_map[{key!r}] = {one!r} is not 'module.Class'")
+            module = one.split("--")[-1].rsplit(".", 1)[0]
+            if not (model / f"{module.replace('.', '/')}.py").is_file():
+                raise ModelDirError(f"{model}: auto_map[{key!r}] names {module}.py, which is not in the directory")
+
+
+# size fields of a Llama/Qwen3-style config: positive integers; the model is built from them before any weight loads
+SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "head_dim", "vocab_size", "max_position_embeddings")  # fmt: skip
+
+
+def estimated_parameters(data: dict) -> int | None:
+    """Parameters a Llama/Qwen3-style model of this config has (embeddings, attention, MLP); None if unknown."""
+    try:
+        h, n_layers, vocab = data["hidden_size"], data["num_hidden_layers"], data["vocab_size"]
+        inter, heads = data["intermediate_size"], data["num_attention_heads"]
+    except KeyError:
+        return None
+    kv = data.get("num_key_value_heads") or heads
+    hd = data.get("head_dim") or h // heads
+    attn = 2 * h * heads * hd + 2 * h * kv * hd
+    per_layer = attn + 3 * h * inter
+    emb = vocab * h * (1 if data.get("tie_word_embeddings", True) else 2)
+    return n_layers * per_layer + emb
+
+
+def available_memory() -> int | None:
+    """MemAvailable (Linux), else the physical memory; None where neither is known."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_sizes(config: Path, data: dict, bytes_per_parameter: int = 2) -> None:
+    """Refuse, before a model is built, sizes that are not positive integers or a model that cannot fit in memory
+    (`num_hidden_layers` 1e23 used to run 25 minutes and then run out of memory)."""
+    for key in SIZE_FIELDS:
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ModelDirError(f"{config}: {key} = {value!r} is not a positive integer")
+    params, memory = estimated_parameters(data), available_memory()
+    if params is not None and memory is not None and params * bytes_per_parameter > memory:
+        raise ModelDirError(
+            f"{config}: the model it describes has ~{params:.3g} parameters ({params * bytes_per_parameter / 2**30:.3g}"
+            f" GiB at {bytes_per_parameter} bytes each), more than the {memory / 2**30:.3g} GiB of memory available"
+        )
 
 
 def validate_model_dir(model: Path) -> None:
@@ -100,12 +206,9 @@ def validate_model_dir(model: Path) -> None:
     config = model / "config.json"
     if not config.is_file():
         raise ModelDirError(f"{model}: no config.json; not a model directory")
-    try:
-        data = json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelDirError(f"{config}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ModelDirError(f"{config}: a JSON {type(data).__name__}, not a config object")
+    data = read_config(config)
+    check_auto_map(model, data)
+    check_sizes(config, data)
     weights = sorted(model.glob("*.safetensors"))
     if not weights:
         raise ModelDirError(f"{model}: no *.safetensors weights")
@@ -267,10 +370,17 @@ def load_tokenizer(model: Path):
     hf_logging.disable_progress_bar()  # one bar line per tensor would drown the report
     hf_logging.disable_default_handler()  # warnings go to collected_warnings() instead
     try:
-        return AutoTokenizer.from_pretrained(str(model), trust_remote_code=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(model), trust_remote_code=True)
     except Exception as exc:  # noqa: BLE001 - any tokenizer failure means the dir is unusable
         why = one_line(str(exc)) or "no message"
         raise ModelDirError(f"{model}: cannot load the tokenizer ({type(exc).__name__}: {why})") from None
+    special = set(tokenizer.all_special_tokens)
+    if len(tokenizer) <= len(special) + 1:  # loaded from tokenizer_config.json alone: no vocabulary at all
+        missing = "tokenizer.json is missing" if not (model / "tokenizer.json").exists() else "no vocabulary in it"
+        raise ModelDirError(
+            f"{model}: cannot load the tokenizer ({missing}: it has {len(tokenizer)} token(s), only special ones)"
+        )
+    return tokenizer
 
 
 def load_model(model: Path, dtype: str, attn: str, device: str):
@@ -283,13 +393,52 @@ def load_model(model: Path, dtype: str, attn: str, device: str):
 
     from . import compat
 
-    lm = AutoModelForCausalLM.from_pretrained(
+    lm, info = AutoModelForCausalLM.from_pretrained(
         str(model),
         trust_remote_code=True,
         attn_implementation=attn,
+        output_loading_info=True,
+        ignore_mismatched_sizes=True,  # reported in the loading info by name (`check_loading_info`), never loaded
         **{compat.dtype_keyword(): getattr(torch, dtype)},
     )
+    check_loading_info(lm, info)
     return lm.to(device).eval()
+
+
+class WeightsMismatch(Exception):
+    """The checkpoint's tensors are not the model's: some left at their random init, or some never used."""
+
+
+def _names(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def check_loading_info(lm, info: dict) -> None:
+    """Raise `WeightsMismatch` when `from_pretrained` reports missing, unexpected or mismatched keys.
+
+    A missing key whose tensor is tied to a loaded one (lm_head to the embeddings) is not missing.
+    Without this a checkpoint with fewer layers than its config loads "ok" with random layers.
+    """
+    state = lm.state_dict(keep_vars=True)
+    missing = sorted(set(info.get("missing_keys") or []))
+    loaded = {state[k].data_ptr() for k in state if k not in missing}
+    missing = [k for k in missing if k not in state or state[k].data_ptr() not in loaded]
+    unexpected = sorted(set(info.get("unexpected_keys") or []))
+    mismatched = sorted(
+        f"{m[0]}: {tuple(m[1])} in the checkpoint, {tuple(m[2])} in the model"
+        if isinstance(m, (tuple, list)) and len(m) == 3
+        else str(m[0] if isinstance(m, (tuple, list)) else m)
+        for m in info.get("mismatched_keys") or []
+    )
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) the model needs are not in the checkpoint ({_names(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} checkpoint tensor(s) the model does not use ({_names(unexpected)})")
+    if mismatched:
+        parts.append(f"{len(mismatched)} tensor(s) of the wrong shape ({_names(mismatched)})")
+    if parts:
+        raise WeightsMismatch("; ".join(parts) + ": check num_hidden_layers and the other sizes in config.json")
 
 
 def capture(settings: CaptureSettings, log=print) -> Record:
@@ -336,10 +485,31 @@ def check_release() -> None:
         )
 
 
+def check_prompt_length(model: Path, tokens: int) -> None:
+    """Refuse (exit 2, before the model is built) a prompt longer than the model's positions, or one whose
+    attention scores (heads x tokens^2 floats per layer, eager) would not fit in memory (a 100k-character
+    prompt used to run out of memory after a warning)."""
+    data = read_config(model / "config.json")
+    limit = data.get("max_position_embeddings")
+    if isinstance(limit, int) and tokens > limit:
+        raise CaptureError(
+            f"the prompt is {tokens} tokens, more than the model's max_position_embeddings ({limit}); shorten --prompt"
+        )
+    heads, memory = data.get("num_attention_heads"), available_memory()
+    if isinstance(heads, int) and memory is not None and heads * tokens * tokens * 4 > memory // 2:
+        raise CaptureError(
+            f"the prompt is {tokens} tokens: its attention scores ({heads} heads x {tokens}^2 floats) need more than "
+            f"half the {memory / 2**30:.3g} GiB of memory available; shorten --prompt"
+        )
+
+
 def _capture(settings: CaptureSettings, log) -> Record:
     model = Path(settings.model)
     check_settings(settings)
     validate_model_dir(model)
+    if settings.device == "cpu":  # the model is built in this dtype in this memory
+        size = {"float32": 4, "bfloat16": 2, "float16": 2}[settings.dtype]
+        check_sizes(model / "config.json", read_config(model / "config.json"), size)
 
     import torch
 
@@ -364,13 +534,25 @@ def _capture(settings: CaptureSettings, log) -> Record:
     if input_ids.shape[1] == 0:
         raise CaptureError(f"the prompt {settings.prompt!r} encodes to no tokens; pass --prompt with some text")
     record.input_ids = input_ids[0].tolist()
+    check_prompt_length(model, input_ids.shape[1])
 
     t0 = time.perf_counter()
     log(f"loading {model} ({settings.dtype}, {settings.attn}, {settings.device})")
     try:
         lm = load_model(model, settings.dtype, settings.attn, settings.device)
+    except WeightsMismatch as exc:
+        record.status, record.error = "weights-mismatch", error_info(exc)
+        return record
     except Exception as exc:  # noqa: BLE001 - the model code failing to load is a result, not a crash
         record.status, record.error = "load-error", error_info(exc)
+        from .library_modules import explain, missing_module
+
+        module = missing_module(exc)
+        if module:  # the release lacks a library module the model uses: say which, not a traceback's last line
+            record.error |= {
+                "type": "MissingLibraryModule",
+                "message": explain(module, record.environment["transformers"]),
+            }
         return record
     record.timings["load_s"] = round(time.perf_counter() - t0, 3)
     limit = getattr(lm.config, "max_position_embeddings", None)

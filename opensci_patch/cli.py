@@ -1,7 +1,8 @@
 """The `opensci-patch` command. Thin: parses arguments and delegates to the modules.
 
 Exit codes: 0 success; 1 the model ran into an error that is recorded (e.g. the original
-code fails to load); 2 bad input or a refused operation (one line on stderr); 130 Ctrl-C.
+code fails to load); 2 bad input or a refused operation (one line on stderr); 130 Ctrl-C; 143 SIGTERM
+(handled as Ctrl-C: the same cleanup runs).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from .defaults import (
     DTYPES,
     FIXTURE_DIR,
     MAX_NEW_TOKENS,
-    OLDEST_SUPPORTED,
     TORCH_BUILDS,
 )
 from .errors import DestinationError, OpensciPatchError
@@ -37,6 +37,8 @@ def check_output_file(path: Path, force: bool) -> None:
     """Refuse an output file we could not write or must not overwrite, before any work is done."""
     if path.is_dir():
         raise DestinationError(f"{path} is a directory; --out takes a file name")
+    if path.exists() and not path.is_file():  # a device, a pipe, a socket: never replaced, even with --force
+        raise DestinationError(f"{path} exists and is not a regular file; --out takes a file name")
     if path.exists() and not force:
         raise DestinationError(f"{path} exists; pass --force to overwrite it")
     parent = path.parent
@@ -44,18 +46,6 @@ def check_output_file(path: Path, force: bool) -> None:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise DestinationError(f"{path}: cannot write into {parent} (not a writable directory)")
-
-
-def check_release_name(version: str) -> None:
-    """A transformers release number we support (a typo must not cost an env build, nor stop later cells)."""
-    from packaging.version import InvalidVersion, Version
-
-    try:
-        parsed = Version(version)
-    except InvalidVersion:
-        raise OpensciPatchError(f"transformers {version!r} is not a release number (e.g. 5.2.0)") from None
-    if parsed < Version(OLDEST_SUPPORTED):
-        raise OpensciPatchError(f"transformers {version} is unsupported (< {OLDEST_SUPPORTED}); choose a newer one")
 
 
 def check_output_dir(path: Path, option: str) -> None:
@@ -158,16 +148,16 @@ def cmd_cell(args) -> int:
     """Run matrix cells (one env per release x torch build; all model variants in it)."""
     from . import matrix, releases
 
+    named = [releases.canonical(v, pre=args.pre) for v in args.transformers]  # all refused before any cell runs
     if args.sweep or args.pre or args.all:
         versions = releases.resolve(matrix.TRANSFORMERS_VERSIONS, sweep=args.sweep, pre=args.pre)
-        versions = sorted(set(versions) | set(args.transformers), key=releases.Version)
+        versions = sorted(set(versions) | set(named), key=releases.Version)
     else:
-        versions = args.transformers
+        versions = list(dict.fromkeys(named))
     if not versions:
         raise OpensciPatchError("name a release with --transformers X (repeatable), or pass --all or --sweep")
-    for v in versions:  # all refused before any cell runs
-        check_release_name(v)
     check_output_dir(args.records, "--records")
+    releases.check_known(versions, matrix.TRANSFORMERS_VERSIONS)
     source = args.model or FIXTURE_DIR
     variants = args.variant or list(matrix.VARIANTS)
     if args.model:
@@ -176,7 +166,8 @@ def cmd_cell(args) -> int:
         validate_model_dir(args.model)
         own = {name for name, v in matrix.VARIANTS.items() if v.own_checkpoint}
         if args.variant and set(args.variant) & own:
-            raise OpensciPatchError("--variant generated runs the shipped weights under generated code; drop --model")
+            named = ", ".join(sorted(set(args.variant) & own))
+            raise OpensciPatchError(f"--variant {named} runs its own checkpoint; drop --model")
         variants = [m for m in variants if m not in own]
     cells = [
         matrix.Cell(v, args.torch, m, dtype, attn)
@@ -187,7 +178,10 @@ def cmd_cell(args) -> int:
     ]
     from .runner import main_cells
 
-    main_cells(cells, source, args.records, log=lambda m: print(m, flush=True), jobs=args.jobs)
+    broken = main_cells(cells, source, args.records, log=lambda m: print(m, flush=True), jobs=args.jobs)
+    if broken:
+        _err(f"{broken} of {len(cells)} cell(s) could not run (env-error, crash or hotfix-error): see {args.records}")
+        return 1
     return 0
 
 
@@ -216,7 +210,8 @@ def cmd_report(args) -> int:
 
     bad = write_report(args.records, args.results, machine=args.machine)
     if bad:
-        _err(f"{bad} cell(s) FAIL, XPASS or error, or record file(s) refused: see {args.results / 'matrix.md'}")
+        where = args.results / "matrix.md"
+        _err(f"{bad} cell(s) FAIL, XPASS, error or cannot-judge, or record file(s) refused: see {where}")
         return 1
     return 0
 
@@ -230,6 +225,12 @@ def cmd_bisect(args) -> int:
 
         validate_model_dir(args.model)
     versions = [v for arg in args.versions for v in arg.split(",")] if args.versions else None
+    if versions is not None:  # each must exist, before any cell runs (without --versions, bisect checks on PyPI)
+        from . import matrix, releases
+        from .bisect import release
+
+        named = [str(release(v, flag)) for v, flag in ((args.good, "--good"), (args.bad, "--bad"))]
+        releases.check_known([*named, *(str(release(v, "--versions")) for v in versions)], matrix.TRANSFORMERS_VERSIONS)
     work = args.work or Path(tempfile.mkdtemp(prefix="opensci-bisect-"))
     say = lambda m: print(m, flush=True)  # noqa: E731
     last_good, first_bad, _ = bisect(  # logs the boundary itself
@@ -430,10 +431,30 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C: every cleanup that runs after Ctrl-C runs (temp dirs, partial outputs, locks)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    batch = sys.modules.get("opensci_patch.batch")
+    if batch is not None:
+        batch.terminate_children()
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
+    except Terminated:
+        _err("terminated")
+        return 143
     except OpensciPatchError as exc:
         first, *detail = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
         _err(first)  # one line; the rest (a log tail, a diff) only when asked for
@@ -445,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

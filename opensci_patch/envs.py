@@ -271,15 +271,18 @@ def package_requirements() -> list[str]:
 
 
 def check_version(version: str) -> str:
-    from packaging.version import InvalidVersion, Version
+    """A release in its one canonical form (`releases.canonical`); any other spelling would be a second env."""
+    from . import releases
+    from .errors import OpensciPatchError
 
     try:
-        parsed = Version(version)
-    except InvalidVersion:
-        parsed = None
-    if parsed is None or str(parsed) != version.strip() or parsed.local:
-        raise EnvironmentSetupError(f"{version!r} is not a transformers release version (expected e.g. 4.48.0)")
-    return str(parsed)
+        canonical = releases.canonical(version, pre=True)
+    except OpensciPatchError as exc:
+        raise EnvironmentSetupError(f"{version!r} is not a transformers release version ({exc})") from None
+    if canonical != version:
+        raise EnvironmentSetupError(f"{version!r} is not a transformers release version in its canonical form "
+                                    f"({canonical!r})")  # fmt: skip
+    return canonical
 
 
 def _write_pths(path: Path, torch_dir: Path | None, *, log: Log) -> None:

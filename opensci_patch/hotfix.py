@@ -150,6 +150,9 @@ def _validate_source(src: Path) -> Path:
         raise ModelDirError(f"{src}: not a directory; point at a model directory")
     if not (src / "config.json").is_file():
         raise ModelDirError(f"{src}: no config.json; not a model directory")
+    from .capture import read_config
+
+    read_config(src / "config.json")  # a JSON object, or one line saying what it is instead
     if not any(p.is_file() for p in src.glob("modeling_*.py")):
         raise ModelDirError(f"{src}: no modeling_*.py; hotfix repairs remote-code model directories")
     return src.resolve()

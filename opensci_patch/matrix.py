@@ -37,6 +37,8 @@ class Variant:
     description: str
     own_checkpoint: bool = False  # runs its own checkpoint (not --model / the matrix's checkpoint)
     marker: str = "o"  # matplotlib marker in the report's plot
+    checkpoint: str = "generated"  # with own_checkpoint: which one (own_checkpoints.ensure_checkpoint)
+    reference: str = "patched"  # the variant whose REFERENCE-release cell this one is compared with
 
 
 # "structural" is what a naive fix does (the three load errors only): it shows the silent RoPE breakage on 5.x.
@@ -59,6 +61,25 @@ VARIANTS: dict[str, Variant] = {
             "the shipped weights under a modular-generated model file, hotfixed (generated_style)",
             own_checkpoint=True,
             marker="d",
+        ),
+        Variant(
+            "qwen3-modular",
+            (),
+            "the generated file on the library's Qwen3Config with an `int | torch.Tensor` annotation, shipped "
+            "weights, hotfixed (own_checkpoints)",
+            own_checkpoint=True,
+            marker="v",
+            checkpoint="qwen3-modular",
+        ),
+        Variant(
+            "llama-research",
+            (),
+            "our Llama research file (library LlamaConfig, no post_init, GQA 4/2, tied), seeded weights, hotfixed; "
+            "compared with its own 4.48.0 cell",
+            own_checkpoint=True,
+            marker="P",
+            checkpoint="llama-research",
+            reference="llama-research",
         ),
     )
 }
@@ -160,6 +181,17 @@ EXPECTED_FAILURES: tuple[Rule, ...] = (
         since="5.0",
         before="5.2",
     ),
+    Rule(
+        ("llama-research",),
+        "upstream 5.0/5.1, as for patched: the file's `.data.normal_()` _init_weights wipes the loaded weights",
+        since="5.0",
+        before="5.2",
+    ),
+    Rule(
+        ("qwen3-modular",),
+        "the model code imports transformers.models.qwen3, which transformers has only from 4.51.0 on",
+        before="4.51",
+    ),
 )
 
 
@@ -174,19 +206,14 @@ def expectation(cell: Cell) -> Expectation:
 def releases_from_env() -> list[str]:
     """The releases the noxfile parametrises: `OPENSCI_PATCH_RELEASES` (space/comma separated, set by
     the workflows' plan step from `opensci-patch releases --sweep`) or else the pinned list."""
-    from .errors import OpensciPatchError
-
     raw = os.environ.get("OPENSCI_PATCH_RELEASES", "").replace(",", " ").split()
     if not raw:
         return list(TRANSFORMERS_VERSIONS)
-    from packaging.version import InvalidVersion, Version
+    from packaging.version import Version
 
-    for v in raw:
-        try:
-            Version(v)
-        except InvalidVersion:
-            raise OpensciPatchError(f"OPENSCI_PATCH_RELEASES: {v!r} is not a release version") from None
-    return sorted(set(raw), key=Version)
+    from .releases import canonical
+
+    return sorted({canonical(v, what="OPENSCI_PATCH_RELEASES:", pre=True) for v in raw}, key=Version)
 
 
 def all_cells(versions=None, builds=None, models=None) -> list[Cell]:

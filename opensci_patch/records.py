@@ -36,7 +36,15 @@ SCHEMA_VERSION = 2
 OK = "ok"
 RUNNING = "running"  # placeholder written before a cell starts: the cell never finished if it is still there
 # the model code failed: a result of the cell (FAIL or expected-fail)
-MODEL_FAILURES = ("load-error", "forward-error", "generate-error", "generate-mismatch", "nonfinite-logits")
+# weights-mismatch: the checkpoint's tensors are missing, unused or of the wrong shape for the model (its config)
+MODEL_FAILURES = (
+    "load-error",
+    "weights-mismatch",
+    "forward-error",
+    "generate-error",
+    "generate-mismatch",
+    "nonfinite-logits",
+)
 # the cell could not run at all: never a verdict about the model
 RUN_ERRORS = ("env-error", "crash", "hotfix-error")
 STATUSES = (OK, *MODEL_FAILURES, *RUN_ERRORS, RUNNING)
@@ -175,6 +183,8 @@ def write_atomic(path: Path | str, content: str | bytes | Record | dict | list) 
     try:
         if path.is_dir():
             raise IsADirectoryError(21, "is a directory")
+        if path.exists() and not path.is_file():  # a device node or a pipe is never replaced by a file
+            raise OSError(0, "exists and is not a regular file")
         mode = path.stat().st_mode & 0o777 if path.is_file() else 0o644
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:

@@ -182,3 +182,91 @@ def newest_final(
         warn(f"{exc}; 'newest' is the newest pinned release, {pinned[-1]}")
         return pinned[-1]
     return str(max(finals)) if finals else pinned[-1]
+
+
+# --- one canonical form of a release number given by a user, and whether that release exists ------------------
+
+
+def _padded(v: Version) -> str:
+    """`v` with its release padded to three parts (4.48 -> 4.48.0: what pip installs for ==4.48)."""
+    head = ".".join(map(str, v.release))
+    parts = list(v.release) + [0] * (3 - len(v.release))
+    return ".".join(map(str, parts)) + str(v)[len(head) :]
+
+
+def canonical(text: str, *, what: str = "--transformers", pre: bool = False) -> str:
+    """The one canonical form of a transformers release a user named (`cell`, `bisect`, `diagnose`, the
+    noxfile's OPENSCI_PATCH_RELEASES, env names), or `OpensciPatchError` (exit 2) saying why not.
+
+    Surrounding whitespace is dropped, the release is padded to three parts (`4.48` -> `4.48.0`, so one
+    release is one env and one report row), `packaging` normalises the rest (`5.2.0RC1` -> `5.2.0rc1`).
+    Refused: what is not a version, local or epoch versions, pre- and dev releases unless `pre`, and
+    releases older than the oldest supported one.
+    """
+    stripped = str(text).strip()
+    try:
+        v = Version(stripped)
+    except InvalidVersion:
+        raise OpensciPatchError(f"{what} {text!r} is not a transformers release number (e.g. 5.2.0)") from None
+    if v.local is not None or v.epoch:
+        raise OpensciPatchError(f"{what} {text!r} is not a release on the package index (local or epoch version)")
+    if (v.is_prerelease or v.is_devrelease) and not pre:
+        raise OpensciPatchError(f"{what} {stripped} is a pre-release; pass --pre to run pre-releases")
+    if v < OLDEST_SUPPORTED:
+        raise OpensciPatchError(
+            f"{what} {stripped}: transformers {stripped} is unsupported (< {OLDEST_SUPPORTED}); choose a newer one"
+        )
+    return _padded(v)
+
+
+def _built(version: str, root) -> bool:
+    """A per-release env of this release was built here before (its marker is there)."""
+    from glob import escape
+
+    from .envs_base import MARKER, default_root
+
+    base = root or default_root()
+    return any((p / MARKER).is_file() for p in base.expanduser().glob(f"tf{escape(version)}-*"))
+
+
+def _wheel_releases(directory: str) -> set[str]:
+    from pathlib import Path
+
+    found = set()
+    for p in Path(directory).expanduser().glob(f"{PROJECT}-*"):
+        m = _FILE.match(p.name)
+        try:
+            if m:
+                found.add(_padded(Version(m[1])))
+        except InvalidVersion:
+            continue
+    return found
+
+
+def check_known(
+    versions: Iterable[str],
+    pinned: Iterable[str],
+    *,
+    root=None,
+    fetch: Callable[[], list[Version]] | None = None,
+) -> None:
+    """Refuse (exit 2, before any work) a release that does not exist: known are the pinned releases and those
+    with a built env; any other must be on the package index, or with OPENSCI_PATCH_WHEELS in that directory.
+    Offline, a release that is not known is refused too (it could not be installed)."""
+    from .envs_base import WHEELS_VAR
+
+    unknown = [v for v in dict.fromkeys(versions) if v not in set(pinned) and not _built(v, root)]
+    if not unknown:
+        return
+    if wheels := os.environ.get(WHEELS_VAR):
+        where, available = f"{WHEELS_VAR}={wheels}", _wheel_releases(wheels)
+    else:
+        try:
+            where, available = index_url(), {_padded(v) for v in (fetch or index_versions)()}
+        except IndexUnreachable as exc:
+            raise OpensciPatchError(
+                f"transformers {unknown[0]} is neither pinned nor built here, and {exc} to check that it exists"
+            ) from None
+    missing = [v for v in unknown if v not in available]
+    if missing:
+        raise OpensciPatchError(f"transformers {', '.join(missing)}: no such release in {where}")

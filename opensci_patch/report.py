@@ -8,6 +8,7 @@ A cell's verdict compares what happened with what the cell declared (`matrix.exp
 - FAIL: expected to pass and did not (model error, KV-cache self-check failed, wrong answer, or not
   bit-identical: the first differing decode step is named);
 - XPASS: expected to fail but passed: upstream changed, the expectation must be updated;
+- cannot-judge: ran to the end, but there is no reference cell (that ran ok) to compare it with;
 - error: the cell could not run (environment install, crash, hotfix failure), never finished
   (its placeholder record says "running"), or is ambiguous (two records for one cell id).
 
@@ -21,11 +22,13 @@ value, so they cannot disagree.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
 import os
 import platform
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,12 +36,13 @@ from tabulate import tabulate
 
 from . import records
 from .errors import DestinationError, OpensciPatchError
+from .faults import fault_point
 from .matrix import REFERENCE, VARIANTS
 from .records import Record, RecordError
 from .report_plot import MISSING, plot, plot_grid, variants, version_key
 
-BAD = ("FAIL", "XPASS", "error")
-VERDICTS = ("pass", "expected-fail", "FAIL", "XPASS", "error")
+BAD = ("FAIL", "XPASS", "error", "cannot-judge")
+VERDICTS = ("pass", "expected-fail", "FAIL", "XPASS", "error", "cannot-judge")
 
 
 @dataclass
@@ -88,17 +92,70 @@ def _ambiguous(recs: list[Record], sources: list[str] | None) -> dict[str, str]:
     for r in recs:
         if r.cell_id not in out and r.status == records.RUNNING:
             out[r.cell_id] = "never finished (its record still says 'running': killed or still running); re-run it"
+        elif r.cell_id not in out and not _same_release(r.environment.get("transformers"), r.cell["transformers"]):
+            out[r.cell_id] = (
+                f"the record ran transformers {r.environment.get('transformers')!r}, its cell is "
+                f"{r.cell['transformers']}: not this cell's result; re-run it"
+            )
     return out
 
 
+def _same_release(ran, declared) -> bool:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(str(ran)) == Version(str(declared))
+    except InvalidVersion:
+        return False
+
+
 def references(recs: list[Record], ambiguous: dict[str, str] | None = None) -> dict[tuple, Record]:
-    """The reference record per group: the one finished, unambiguous `REFERENCE` cell with status ok."""
+    """The reference record per group: the one finished, unambiguous `REFERENCE` cell with status ok.
+
+    Keyed by group, and by (group, variant) for a variant compared with its own reference-release
+    cell (`Variant.reference`, e.g. a checkpoint with weights of its own)."""
     ambiguous = _ambiguous(recs, None) if ambiguous is None else ambiguous
+    own = {v.reference for v in VARIANTS.values()} - {REFERENCE[1]}
     out = {}
     for r in recs:
         c = r.cell
-        if (c["transformers"], c["model"]) == REFERENCE and r.status == records.OK and r.cell_id not in ambiguous:
+        if c["transformers"] != REFERENCE[0] or r.status != records.OK or r.cell_id in ambiguous:
+            continue
+        if c["model"] == REFERENCE[1]:
             out[_group(r)] = r
+        elif c["model"] in own:
+            out[(_group(r), c["model"])] = r
+    return out
+
+
+def reference_of(refs: dict[tuple, Record], rec: Record) -> Record | None:
+    """The record `rec` is compared with: its group's reference cell, or its variant's own one."""
+    variant = VARIANTS.get(rec.cell["model"])
+    if variant is not None and variant.reference != REFERENCE[1]:
+        return refs.get((_group(rec), variant.reference))
+    return refs.get(_group(rec))
+
+
+def broken_decode(recs: list[Record]) -> list[str]:
+    """One line per reference cell (of a group, or of a variant's own) that failed the KV-cache self-check.
+
+    The reference release decoding wrongly is the model's own bug (e.g. its cache update commented
+    out), not a release's: it is said once, with the first bad step, next to the variant's FAILs.
+    """
+    own = {REFERENCE[1]} | {v.reference for v in VARIANTS.values()}
+    out = []
+    for ref in recs:
+        c = ref.cell
+        if c["transformers"] != REFERENCE[0] or c["model"] not in own or ref.status != "generate-mismatch":
+            continue
+        same = [r for r in recs if _group(r) == _group(ref) and r.cell["model"] == c["model"]]
+        bad = sum(r.status == "generate-mismatch" for r in same)
+        where = "on every release" if bad == len(same) else f"on {bad} of {len(same)} releases"
+        detail = ((ref.generation or {}).get("kv_check") or {}).get("detail") or (ref.error or {}).get("message", "")
+        out.append(
+            f"{c['model']} ({', '.join(_group(ref))}): the model's own decode is broken {where}, "
+            f"including the reference (transformers {REFERENCE[0]}): {detail}"
+        )
     return out
 
 
@@ -130,6 +187,27 @@ def first_step_difference(rec: Record, ref: Record) -> str | None:
     return None
 
 
+def shown_values_differ(rec: Record, ref: Record) -> str | None:
+    """What the report shows of a record that its `logits_sha256` cannot vouch for, compared with the
+    reference cell's: equal hashes mean bit-identical logits, so the target logit and rank, the top-k ids
+    and logits, the fp64 gap (the same deterministic fp64 forward) and the greedy text must be equal too.
+    A record whose values differ while its hash matches was edited or is corrupt; it never passes."""
+    mine, theirs = rec.target or {}, ref.target or {}
+    checks = [
+        ("target logit and rank", (mine.get("id"), mine.get("logit"), mine.get("rank")),
+         (theirs.get("id"), theirs.get("logit"), theirs.get("rank"))),
+        ("top-k logits", [(t.get("id"), t.get("logit")) for t in rec.topk],
+         [(t.get("id"), t.get("logit")) for t in ref.topk]),
+        ("greedy text", (rec.generation or {}).get("text"), (ref.generation or {}).get("text")),
+    ]  # fmt: skip
+    if rec.reference and ref.reference:
+        checks.append(("fp64 gap", rec.reference.get("max_abs_diff"), ref.reference.get("max_abs_diff")))
+    for what, a, b in checks:
+        if a != b:
+            return f"record contradicts itself: logits_sha256 equals the reference cell's but its {what} differs"
+    return None
+
+
 def _succeeded(rec: Record, ref: Record | None) -> tuple[bool, str]:
     if rec.status != records.OK:
         return False, _failure(rec)
@@ -137,6 +215,9 @@ def _succeeded(rec: Record, ref: Record | None) -> tuple[bool, str]:
         return False, "no reference cell to compare with"
     if rec.logits_sha256 != ref.logits_sha256:
         return False, "logits differ from the reference cell"
+    contradiction = shown_values_differ(rec, ref)
+    if contradiction:
+        return False, contradiction
     steps = first_step_difference(rec, ref)
     if steps:
         return False, steps
@@ -148,6 +229,8 @@ def _succeeded(rec: Record, ref: Record | None) -> tuple[bool, str]:
 def verdict(rec: Record, ref: Record | None) -> tuple[str, str]:
     if rec.status in records.RUN_ERRORS or rec.status == records.RUNNING:
         return "error", _failure(rec)
+    if rec.status == records.OK and ref is None:  # ran, but nothing to compare with: neither pass nor FAIL
+        return "cannot-judge", f"no reference cell ({' '.join(REFERENCE)}, same build, dtype and attention) that ran ok"
     ok, why = _succeeded(rec, ref)
     if rec.expected["outcome"] == "xfail":
         reason = rec.expected["reason"]
@@ -192,7 +275,7 @@ def rows(recs: list[Record], sources: list[str] | None = None) -> list[dict]:
         if r.cell_id in seen:
             continue
         seen.add(r.cell_id)
-        ref = refs.get(_group(r))
+        ref = reference_of(refs, r)
         if r.cell_id in ambiguous:
             v, why = "error", ambiguous[r.cell_id]
         else:
@@ -215,7 +298,7 @@ def rows(recs: list[Record], sources: list[str] | None = None) -> list[dict]:
                 "rank": t.get("rank"),
                 "top1": r.topk[0]["token"] if r.topk and trusted else None,
                 "top10_max_diff": _top10_diff(r, ref) if trusted else None,
-                "bit_identical": (r.logits_sha256 == ref.logits_sha256)
+                "bit_identical": (r.logits_sha256 == ref.logits_sha256 and not shown_values_differ(r, ref))
                 if trusted and ref and r.logits_sha256
                 else None,
                 "decode_steps": _decode(r, ref) if trusted else None,
@@ -340,7 +423,7 @@ class Report:
 
     @property
     def bad(self) -> int:
-        """Cells that are FAIL, XPASS or error, plus record files refused: the exit status's reason."""
+        """Cells that are FAIL, XPASS, error or cannot-judge, plus record files refused: the exit status's reason."""
         return sum(self.counts.get(k, 0) for k in BAD) + len(self.problems)
 
     def problem_lines(self) -> list[str]:
@@ -355,7 +438,7 @@ def build(loaded: Loaded, previous: dict | None) -> Report:
     new = [v for v in releases if v not in set(previous["releases"])] if previous is not None else []
     return Report(
         table=table,
-        problems=list(loaded.problems),
+        problems=[*loaded.problems, *broken_decode(loaded.records)],
         grid=grid(table),
         new_releases=new,
         previous=previous["verdicts"] if previous is not None else None,
@@ -469,6 +552,70 @@ def _check_results_dir(results_dir: Path) -> None:
         raise DestinationError(f"{results_dir}: not writable; pass a writable --results")
 
 
+JOURNAL = ".report-pending.json"  # the renames a report run has still to make: present = unfinished
+
+
+@contextlib.contextmanager
+def results_lock(results_dir: Path):
+    """One report at a time writes into a results directory (fcntl lock on `.report.lock`)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no cross-process lock
+        yield
+        return
+    with open(results_dir / ".report.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def write_pair(results_dir: Path, files: dict[str, str | dict]) -> None:
+    """Write matrix.md and summary.json so that they are always of one run, also after a kill.
+
+    Both go to temp files first; a journal naming the renames is written (atomically) before the first
+    rename and removed after the last, so a run killed between the two renames is finished by the next
+    one (`finish_pair`), and temp files of a run killed before its journal are removed by it.
+    """
+    with results_lock(results_dir):
+        finish_pair(results_dir)
+        renames = []
+        try:
+            for name, content in files.items():
+                tmp = results_dir / f".{name}.{os.getpid()}-{secrets.token_hex(3)}.tmp"
+                records.write_atomic(tmp, content)
+                renames.append([tmp.name, name])
+            fault_point("report.temps")
+            records.write_atomic(results_dir / JOURNAL, {"renames": renames})
+        except BaseException:
+            for tmp, _ in renames:
+                (results_dir / tmp).unlink(missing_ok=True)
+            raise
+        finish_pair(results_dir, between=lambda: fault_point("report.renamed-one"))
+
+
+def finish_pair(results_dir: Path, between=lambda: None) -> None:
+    """Make the renames a journal names (a killed run's, or this run's), then drop the journal and any
+    temp file of ours that no journal names (a run killed before it wrote its journal). Hold `results_lock`."""
+    journal = results_dir / JOURNAL
+    try:
+        renames = json.loads(journal.read_text())["renames"]
+    except FileNotFoundError:
+        renames = []
+    except (OSError, ValueError, KeyError, TypeError):
+        renames = []  # a torn journal cannot be: it is written atomically; treat it as none
+    for i, (tmp, name) in enumerate(renames):
+        if (results_dir / tmp).is_file():
+            os.replace(results_dir / tmp, results_dir / name)
+        if i == 0:
+            between()
+    journal.unlink(missing_ok=True)
+    for name in ("matrix.md", "summary.json", JOURNAL):  # ours (.NAME.*.tmp) and write_atomic's of ours
+        for leftover in [*results_dir.glob(f".{name}.*.tmp"), *results_dir.glob(f"..{name}.*.tmp")]:
+            leftover.unlink(missing_ok=True)
+
+
 def write_report(
     records_dir: Path, results_dir: Path, *, title: str = "Cross-version matrix", machine: str | None = None, log=print
 ) -> int:
@@ -476,6 +623,8 @@ def write_report(
     results_dir = Path(results_dir)
     _check_results_dir(results_dir)
     summary_path = results_dir / "summary.json"
+    with results_lock(results_dir):
+        finish_pair(results_dir)  # a killed earlier run: completed or cleaned up before anything is read
     previous = read_previous(summary_path)
     loaded = load_records(records_dir)
     if not loaded.records and not loaded.problems:
@@ -487,9 +636,10 @@ def write_report(
     if not grid_png and rep.grid:
         log("matplotlib is not installed: no matrix_grid.png / paris_logit.png (pip install opensci-patch[plot])")
     paris_png = plot(rep.table, results_dir / "paris_logit.png") if grid_png else False
+    run_id = f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}"
     text = matrix_markdown(rep, title=title, date=date, machine=machine, grid_png=grid_png, paris_png=paris_png)
-    records.write_atomic(results_dir / "matrix.md", text)
-    records.write_atomic(summary_path, summary_json(rep, date, machine))  # last: the next run diffs against it
+    text = text.replace("\n\n", f"\n\nReport run `{run_id}` (the same in summary.json).\n\n", 1)
+    write_pair(results_dir, {"matrix.md": text, "summary.json": {**summary_json(rep, date, machine), "run_id": run_id}})
     log(
         f"wrote {results_dir / 'matrix.md'} ({len(rep.table)} cells; "
         + ", ".join(f"{k} {v}" for k, v in rep.counts.items())

@@ -23,6 +23,7 @@ GRID_COLOURS = {
     "FAIL": "#e53935",
     "XPASS": "#ff9800",
     "error": "#8e24aa",
+    "cannot-judge": "#fff176",
     MISSING: "#ffffff",
 }
 

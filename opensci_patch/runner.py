@@ -77,9 +77,9 @@ def run_cell(
     try:
         env = ensure_env(cell.transformers, cell.torch, root=env_root, log=log)
         if VARIANTS[cell.model].own_checkpoint:
-            from .generated_style import ensure_generated
+            from .own_checkpoints import ensure_checkpoint
 
-            model_dir = ensure_generated(env_root, log=log)
+            model_dir = ensure_checkpoint(VARIANTS[cell.model].checkpoint, env_root, log=log)
     except EnvironmentSetupError as exc:
         record = rec_io.error_record(cell, "env-error", "EnvironmentSetupError", str(exc), str(exc))
     else:
@@ -96,7 +96,7 @@ def _capture_in_env(cell: Cell, env, model_dir: Path, tmp: Path, timeout: float,
     hotfix, capture = cell_cli_args(cell, model_dir, tmp, rec_path)
     cli = ["-m", "opensci_patch.cli"]
     if hotfix is not None:  # hotfix in the cell's own env: the driver needs no libcst or torch
-        proc = run_python(env, [*cli, *hotfix], timeout=timeout)
+        proc = run_python(env, [*cli, *hotfix], timeout=timeout, env_vars={"TMPDIR": str(tmp)})
         if proc.returncode != 0:
             return rec_io.error_record(
                 cell,
@@ -107,7 +107,7 @@ def _capture_in_env(cell: Cell, env, model_dir: Path, tmp: Path, timeout: float,
             )
     args = [*cli, *capture]
     try:
-        proc = run_python(env, args, timeout=timeout)
+        proc = run_python(env, args, timeout=timeout, env_vars={"TMPDIR": str(tmp)})  # its temp files die with tmp
     except subprocess.TimeoutExpired as exc:
         return rec_io.error_record(cell, "crash", "Timeout", f"capture ran over {timeout:.0f}s", str(exc))
     return capture_result(cell, rec_path, proc.returncode, proc.stdout + proc.stderr)
@@ -270,10 +270,10 @@ def hotfix_variants(run: _Run, variants: list[str], model_dir: Path, releases: l
     for name in variants:
         source = model_dir
         if VARIANTS[name].own_checkpoint:
-            from .generated_style import ensure_generated
+            from .own_checkpoints import ensure_checkpoint
 
             try:
-                source = ensure_generated(run.env_root, log=lambda m: run.log(f"    {m}"))
+                source = ensure_checkpoint(VARIANTS[name].checkpoint, run.env_root, log=lambda m: run.log(f"    {m}"))
             except EnvironmentSetupError as exc:
                 run.models[name] = rec_io.error_record(
                     _any_cell(name), "env-error", "EnvironmentSetupError", str(exc), str(exc)
@@ -425,5 +425,23 @@ def run_release(run: _Run, cells: list[Cell]) -> None:
 
 
 def main_cells(cells: list[Cell], model_dir: Path, records: Path, log=print, *, jobs: int = 1) -> int:
-    """Run cells (`jobs` releases at a time) with one progress line per cell; returns the number of cells run."""
-    return run_cells(cells, model_dir, records, jobs=jobs, log=log)
+    """Run cells (`jobs` releases at a time) with one progress line per cell; returns the number of cells that
+    could not run (a run error, never finished, or no readable record): the CLI's exit status is 1 if any."""
+    run_cells(cells, model_dir, records, jobs=jobs, log=log)
+    return len(could_not_run(cells, records))
+
+
+def could_not_run(cells: list[Cell], records: Path) -> list[str]:
+    """'cell id: why' for each cell whose record says it could not run (env-error, crash, hotfix-error,
+    running) or that left no readable record. A model failure (load-error, ...) ran: it is a result."""
+    out = []
+    for cell in cells:
+        try:
+            record = rec_io.load(records / f"{cell.id}.json")
+        except rec_io.RecordError as exc:
+            out.append(f"{cell.id}: {exc}")
+            continue
+        if record.status in (*rec_io.RUN_ERRORS, rec_io.RUNNING):
+            err = record.error or {}
+            out.append(f"{cell.id}: {record.status}: {err.get('type', '')}: {err.get('message', '')}")
+    return out

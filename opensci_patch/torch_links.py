@@ -13,8 +13,8 @@ torch on Linux resolves to a multi-GB CUDA build:
   ``typing_extensions``, ``filelock``, ``fsspec``...) take precedence over the linked ones.
 - ``"cpu"``: the CPU torch ``TORCH_PIN`` (``torch==<pin>+cpu`` on Linux and Windows, so a CUDA
   build can never match), installed and byte-compiled once into a shared layer venv,
-  ``_torch-cpu-<pin>-py<X.Y>``, and linked into every release env exactly like ``"system"`` (a
-  link directory and a ``.pth``): a new release costs only transformers and its small dependencies.
+  ``_torch-cpu-<pin>-py<X.Y>-<hash of the base interpreter>``, and linked into every release env exactly
+  like ``"system"`` (a link directory and a ``.pth``): a new release costs only transformers and its small dependencies.
   Wheels come from the find-links directories of ``PIP_FIND_LINKS`` and pip's configuration files
   (uv does not read pip's configuration, so they are passed explicitly), and from
   ``OPENSCI_PATCH_TORCH_INDEX_URL`` when set (e.g. ``https://download.pytorch.org/whl/cpu`` on GitHub Actions).
@@ -65,29 +65,44 @@ def torch_farm(root: Path, layer, log: Log) -> Path:
     return _ensure_farm(root, layer, "layer", log) if layer is not None else ensure_system_torch_dir(root, log=log)
 
 
+def base_interpreter() -> str:
+    """The resolved path of the interpreter a layer is built on: a venv's python resolves to its base."""
+    return str(Path(getattr(sys, "_base_executable", None) or sys.executable).resolve())
+
+
+def torch_layer_path(torch_build: str, root: Path) -> Path:
+    """The layer's directory, keyed by everything that makes it: build, pin, Python, schema and the
+    resolved base interpreter. Two interpreters sharing one env root each get their own (issue 20: the
+    second used to delete the first's layer while the first's cells ran on it)."""
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    key = hashlib.sha256(f"{SCHEMA}\n{base_interpreter()}".encode()).hexdigest()[:10]
+    return root / f"_torch-{torch_build}-{TORCH_PIN}-py{py}-{key}"
+
+
 def ensure_torch_layer(torch_build: str, root: Path | None = None, *, log: Log = print):
     """The shared layer of an installing build: a venv holding only the pinned torch, installed and
     byte-compiled once; every release env of that build links it (`_ensure_farm`), so a new release
     costs only transformers and its small dependencies. Returns the layer's torch distribution.
 
-    Built like an env: ours (sentinel first), marker last, serialised by a lock, a half-made or stale
-    one removed and rebuilt.
+    Built like an env: ours (sentinel first), marker last, serialised by a lock. Only a half-made one (no
+    marker: its build was killed, so no env links it) is removed and rebuilt; a complete layer is never
+    deleted, since envs started by another interpreter or checkout may be running on it.
     """
     root = (root or envs_base.default_root()).expanduser().absolute()
     root.mkdir(parents=True, exist_ok=True)
-    py = f"{sys.version_info.major}.{sys.version_info.minor}"
-    path = root / f"_torch-{torch_build}-{TORCH_PIN}-py{py}"
-    want = {"schema": SCHEMA, "torch_build": torch_build, "torch_pin": TORCH_PIN, "base_python": sys.executable}
+    path = torch_layer_path(torch_build, root)
+    want = {"schema": SCHEMA, "torch_build": torch_build, "torch_pin": TORCH_PIN, "base_python": base_interpreter()}
     with envs_base.locked(root / f"{path.name}.lock"):
         marker = envs_base.read_marker(path)
-        if (
-            marker is None
-            or any(marker.get(k) != v for k, v in want.items())
-            or not envs_base.venv_python(path).exists()
-        ):
+        if marker is None:
             if path.exists() or path.is_symlink():
-                envs_base.remove_ours(path, root, "stale or half-made torch layer", log)
+                envs_base.remove_ours(path, root, "half-made torch layer", log)
             _create_layer(path, root, torch_build, want, log)
+        elif any(marker.get(k) != v for k, v in want.items()):
+            raise EnvironmentSetupError(
+                f"torch layer {path} was built for something else ({envs_base.MARKER} differs); it is never "
+                f"deleted while envs may use it: remove it by hand when no opensci-patch run is using this env root"
+            )
     found = list(metadata.distributions(name="torch", path=[str(envs_base.site_packages(path))]))
     if not found:
         raise EnvironmentSetupError(f"torch layer {path} holds no torch distribution; delete it and retry")

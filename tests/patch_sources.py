@@ -179,3 +179,48 @@ def loaded_model() -> dict:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["warnings"] = proc.stderr.count("opensci-patch: the rotary inv_freq buffer")
     return result
+
+
+# Others' remote code of the 4.53-4.57 era (issue 19), each construct in a file of our own.
+# A model class whose __init__ never calls post_init, on the library's LlamaConfig (post_init, remote_code).
+NO_POST_INIT = """\
+import torch
+from torch import nn
+
+from transformers import LlamaConfig
+from transformers.modeling_utils import PreTrainedModel
+
+
+class ResearchPreTrainedModel(PreTrainedModel):
+    config_class = LlamaConfig
+
+
+class ResearchModel(ResearchPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.post_init()
+
+
+class ResearchForCausalLM(ResearchPreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = ResearchModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+"""
+
+# A modular-generated forward with PEP 604 annotations (union_annotations).
+PEP604 = """\
+from typing import Optional
+
+import torch
+
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import auto_docstring
+
+
+class ResearchForCausalLM(PreTrainedModel):
+    @auto_docstring
+    def forward(self, input_ids: Optional[torch.LongTensor] = None, logits_to_keep: int | torch.Tensor = 0):
+        return input_ids
+"""

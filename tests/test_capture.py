@@ -132,3 +132,43 @@ def test_the_self_check_needs_no_other_release(tmp_path, version):
     code, rec = capture_in(version, cache_dropping_copy(tmp_path / "m"), tmp_path / "r.json")
     assert code == 1 and rec["status"] == "generate-mismatch"
     assert rec["generation"]["kv_check"]["first_bad_step"] == 1
+
+
+# --- issue 19: a library module the release lacks is one line ----------------------------------------------
+
+
+def test_a_missing_library_module_is_named_with_the_release_it_first_appears_in():
+    from opensci_patch.library_modules import explain, missing_module
+
+    try:
+        import transformers.models.no_such_model_19.modeling_no_such_model_19  # noqa: F401
+    except ModuleNotFoundError as exc:
+        wrapped = RuntimeError("loading the remote code failed")
+        wrapped.__cause__ = exc
+        assert missing_module(wrapped) == "transformers.models.no_such_model_19"
+    config_error = ValueError(
+        "The checkpoint you are trying to load has model type `no_such_model_19` but Transformers does not "
+        "recognize this architecture."
+    )
+    assert missing_module(config_error) == "transformers.models.no_such_model_19"
+    assert missing_module(ModuleNotFoundError("No module named 'numpyx'", name="numpyx")) is None
+    assert missing_module(ValueError("model type `llama` but Transformers does not recognize")) is None  # it exists
+    assert explain("transformers.models.qwen3", "4.48.0") == (
+        "the model needs transformers.models.qwen3, which transformers 4.48.0 does not have "
+        "(it first appears in transformers 4.51.0)"
+    )
+    assert explain("transformers.models.x", "5.24.0").endswith("(it first appears in a later release)")
+
+
+def test_capture_of_code_importing_a_module_the_release_lacks_records_one_line(model_dir: Path, tmp_path: Path, cli):
+    modeling = model_dir / "modeling_opensci.py"
+    modeling.write_text(
+        "from transformers.models.no_such_model_19.configuration_x import XConfig  # noqa\n" + modeling.read_text()
+    )
+    proc = cli("capture", str(model_dir), "--out", str(tmp_path / "r.json"), "--quiet")
+    assert proc.returncode == 1
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["status"] == "load-error"
+    assert record["error"]["type"] == "MissingLibraryModule"
+    assert record["error"]["message"].startswith("the model needs transformers.models.no_such_model_19, which ")
+    assert proc.stderr.strip().splitlines()[-1].endswith("(it first appears in a later release)")

@@ -88,7 +88,7 @@ def test_cell_runs_every_combination_of_the_dtype_attn_and_variant_options(monke
     from opensci_patch import matrix, runner
 
     ran = []
-    monkeypatch.setattr(runner, "main_cells", lambda cells, *a, **k: ran.extend(cells) or len(cells))
+    monkeypatch.setattr(runner, "main_cells", lambda cells, *a, **k: ran.extend(cells) or 0)
     args = ["cell", "--transformers", "4.48.0", "--torch", "cuda", "--variant", "patched", "--variant", "structural",
             "--attn", "eager", "--attn", "sdpa", "--dtype", "bfloat16", "--records", str(tmp_path)]  # fmt: skip
     assert cli_module.main(args) == 0
@@ -133,7 +133,7 @@ def test_a_missing_tokenizer_is_one_line(cli, model_dir: Path):
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (["--transformers", "abc"], "not a release number"),
+        (["--transformers", "abc"], "not a transformers release number"),
         (["--transformers", "5.2.0", "--transformers", "4.30.0"], "unsupported (< 4.48.0)"),
     ],
 )

@@ -468,7 +468,7 @@ def test_cpu_envs_link_one_shared_torch_layer_installed_once(tmp_path):
     messages: list[str] = []
     env = ensure_env(VERSION, "cpu", root=tmp_path, log=messages.append)
     layers = sorted(p.name for p in tmp_path.glob("_torch-cpu-*") if p.is_dir())
-    assert layers == [f"_torch-cpu-{envs.TORCH_PIN}-py{sys.version_info.major}.{sys.version_info.minor}"]
+    assert layers == [envs.torch_links.torch_layer_path("cpu", tmp_path).name]
     where = run_python(env, ["-c", "import torch; print(torch.__file__, torch.__version__)"]).stdout.split()
     assert where[0].startswith(str(tmp_path / "_torch-layer-")) and where[1].startswith(envs.TORCH_PIN)
     assert not list((env.path / "lib").glob("python*/site-packages/torch"))  # linked, not installed

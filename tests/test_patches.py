@@ -8,7 +8,7 @@ share are in tests/patch_sources.py."""
 from __future__ import annotations
 
 import pytest
-from patch_sources import FIXTURE, GENERATED, LLAMA_STYLE, class_attribute
+from patch_sources import FIXTURE, GENERATED, LLAMA_STYLE, NO_POST_INIT, PEP604, class_attribute
 
 from opensci_patch.errors import PatchError
 from opensci_patch.patches import PATCHES, apply_patches, by_name, default_patches, select
@@ -28,6 +28,15 @@ MANGLED = {
     "init_weights": ("module.bias.data.zero_()", "module.bias.data = torch.zeros_like(module.bias)"),
     "moved_helpers": ("import create_causal_mask, create_sliding", "import create_causal_mask as ccm, create_sliding"),
     "rope_theta": ("self.rope_theta = config.rope_theta", 'self.rope_theta = getattr(config, "rope_theta", 1e4)'),
+    "post_init": (
+        "    def __init__(self, config):\n        super().__init__(config)\n        self.model",
+        "    def __init__(self, config): super().__init__(config); self.model",
+    ),
+    "remote_code": (
+        "    config_class = LlamaConfig\n",
+        "    config_class = LlamaConfig\n    is_remote_code = classmethod(lambda cls: False)\n",
+    ),
+    "union_annotations": ("from typing import Optional\n", "from typing import Optional\nfrom mylib import Union\n"),
     "cache_kwarg": (
         "        logits_to_keep: Union[int, torch.Tensor] = 0,\n",
         "        logits_to_keep: Union[int, torch.Tensor] = 0,\n        cache: Optional[Cache] = None,\n",
@@ -37,7 +46,9 @@ MANGLED = {
 
 def target_source(name: str, modeling_source: str) -> str:
     """The source a patch has a target in: the shipped file, or for moved_helpers and rope_theta a small one."""
-    return {"moved_helpers": GENERATED, "rope_theta": LLAMA_STYLE}.get(name, modeling_source)
+    small = {"moved_helpers": GENERATED, "rope_theta": LLAMA_STYLE, "post_init": NO_POST_INIT,
+             "remote_code": NO_POST_INIT, "union_annotations": PEP604}  # fmt: skip
+    return small.get(name, modeling_source)
 
 
 # --- the contract, for every patch ----------------------------------------------------------------
@@ -46,16 +57,19 @@ def target_source(name: str, modeling_source: str) -> str:
 def test_registry_order_and_defaults():
     assert NAMES == [
         "loss_kwargs",
+        "union_annotations",
         "moved_helpers",
         "cache_kwarg",
         "rope_theta",
         "rope_default",
         "tied_weights",
+        "remote_code",
+        "post_init",
         "sdpa_gqa",
         "inv_freq_guard",
         "init_weights",
     ]
-    assert [p.name for p in default_patches()] == NAMES[:8]
+    assert [p.name for p in default_patches()] == NAMES[:11]
     assert [p.name for p in select(["init_weights"])] == NAMES
     with pytest.raises(PatchError, match="unknown patch 'nope'"):
         select(["nope"])
@@ -126,9 +140,8 @@ def test_patch_refuses_a_mangled_target_naming_patch_and_file(modeling_source: s
 def test_all_patches_together_are_idempotent(patched_source: str):
     again, statuses = apply_patches(patched_source, PATCHES)
     assert again == patched_source
-    assert statuses == {
-        n: "not-applicable" if n in ("moved_helpers", "rope_theta") else "already-applied" for n in NAMES
-    }
+    absent = ("moved_helpers", "rope_theta", "union_annotations", "remote_code")  # constructs the shipped file lacks
+    assert statuses == {n: "not-applicable" if n in absent else "already-applied" for n in NAMES}
 
 
 def test_patches_find_targets_by_structure_not_by_name(modeling_source: str):
@@ -144,8 +157,10 @@ def test_patches_find_targets_by_structure_not_by_name(modeling_source: str):
         )
     )
     patched, statuses = apply_patches(variant, default_patches(), "modeling_osr.py")
+    absent = ("moved_helpers", "rope_theta", "union_annotations", "remote_code")
     assert statuses == {
-        p.name: "not-applicable" if p.name in ("moved_helpers", "rope_theta") else "applied" for p in default_patches()
+        p.name: "not-applicable" if p.name in absent else "already-applied" if p.name == "post_init" else "applied"
+        for p in default_patches()
     }
     assert class_attribute(patched, "OsrForCausalLM", "_tied_weights_keys") == {
         "lm_head.weight": "transformer.wte.weight"

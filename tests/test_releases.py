@@ -133,7 +133,7 @@ def test_noxfile_releases_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("OPENSCI_PATCH_RELEASES", "5.3.0, 4.48.0 5.3.0")
     assert matrix.releases_from_env() == ["4.48.0", "5.3.0"]
     monkeypatch.setenv("OPENSCI_PATCH_RELEASES", "five")
-    with pytest.raises(Exception, match="not a release version"):
+    with pytest.raises(Exception, match="not a transformers release number"):
         matrix.releases_from_env()
     monkeypatch.delenv("OPENSCI_PATCH_RELEASES")
     assert matrix.releases_from_env() == matrix.TRANSFORMERS_VERSIONS
@@ -164,3 +164,16 @@ def test_structural_fails_from_5_0_on(version, outcome):
 def test_init_weights_wipe_is_declared_for_5_0_and_5_1_only(version, outcome):
     assert expectation(Cell(version, model="patched")).outcome == outcome
     assert expectation(Cell(version, model="patched+init")).outcome == "pass"
+
+
+@pytest.mark.parametrize(("version", "outcome"), [("4.48.0", "xfail"), ("4.50.3", "xfail"), ("4.51.0", "pass"),
+                                                  ("5.0.0", "pass"), ("5.3.0", "pass")])  # fmt: skip
+def test_qwen3_modular_is_expected_to_fail_only_where_transformers_lacks_qwen3(version, outcome):
+    exp = expectation(Cell(version, model="qwen3-modular"))
+    assert exp.outcome == outcome and (outcome == "pass" or "transformers.models.qwen3" in exp.reason)
+
+
+@pytest.mark.parametrize(("version", "outcome"), [("4.48.0", "pass"), ("5.0.0", "xfail"), ("5.1.0", "xfail"),
+                                                  ("5.2.0", "pass"), ("5.3.0", "pass")])  # fmt: skip
+def test_llama_research_declares_the_5_0_5_1_wipe_and_passes_on_5_3_with_remote_code(version, outcome):
+    assert expectation(Cell(version, model="llama-research")).outcome == outcome

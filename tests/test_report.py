@@ -156,8 +156,9 @@ def test_a_cell_that_could_not_run_is_an_error_even_when_a_failure_was_expected(
 
 
 def test_without_a_reference_cell_nothing_passes():
-    assert verdicts([ok("5.2.0")])[vid("5.2.0")] == ("FAIL", "no reference cell to compare with")
-    assert verdicts([failed(REF_VERSION), ok("5.2.0")])[vid("5.2.0")][0] == "FAIL"
+    assert verdicts([ok("5.2.0")])[vid("5.2.0")][0] == "cannot-judge"
+    assert verdicts([failed(REF_VERSION), ok("5.2.0")])[vid("5.2.0")][0] == "cannot-judge"
+    assert "cannot-judge" in report.BAD
 
 
 def test_each_attention_and_device_is_compared_with_its_own_reference():
@@ -188,7 +189,7 @@ def test_reference_choice_does_not_depend_on_file_names_or_order(tmp_path: Path)
     assert results[0] == results[1]
     got = dict(results[0])
     assert got[vid(REF_VERSION)] == "error"
-    assert got[vid("5.2.0")] == "FAIL"  # no trusted reference, so no pass
+    assert got[vid("5.2.0")] == "cannot-judge"  # no trusted reference, so no pass
 
 
 def test_duplicate_records_for_one_cell_are_an_error_listed_with_both_files(tmp_path: Path):
@@ -387,3 +388,31 @@ def test_cli_report_exits_1_on_a_problem(tmp_path: Path):
         capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr
+
+
+# --- issue 19: variants with their own reference, a model whose own decode is broken ------------------------
+
+
+def test_a_variant_with_weights_of_its_own_is_compared_with_its_own_reference_release_cell():
+    own = "llama-research"
+    assert VARIANTS[own].reference == own
+    recs = [ok(REF_VERSION), ok(REF_VERSION, own, sha="b" * 64), ok("5.3.0", own, sha="b" * 64), ok("5.2.0", own)]
+    got = verdicts(recs)
+    assert got[vid(REF_VERSION, own)] == ("pass", "")
+    assert got[vid("5.3.0", own)] == ("pass", "")
+    assert got[vid("5.2.0", own)] == ("FAIL", "logits differ from the reference cell")
+
+
+def test_a_decode_broken_on_the_reference_release_too_is_one_line_naming_the_first_bad_step():
+    recs = [mismatch(REF_VERSION), mismatch("5.2.0"), mismatch("5.24.0"), ok(REF_VERSION, "llama-research")]
+    rep = report.build(report.Loaded(records=recs, sources=[f"{r.cell_id}.json" for r in recs]), None)
+    lines = [p for p in rep.problem_lines() if "own decode" in p]
+    assert lines == [
+        f"{REF_MODEL} (cpu, cpu, float32, eager): the model's own decode is broken on every release, including the "
+        f"reference (transformers {REF_VERSION}): step 1: cached logits differ by 3.2 from the no-cache recomputation"
+    ]
+    fewer = [mismatch(REF_VERSION), ok("5.2.0")]
+    rep = report.build(report.Loaded(records=fewer, sources=[f"{r.cell_id}.json" for r in fewer]), None)
+    assert any("broken on 1 of 2 releases, including the reference" in p for p in rep.problem_lines())
+    ok_ref = [ok(REF_VERSION), mismatch("5.2.0")]
+    assert not report.build(report.Loaded(records=ok_ref, sources=["a", "b"]), None).problem_lines()

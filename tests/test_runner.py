@@ -172,7 +172,7 @@ def test_cell_jobs_option(monkeypatch, tmp_path: Path, capsys):
     from opensci_patch import cli
 
     got = []
-    monkeypatch.setattr(runner, "main_cells", lambda cells, *a, jobs=1, **k: got.append(jobs) or len(cells))
+    monkeypatch.setattr(runner, "main_cells", lambda cells, *a, jobs=1, **k: got.append(jobs) or 0)
     base = ["cell", "--transformers", "5.2.0", "--records", str(tmp_path)]
     assert cli.main(base) == 0 and cli.main([*base, "--jobs", "3"]) == 0 and cli.main([*base, "--jobs", "auto"]) == 0
     assert got == [1, 3, os.cpu_count()]

@@ -420,9 +420,16 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     """Exit 0: the cells agree; 1: they diverge, or a side failed to load or run (both in diagnose.json)."""
     if args.decode_steps < 0:
         raise OpensciPatchError(f"--decode-steps must be 0 (off) or more, not {args.decode_steps}")
+    import dataclasses
+
+    from .. import matrix, releases
+
+    a, b = (Cell.parse(spec, torch_build=args.torch) for spec in (args.a, args.b))
+    a, b = (dataclasses.replace(c, transformers=releases.canonical(c.transformers, pre=True)) for c in (a, b))
+    releases.check_known([a.transformers, b.transformers], matrix.TRANSFORMERS_VERSIONS, root=args.env_root)
     result = diagnose(
-        Cell.parse(args.a, torch_build=args.torch),
-        Cell.parse(args.b, torch_build=args.torch),
+        a,
+        b,
         args.model,
         args.out,
         model_dir_b=args.model_b,

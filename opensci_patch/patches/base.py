@@ -95,8 +95,15 @@ class Patch:
         try:
             return cst.parse_module(source)
         except cst.ParserSyntaxError as exc:
-            where = f"line {exc.raw_line}, column {exc.raw_column + 1}"
-            raise PatchError(f"patch {self.name!r} {what} {filename}: syntax error at {where}: {exc.message}") from exc
+            where, message = f"line {exc.raw_line}, column {exc.raw_column + 1}", exc.message
+            try:  # Python's own position where it has one (libcst puts an unterminated \"\"\" at line 1)
+                compile(source, filename, "exec", dont_inherit=True)
+            except SyntaxError as py:
+                if py.lineno:
+                    where, message = f"line {py.lineno}, column {py.offset or 1}", py.msg
+            except (ValueError, OverflowError):
+                pass
+            raise PatchError(f"patch {self.name!r} {what} {filename}: syntax error at {where}: {message}") from exc
 
 
 def apply_all(patches: Sequence[Patch], source: str, filename: str = "<source>") -> tuple[str, dict[str, Status]]:

@@ -1,0 +1,51 @@
+"""remote_code: a remote file on a library config says is_remote_code(), so 5.3.0 keeps its loaded weights."""
+
+from __future__ import annotations
+
+import pytest
+from patch_sources import NO_POST_INIT, modeling_source
+from research_checkpoint import capture_on, research_checkpoint, same_numerics
+
+from opensci_patch.errors import PatchError
+from opensci_patch.patches import by_name
+
+PATCH = by_name("remote_code")
+
+
+def test_the_base_model_class_of_a_file_on_a_library_config_reports_remote_code():
+    patched = PATCH.apply(NO_POST_INIT).source
+    base = patched[patched.index("class ResearchPreTrainedModel") : patched.index("class ResearchModel")]
+    assert "def is_remote_code(cls):" in base and "return True" in base
+    assert patched.count("def is_remote_code") == 1  # only the class deriving from PreTrainedModel itself
+    assert PATCH.apply(patched).status == "already-applied"
+
+
+def test_a_file_with_its_own_config_class_is_not_applicable():
+    """The shipped file (own OpensciConfig: transformers registers it as remote code by itself)."""
+    assert PATCH.apply(modeling_source()).status == "not-applicable"
+
+
+def test_the_inserted_method_returns_true_and_a_foreign_one_is_refused():
+    patched = PATCH.apply(NO_POST_INIT).source
+    body = patched[patched.index("    @classmethod") :].split("\n\n")[0]
+    namespace: dict = {}
+    exec("class C:\n" + body + "\n", namespace)
+    assert namespace["C"].is_remote_code() is True
+    foreign = NO_POST_INIT.replace(
+        "    config_class = LlamaConfig\n",
+        "    config_class = LlamaConfig\n\n    @classmethod\n    def is_remote_code(cls):\n        return False\n",
+    )
+    with pytest.raises(PatchError, match="defines its own is_remote_code"):
+        PATCH.apply(foreign)
+
+
+@pytest.mark.crossversion
+def test_5_3_0_wipes_the_loaded_weights_without_it_and_gives_4_48s_bits_with_it(tmp_path):
+    """The cause of issue 19's Llama-3.2 5.3.0 failure: the `.data.normal_()` _init_weights runs over loaded weights."""
+    reference = capture_on("4.48.0", research_checkpoint(tmp_path / "ref"), tmp_path / "ref.json")
+    without = capture_on(
+        "5.3.0", research_checkpoint(tmp_path / "without", without=("remote_code",)), tmp_path / "a.json"
+    )
+    assert without["status"] == "ok" and without["logits_sha256"] != reference["logits_sha256"]
+    with_it = capture_on("5.3.0", research_checkpoint(tmp_path / "with"), tmp_path / "b.json")
+    assert same_numerics(with_it, reference)
