@@ -4,9 +4,10 @@
     python benchmarks/hotfix_wall.py --old HEAD~3 --repeat 9 --no-bigckpt
     python benchmarks/hotfix_wall.py --suite                # also the tests: fast, crossversion, old whole run
 
-The old tree is `git archive OLD` unpacked in a temporary directory; both trees run the same command
-(`python -m opensci_patch.cli hotfix SRC --out DST`, this interpreter, PYTHONPATH = the tree), old and
-new interleaved so that other work on the machine weighs on both alike. Per model directory: the
+The old tree is `git archive OLD` unpacked in a temporary directory (or OLD itself, a directory); both
+trees run the same command (`python -m opensci_patch.cli hotfix SRC --out DST`, this interpreter,
+PYTHONPATH = the tree), old and new interleaved so that other work on the machine weighs on both
+alike. Per model directory: the
 median and the fastest of --repeat runs of each, and new/old. The outputs of both trees are compared
 file by file (sha256; the manifest without its `created_utc`), for the default patches and with
 `--with init_weights`: "identical" or the files that differ.
@@ -108,7 +109,7 @@ def _suite(tree: Path, marker: str | None) -> tuple[float, str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    ap.add_argument("--old", default="main", help="the revision to compare with (default: main)")
+    ap.add_argument("--old", default="main", help="the revision (or an unpacked tree) to compare with (default: main)")
     ap.add_argument("--repeat", type=int, default=5, help="hotfix runs per tree and model (default 5)")
     ap.add_argument("--bigckpt-layers", type=int, default=2, help="layers of the 1.7B-shaped checkpoint (default 2)")
     ap.add_argument("--no-bigckpt", action="store_true", help="leave the 1.7B-shaped checkpoint out")
@@ -120,7 +121,7 @@ def main() -> int:
     print(f"hotfix_wall: this checkout vs {args.old}; {load_note()}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="hotfix-wall-"))
     try:
-        old = _archive(args.old, work / "old-tree")
+        old = Path(args.old).resolve() if Path(args.old).is_dir() else _archive(args.old, work / "old-tree")
         trees = {"old": old, "new": REPO}
         models = _models(work / "models", 0 if args.no_bigckpt else args.bigckpt_layers)
         head = ("model", "old median", "new median", "new/old", "old min", "new min")
