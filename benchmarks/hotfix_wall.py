@@ -6,11 +6,10 @@
 
 The old tree is `git archive OLD` unpacked in a temporary directory (or OLD itself, a directory); both
 trees run the same command (`python -m opensci_patch.cli hotfix SRC --out DST`, this interpreter,
-PYTHONPATH = the tree), old and new interleaved so that other work on the machine weighs on both
-alike. Per model directory: the
-median and the fastest of --repeat runs of each, and new/old. The outputs of both trees are compared
-file by file (sha256; the manifest without its `created_utc`), for the default patches and with
-`--with init_weights`: "identical" or the files that differ.
+PYTHONPATH = the tree), old and new interleaved so that other work on the machine weighs on both alike.
+Per model directory: the median and the fastest of --repeat runs of each, and new/old. The outputs of
+both trees are compared file by file (sha256; the manifest without its `created_utc`), for the default
+patches and with `--with init_weights`: "identical" or the files that differ.
 
 Model directories: the shipped checkpoint (`opensci-patch fixture`), the modular-generated one
 (`fixture --generated`: needs the transformers 4.54.0 wheel, cached in the env root) and, unless
