@@ -111,4 +111,13 @@ def test_walk_and_find_all_see_the_nodes_libcst_visits_in_its_order(modeling_sou
         assert [(k, id(n)) for k, n in got.calls] == [(k, id(n)) for k, n in expected.calls]
         assert len(expected.calls) > 500
         assert [id(n) for n in inner] == [id(n) for n in find_all(tree.body[-1], cst.Name)]  # outside the index
-        assert base._index is None  # nothing kept once indexed() ends
+        assert base._local.index is None  # nothing kept once indexed() ends
+
+
+def test_threads_patching_at_once_each_get_the_one_by_one_result(modeling_source: str, patched_source: str):
+    from concurrent.futures import ThreadPoolExecutor
+
+    want = {s: apply_patches(s, PATCHES) for s in (modeling_source, patched_source)}
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda s: (s, apply_patches(s, PATCHES)), [modeling_source, patched_source] * 3))
+    assert all(result == want[source] for source, result in got)

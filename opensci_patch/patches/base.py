@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 import functools
 import re
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -219,12 +220,13 @@ def walk(node: cst.CSTNode, visitor: cst.CSTVisitor) -> None:
     `leave_<Node>`), from the children lists `indexed()` keeps; outside it, or for a visitor that
     overrides `on_visit`/`on_leave` or has attribute callbacks (`visit_<Node>_<field>`), it is `node.visit`.
     """
-    callbacks = _callbacks(type(visitor)) if _index is not None else None
+    index = _local.index
+    callbacks = _callbacks(type(visitor)) if index is not None else None
     if callbacks is None:
         node.visit(visitor)
         return
     _entry(node)  # every node under `node` is in the index now
-    index, visits, leaves = _index, *callbacks
+    visits, leaves = callbacks
 
     def visit(node: cst.CSTNode) -> None:
         name = type(node).__name__
@@ -267,22 +269,27 @@ def _callbacks(kind: type) -> tuple[dict[str, Callable], dict[str, Callable]] | 
 # fields in the order libcst visits them (learnt from libcst, once per node class), so the order is
 # libcst's, without libcst rebuilding every node it passes.
 _Entry = tuple[cst.CSTNode, list[cst.CSTNode], int, int, list[cst.CSTNode]]
-_index: dict[int, _Entry] | None = None
+
+
+class _Local(threading.local):
+    index: dict[int, _Entry] | None = None  # per thread: two threads patching at once keep their own
+
+
+_local = _Local()
 _fields: dict[type, tuple[str, ...]] = {}
 
 
 @contextmanager
 def indexed() -> Iterator[None]:
     """Let `find_all` and `walk` reuse their walks until the outermost `indexed()` ends."""
-    global _index
-    outer = _index is None
+    outer = _local.index is None
     if outer:
-        _index = {}
+        _local.index = {}
     try:
         yield
     finally:
         if outer:
-            _index = None
+            _local.index = None
 
 
 def _preorder(node: cst.CSTNode) -> Sequence[cst.CSTNode]:
@@ -292,7 +299,7 @@ def _preorder(node: cst.CSTNode) -> Sequence[cst.CSTNode]:
 
 def _entry(node: cst.CSTNode) -> _Entry:
     """`node`'s pre-order list (a slice of a recorded list) and its children, walking its subtree if need be."""
-    index = _index if _index is not None else {}
+    index = _local.index if _local.index is not None else {}
     nodes: list[cst.CSTNode] = []
 
     def add(node: cst.CSTNode) -> None:
