@@ -118,6 +118,7 @@ def test_threads_patching_at_once_each_get_the_one_by_one_result(modeling_source
     from concurrent.futures import ThreadPoolExecutor
 
     want = {s: apply_patches(s, PATCHES) for s in (modeling_source, patched_source)}
-    with ThreadPoolExecutor(4) as pool:
-        got = list(pool.map(lambda s: (s, apply_patches(s, PATCHES)), [modeling_source, patched_source] * 3))
+    with ThreadPoolExecutor(2) as pool:
+        sources = [modeling_source, modeling_source, patched_source]
+        got = list(pool.map(lambda s: (s, apply_patches(s, PATCHES)), sources))
     assert all(result == want[source] for source, result in got)
