@@ -10,11 +10,12 @@
 
 The lists of releases, torch builds and model variants live in `opensci_patch/matrix.py`
 (one place); this file only declares sessions over them and calls the CLI. The cell sessions
-cover the pinned releases, or those in `OPENSCI_PATCH_RELEASES` (the workflows set it from
-`opensci-patch releases --sweep`, so a release nobody pinned still gets its session). Cells run in
-per-release environments managed by `opensci_patch.envs` (reused across runs, shared by the
+cover the pinned releases and the newest final on the package index, or those in `OPENSCI_PATCH_RELEASES`
+(the workflows set it from `opensci-patch releases --sweep`, so a release nobody pinned still gets its
+session). Cells run in per-release environments managed by `opensci_patch.envs` (reused across runs, shared by the
 original/patched variants), so the cell sessions themselves need no virtualenv of their own.
-Posargs of matrix/cell: `--model DIR` to run on another checkpoint (e.g. the real download).
+Posargs of matrix/cell: `--model DIR` to run on another checkpoint (e.g. the real download). Both pass the
+committed `matrix-overrides.txt` (`--overrides`): releases whose dependency pins the index cannot meet.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ nox.options.sessions = ["tests", "lint"]
 ROOT = Path(__file__).parent
 RECORDS = ROOT / "records"
 RESULTS = ROOT / "results"
+# dependency overrides for releases whose pins the package index cannot meet (opensci_patch/overrides.py)
+OVERRIDES = ["--overrides", str(ROOT / "matrix-overrides.txt")]
 
 
 def torch_install_args() -> list[str]:
@@ -120,6 +123,7 @@ def cell(session: nox.Session, transformers: str, torch: str) -> None:
         *gpu,
         "--records",
         str(RECORDS),
+        *OVERRIDES,
         *session.posargs,
     )
 
@@ -128,7 +132,7 @@ def cell(session: nox.Session, transformers: str, torch: str) -> None:
 def run_matrix(session: nox.Session) -> None:
     """Every CPU cell (releases in parallel, one line per cell); a broken cell is recorded and the rest go on."""
     cli(session, "cell", "--all", "--torch", defaults.DEFAULT_TORCH_BUILD, "--jobs", "auto", "--records", str(RECORDS),
-        *session.posargs)  # fmt: skip
+        *OVERRIDES, *session.posargs)  # fmt: skip
 
 
 @nox.session(default=False)

@@ -282,6 +282,10 @@ def _environment(device: str) -> dict:
         "machine": platform.machine(),
         "torch_threads": torch.get_num_threads(),
         "probes": compat.probes(),
+        # the `kernels` package (transformers 5.25 turns hub kernels on by default); "used" is filled after loading
+        "kernels": {"installed": _distribution_version("kernels"), "used": None},
+        # dependency overrides the per-release env was built with (opensci_patch.overrides); [] outside one
+        "overrides": _env_overrides(),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         env["device_name"] = torch.cuda.get_device_name(device)
@@ -289,6 +293,27 @@ def _environment(device: str) -> dict:
     else:
         env["device_name"] = platform.processor() or platform.machine()
     return env
+
+
+def _distribution_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _env_overrides() -> list[str]:
+    """The overrides in the marker of the per-release env this interpreter runs in (`envs`); [] elsewhere."""
+    from .envs_base import MARKER
+
+    try:
+        marker = json.loads((Path(sys.prefix) / MARKER).read_text())
+    except (OSError, ValueError):
+        return []
+    found = marker.get("overrides", []) if isinstance(marker, dict) else []
+    return [str(r) for r in found] if isinstance(found, list) else []
 
 
 def _weights_bytes(model: Path) -> int:
@@ -555,6 +580,7 @@ def _capture(settings: CaptureSettings, log) -> Record:
             }
         return record
     record.timings["load_s"] = round(time.perf_counter() - t0, 3)
+    record.environment["kernels"]["used"] = bool(getattr(lm, "use_kernels", False))
     limit = getattr(lm.config, "max_position_embeddings", None)
     if isinstance(limit, int) and input_ids.shape[1] + settings.max_new_tokens > limit:
         message = (

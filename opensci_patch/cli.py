@@ -158,6 +158,11 @@ def cmd_cell(args) -> int:
         raise OpensciPatchError("name a release with --transformers X (repeatable), or pass --all or --sweep")
     check_output_dir(args.records, "--records")
     releases.check_known(versions, matrix.TRANSFORMERS_VERSIONS)
+    if args.overrides is not None:  # checked now (exit 2); every env build of this run reads it (envs.ensure_env)
+        from . import overrides
+
+        overrides.load(args.overrides)
+        os.environ[overrides.VAR] = str(args.overrides.absolute())
     source = args.model or FIXTURE_DIR
     variants = args.variant or list(matrix.VARIANTS)
     if args.model:
@@ -371,6 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: the shipped fixture)")
     p.add_argument("--records", type=Path, default=Path("records"))
+    p.add_argument(
+        "--overrides",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="dependency overrides per release range, for pins the index cannot meet (e.g. matrix-overrides.txt; "
+        "default: $OPENSCI_PATCH_OVERRIDES)",
+    )
     p.add_argument(
         "--jobs",
         type=parse_jobs,

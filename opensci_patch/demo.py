@@ -94,4 +94,36 @@ def run(workdir: Path | None, log=print) -> int:
             if not match:
                 rc = 1
     log(f"records and model dirs are in {work}")
+    for line in newer_release_note():
+        log(line)
     return rc
+
+
+def newer_release_note(fetch=None) -> list[str]:
+    """Two lines when the package index has a final transformers newer than the installed one, else none.
+
+    pip installs the newest release whose dependency pins the index can meet: on this project's index that was
+    5.24.0 while 5.25.0 (kernels>=0.19.1, which the index lacks) was out. The per-release env of `cell` can
+    still test it, with the committed overrides. Offline (index unreachable) this says nothing and waits 5 s
+    at most."""
+    from importlib import metadata
+
+    from packaging.version import Version
+
+    from . import overrides, releases
+
+    try:
+        installed = Version(metadata.version("transformers"))
+        finals = [v for v in (fetch or (lambda: releases.index_versions(timeout=5)))() if not v.is_prerelease]
+    except (metadata.PackageNotFoundError, releases.IndexUnreachable):
+        return []
+    newest = max(finals, default=None)
+    if newest is None or newest <= installed:
+        return []
+    path = overrides.COMMITTED if overrides.COMMITTED.is_file() else Path("OVERRIDES-FILE")
+    return [
+        f"note: the package index has transformers {newest}, newer than the installed {installed} (pip installs the "
+        "newest release whose dependency pins the index can meet)",
+        f"note: to test {newest}: opensci-patch cell --transformers 4.48.0 --transformers {newest} "
+        f"--overrides {path} && opensci-patch report",
+    ]

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import subprocess
 import sys
 import time
@@ -53,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from opensci_patch import envs_base, torch_links
+from opensci_patch import overrides as overrides_mod
 from opensci_patch.defaults import TORCH_BUILDS, TORCH_PIN
 from opensci_patch.envs_base import (  # noqa: F401  (re-exported: the names callers used before the split)
     MARKER,
@@ -100,25 +102,38 @@ class Env:
     transformers_version: str
     torch_build: str
     reused: bool
+    overrides: tuple[str, ...] = ()  # the dependency overrides it was built with (`opensci_patch.overrides`)
 
 
-def env_name(transformers_version: str, torch_build: str) -> str:
-    """Directory name of an env, e.g. ``tf4.48.0-system-py3.11``."""
-    return f"tf{transformers_version}-{torch_build}-py{sys.version_info[0]}.{sys.version_info[1]}"
+def env_name(transformers_version: str, torch_build: str, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """Directory name of an env, e.g. ``tf4.48.0-system-py3.11``; ``-ov<digest>`` when built with overrides."""
+    name = f"tf{transformers_version}-{torch_build}-py{sys.version_info[0]}.{sys.version_info[1]}"
+    return f"{name}-ov{overrides_mod.digest(list(overrides))}" if overrides else name
 
 
-def ensure_env(transformers_version: str, torch_build: str, *, root: Path | None = None, log: Log = print) -> Env:
+def ensure_env(
+    transformers_version: str,
+    torch_build: str,
+    *,
+    root: Path | None = None,
+    log: Log = print,
+    overrides: list[str] | None = None,
+) -> Env:
     """Return the env for this release and torch build, creating it on first use.
 
+    `overrides`: the dependency overrides for this release; None = those of `OPENSCI_PATCH_OVERRIDES`
+    that apply to it. An env is reused only for the same overrides (its name and marker carry them).
     A warm call reads the marker and runs no installer (milliseconds). Raises
     `EnvironmentSetupError` when the env cannot be made; nothing half-made is left behind.
     """
     version = check_version(transformers_version)
+    if overrides is None:
+        overrides = overrides_mod.for_release(overrides_mod.from_env(), version)
     if torch_build not in TORCH_BUILDS:
         raise EnvironmentSetupError(f"unknown torch build {torch_build!r}: choose one of {', '.join(TORCH_BUILDS)}")
     root = (root or envs_base.default_root()).expanduser().absolute()
     root.mkdir(parents=True, exist_ok=True)
-    name = env_name(version, torch_build)
+    name = env_name(version, torch_build, overrides)
     path = root / name
     expected: dict[str, Any] = {
         "schema": SCHEMA,
@@ -127,6 +142,8 @@ def ensure_env(transformers_version: str, torch_build: str, *, root: Path | None
         "torch_build": torch_build,
         "requirements": package_requirements(),
     }
+    if overrides:
+        expected["overrides"] = list(overrides)
     # "torch": the linked torch's version; every env links one: the interpreter's ("system"), or the shared
     # layer of its build, where the pinned torch is installed and byte-compiled once ("torch_pin" set)
     envs_base.wheel_dir_args()  # fail early: OPENSCI_PATCH_WHEELS names no directory
@@ -145,16 +162,18 @@ def ensure_env(transformers_version: str, torch_build: str, *, root: Path | None
         if (
             marker is not None
             and all(marker.get(k) == v for k, v in expected.items())
+            and marker.get("overrides", []) == list(overrides)
             and envs_base.venv_python(path).exists()
         ):
             _write_pths(path, torch_links.torch_farm(root, layer, log), log=log)
             log(f"reusing env {name} ({path})")
-            return Env(path, envs_base.venv_python(path), version, torch_build, reused=True)
+            python = envs_base.venv_python(path)
+            return Env(path, python, version, torch_build, reused=True, overrides=tuple(overrides))
         if path.exists() or path.is_symlink():
             why = "stale (built for something else)" if marker is not None else "half-made (no marker)"
             envs_base.remove_ours(path, root, why, log)
         _create(path, root, version, torch_build, expected, torch_links.torch_farm(root, layer, log), log)
-        return Env(path, envs_base.venv_python(path), version, torch_build, reused=False)
+        return Env(path, envs_base.venv_python(path), version, torch_build, reused=False, overrides=tuple(overrides))
 
 
 def run_python(
@@ -202,7 +221,7 @@ def _create(
         python = envs_base.venv_python(path)
         install = envs_base.new_venv(path, root, uv, log)
         _write_pths(path, torch_dir, log=log)
-        envs_base.run_installer([*install, f"transformers=={version}", *expected["requirements"]], root, path.name)
+        _install(install, path, root, version, expected, uv is not None)
         fault_point("env.installed")
         env = Env(path, python, version, torch_build, reused=False)
         seen = installed_versions(env)
@@ -231,6 +250,88 @@ def _create(
         f"created env {path.name} in {time.monotonic() - start:.1f} s "
         f"(transformers {seen['transformers']}, torch {seen['torch']})"
     )
+
+
+def _install(install: list[str], path: Path, root: Path, version: str, expected: dict[str, Any], uv: bool) -> None:
+    """transformers==version and our requirements, with the env's overrides (uv: `--override`; pip: see
+    `opensci_patch.overrides`). An unmet pin is one line naming the package, the pin and the way out."""
+    overrides = expected.get("overrides", [])
+    try:
+        if not overrides:
+            envs_base.run_installer([*install, f"transformers=={version}", *expected["requirements"]], root, path.name)
+        elif uv:
+            listing = path / "opensci-patch-overrides.txt"
+            listing.write_text("".join(f"{r}\n" for r in overrides))
+            cmd = [*install, "--override", str(listing), f"transformers=={version}", *expected["requirements"]]
+            envs_base.run_installer(cmd, root, path.name)
+        else:
+            envs_base.run_installer([*install, "--no-deps", f"transformers=={version}"], root, path.name)
+            envs_base.run_installer([*install, *_pip_requirements(path, overrides), *expected["requirements"]],
+                                    root, path.name)  # fmt: skip
+    except EnvironmentSetupError as exc:
+        pin = unmet_pin(str(exc))
+        if pin is None:
+            raise
+        package, requirement, available = pin
+        has = f" (it has {available})" if available else ""
+        with_overrides = f" with overrides {', '.join(overrides)}" if overrides else ""
+        raise EnvironmentSetupError(
+            f"env {path.name}: transformers {version}{with_overrides} requires {requirement}, which the package "
+            f"index cannot meet{has}; to test it anyway declare an override, e.g. the line "
+            f"`transformers=={version}: {package}>=...` in a file passed as --overrides FILE or "
+            f"{overrides_mod.VAR}=FILE (README, 'Releases whose pins the index cannot meet')\n{exc}"
+        ) from None
+
+
+# uv: "... and transformers==5.25.0 depends on kernels>=0.19.1,<0.20, we can conclude ..."
+_UV_PIN = re.compile(
+    r"transformers\S* depends on (?P<req>(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)[^\s,]*(?:,[<>=!~][^\s,]*)*)"
+)
+_UV_HAS = re.compile(r"only (?P<has>\S+) (?:is|are) available|there (?:is|are) no versions? of (?P<none>\S+)")
+# pip: "Could not find a version that satisfies the requirement kernels<0.20,>=0.19.1 (from transformers==5.25.0)"
+_PIP_PIN = re.compile(r"satisfies the requirement (?P<req>(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)\S*) \(from transformers")
+
+
+def unmet_pin(output: str) -> tuple[str, str, str | None] | None:
+    """(package, requirement, what the index has) when an install failed on a pin of transformers', else None."""
+    m = _UV_PIN.search(output) or _PIP_PIN.search(output)
+    if m is None:
+        return None
+    has = _UV_HAS.search(output)
+    available = None
+    if has is not None:
+        available = has["has"] or f"no {has['none']}"
+    return m["name"], m["req"], available
+
+
+_REQUIRES = "import importlib.metadata as m, json; print(json.dumps(m.requires('transformers') or []))"
+
+
+def _pip_requirements(path: Path, overrides: list[str]) -> list[str]:
+    """transformers' own requirements (no extras) as its installed metadata lists them, the overridden
+    packages' replaced by the overrides: pip's nearest equivalent of uv's `--override`."""
+    python = str(envs_base.venv_python(path))
+    isolated = envs_base.child_env(source=False)
+    proc = subprocess.run([python, "-c", _REQUIRES], capture_output=True, text=True, env=isolated)
+    if proc.returncode != 0:
+        why = envs_base.tail(proc.stderr, 1)
+        raise EnvironmentSetupError(f"env {path.name}: cannot read transformers' requirements: {why}")
+    return rewrite_requirements(json.loads(proc.stdout), overrides)
+
+
+def rewrite_requirements(requires: list[str], overrides: list[str]) -> list[str]:
+    """`requires` (a distribution's Requires-Dist) without extras and without the overridden packages, then the
+    overrides."""
+    from packaging.requirements import Requirement
+
+    names = {Requirement(r).name.lower() for r in overrides}
+    kept = []
+    for line in requires:
+        req = Requirement(line)
+        if req.name.lower() in names or (req.marker is not None and "extra" in str(req.marker)):
+            continue
+        kept.append(line)
+    return [*kept, *overrides]
 
 
 def _check_installed(env: Env, seen: dict[str, Any], expected: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ from .defaults import ATTENTION, DEFAULT_TORCH_BUILD, DTYPES, TORCH_BUILDS
 # The pinned releases: the first and second supported 4.x, the last 4.x, the 5.x releases with
 # known behaviour changes, and the newest 5.x when it was pinned. `opensci-patch releases --sweep`
 # adds the latest patch of every minor from the index (releases.py). Edit here only.
-TRANSFORMERS_VERSIONS = ["4.48.0", "4.49.0", "4.57.6", "5.0.0", "5.1.0", "5.2.0", "5.23.0", "5.24.0"]
+TRANSFORMERS_VERSIONS = ["4.48.0", "4.49.0", "4.57.6", "5.0.0", "5.1.0", "5.2.0", "5.23.0", "5.24.0", "5.25.0"]
 
 
 @dataclass(frozen=True)
@@ -205,10 +205,13 @@ def expectation(cell: Cell) -> Expectation:
 
 def releases_from_env() -> list[str]:
     """The releases the noxfile parametrises: `OPENSCI_PATCH_RELEASES` (space/comma separated, set by
-    the workflows' plan step from `opensci-patch releases --sweep`) or else the pinned list."""
+    the workflows' plan step from `opensci-patch releases --sweep`) or else the pinned list plus the
+    newest final release on the package index (offline: the pinned list, with a note on stderr)."""
     raw = os.environ.get("OPENSCI_PATCH_RELEASES", "").replace(",", " ").split()
     if not raw:
-        return list(TRANSFORMERS_VERSIONS)
+        from . import releases
+
+        return releases.resolve(TRANSFORMERS_VERSIONS)
     from packaging.version import Version
 
     from .releases import canonical

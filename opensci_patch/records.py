@@ -72,6 +72,10 @@ class Record:
     vector, step 0 being the prompt's forward], "kv_check": {"ok", "tolerance", "max_abs_diff",
     "first_bad_step", "detail"}} where kv_check compares greedy decoding with the KV cache against the
     same steps recomputed without one.
+
+    `environment` (capture's): versions and probes, plus "kernels" ({"installed": version or None,
+    "used": whether the loaded model was kernelized}) and "overrides" (the dependency overrides its
+    per-release env was built with, `opensci_patch.overrides`; [] or absent when none).
     """
 
     settings: dict = field(default_factory=dict)
@@ -222,6 +226,9 @@ def _check_types(path: Path, data: dict) -> None:
             ok = isinstance(value, kinds[base]) and not isinstance(value, bool)
         if not ok:
             raise _fail(path, f"field {name!r} is {type(value).__name__}, not {declared}")
+    overrides = data["environment"].get("overrides", [])
+    if not (isinstance(overrides, list) and all(isinstance(r, str) for r in overrides)):
+        raise _fail(path, "environment.overrides is not a list of requirement strings")
     status = data["status"]
     if status not in STATUSES:
         raise _fail(path, f"unknown status {status!r} (known: {', '.join(STATUSES)})")

@@ -3,7 +3,8 @@
 The pinned list (`matrix.TRANSFORMERS_VERSIONS`) only knows the releases someone typed in; users pin
 whatever their stack has, including the release that came out last night. So:
 
-- `resolve()` is the pinned list;
+- `resolve()` is the pinned list plus the newest final release on the index (the default matrix: a
+  release that came out last night is in it with no edit); `resolve(newest=False)` the pinned list only;
 - `resolve(sweep=True)` adds the latest patch release of every minor from the oldest supported
   minor (4.48) to the newest final release on the index;
 - `resolve(pre=True)` adds the newest pre-release when it is newer than the newest final;
@@ -148,19 +149,25 @@ def resolve(
     *,
     sweep: bool = False,
     pre: bool = False,
+    newest: bool = True,
     fetch: Callable[[], list[Version]] = index_versions,
     warn: Callable[[str], None] = _warn,
 ) -> list[str]:
-    """The releases to run: `pinned`, plus the sweep and the newest pre-release when asked, oldest first."""
+    """The releases to run, oldest first: `pinned`, the newest final on the index (unless `newest=False`),
+    and the sweep and the newest pre-release when asked."""
     pinned = _sorted(pinned)
-    if not (sweep or pre):
+    if not (sweep or pre or newest):
         return pinned
     try:
         available = fetch()
     except IndexUnreachable as exc:
-        warn(f"{exc}; running the pinned list only ({len(pinned)} releases), not the sweep")
+        what = "not the sweep" if sweep else "without the newest release on the index"
+        warn(f"{exc}; running the pinned list only ({len(pinned)} releases), {what}")
         return pinned
     out = set(pinned)
+    finals = [v for v in available if not (v.is_prerelease or v.is_devrelease) and v >= OLDEST_SUPPORTED]
+    if newest and finals:
+        out.add(str(max(finals)))
     if sweep:
         out |= {str(v) for v in latest_patches(available)}
     if pre and (candidate := newest_pre(available)) is not None:

@@ -305,6 +305,7 @@ def rows(recs: list[Record], sources: list[str] | None = None) -> list[dict]:
                 "fp64_ref_diff": (r.reference or {}).get("max_abs_diff") if trusted else None,
                 "greedy": (gen[:40] + "...") if gen and len(gen) > 40 else gen,
                 "why": why,
+                "overrides": list(r.environment.get("overrides") or []),
                 "ambiguous": not trusted,
             }
         )
@@ -364,6 +365,7 @@ DETAIL_COLUMNS = (
     ("decode steps vs ref", lambda r: r["decode_steps"] or "-"),
     ("max abs diff vs fp64 ref", lambda r: _fmt(r["fp64_ref_diff"], ".2e")),
     ("greedy completion", lambda r: repr(r["greedy"]) if r["greedy"] else "-"),
+    ("overrides", lambda r: ", ".join(r.get("overrides") or []) or "-"),
     ("note", lambda r: _cell_text(r["why"][:160])),
 )
 
@@ -377,10 +379,16 @@ def _cell_text(text: str) -> str:
     return text.replace("|", "/").replace("\n", " ")
 
 
-def markdown_grid(cells: dict[str, dict[str, str]], new: set[str]) -> str:
-    """One row per release, one column per variant; a release new since the last summary says so."""
+def markdown_grid(cells: dict[str, dict[str, str]], new: set[str], overrides: dict[str, str] | None = None) -> str:
+    """One row per release, one column per variant; a release new since the last summary says so, and a release
+    whose env was built with dependency overrides names them (`overrides`: release -> "kernels>=0.17")."""
     cols = next(iter(cells.values())).keys() if cells else []
-    body = [[f"{v} (new)" if v in new else v, *(cells[v][c] for c in cols)] for v in cells]
+    overrides = overrides or {}
+
+    def label(v: str) -> str:
+        return (f"{v} (new)" if v in new else v) + (f" (override {overrides[v]})" if v in overrides else "")
+
+    body = [[label(v), *(cells[v][c] for c in cols)] for v in cells]
     return tabulate(body, headers=["transformers", *cols], tablefmt="github")
 
 
@@ -514,7 +522,12 @@ def matrix_markdown(rep: Report, *, title: str, date: str, machine: str, grid_pn
     for name, cells in rep.grid.items():
         if len(rep.grid) > 1:
             lines += [f"### {name}", ""]
-        lines += [markdown_grid(cells, set(rep.new_releases)), ""]
+        overridden: dict[str, str] = {}
+        for r in rep.table:
+            if r.get("overrides") and _group_name(r) == name:
+                seen = overridden.get(r["transformers"], "").split("; ") if r["transformers"] in overridden else []
+                overridden[r["transformers"]] = "; ".join(dict.fromkeys([*seen, ", ".join(r["overrides"])]))
+        lines += [markdown_grid(cells, set(rep.new_releases), overridden), ""]
     if grid_png:
         lines += ["![release x variant grid](matrix_grid.png)", ""]
     else:

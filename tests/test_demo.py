@@ -87,3 +87,24 @@ def test_the_shipped_reference_is_what_448_gives_today(tmp_path, reference):
     assert fresh["logits_sha256"] == reference.logits_sha256
     assert fresh["generation"]["ids"] == reference.generation["ids"]
     assert fresh["generation"]["step_logits_sha256"] == reference.generation["step_logits_sha256"]
+
+
+def test_the_demo_says_when_the_index_has_a_newer_release_and_what_to_run():
+    from importlib import metadata
+
+    from packaging.version import Version
+
+    from opensci_patch import releases
+
+    installed = Version(metadata.version("transformers"))
+    newer = Version(f"{installed.major}.{installed.minor + 1}.0")
+    lines = demo.newer_release_note(fetch=lambda: [installed, newer, Version(f"{newer}rc1")])
+    assert len(lines) == 2
+    assert f"transformers {newer}, newer than the installed {installed}" in lines[0]
+    assert f"opensci-patch cell --transformers 4.48.0 --transformers {newer} --overrides " in lines[1]
+    assert demo.newer_release_note(fetch=lambda: [installed]) == []
+
+    def offline():
+        raise releases.IndexUnreachable("cannot read the index")
+
+    assert demo.newer_release_note(fetch=offline) == []

@@ -112,12 +112,30 @@ def test_mask_adapter_passes_everything_to_a_function_that_takes_any_keyword(pat
     assert adapter(_mask_function("config", any_keywords=True))(**CALL) == CALL
 
 
-def test_mask_adapter_keeps_past_key_values_for_a_function_taking_both_names(patched):
-    """Only a helper that lacks the old name gets the new one: never rename what the helper still takes."""
+def test_mask_adapter_passes_the_new_name_to_a_helper_that_also_lists_the_deprecated_one(patched):
+    """5.25's mask helpers take `cache` and also list the deprecated `past_key_values` (keyword-only, None, before
+    **kwargs: `deprecate_kwarg(..., expose_in_signature=True)`) and warn when it is used: the cache goes as `cache`."""
     adapter = function_of(patched, "_opensci_mask_keywords")
-    both = _mask_function("config", "input_embeds", "attention_mask", "cache_position", "past_key_values", "cache")
-    both.__defaults__ = (None,)
-    assert adapter(both)(**CALL) == {**CALL, "cache": None}
+    namespace: dict = {}
+    exec(
+        "def create_causal_mask(config, inputs_embeds, attention_mask, cache, position_ids=None, layer_idx=None, *,"
+        " past_key_values=None, **kwargs):\n"
+        "    return dict(inputs_embeds=inputs_embeds, cache=cache, past_key_values=past_key_values, **kwargs)\n",
+        namespace,
+    )
+    got = adapter(namespace["create_causal_mask"])(**CALL)
+    assert got == {"inputs_embeds": "e", "cache": "k", "past_key_values": None, "cache_position": "p"}
+
+
+def test_a_file_hotfixed_with_the_adapter_before_5_25_is_upgraded(patched):
+    """The adapter written before 5.25 (rename only where the old name is absent) is replaced by the current one."""
+    from opensci_patch.patches.stand_ins import ADAPTER_DEF, OLD_ADAPTER_DEFS
+
+    before = next(old for old in OLD_ADAPTER_DEFS if "old not in parameters" in old)
+    hotfixed_before = patched.replace(ADAPTER_DEF.strip("\n"), before.strip("\n"))
+    assert hotfixed_before != patched
+    outcome = PATCH.apply(hotfixed_before, "modeling_opensci.py")
+    assert (outcome.status, outcome.source) == ("applied", patched)
 
 
 def test_mask_adapter_hands_the_cache_to_the_installed_create_causal_mask(patched):

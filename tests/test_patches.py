@@ -14,6 +14,8 @@ from opensci_patch.errors import PatchError
 from opensci_patch.patches import PATCHES, apply_patches, by_name, default_patches, select
 
 NAMES = [p.name for p in PATCHES]
+# the patches whose construct the shipped, hand-written file does not have
+NOT_IN_SHIPPED = ("moved_helpers", "auto_docstring_args", "rope_theta", "union_annotations", "remote_code")
 
 # patch -> (text in the fixture, what it becomes): a target the patch must refuse to guess at
 MANGLED = {
@@ -27,6 +29,15 @@ MANGLED = {
     "inv_freq_guard": ("self.config = config\n        self.rope_init_fn", "self.rope_init_fn"),
     "init_weights": ("module.bias.data.zero_()", "module.bias.data = torch.zeros_like(module.bias)"),
     "moved_helpers": ("import create_causal_mask, create_sliding", "import create_causal_mask as ccm, create_sliding"),
+    "hub_kernels": (
+        "class OpensciPreTrainedModel(PreTrainedModel):\n",
+        "class OpensciPreTrainedModel(PreTrainedModel):\n    @classmethod\n    def from_pretrained(cls, *a, **k):\n"
+        "        return super().from_pretrained(*a, **k)\n\n",
+    ),
+    "auto_docstring_args": (
+        "cache_position=None, past_key_values=None):\n",
+        'cache_position=None, past_key_values=None):\n        """Summary."""\n',
+    ),
     "rope_theta": ("self.rope_theta = config.rope_theta", 'self.rope_theta = getattr(config, "rope_theta", 1e4)'),
     "post_init": (
         "    def __init__(self, config):\n        super().__init__(config)\n        self.model",
@@ -46,8 +57,8 @@ MANGLED = {
 
 def target_source(name: str, modeling_source: str) -> str:
     """The source a patch has a target in: the shipped file, or for moved_helpers and rope_theta a small one."""
-    small = {"moved_helpers": GENERATED, "rope_theta": LLAMA_STYLE, "post_init": NO_POST_INIT,
-             "remote_code": NO_POST_INIT, "union_annotations": PEP604}  # fmt: skip
+    small = {"moved_helpers": GENERATED, "auto_docstring_args": GENERATED, "rope_theta": LLAMA_STYLE,
+             "post_init": NO_POST_INIT, "remote_code": NO_POST_INIT, "union_annotations": PEP604}  # fmt: skip
     return small.get(name, modeling_source)
 
 
@@ -60,16 +71,18 @@ def test_registry_order_and_defaults():
         "union_annotations",
         "moved_helpers",
         "cache_kwarg",
+        "auto_docstring_args",
         "rope_theta",
         "rope_default",
         "tied_weights",
         "remote_code",
         "post_init",
+        "hub_kernels",
         "sdpa_gqa",
         "inv_freq_guard",
         "init_weights",
     ]
-    assert [p.name for p in default_patches()] == NAMES[:11]
+    assert [p.name for p in default_patches()] == NAMES[:13]
     assert [p.name for p in select(["init_weights"])] == NAMES
     with pytest.raises(PatchError, match="unknown patch 'nope'"):
         select(["nope"])
@@ -140,8 +153,7 @@ def test_patch_refuses_a_mangled_target_naming_patch_and_file(modeling_source: s
 def test_all_patches_together_are_idempotent(patched_source: str):
     again, statuses = apply_patches(patched_source, PATCHES)
     assert again == patched_source
-    absent = ("moved_helpers", "rope_theta", "union_annotations", "remote_code")  # constructs the shipped file lacks
-    assert statuses == {n: "not-applicable" if n in absent else "already-applied" for n in NAMES}
+    assert statuses == {n: "not-applicable" if n in NOT_IN_SHIPPED else "already-applied" for n in NAMES}
 
 
 def test_patches_find_targets_by_structure_not_by_name(modeling_source: str):
@@ -157,11 +169,8 @@ def test_patches_find_targets_by_structure_not_by_name(modeling_source: str):
         )
     )
     patched, statuses = apply_patches(variant, default_patches(), "modeling_osr.py")
-    absent = ("moved_helpers", "rope_theta", "union_annotations", "remote_code")
-    assert statuses == {
-        p.name: "not-applicable" if p.name in absent else "already-applied" if p.name == "post_init" else "applied"
-        for p in default_patches()
-    }
+    expected = {p.name: "already-applied" if p.name == "post_init" else "applied" for p in default_patches()}
+    assert statuses == expected | {name: "not-applicable" for name in NOT_IN_SHIPPED}
     assert class_attribute(patched, "OsrForCausalLM", "_tied_weights_keys") == {
         "lm_head.weight": "transformer.wte.weight"
     }

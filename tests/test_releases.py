@@ -89,8 +89,28 @@ def test_sweep_is_pinned_plus_latest_patch_of_every_minor_from_448(fake_index):
 
 
 def test_pre_adds_the_newest_prerelease_only_when_newer_than_the_newest_final(fake_index):
-    assert releases.resolve(["4.48.0"], pre=True) == ["4.48.0", "5.11.0rc1"]
+    assert releases.resolve(["4.48.0"], pre=True, newest=False) == ["4.48.0", "5.11.0rc1"]
     assert releases.newest_pre([Version("5.2.0"), Version("5.2.0rc1")]) is None
+
+
+def test_the_default_list_is_the_pinned_one_plus_the_newest_final_on_the_index(fake_index):
+    assert releases.resolve(["4.48.0", "5.2.0"]) == ["4.48.0", "5.2.0", "5.10.4"]  # not 5.11.0rc1: a pre-release
+    assert releases.resolve(["4.48.0", "5.2.0"], newest=False) == ["4.48.0", "5.2.0"]
+
+
+def test_releases_command_and_noxfile_list_include_the_newest_final(fake_index, monkeypatch):
+    proc = _cli("releases", env_extra={"OPENSCI_PATCH_INDEX_URL": fake_index})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == sorted({*matrix.TRANSFORMERS_VERSIONS, "5.10.4"}, key=Version)
+    monkeypatch.delenv("OPENSCI_PATCH_RELEASES", raising=False)
+    assert "5.10.4" in matrix.releases_from_env()
+
+
+def test_releases_command_offline_prints_the_pinned_list_and_one_note():
+    proc = _cli("releases", env_extra={"OPENSCI_PATCH_INDEX_URL": _closed_port_url()})
+    assert proc.returncode == 0
+    assert proc.stdout.split() == sorted(matrix.TRANSFORMERS_VERSIONS, key=Version)
+    assert len(proc.stderr.strip().splitlines()) == 1 and "newest release on the index" in proc.stderr
 
 
 def test_newest_means_the_index_newest_final(fake_index):
@@ -136,6 +156,7 @@ def test_noxfile_releases_come_from_the_environment(monkeypatch):
     with pytest.raises(Exception, match="not a transformers release number"):
         matrix.releases_from_env()
     monkeypatch.delenv("OPENSCI_PATCH_RELEASES")
+    monkeypatch.setenv("OPENSCI_PATCH_INDEX_URL", _closed_port_url())  # offline: the pinned list
     assert matrix.releases_from_env() == matrix.TRANSFORMERS_VERSIONS
 
 

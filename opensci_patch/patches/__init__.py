@@ -4,7 +4,7 @@
 order, and later ones may rely on earlier ones
 (`inv_freq_guard` recomputes frequencies through `rope_init_fn`, which `rope_default` makes
 resolvable on 5.x). Default patches make the file load and give the 4.48 logits on every release
-from 4.48.0 to 5.24.0; opt-in ones (`default=False`) fix what the test matrix must still show as
+from 4.48.0 to 5.25.0; opt-in ones (`default=False`) fix what the test matrix must still show as
 an upstream regression unless asked for.
 """
 

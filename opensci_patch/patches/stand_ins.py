@@ -467,8 +467,33 @@ if not {CACHE_CHECK}({CACHE}):
 '''
 
 # The adapter as this patch writes it. Keywords 4.54 code passes -> what later releases call them:
-# `input_embeds` -> `inputs_embeds` (5.2), `past_key_values` -> `cache` (5.24, positional, no **kwargs).
+# `input_embeds` -> `inputs_embeds` (5.2), `past_key_values` -> `cache` (5.24, positional, no **kwargs); the new
+# name wins wherever the helper takes it (5.25 lists the deprecated `past_key_values` too and warns when it is used).
 ADAPTER_DEF = f'''
+def {ADAPTER}(mask_function):
+    """Call `mask_function` with the keywords of the installed release (this code passes 4.54's)."""
+    import inspect
+
+    parameters = inspect.signature(mask_function).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    renamed = {{"input_embeds": "inputs_embeds", "past_key_values": "cache"}}  # 5.2, 5.24
+
+    def call(*args, **kwargs):
+        for old, new in renamed.items():
+            if old in kwargs and new in parameters:  # 5.25 also lists the deprecated `past_key_values`
+                kwargs[new] = kwargs.pop(old)
+        if not takes_any:
+            kwargs = {{key: value for key, value in kwargs.items() if key in parameters}}
+        return mask_function(*args, **kwargs)
+
+    return call
+'''
+
+# Adapters earlier versions of this patch wrote (newest first): a file hotfixed with one of them is upgraded in place.
+# - renamed only where the helper lacks the old name, so on 5.25 it passed the deprecated `past_key_values`;
+# - renamed only `input_embeds`, so on 5.24 the cache never reached the helper (TypeError: missing 'cache').
+OLD_ADAPTER_DEFS = (
+    f'''
 def {ADAPTER}(mask_function):
     """Call `mask_function` with the keywords of the installed release (this code passes 4.54's)."""
     import inspect
@@ -486,11 +511,7 @@ def {ADAPTER}(mask_function):
         return mask_function(*args, **kwargs)
 
     return call
-'''
-
-# Adapters earlier versions of this patch wrote: a file hotfixed with one of them is upgraded in place.
-# 1: renamed only `input_embeds`, so on 5.24 the cache never reached the helper (TypeError: missing 'cache').
-OLD_ADAPTER_DEFS = (
+''',
     f'''
 def {ADAPTER}(mask_function):
     """Call `mask_function` with the keywords of the installed release (this code passes 4.54's)."""

@@ -1,0 +1,204 @@
+"""Dependency overrides for releases whose pins the index cannot meet (transformers 5.25.0 and kernels 0.19).
+
+The file format and per-range selection, how an env is built and keyed with overrides (uv `--override`, the pip
+fallback), the one-line error for an unmet pin, and the overrides in the record and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from test_envs import VERSION, fake_installer, needs_torch  # noqa: F401  (fixture)
+
+from opensci_patch import envs, envs_base, overrides, records, report
+from opensci_patch.errors import EnvironmentSetupError
+
+REPO = Path(__file__).resolve().parents[1]
+
+# uv 0.13.9's output for `uv pip install transformers==5.25.0` on an index with kernels 0.17.2 at most
+UV_UNMET = """\
+error: No solution found when resolving dependencies
+  cause: Because only kernels<=0.17.2 is available and transformers>=5.25.0 depends on kernels>=0.19.1,<0.20, \
+we can conclude that transformers>=5.25.0 cannot be used.
+         And because you require transformers==5.25.0, we can conclude that your requirements are unsatisfiable.
+"""
+PIP_UNMET = """\
+ERROR: Could not find a version that satisfies the requirement kernels<0.20,>=0.19.1 (from transformers) \
+(from versions: 0.16.2, 0.17.0, 0.17.1, 0.17.2)
+ERROR: No matching distribution found for kernels<0.20,>=0.19.1
+"""
+# some of transformers 5.25.0's Requires-Dist (its wheel's METADATA)
+REQUIRES_525 = [
+    "huggingface-hub<3.0,>=2.4.0",
+    "numpy>=1.17",
+    "kernels<0.20,>=0.19.1",
+    'torch>=2.6; extra == "torch"',
+    'kernels<0.20,>=0.19.1; extra == "torch"',
+]
+
+
+def test_the_committed_file_lifts_the_kernels_pin_for_5_25_only():
+    found = overrides.load(overrides.COMMITTED)
+    assert overrides.for_release(found, "5.25.0") == ["kernels>=0.17"]
+    assert overrides.for_release(found, "5.25.3") == ["kernels>=0.17"]
+    for other in ("4.48.0", "5.24.0", "5.26.0"):
+        assert overrides.for_release(found, other) == []
+
+
+def test_ranges_comments_and_the_optional_word_transformers():
+    text = "# comment\n\n>=5.25: kernels>=0.17  # why\ntransformers==5.25.0: kernels; sys_platform == 'never'\n"
+    found = overrides.parse(text)
+    assert overrides.for_release(found, "5.25.0") == ["kernels>=0.17", 'kernels; sys_platform == "never"']
+    assert overrides.for_release(found, "5.24.0") == []
+
+
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        ("kernels>=0.17", "is not `RANGE: REQUIREMENT`"),
+        ("5.25: kernels>=0.17", "is not a release range"),
+        (": kernels>=0.17", "no release range"),
+        (">=5.25: kernels>=>0.17", "is not a requirement"),
+        (">=5.25: torch==2.0", "torch cannot be overridden"),
+    ],
+)
+def test_a_bad_line_is_one_error_naming_file_and_line(line, why):
+    with pytest.raises(overrides.OverridesError, match=rf"f\.txt, line 2: .*{why}"):
+        overrides.parse(f"# first\n{line}\n", "f.txt")
+
+
+def test_unmet_pin_is_read_from_uv_and_pip_output():
+    assert envs.unmet_pin(UV_UNMET) == ("kernels", "kernels>=0.19.1,<0.20", "kernels<=0.17.2")
+    assert envs.unmet_pin(PIP_UNMET) == ("kernels", "kernels<0.20,>=0.19.1", None)
+    assert envs.unmet_pin("error: transformers==9.9.9 not found") is None
+
+
+def test_pip_fallback_replaces_the_overridden_requirement_and_drops_extras():
+    got = envs.rewrite_requirements(REQUIRES_525, ["kernels>=0.17"])
+    assert got == ["huggingface-hub<3.0,>=2.4.0", "numpy>=1.17", "kernels>=0.17"]
+
+
+@needs_torch
+def test_an_unmet_pin_is_one_line_naming_package_pin_and_the_way_out(tmp_path, fake_installer, monkeypatch):  # noqa: F811
+    def failing(cmd, cwd, name):
+        if "venv" in cmd:
+            return fake_installer_make(cmd, cwd, name)
+        raise EnvironmentSetupError(f"env {name}: `uv pip install ...` failed (exit 1). Last output:\n{UV_UNMET}")
+
+    fake_installer_make = envs_base.run_installer
+    monkeypatch.setattr(envs_base, "run_installer", failing)
+    with pytest.raises(EnvironmentSetupError) as caught:
+        envs.ensure_env("5.25.0", "system", root=tmp_path, log=lambda m: None)
+    first = str(caught.value).splitlines()[0]
+    assert "transformers 5.25.0 requires kernels>=0.19.1,<0.20" in first
+    assert "(it has kernels<=0.17.2)" in first and "--overrides FILE" in first
+    assert records.one_line(str(caught.value)) == first  # what the cell's record and the report show
+    assert not (tmp_path / envs.env_name("5.25.0", "system")).exists()  # nothing half-made left
+
+
+@needs_torch
+def test_an_env_is_keyed_on_its_overrides(tmp_path, fake_installer, monkeypatch):  # noqa: F811
+    log = lambda m: None  # noqa: E731
+    monkeypatch.delenv(overrides.VAR, raising=False)
+    plain = envs.ensure_env(VERSION, "system", root=tmp_path, log=log)
+    lifted = envs.ensure_env(VERSION, "system", root=tmp_path, log=log, overrides=["kernels>=0.17"])
+    assert lifted.path != plain.path and not lifted.reused and lifted.overrides == ("kernels>=0.17",)
+    install = next(cmd for cmd in fake_installer if f"transformers=={VERSION}" in cmd and "--override" in cmd)
+    listing = Path(install[install.index("--override") + 1])
+    assert listing.read_text() == "kernels>=0.17\n"
+    assert json.loads((lifted.path / envs.MARKER).read_text())["overrides"] == ["kernels>=0.17"]
+    # each is reused only for its own overrides
+    assert envs.ensure_env(VERSION, "system", root=tmp_path, log=log).path == plain.path
+    again = envs.ensure_env(VERSION, "system", root=tmp_path, log=log, overrides=["kernels>=0.17"])
+    assert again.reused and again.path == lifted.path
+    other = envs.ensure_env(VERSION, "system", root=tmp_path, log=log, overrides=["kernels>=0.16"])
+    assert other.path not in (plain.path, lifted.path) and not other.reused
+    # the variable names a file; the overrides that apply to the release are used
+    (tmp_path / "o.txt").write_text(f"=={VERSION}: kernels>=0.17\n>=9: kernels>=0.1\n")
+    monkeypatch.setenv(overrides.VAR, str(tmp_path / "o.txt"))
+    assert envs.ensure_env(VERSION, "system", root=tmp_path, log=log).path == lifted.path
+
+
+@needs_torch
+def test_an_override_env_whose_marker_lacks_the_overrides_is_rebuilt(tmp_path, fake_installer):  # noqa: F811
+    log = lambda m: None  # noqa: E731
+    lifted = envs.ensure_env(VERSION, "system", root=tmp_path, log=log, overrides=["kernels>=0.17"])
+    marker = json.loads((lifted.path / envs.MARKER).read_text())
+    del marker["overrides"]
+    (lifted.path / envs.MARKER).write_text(json.dumps(marker))
+    assert envs.ensure_env(VERSION, "system", root=tmp_path, log=log, overrides=["kernels>=0.17"]).reused is False
+
+
+@needs_torch
+def test_without_uv_pip_installs_transformers_without_deps_then_the_rewritten_requirements(
+    tmp_path,
+    fake_installer,  # noqa: F811
+    monkeypatch,
+):
+    monkeypatch.setattr(envs_base, "find_uv", lambda: None)
+    made = []
+
+    def make_venv(path, root, log):
+        made.append(path)
+        envs_base.venv_python(path).parent.mkdir(parents=True, exist_ok=True)
+        envs_base.venv_python(path).symlink_to(sys.executable)
+        envs_base.site_packages(path).mkdir(parents=True, exist_ok=True)
+        return ["pip", "install"]
+
+    monkeypatch.setattr(envs_base, "make_venv", make_venv)
+    monkeypatch.setattr(envs, "_pip_requirements", lambda path, ov: envs.rewrite_requirements(REQUIRES_525, ov))
+    envs.ensure_env(VERSION, "system", root=tmp_path, log=lambda m: None, overrides=["kernels>=0.17"])
+    installs = [cmd for cmd in fake_installer if cmd[:2] == ["pip", "install"]]
+    assert installs[0] == ["pip", "install", "--no-deps", f"transformers=={VERSION}"]
+    assert "kernels>=0.17" in installs[1] and not any(r.startswith("kernels<") for r in installs[1])
+
+
+def test_cell_refuses_an_unreadable_overrides_file_with_exit_2(cli, tmp_path):
+    proc = cli("cell", "--transformers", "5.25.0", "--overrides", str(tmp_path / "nope.txt"),
+               "--records", str(tmp_path / "r"))  # fmt: skip
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "cannot read the overrides file" in proc.stderr
+    assert not (tmp_path / "r").exists() or not list((tmp_path / "r").iterdir())
+
+
+def _record(version: str, model: str, ov: list[str]) -> records.Record:
+    cell = {"transformers": version, "torch": "cpu", "model": model, "dtype": "float32", "attn": "eager",
+            "id": f"tf{version}-cpu-{model}-float32-eager", "device": "cpu"}  # fmt: skip
+    kv = {"ok": True, "tolerance": 1e-3, "max_abs_diff": 0.0, "first_bad_step": None, "detail": ""}
+    gen = {"ids": [1], "text": "x", "step_logits_sha256": ["a"], "kv_check": kv}
+    return records.Record(
+        environment={"transformers": version, "overrides": ov},
+        status="ok",
+        logits_sha256="s",
+        generation=gen,
+        cell=cell,
+        expected={"outcome": "pass", "reason": ""},
+        topk=[{"token": " Paris", "logit": 1.0, "id": 1}],
+    )
+
+
+def test_records_refuse_overrides_that_are_not_a_list_of_strings(tmp_path):
+    path = tmp_path / "r.json"
+    rec = _record("5.25.0", "patched", ["kernels>=0.17"])
+    records.write_atomic(path, rec)
+    assert records.load(path).environment["overrides"] == ["kernels>=0.17"]
+    rec.environment["overrides"] = "kernels>=0.17"
+    records.write_atomic(path, rec)
+    with pytest.raises(records.RecordError, match="environment.overrides"):
+        records.load(path)
+
+
+def test_the_report_shows_the_overrides_next_to_the_cell():
+    rows = report.rows([_record("4.48.0", "patched", []), _record("5.25.0", "patched", ["kernels>=0.17"])])
+    by_release = {r["transformers"]: r for r in rows}
+    assert by_release["5.25.0"]["overrides"] == ["kernels>=0.17"] and by_release["4.48.0"]["overrides"] == []
+    table = report.markdown_table(rows)
+    line = next(line for line in table.splitlines() if line.startswith("| 5.25.0"))
+    assert "kernels>=0.17" in line
+    grid = report.grid(rows)
+    cells = next(iter(grid.values()))
+    md = report.markdown_grid(cells, set(), {"5.25.0": "kernels>=0.17"})
+    assert "5.25.0 (override kernels>=0.17)" in md and "4.48.0 (override" not in md
