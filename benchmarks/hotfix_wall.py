@@ -99,11 +99,14 @@ def _models(work: Path, bigckpt_layers: int) -> list[tuple[str, Path]]:
 
 
 def _suite(tree: Path, marker: str | None) -> tuple[float, str]:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "auto"]
+    """Wall time and pytest's summary line, then the FAILED/ERROR lines (-rfE) under it."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-n", "auto"]
     cmd += ["-m", marker] if marker else []
     r = run(cmd, env=_env(tree), cwd=tree)
-    summary = next((line for line in reversed(r.stdout.splitlines()) if " in " in line), "(no summary)")
-    return r.wall_s, summary.strip("= ")
+    lines = r.stdout.splitlines()
+    summary = next((line for line in reversed(lines) if " in " in line), "(no summary)").strip("= ")
+    failed = [f"      {line}" for line in lines if line.startswith(("FAILED ", "ERROR "))]
+    return r.wall_s, "\n".join([summary, *failed])
 
 
 def main() -> int:
