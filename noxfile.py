@@ -1,6 +1,7 @@
 """Sessions for opensci-patch.
 
-    nox -s tests                  # the test suite, pytest -n auto
+    nox -s tests                  # the fast tests, pytest -n auto (no per-release envs, no cells)
+    nox -s crossversion           # the per-release tests (pytest -m crossversion): envs, cells, captures on releases
     nox -s lint                   # ruff + actionlint on the workflows
     nox -s matrix                 # every cell: transformers x torch build x model -> records/
     nox -s report                 # records/ -> results/matrix.md, summary.json, matrix_grid.png, paris_logit.png
@@ -59,9 +60,7 @@ def cli(session: nox.Session, *args: str) -> None:
     session.run(sys.executable, "-m", "opensci_patch.cli", *args, env={"PYTHONPATH": str(ROOT)}, external=True)
 
 
-@nox.session
-def tests(session: nox.Session) -> None:
-    """The test suite in parallel; cross-version tests build per-release envs (cached, reused)."""
+def pytest_session(session: nox.Session, marker: str) -> None:
     session.install(*torch_install_args())
     session.install("-e", ".[run,test,plot]")
     session.run(
@@ -69,7 +68,19 @@ def tests(session: nox.Session) -> None:
         "-c",
         "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)",
     )
-    session.run("pytest", "-n", "auto", *session.posargs)
+    session.run("pytest", "-n", "auto", "-m", marker, *session.posargs)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The fast tests in parallel: everything but the per-release ones."""
+    pytest_session(session, "not crossversion")
+
+
+@nox.session
+def crossversion(session: nox.Session) -> None:
+    """The per-release tests in parallel: they build per-release envs (cached, reused) and run cells."""
+    pytest_session(session, "crossversion")
 
 
 @nox.session

@@ -14,23 +14,20 @@ logits, so it stops the search with its reason instead of being counted as bad.
 
 from __future__ import annotations
 
-import json
 import tempfile
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from packaging.version import InvalidVersion, Version
+from packaging.version import Version
 
-from . import records
+from . import records, releases
 from .diagnose import TOLERANCE
 from .errors import OpensciPatchError
 from .matrix import Cell
 from .records import Record
 from .runner import run_cell
 
-PYPI_JSON = "https://pypi.org/pypi/transformers/json"
 # Absolute bound on max |logit - fp64 ref|, per dtype: diagnose's stage tolerances (one definition). fp32 eager on
 # CPU agrees with fp64 to ~4e-6 on the shipped checkpoint; broken RoPE is > 1.
 
@@ -44,29 +41,20 @@ class Probe:
 
 
 def released_versions(timeout: float = 30) -> list[str]:
-    """Final (non pre-release), non-yanked transformers releases on PyPI, oldest first."""
+    """Final (non pre-release), non-yanked transformers releases on the package index, oldest first.
+
+    The index is `releases.index_url()` ($OPENSCI_PATCH_INDEX_URL, pip's or uv's, else PyPI), read as
+    `opensci-patch releases` reads it."""
     try:
-        with urllib.request.urlopen(PYPI_JSON, timeout=timeout) as resp:
-            releases = json.load(resp)["releases"]
-    except OSError as exc:
-        raise OpensciPatchError(f"cannot list transformers releases from PyPI ({exc}); pass --versions") from None
-    out = []
-    for v, files in releases.items():
-        try:
-            parsed = Version(v)
-        except InvalidVersion:
-            continue
-        if parsed.is_prerelease or parsed.is_devrelease or not files or all(f.get("yanked") for f in files):
-            continue
-        out.append(v)
-    return sorted(out, key=Version)
+        versions = releases.index_versions(timeout)
+    except releases.IndexUnreachable as exc:
+        raise OpensciPatchError(f"cannot list transformers releases ({exc}); pass --versions") from None
+    return [str(v) for v in versions if not v.is_prerelease and not v.is_devrelease]
 
 
 def release(value: str, flag: str) -> Version:
     """A release number given on the command line (`releases.canonical`), or one line saying what was expected."""
-    from .releases import canonical
-
-    return Version(canonical(value, what=flag))
+    return Version(releases.canonical(value, what=flag))
 
 
 def between(versions: list[str], good: str, bad: str) -> list[str]:

@@ -205,7 +205,7 @@ def installed_versions(env: Env) -> dict[str, Any]:
             return json.loads(line.split(" ", 1)[1])
     raise EnvironmentSetupError(
         f"env {env.path.name}: `import torch, transformers` failed inside it (exit {proc.returncode}); "
-        f"remove {env.path} and retry.\n{envs_base.tail(proc.stdout + proc.stderr)}"
+        f"remove {env.path} and retry.\n{envs_base.tail(proc.stdout + proc.stderr, envs_base.TAIL_LINES, '    ')}"
     )
 
 

@@ -111,23 +111,36 @@ def run_installer(cmd: list[str], cwd: Path, name: str) -> None:
         out = exc.output.decode(errors="replace") if isinstance(exc.output, bytes) else (exc.output or "")
         raise EnvironmentSetupError(
             f"env {name}: `{shlex.join(cmd)}` took over {INSTALL_TIMEOUT:.0f} s; check the network or index."
-            f"\n{tail(out)}"
+            f"\n{tail(out, TAIL_LINES, '    ')}"
         ) from None
     except OSError as exc:
         raise EnvironmentSetupError(f"env {name}: cannot run `{shlex.join(cmd)}`: {exc}") from None
     if proc.returncode != 0:
         raise EnvironmentSetupError(
             f"env {name}: `{shlex.join(cmd)}` failed (exit {proc.returncode}); check that the release exists "
-            f"and the index is reachable. Last output:\n{tail(proc.stdout)}"
+            f"and the index is reachable. Last output:\n{tail(proc.stdout, TAIL_LINES, '    ')}"
         )
 
 
-def claim_new_dir(path: Path, root: Path) -> None:
-    """Create `path` marked as ours (the sentinel first, so a kill at any later point leaves it removable),
-    after sweeping the trash of earlier removals."""
-    sweep_trash(root)
+def claim_dir(path: Path, mark: str | None = None, text: str = "") -> Path:
+    """Create the directory `path`, which must not exist yet (FileExistsError: never someone else's), with the
+    file `mark` written in it first, so that from then on a kill at any point leaves it recognisably ours.
+    The one way opensci-patch makes a directory it will later replace or delete (envs, torch layers, hotfix
+    outputs); a failure writing the mark removes the directory again."""
     path.mkdir()
-    (path / SENTINEL).write_text(f"created by opensci_patch.envs (pid {os.getpid()}); safe to delete\n")
+    if mark is not None:
+        try:
+            (path / mark).write_text(text)
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+    return path
+
+
+def claim_new_dir(path: Path, root: Path) -> None:
+    """Create `path` marked as ours (`claim_dir` with the sentinel), after sweeping the trash of earlier removals."""
+    sweep_trash(root)
+    claim_dir(path, SENTINEL, f"created by opensci_patch.envs (pid {os.getpid()}); safe to delete\n")
 
 
 def new_venv(path: Path, root: Path, uv: str | None, log: Log) -> list[str]:
@@ -272,6 +285,7 @@ def locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def tail(text: str, n: int = TAIL_LINES) -> str:
-    lines = [line for line in text.splitlines() if line.strip()]
-    return "\n".join("    " + line for line in lines[-n:])
+def tail(text: str, n: int = 40, indent: str = "") -> str:
+    """The last `n` lines of a log, each after `indent`: evidence in records (`records.tail`), context under
+    an error message (indented)."""
+    return "\n".join(indent + line for line in text.splitlines()[-n:])

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import signal
 
-FAULT_VAR = "OPENSCI_PATCH_FAULT"  # tests only: "point:SIGNAL[,point:SIGNAL...]", see fault_point
+FAULT_VAR = "OPENSCI_PATCH_FAULT"  # tests only: "point[#N]:SIGNAL[,point[#N]:SIGNAL...]", see fault_point
+_hits: dict[str, int] = {}
 
 
 def fault_point(name: str) -> None:
@@ -18,12 +19,16 @@ def fault_point(name: str) -> None:
     `OPENSCI_PATCH_FAULT=hotfix.copied:SIGKILL` kills a hotfix right after its copy, deterministically,
     where a timer would hit a different point on every machine. tests/test_faults.py checks that a run
     killed at any named point leaves SRC intact, DST absent or complete, and nothing the next run cannot
-    clean up. Unset (always, outside those tests) this is one dictionary lookup.
+    clean up. `point#N` fires at the point's N-th hit in the process (e.g. `hotfix.chunk#3`: while the
+    third chunk of the copy is written), so a seeded N reaches places between the named points without
+    a timer. Unset (always, outside those tests) this is one dictionary lookup.
     """
     spec = os.environ.get(FAULT_VAR)
     if not spec:
         return
+    hit = _hits[name] = _hits.get(name, 0) + 1
     for item in spec.split(","):
         point, _, sig = item.strip().partition(":")
-        if point == name:
+        point, _, nth = point.partition("#")
+        if point == name and int(nth or hit) == hit:
             os.kill(os.getpid(), getattr(signal, sig or "SIGKILL"))

@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from .defaults import FIXTURE_DIR
-from .envs_base import default_root, find_uv, locked, wheel_dir_args
+from .envs_base import default_root, find_uv, locked, tail, wheel_dir_args
 from .errors import EnvironmentSetupError
 
 RELEASE = "4.54.0"  # the first release with TransformersKwargs, the snapshot's generation
@@ -89,8 +89,8 @@ def _unpack_transformers(target: Path) -> Path:
                "--disable-pip-version-check", "--target", str(target), *wheel_dir_args(), requirement]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-10:])
-        raise EnvironmentSetupError(f"cannot fetch {requirement} for the generated-style checkpoint:\n{tail}")
+        log = tail((proc.stdout + proc.stderr).strip(), 10)
+        raise EnvironmentSetupError(f"cannot fetch {requirement} for the generated-style checkpoint:\n{log}")
     return target / QWEN3
 
 

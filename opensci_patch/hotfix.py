@@ -46,6 +46,7 @@ from pathlib import Path
 
 from . import __version__
 from .defaults import MANIFEST
+from .envs_base import claim_dir, pid_alive
 from .errors import DestinationError, ModelDirError
 from .faults import fault_point
 from .patches import PATCHES, Patch, Status, apply_patches, select
@@ -290,18 +291,6 @@ def _sibling(dst: Path, tag: str) -> Path:
     return dst.parent / f".{dst.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
-
-
 def _partial_is_ours(path: Path) -> bool:
     """A partial dir we made: its marker, our manifest (written just before the swap), or nothing at all."""
     try:
@@ -321,7 +310,7 @@ def _remove_stale(dst: Path, log: Callable[[str], object]) -> None:
     stale: dict[str, list[Path]] = {"partial": [], "old": []}
     for path in dst.parent.iterdir():
         found = pattern.fullmatch(path.name)
-        if not found or path.is_symlink() or not path.is_dir() or _pid_alive(int(found.group(2))):
+        if not found or path.is_symlink() or not path.is_dir() or pid_alive(int(found.group(2))):
             continue
         if found.group(1) == "partial" and _partial_is_ours(path):
             stale["partial"].append(path)
@@ -368,11 +357,10 @@ def _build(
     """Write everything into a hidden sibling, then rename it into place (see the module docstring)."""
     partial = _sibling(dst, "partial")
     try:
-        partial.mkdir()
+        claim_dir(partial, PARTIAL_MARK, f"pid {os.getpid()} on {socket.gethostname()}: hotfix -> {dst}\n")
     except OSError as exc:
         raise DestinationError(f"cannot write in {dst.parent}: {exc.strerror}") from None
     try:
-        (partial / PARTIAL_MARK).write_text(f"pid {os.getpid()} on {socket.gethostname()}: hotfix -> {dst}\n")
         fault_point("hotfix.started")
         files = _copy_tree(src, partial, patched)
         fault_point("hotfix.copied")
@@ -490,6 +478,7 @@ def _copy_hashing(source: Path, target: Path) -> str:
         while n := fin.readinto(buffer):
             digest.update(buffer[:n])
             fout.write(buffer[:n])
+            fault_point("hotfix.chunk")  # tests/test_faults.py: killed midway through the copy
     shutil.copystat(source, target)
     return digest.hexdigest()
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .envs_base import tail  # noqa: F401 (records.tail: the log tail kept in error records as evidence)
 from .errors import DestinationError, OpensciPatchError
 
 # 2: generation carries `step_logits_sha256` and `kv_check`; statuses generate-mismatch, nonfinite-logits,
@@ -124,11 +125,6 @@ def _cell_dict(cell: Any) -> dict:
 def one_line(text: str) -> str:
     """The first non-empty line: record messages are shown in one table cell or one stderr line."""
     return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
-
-
-def tail(text: str, n: int = 40) -> str:
-    """The last n lines of a log, kept in error records as evidence."""
-    return "\n".join(text.splitlines()[-n:])
 
 
 def error_info(exc: BaseException) -> dict:

@@ -148,7 +148,7 @@ def _ensure_farm(root: Path, torch, kind: str, log: Log) -> Path:
         tmp = root / f".tmp-{farm.name}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
-        tmp.mkdir()
+        envs_base.claim_dir(tmp)
         try:
             linked = {d.metadata["Name"]: _link_distribution(d, tmp) for d in dists}
             (tmp / FARM_MANIFEST).write_text(

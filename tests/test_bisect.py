@@ -148,3 +148,16 @@ def test_bisect_names_5_0_as_the_first_release_that_breaks_the_naive_fix(tmp_pat
     )
     assert bad == "5.0.0"
     assert {p.version: p.good for p in probes}["4.57.6"] is True
+
+
+def test_bisect_lists_releases_from_the_configured_index(monkeypatch):
+    """Through `releases` (OPENSCI_PATCH_INDEX_URL), as `opensci-patch releases` does: not PyPI's JSON."""
+    from opensci_patch import releases
+
+    monkeypatch.setenv("OPENSCI_PATCH_INDEX_URL", "https://mirror.example/simple/")
+    asked: list[str] = []
+    files = [("transformers-5.0.0.tar.gz", False), ("transformers-4.48.0-py3-none-any.whl", False),
+             ("transformers-5.1.0rc1-py3-none-any.whl", False), ("transformers-4.49.0.tar.gz", True)]  # fmt: skip
+    monkeypatch.setattr(releases, "_project_files", lambda url, timeout: asked.append(url) or files)
+    assert bisect_mod.released_versions() == ["4.48.0", "5.0.0"]  # no pre-release, nothing only yanked
+    assert asked == ["https://mirror.example/simple"]

@@ -462,6 +462,7 @@ def test_two_checkouts_sharing_one_env_root_each_run_their_own_code(env, env_roo
         ensure_env(VERSION, "system", root=env_root, log=lambda msg: None)  # point the .pth back for later tests
 
 
+@pytest.mark.crossversion
 def test_cpu_envs_link_one_shared_torch_layer_installed_once(tmp_path):
     """The "cpu" build installs and byte-compiles the pinned torch once; each release env only links it."""
     messages: list[str] = []

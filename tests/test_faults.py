@@ -4,7 +4,7 @@ Invariants after every kill: SRC is unchanged; DST is absent or complete (a vali
 hashes match every file), and an earlier output replaced with --force is either still the old one
 or the new one; the next run succeeds and leaves nothing behind (no partial, old, lock or trash
 entries). Kills come at named points (`faults.fault_point`, via $OPENSCI_PATCH_FAULT: deterministic)
-and, for hotfix, also after a delay drawn from the seed (points no one named).
+and, for hotfix, also at a chunk of the copy drawn from the seed (`hotfix.chunk#N`: between the named points).
 
 A few seeds run by default; OPENSCI_PATCH_FAULT_SEEDS=50 runs 50 (nightly).
 """
@@ -19,7 +19,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from importlib import metadata
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import pytest
 
 from opensci_patch import envs, faults
 from opensci_patch.defaults import FIXTURE_DIR, MANIFEST
+from opensci_patch.hotfix import CHUNK
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = FIXTURE_DIR
@@ -79,7 +79,7 @@ def src(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("mode", ["named-point", "random-delay"])
+@pytest.mark.parametrize("mode", ["named-point", "seeded-chunk"])
 def test_killed_hotfix_leaves_src_and_dst_whole_and_the_next_run_cleans_up(src: Path, seed: int, mode: str):
     rng = random.Random(f"{seed}:{mode}")
     replacing = rng.random() < 0.5
@@ -97,13 +97,9 @@ def test_killed_hotfix_leaves_src_and_dst_whole_and_the_next_run_cleans_up(src: 
         points = HOTFIX_POINTS if replacing else HOTFIX_POINTS[:3]  # the swap point only exists when replacing
         proc = _hotfix(src, dst, force=True, fault=f"{rng.choice(points)}:{sig}")
         proc.wait(timeout=300)
-    else:  # once the copy has begun (interpreter start-up varies far more than the copy), after a seeded delay
-        proc = _hotfix(src, dst, force=True)
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline and not list(parent.glob(".out.partial-*")):
-            time.sleep(0.002)
-        time.sleep(rng.uniform(0.0, 0.1))  # the copy of 32 MB takes about 0.1 s here
-        proc.send_signal(getattr(signal, sig))
+    else:  # midway through the copy: at a chunk drawn from the seed (no timer: the same point on every machine)
+        chunks = sum(-(-f.stat().st_size // CHUNK) for f in src.iterdir() if f.suffix != ".py")
+        proc = _hotfix(src, dst, force=True, fault=f"hotfix.chunk#{rng.randint(1, chunks)}:{sig}")
         proc.wait(timeout=300)
     what = f"seed {seed}, {mode}, {sig}, {'replacing' if replacing else 'fresh'}: rc {proc.returncode}"
 
@@ -208,6 +204,7 @@ def _cli(*args: str, fault: str | None = None) -> subprocess.CompletedProcess[st
     return subprocess.run(cmd, env=_child_env(fault), capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.crossversion  # runs cells
 @pytest.mark.parametrize("signame", ["SIGKILL", "SIGINT"])
 def test_a_killed_cell_run_leaves_running_records_that_the_report_refuses(tmp_path: Path, signame: str):
     from opensci_patch import records
@@ -217,16 +214,15 @@ def test_a_killed_cell_run_leaves_running_records_that_the_report_refuses(tmp_pa
     cell_args += ["--variant", "original", "--variant", "patched"]
     first = _cli(*cell_args)
     assert first.returncode == 0, first.stderr
-    before = {p.name: records.load(p).created for p in recs.glob("*.json")}
+    before = {p.name: records.load(p) for p in recs.glob("*.json")}
     assert len(before) == 2 and _cli("report", "--records", str(recs), "--results", str(results)).returncode == 0
 
-    time.sleep(1.1)  # record timestamps have one-second resolution
     killed = _cli(*cell_args, fault=f"cell.placeholders:{signame}")
     assert killed.returncode != 0
     after = {p.name: records.load(p) for p in recs.glob("*.json")}
     assert set(after) == set(before)  # every cell accounted for
-    assert all(r.created > before[name] for name, r in after.items())  # nothing left from the previous run
-    assert all(r.status == records.RUNNING for r in after.values())  # the driver died before any cell finished
+    assert all(r.status != records.RUNNING for r in before.values())  # the previous run finished every cell...
+    assert all(r.status == records.RUNNING for r in after.values())  # ...so these are new: nothing stale is left
     report = _cli("report", "--records", str(recs), "--results", str(results))
     assert report.returncode == 1
     summary = (results / "matrix.md").read_text()
@@ -234,3 +230,10 @@ def test_a_killed_cell_run_leaves_running_records_that_the_report_refuses(tmp_pa
 
     assert _cli(*cell_args).returncode == 0  # the next run replaces the placeholders
     assert _cli("report", "--records", str(recs), "--results", str(results)).returncode == 0
+
+
+def test_a_fault_point_with_a_count_fires_at_that_hit_only():
+    code = "from opensci_patch.faults import fault_point\nfor i in range(5):\n print(i, flush=True); fault_point('x')"
+    env = _child_env("x#3:SIGKILL")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL and proc.stdout.split() == ["0", "1", "2"], proc.stderr

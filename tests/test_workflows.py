@@ -118,7 +118,7 @@ def test_nothing_to_run_is_an_error(listing_cpu, listing, args, rc):
 
 def test_workflows_parse_with_least_privilege(workflows):
     assert set(workflows) >= {"ci.yml", "nightly.yml"}
-    assert set(workflows["ci.yml"]["jobs"]) == {"tests", "lint", "small-matrix"}
+    assert set(workflows["ci.yml"]["jobs"]) == {"tests", "crossversion", "lint", "small-matrix"}
     assert set(workflows["nightly.yml"]["jobs"]) == {"plan", "cell", "report"}
     for name, wf in workflows.items():
         assert wf["permissions"] == {"contents": "read"}, name
@@ -143,7 +143,16 @@ def test_workflows_name_existing_nox_sessions(workflows):
                 for m in re.finditer(r"\bnox\s+(?:[^\n|;]*?\s)?-s\s+(\S+)", step.get("run", "")):
                     if not m.group(1).startswith('"$'):  # "$SESSION", "${sessions[@]}": from the listing
                         named.add(m.group(1).strip("'\""))
-    assert named >= {"tests", "lint", "report"}
+    assert named >= {"tests", "crossversion", "lint", "report"}
     proc = nox_list("-s", *sorted(named))  # nox exits non-zero on an unknown session
     assert proc.returncode == 0, proc.stderr
     assert {s["session"] for s in json.loads(proc.stdout)} == named
+
+
+def test_ci_runs_the_readmes_test_command_and_it_runs_every_test():
+    """.ci/run runs the README's test command, which is the fast and the per-release sessions together."""
+    readme = (REPO / "README.md").read_text()
+    command = re.findall(r"```bash\n(.*?)\n```", readme, re.S)[1].strip()
+    nox_part = command.rsplit("&& ", 1)[1]
+    assert nox_part.split() == ["nox", "-s", "tests", "crossversion"]
+    assert nox_part in (REPO / ".ci" / "run").read_text().splitlines()

@@ -15,7 +15,7 @@ import pkgutil
 from collections.abc import Iterable
 
 from ..errors import PatchError
-from .base import Outcome, Patch, State, Status
+from .base import Outcome, Patch, State, Status, apply_all
 
 __all__ = ["PATCHES", "Outcome", "Patch", "State", "Status", "apply_patches", "by_name", "default_patches", "select"]
 
@@ -62,9 +62,4 @@ def select(extras: Iterable[str] = (), only: Iterable[str] | None = None) -> lis
 
 def apply_patches(source: str, patches: Iterable[Patch], filename: str = "<source>") -> tuple[str, dict[str, Status]]:
     """Apply `patches` in order to one file's source; returns the new source and each patch's status."""
-    statuses: dict[str, Status] = {}
-    for patch in patches:
-        outcome = patch.apply(source, filename)
-        statuses[patch.name] = outcome.status
-        source = outcome.source
-    return source, statuses
+    return apply_all(list(patches), source, filename)

@@ -8,12 +8,20 @@ that does not verify is an error, never a silent no-op. Both functions raise `Un
 when the construct is there in a shape they do not know; `apply` turns that into a
 `PatchError` naming the patch and the file, because guessing on a user's model is worse than
 stopping.
+
+`apply_all` (what `hotfix` runs per file) gives the result of `Patch.apply` one patch after another
+from one parse of the file and one re-parse of its output; `find_all` and `walk` walk a tree once
+however many patches ask (see `indexed`); `benchmarks/hotfix_wall.py` measures it.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+import functools
+import re
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
@@ -99,6 +107,49 @@ class Patch:
             raise PatchError(f"patch {self.name!r} {what} {filename}: syntax error at {where}: {message}") from exc
 
 
+def apply_all(patches: Sequence[Patch], source: str, filename: str = "<source>") -> tuple[str, dict[str, Status]]:
+    """Apply `patches` in order to one file's source; returns the new source and each patch's status.
+
+    The result `Patch.apply` gives one patch after another (each parsing its predecessor's output and
+    re-parsing its own), in one parse: every patch inspects and rewrites the tree the one before it
+    left, and one re-parse of the final source verifies it (each patch's `inspect` says done or absent).
+    Whenever that path fails or does not verify, the patches run again one by one, so errors and
+    statuses are exactly theirs (a `PatchError` naming the patch and the file).
+    """
+    if not patches:
+        return source, {}
+    with indexed():
+        try:
+            result = _on_one_tree(patches, source)
+        except Exception:  # an unparsable file, an Unrecognised construct...: the one-by-one path says which
+            result = None
+        if result is not None:
+            return result
+        statuses: dict[str, Status] = {}
+        for patch in patches:
+            outcome = patch.apply(source, filename)
+            statuses[patch.name] = outcome.status
+            source = outcome.source
+        return source, statuses
+
+
+def _on_one_tree(patches: Sequence[Patch], source: str) -> tuple[str, dict[str, Status]] | None:
+    tree = cst.parse_module(source)
+    statuses: dict[str, Status] = {}
+    for patch in patches:
+        state = patch.inspect(tree)
+        if state is State.NEEDED:
+            tree = patch.rewrite(tree)
+        statuses[patch.name] = {State.ABSENT: "not-applicable", State.DONE: "already-applied"}.get(state, "applied")
+    if "applied" not in statuses.values():
+        return source, statuses
+    new_source = tree.code
+    final = cst.parse_module(new_source)
+    if any(patch.inspect(final) not in (State.DONE, State.ABSENT) for patch in patches):
+        return None
+    return new_source, statuses
+
+
 # --- helpers shared by the patches -------------------------------------------------------------
 
 
@@ -131,7 +182,12 @@ def with_marker(stmt: cst.BaseStatement, name: str, why: str) -> cst.BaseStateme
 
 def template(text: str) -> list[cst.BaseStatement]:
     """Statements parsed from a code template (the inserted code is written as plain Python)."""
-    return list(cst.parse_module(text).body)
+    return [stmt.deep_clone() for stmt in _parsed_template(text)]  # fresh nodes each time, as a parse gives
+
+
+@functools.cache
+def _parsed_template(text: str) -> Sequence[cst.BaseStatement]:
+    return cst.parse_module(text).body
 
 
 def top_level_def(stmts: Sequence[cst.BaseStatement], blank_lines: int, name: str, why: str) -> list[cst.BaseStatement]:
@@ -154,16 +210,143 @@ def method(cls: cst.ClassDef, name: str) -> cst.FunctionDef | None:
 
 def find_all(node: cst.CSTNode, kind: type[N], where: Callable[[N], bool] = lambda _: True) -> list[N]:
     """Every node of type `kind` under `node` (in source order) for which `where` holds."""
-    found: list[N] = []
+    return [n for n in _preorder(node) if isinstance(n, kind) and where(n)]
 
-    class Finder(cst.CSTVisitor):
-        def on_visit(self, visited: cst.CSTNode) -> bool:
-            if isinstance(visited, kind) and where(visited):
-                found.append(visited)
-            return True
 
-    node.visit(Finder())
-    return found
+def walk(node: cst.CSTNode, visitor: cst.CSTVisitor) -> None:
+    """`node.visit(visitor)` for a read-only visitor, without libcst rebuilding every node it passes.
+
+    The same calls in the same order (`visit_<Node>`, whose False skips the children, then
+    `leave_<Node>`), from the children lists `indexed()` keeps; outside it, or for a visitor that
+    overrides `on_visit`/`on_leave` or has attribute callbacks (`visit_<Node>_<field>`), it is `node.visit`.
+    """
+    index = _local.index
+    callbacks = _callbacks(type(visitor)) if index is not None else None
+    if callbacks is None:
+        node.visit(visitor)
+        return
+    _entry(node)  # every node under `node` is in the index now
+    visits, leaves = callbacks
+
+    def visit(node: cst.CSTNode) -> None:
+        name = type(node).__name__
+        on_visit = visits.get(name)
+        if on_visit is None or on_visit(visitor, node) is not False:
+            for child in index[id(node)][4]:
+                visit(child)
+        on_leave = leaves.get(name)
+        if on_leave is not None:
+            on_leave(visitor, node)
+
+    visit(node)
+
+
+def _callbacks(kind: type) -> tuple[dict[str, Callable], dict[str, Callable]] | None:
+    """The `visit_<Node>` and `leave_<Node>` functions `kind` defines (libcst's own are no-ops), by node
+    class name; None where `walk` must leave the visiting to libcst."""
+    if not issubclass(kind, cst.CSTVisitor) or kind.on_visit is not cst.CSTVisitor.on_visit:
+        return None
+    if kind.on_leave is not cst.CSTVisitor.on_leave:
+        return None
+    found: dict[str, dict[str, Callable]] = {"visit": {}, "leave": {}}
+    for klass in kind.__mro__:
+        if klass is cst.CSTVisitor:
+            return found["visit"], found["leave"]
+        for name, function in vars(klass).items():
+            callback = re.fullmatch(r"(visit|leave)_([A-Z]\w*)", name)
+            if callback and "_" in callback.group(2):
+                return None  # an attribute callback (`visit_<Node>_<field>`): libcst calls those
+            if callback:
+                found[callback.group(1)].setdefault(callback.group(2), function)
+    return None
+
+
+# While `indexed()` is active, each subtree is walked once: for every node under the node asked about, the
+# walk records its pre-order list (for `find_all`) and its children (for `walk`), and later calls on it or on
+# any node inside it (a statement a rewrite kept, say) read those. libcst nodes are immutable, so what was
+# recorded stays right for as long as the nodes live; the index holds them, so an id in it is never reused
+# by another node (see `lookup._Nodes`). Outside `indexed()` nothing is kept. The walk reads each node's
+# fields in the order libcst visits them (learnt from libcst, once per node class), so the order is
+# libcst's, without libcst rebuilding every node it passes.
+_Entry = tuple[cst.CSTNode, list[cst.CSTNode], int, int, list[cst.CSTNode]]
+
+
+class _Local(threading.local):
+    index: dict[int, _Entry] | None = None  # per thread: two threads patching at once keep their own
+
+
+_local = _Local()
+_fields: dict[type, tuple[str, ...]] = {}
+
+
+@contextmanager
+def indexed() -> Iterator[None]:
+    """Let `find_all` and `walk` reuse their walks until the outermost `indexed()` ends."""
+    outer = _local.index is None
+    if outer:
+        _local.index = {}
+    try:
+        yield
+    finally:
+        if outer:
+            _local.index = None
+
+
+def _preorder(node: cst.CSTNode) -> Sequence[cst.CSTNode]:
+    _, nodes, start, end, _ = _entry(node)
+    return nodes[start:end] if start or end != len(nodes) else nodes
+
+
+def _entry(node: cst.CSTNode) -> _Entry:
+    """`node`'s pre-order list (a slice of a recorded list) and its children, walking its subtree if need be."""
+    index = _local.index if _local.index is not None else {}
+    nodes: list[cst.CSTNode] = []
+
+    def add(node: cst.CSTNode) -> None:
+        known = index.get(id(node))
+        if known is not None and known[0] is node:
+            nodes.extend(known[1][known[2] : known[3]])
+            return
+        start, children = len(nodes), []
+        nodes.append(node)
+        fields = _fields.get(type(node))
+        if fields is None:
+            fields = _fields[type(node)] = _FieldOrder.of(node)
+        for name in fields:
+            value = getattr(node, name)
+            if isinstance(value, cst.CSTNode):
+                children.append(value)
+                add(value)
+            elif value is not None and not isinstance(value, cst.MaybeSentinel):
+                for child in value:
+                    children.append(child)
+                    add(child)
+        index[id(node)] = (node, nodes, start, len(nodes), children)
+
+    add(node)
+    return index[id(node)]
+
+
+class _FieldOrder(cst.CSTVisitor):
+    """The fields libcst visits in a node, in its order (fixed per node class: every field, even if empty)."""
+
+    def __init__(self, node: cst.CSTNode) -> None:
+        super().__init__()
+        self.node = node
+        self.fields: dict[str, None] = {}
+
+    @classmethod
+    def of(cls, node: cst.CSTNode) -> tuple[str, ...]:
+        order = cls(node)
+        node.visit(order)
+        return tuple(order.fields)
+
+    def on_visit(self, visited: cst.CSTNode) -> bool:
+        return visited is self.node  # its fields, not theirs
+
+    def on_visit_attribute(self, node: cst.CSTNode, attribute: str) -> None:
+        if node is self.node:
+            self.fields[attribute] = None
 
 
 def self_assignments(func: cst.FunctionDef) -> dict[str, cst.BaseExpression]:

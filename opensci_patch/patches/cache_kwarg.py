@@ -39,7 +39,7 @@ from collections.abc import Sequence
 
 import libcst as cst
 
-from .base import Patch, State, Unrecognised, code, docstring_offset, find_all, is_string, marker, template
+from .base import Patch, State, Unrecognised, code, docstring_offset, find_all, is_string, marker, template, walk
 
 NAME = "cache_kwarg"
 WHY = "transformers 5.24 passes the KV cache as cache="
@@ -99,11 +99,11 @@ def _uses_cache_name(func: cst.FunctionDef) -> bool:
 
     uses = Uses()
     for stmt in _body(func):
-        stmt.visit(uses)
+        walk(stmt, uses)
     return uses.found
 
 
-def _targets(tree: cst.Module) -> list[cst.FunctionDef]:
+def _targets(tree: cst.CSTNode) -> list[cst.FunctionDef]:
     return find_all(tree, cst.FunctionDef, lambda f: f.name.value == "forward" and _param(f, OLD) is not None)
 
 
@@ -180,6 +180,9 @@ def _with_cache_parameter(params: cst.Parameters) -> cst.Parameters:
 
 
 class _Rewrite(cst.CSTTransformer):
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
+        return any(func is not node for func in _targets(node))  # into a def only for a target inside it
+
     def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef) -> cst.FunctionDef:
         if original.name.value != "forward" or _param(original, OLD) is None or _state(original) is State.DONE:
             return updated
@@ -193,7 +196,8 @@ class _Rewrite(cst.CSTTransformer):
 
 
 def rewrite(tree: cst.Module) -> cst.Module:
-    return tree.visit(_Rewrite())
+    rewriter = _Rewrite()  # only on the statements holding a target: the others keep their nodes (and index)
+    return tree.with_changes(body=[stmt.visit(rewriter) if _targets(stmt) else stmt for stmt in tree.body])
 
 
 PATCH = Patch(

@@ -25,6 +25,7 @@ from .base import (
     template,
     top_functions,
     top_level_def,
+    walk,
     with_marker,
 )
 
@@ -121,7 +122,7 @@ class GuardedLookup:
                     self.uses.append(node)
 
         scan = Scan()
-        node.visit(scan)
+        walk(node, scan)
         scan.found.stray = [code(use) for use in scan.uses if use not in scan.looked_up]
         return scan.found
 
@@ -140,7 +141,8 @@ class GuardedLookup:
         """Guard every lookup, then define the replacement (torch code) before the first use."""
         require_torch(tree)
         position = next(i for i, stmt in enumerate(tree.body) if self.scan(stmt).lookups)
-        tree = tree.visit(_Guard(self))
+        guard = _Guard(self)  # only on the statements with lookups: the others keep their nodes (and index)
+        tree = tree.with_changes(body=[stmt.visit(guard) if self.scan(stmt).lookups else stmt for stmt in tree.body])
         if self.replacement in top_functions(tree):
             return tree
         definition = top_level_def(template(self.definition), 2, self.patch, self.why)

@@ -22,9 +22,11 @@ from .base import (
     Unrecognised,
     code,
     drop_imported_names,
+    find_all,
     full_name,
     replace_imported_names,
     template,
+    walk,
 )
 
 NAME = "loss_kwargs"
@@ -118,7 +120,7 @@ class _Scan(cst.CSTVisitor):
 
 def _scan(tree: cst.Module) -> _Scan:
     scan = _Scan(tree)
-    tree.visit(scan)
+    walk(tree, scan)
     return scan
 
 
@@ -174,7 +176,9 @@ def rewrite(tree: cst.Module) -> cst.Module:
             guard_needed = False
         elif (kept := drop_imported_names(stmt, NAMES)) is not None:
             body.append(kept)
-    return tree.with_changes(body=body).visit(_Rename())
+    rename = _Rename()  # only on the statements naming either: the others keep their nodes (and index)
+    named = lambda stmt: find_all(stmt, cst.Name, lambda n: n.value in NAMES)  # noqa: E731
+    return tree.with_changes(body=[stmt.visit(rename) if named(stmt) else stmt for stmt in body])
 
 
 PATCH = Patch(

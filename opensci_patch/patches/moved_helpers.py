@@ -65,6 +65,7 @@ from .base import (
     require_torch,
     template,
     top_level_def,
+    walk,
 )
 from .stand_ins import (
     ADAPTER,
@@ -177,7 +178,7 @@ def _refuse_nested(tree: cst.Module) -> None:
                 raise Unrecognised(f"`{code(node)}` imports a module transformers 5.24 removed as a whole")
             return False
 
-    tree.visit(Finder())
+    walk(tree, Finder())
 
 
 def _imports_cache(stmt: cst.BaseStatement) -> bool:

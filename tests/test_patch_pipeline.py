@@ -1,0 +1,122 @@
+"""apply_patches: one parse per file, every patch on that tree, one re-parse of the result to verify it.
+
+What it returns and raises is what the patches give applied one by one (`Patch.apply`, each parsing its
+predecessor's output and re-parsing its own), which is the contract in `patches/base.py`.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import libcst as cst
+import pytest
+
+from opensci_patch.errors import PatchError
+from opensci_patch.patches import PATCHES, Patch, State, apply_patches, base, default_patches, select
+
+
+def one_by_one(source: str, patches, filename: str = "<source>"):
+    statuses = {}
+    for patch in patches:
+        outcome = patch.apply(source, filename)
+        statuses[patch.name] = outcome.status
+        source = outcome.source
+    return source, statuses
+
+
+def test_a_file_is_parsed_once_and_its_output_once(modeling_source: str, monkeypatch):
+    apply_patches(modeling_source, PATCHES)  # the inserted code's templates are parsed once per process
+    parsed: list[str] = []
+    real = cst.parse_module
+    monkeypatch.setattr(cst, "parse_module", lambda text, *a, **k: parsed.append(text) or real(text, *a, **k))
+    out, statuses = apply_patches(modeling_source, PATCHES, "modeling_opensci.py")
+    assert list(statuses.values()).count("applied") >= 5
+    assert len(parsed) == 2 and parsed[0] == modeling_source and parsed[1] == out
+
+
+def test_the_result_is_that_of_the_patches_one_by_one(modeling_source: str, patched_source: str):
+    for source in (modeling_source, patched_source, modeling_source.replace("Opensci", "Osr")):
+        assert apply_patches(source, PATCHES, "m.py") == one_by_one(source, PATCHES, "m.py")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "patch"),
+    [
+        ("import LossKwargs, TransformersKwargs,", "import LossKwargs as LK, TransformersKwargs,", "loss_kwargs"),
+        ("class OpensciForCausalLM(", "def broken(:\nclass OpensciForCausalLM(", "loss_kwargs"),  # unparsable
+    ],
+)
+def test_an_error_is_the_one_the_patch_applied_alone_raises(modeling_source: str, old: str, new: str, patch: str):
+    source = modeling_source.replace(old, new, 1)
+    assert source != modeling_source
+    with pytest.raises(PatchError) as alone:
+        one_by_one(source, default_patches(), "modeling_x.py")
+    with pytest.raises(PatchError) as together:
+        apply_patches(source, default_patches(), "modeling_x.py")
+    assert str(together.value) == str(alone.value)
+    assert f"patch {patch!r}" in str(together.value) and "modeling_x.py" in str(together.value)
+
+
+def test_a_rewrite_that_does_not_verify_is_an_error_naming_the_patch():
+    stubborn = Patch("stubborn", 999, "never done", True, inspect=lambda tree: State.NEEDED, rewrite=lambda tree: tree)
+    with pytest.raises(PatchError, match=r"patch 'stubborn' did not verify on modeling_x\.py"):
+        apply_patches("import torch\n", [*select(), stubborn], "modeling_x.py")
+
+
+class _Log(cst.CSTVisitor):
+    """Records its calls; skips the bodies of `forward` (a visit_ returning False)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, cst.CSTNode]] = []
+
+    def visit_Name(self, node: cst.Name) -> None:
+        self.calls.append(("visit", node))
+
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> bool:
+        self.calls.append(("visit", node))
+        return node.name.value != "forward"
+
+    def leave_ClassDef(self, node: cst.ClassDef) -> None:
+        self.calls.append(("leave", node))
+
+
+class _All(cst.CSTVisitor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.nodes: list[cst.CSTNode] = []
+
+    def on_visit(self, node: cst.CSTNode) -> bool:
+        self.nodes.append(node)
+        return True
+
+
+def test_walk_and_find_all_see_the_nodes_libcst_visits_in_its_order(modeling_source: str, patched_source: str):
+    from opensci_patch.patches.base import find_all, indexed, walk
+
+    for source in (modeling_source, patched_source):
+        tree = cst.parse_module(source)
+        everything = _All()
+        tree.visit(everything)
+        expected = _Log()
+        tree.visit(expected)
+        with indexed():
+            got = _Log()
+            walk(tree, got)
+            found = find_all(tree, cst.CSTNode)
+            inner = find_all(tree.body[-1], cst.Name)  # from the index: a slice of the module's walk
+        assert len(found) == len(everything.nodes) > 5000 and all(map(operator.is_, found, everything.nodes))
+        assert [(k, id(n)) for k, n in got.calls] == [(k, id(n)) for k, n in expected.calls]
+        assert len(expected.calls) > 500
+        assert [id(n) for n in inner] == [id(n) for n in find_all(tree.body[-1], cst.Name)]  # outside the index
+        assert base._local.index is None  # nothing kept once indexed() ends
+
+
+def test_threads_patching_at_once_each_get_the_one_by_one_result(modeling_source: str, patched_source: str):
+    from concurrent.futures import ThreadPoolExecutor
+
+    want = {s: apply_patches(s, PATCHES) for s in (modeling_source, patched_source)}
+    with ThreadPoolExecutor(2) as pool:
+        sources = [modeling_source, modeling_source, patched_source]
+        got = list(pool.map(lambda s: (s, apply_patches(s, PATCHES)), sources))
+    assert all(result == want[source] for source, result in got)
