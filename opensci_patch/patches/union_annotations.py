@@ -76,7 +76,9 @@ def inspect(tree: cst.Module) -> State:
         _refuse_foreign_union(tree)
         return State.NEEDED
     # the marker sits on the `typing` import (in the module header when that import opens the file)
-    rewritten = _union_import(tree) is not None and f"{MARKER} {NAME} (" in tree.code
+    mark = f"{MARKER} {NAME} ("
+    marked = find_all(tree, cst.Comment, lambda c: c.value.startswith(mark))
+    rewritten = _union_import(tree) is not None and bool(marked)
     return State.DONE if rewritten else State.ABSENT
 
 
