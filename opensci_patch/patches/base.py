@@ -16,6 +16,7 @@ however many patches ask (see `indexed`); `benchmarks/hotfix_wall.py` measures i
 
 from __future__ import annotations
 
+import ast
 import enum
 import functools
 import re
@@ -421,3 +422,20 @@ def replace_imported_names(
     leading = line.leading_lines if kept is None else [cst.EmptyLine(indent=False)]
     first = added[0].with_changes(leading_lines=[*leading, marker(name, why)])
     return [*([] if kept is None else [kept]), first, *added[1:]]
+
+
+def pretrained_roots(tree: cst.Module) -> list[cst.ClassDef]:
+    """Top-level classes that subclass `PreTrainedModel` directly (every model class of a file inherits one)."""
+    return [
+        s
+        for s in tree.body
+        if isinstance(s, cst.ClassDef)
+        and any((full_name(b.value) or "").split(".")[-1] == "PreTrainedModel" for b in s.bases)
+    ]
+
+
+def method_shape(func: cst.FunctionDef) -> str:
+    """A method's syntax tree without its docstring and leading comments: layout and wording do not count,
+    so an inserted method is recognised as ours however the file was reformatted since."""
+    body = func.body.body[docstring_offset(func.body.body) :]
+    return ast.dump(ast.parse(code(func.with_changes(leading_lines=[], body=func.body.with_changes(body=body)))))

@@ -26,11 +26,9 @@ Verifies: each such class defines exactly the method below.
 
 from __future__ import annotations
 
-import ast
-
 import libcst as cst
 
-from .base import Patch, State, Unrecognised, code, docstring_offset, full_name, method, template, top_level_def
+from .base import Patch, State, Unrecognised, method, method_shape, pretrained_roots, template, top_level_def
 
 NAME = "hub_kernels"
 WHY = "transformers 5.25 turns hub kernels on by default"
@@ -58,27 +56,11 @@ def _method() -> cst.FunctionDef:
     return template(METHOD)[0].body.body[0]
 
 
-def _shape(func: cst.FunctionDef) -> str:
-    """The method's syntax tree without its docstring: comments, layout and wording do not count."""
-    body = func.body.body
-    func = func.with_changes(leading_lines=[], body=func.body.with_changes(body=body[docstring_offset(body) :]))
-    return ast.dump(ast.parse(code(func)))
-
-
-def _targets(tree: cst.Module) -> list[cst.ClassDef]:
-    return [
-        s
-        for s in tree.body
-        if isinstance(s, cst.ClassDef)
-        and any((full_name(b.value) or "").split(".")[-1] == "PreTrainedModel" for b in s.bases)
-    ]
-
-
 def _state(cls: cst.ClassDef) -> State:
     own = method(cls, "from_pretrained")
     if own is None:
         return State.NEEDED
-    if _shape(own) != _shape(_method()):
+    if method_shape(own) != method_shape(_method()):
         raise Unrecognised(
             f"{cls.name.value} defines its own from_pretrained; make it pass use_kernels=False where the "
             "caller did not ask for hub kernels (transformers 5.25 turns them on by default)"
@@ -87,14 +69,14 @@ def _state(cls: cst.ClassDef) -> State:
 
 
 def inspect(tree: cst.Module) -> State:
-    states = [_state(cls) for cls in _targets(tree)]
+    states = [_state(cls) for cls in pretrained_roots(tree)]
     if not states:
         return State.ABSENT
     return State.NEEDED if State.NEEDED in states else State.DONE
 
 
 def rewrite(tree: cst.Module) -> cst.Module:
-    targets = {cls.name.value for cls in _targets(tree) if _state(cls) is State.NEEDED}
+    targets = {cls.name.value for cls in pretrained_roots(tree) if _state(cls) is State.NEEDED}
     body = []
     for stmt in tree.body:
         if isinstance(stmt, cst.ClassDef) and stmt.name.value in targets:

@@ -24,19 +24,17 @@ Verifies: each such class defines `is_remote_code` as written here (another defi
 
 from __future__ import annotations
 
-import ast
-
 import libcst as cst
 
 from .base import (
     Patch,
     State,
     Unrecognised,
-    code,
-    docstring_offset,
     find_all,
     full_name,
     method,
+    method_shape,
+    pretrained_roots,
     template,
     top_level_def,
 )
@@ -55,20 +53,6 @@ class _Template:
 
 def _override() -> cst.FunctionDef:
     return template(METHOD)[0].body.body[0]
-
-
-def _roots(tree: cst.Module) -> list[cst.ClassDef]:
-    return [
-        s
-        for s in tree.body
-        if isinstance(s, cst.ClassDef)
-        and any((full_name(b.value) or "").split(".")[-1] == "PreTrainedModel" for b in s.bases)
-    ]
-
-
-def _shape(func: cst.FunctionDef) -> str:
-    body = func.body.body[docstring_offset(func.body.body) :]
-    return ast.dump(ast.parse(code(func.with_changes(leading_lines=[], body=func.body.with_changes(body=body)))))
 
 
 def library_configs(tree: cst.Module) -> list[str]:
@@ -96,7 +80,7 @@ def _assigned(cls: cst.ClassDef) -> list[cst.BaseExpression]:
 
 
 def inspect(tree: cst.Module) -> State:
-    roots = _roots(tree)
+    roots = pretrained_roots(tree)
     if not roots or not library_configs(tree):
         return State.ABSENT
     done = True
@@ -106,13 +90,13 @@ def inspect(tree: cst.Module) -> State:
         own = method(cls, "is_remote_code")
         if own is None:
             done = False
-        elif _shape(own) != _shape(_override()):
+        elif method_shape(own) != method_shape(_override()):
             raise Unrecognised(f"{cls.name.value} defines its own is_remote_code; make it return True")
     return State.DONE if done else State.NEEDED
 
 
 def rewrite(tree: cst.Module) -> cst.Module:
-    roots = {id(c) for c in _roots(tree) if method(c, "is_remote_code") is None}
+    roots = {id(c) for c in pretrained_roots(tree) if method(c, "is_remote_code") is None}
     body = []
     for stmt in tree.body:
         if id(stmt) in roots:
