@@ -25,6 +25,8 @@ from pathlib import Path
 
 from conftest import FIXTURE_DIR
 
+from opensci_patch.own_checkpoints import research_shapes
+
 RELEASE = "4.48.0"
 MODELING = "modeling_llama.py"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -94,25 +96,8 @@ def state_dict(seed: int = 0) -> dict:
     """Random weights with LlamaForCausalLM's names and shapes for CONFIG (seeded: the same on every build)."""
     import torch
 
-    hidden, inter, heads, kv = (
-        CONFIG[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
-    )
-    head_dim = hidden // heads
-    shapes = {"model.embed_tokens.weight": (CONFIG["vocab_size"], hidden), "model.norm.weight": (hidden,)}
-    for i in range(CONFIG["num_hidden_layers"]):
-        prefix = f"model.layers.{i}"
-        shapes |= {
-            f"{prefix}.self_attn.q_proj.weight": (heads * head_dim, hidden),
-            f"{prefix}.self_attn.k_proj.weight": (kv * head_dim, hidden),
-            f"{prefix}.self_attn.v_proj.weight": (kv * head_dim, hidden),
-            f"{prefix}.self_attn.o_proj.weight": (hidden, heads * head_dim),
-            f"{prefix}.mlp.gate_proj.weight": (inter, hidden),
-            f"{prefix}.mlp.up_proj.weight": (inter, hidden),
-            f"{prefix}.mlp.down_proj.weight": (hidden, inter),
-            f"{prefix}.input_layernorm.weight": (hidden,),
-            f"{prefix}.post_attention_layernorm.weight": (hidden,),
-        }
-    shapes["lm_head.weight"] = (CONFIG["vocab_size"], hidden)
+    shapes = research_shapes(CONFIG)  # the same Llama names and shapes; this one has an untied lm_head
+    shapes["lm_head.weight"] = (CONFIG["vocab_size"], CONFIG["hidden_size"])
     generator = torch.Generator().manual_seed(seed)
     weights = {}
     for name in sorted(shapes):
