@@ -44,7 +44,7 @@ from . import records as rec_io
 from .defaults import MANIFEST
 from .faults import fault_point
 from .matrix import VARIANTS, Cell, expectation
-from .worker import CRASH_AFTER_VAR, CaptureStep, HotfixStep, Outcome, Step, StepResult, finish  # noqa: F401
+from .worker import CaptureStep, HotfixStep, Step, StepResult, finish
 from .worker import run as run_worker
 
 Log = Callable[[str], None]

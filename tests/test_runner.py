@@ -85,7 +85,7 @@ def test_hotfix_once_per_variant_and_batch_records_equal_one_process_per_cell(
 
     # run 2: the shared process dies (SIGKILL) after its first capture: the other cells rerun one process each
     batches.clear()
-    monkeypatch.setenv(runner.CRASH_AFTER_VAR, "1")
+    monkeypatch.setenv(worker.CRASH_AFTER_VAR, "1")
     one = [c for c in cells if c.transformers == INSTALLED]
     lines.clear()
     runner.run_cells(one, FIXTURE_DIR, tmp_path / "crash", log=lines.append)
