@@ -24,7 +24,7 @@ from .defaults import (
     MAX_NEW_TOKENS,
     TORCH_BUILDS,
 )
-from .errors import DestinationError, OpensciPatchError
+from .errors import DestinationError, OpensciPatchError, format_error
 from .matrix import VARIANTS  # stdlib-only module
 from .records import write_atomic
 
@@ -201,13 +201,6 @@ def parse_jobs(value: str) -> int:
     if jobs < 1:
         raise argparse.ArgumentTypeError(f"{value!r}: pass N >= 1 or auto")
     return jobs
-
-
-def cmd_capture_batch(args) -> int:
-    """Hidden: the capture steps of one release in this process (written and started by `cell`)."""
-    from .batch import run_plan
-
-    return run_plan(args.plan)
 
 
 def cmd_report(args) -> int:
@@ -393,12 +386,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_cell)
 
-    # hidden (no help): one release's hotfix or capture steps in one process, planned by `cell`
-    visible = "{" + ",".join(sub.choices) + "}"
-    p = sub.add_parser("capture-batch")
-    p.add_argument("plan", type=Path)
-    p.set_defaults(func=cmd_capture_batch)
-
     from .diagnose import add_cli_arguments, cmd_diagnose  # stdlib-only import
 
     p = sub.add_parser("diagnose", help="name the first diverging stage between two cells and the likely cause")
@@ -438,9 +425,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, default=Path("results"))
     p.add_argument("--machine", default=None, help="machine description for the report header")
     p.set_defaults(func=cmd_report)
-    sub.metavar = (
-        visible[:-1] + "," + ",".join(c for c in sub.choices if c not in visible and c != "capture-batch") + "}"
-    )
     return ap
 
 
@@ -449,9 +433,9 @@ class Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum, frame) -> None:
-    batch = sys.modules.get("opensci_patch.batch")
-    if batch is not None:
-        batch.terminate_children()
+    worker = sys.modules.get("opensci_patch.worker")
+    if worker is not None:
+        worker.terminate_children()
     raise Terminated()
 
 
@@ -469,12 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         _err("terminated")
         return 143
     except OpensciPatchError as exc:
-        first, *detail = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-        _err(first)  # one line; the rest (a log tail, a diff) only when asked for
-        if detail and os.environ.get("OPENSCI_PATCH_VERBOSE"):
-            print("\n".join(detail), file=sys.stderr)
-        elif detail:
-            print(f"  ({len(detail)} more line(s) of detail: set OPENSCI_PATCH_VERBOSE=1)", file=sys.stderr)
+        print(format_error(exc), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         _err("interrupted")

@@ -25,3 +25,16 @@ class CaptureError(OpensciPatchError):
 
 class EnvironmentSetupError(OpensciPatchError):
     """A per-release environment could not be created or installed."""
+
+
+def format_error(exc: OpensciPatchError) -> str:
+    """What the CLI prints for `exc` on stderr: one line; the rest (a log tail, a diff) only when asked for."""
+    import os
+
+    first, *detail = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    text = f"opensci-patch: error: {first}"
+    if detail and os.environ.get("OPENSCI_PATCH_VERBOSE"):
+        text += "\n" + "\n".join(detail)
+    elif detail:
+        text += f"\n  ({len(detail)} more line(s) of detail: set OPENSCI_PATCH_VERBOSE=1)"
+    return text

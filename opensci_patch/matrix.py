@@ -237,9 +237,10 @@ def gpu_present() -> str | None:
 
 
 def cell_cli_args(cell: Cell, model_dir: Path, workdir: Path, record: Path) -> tuple[list[str] | None, list[str]]:
-    """The `opensci-patch` arguments a cell runs: (hotfix, or None for the original code; capture).
+    """A cell as plain `opensci-patch` commands: (hotfix, or None for the original code; capture).
 
-    One definition for the matrix and for the benchmarks that time the same cells another way.
+    The benchmarks time these one process per cell against the runner (which runs `worker` steps
+    built from the same `Variant.hotfix` options).
     """
     model, hotfix = model_dir, None
     extras = VARIANTS[cell.model].hotfix

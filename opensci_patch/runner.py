@@ -12,17 +12,16 @@ transformers per release, not two per cell:
   tool's version, never on the installed transformers, so each variant is hotfixed once, in the
   first release's env, into the run's temp dir, each into a directory of its own basename (the
   remote-code module name under `transformers_modules` comes from it, so no two variants share one).
-- One capture process per release (`opensci-patch capture-batch PLAN.json`, hidden) captures every
-  cell of that release in turn: each from its own model dir, each in a fresh `isolated_hf_cache()`
-  (private modules cache, `HF_HUB_OFFLINE=1`), each record written atomically as soon as it is done.
+- One capture process per release (a `worker`, given typed steps) captures every cell of that
+  release in turn: each from its own model dir, each in a fresh `isolated_hf_cache()` (private
+  modules cache, `HF_HUB_OFFLINE=1`), each record written atomically as soon as it is done.
 - Isolation when it fails: a crash of the shared process costs only the cells it had not finished;
   they are rerun one process per cell. A cell that makes no progress for `timeout` seconds is
   recorded as a timeout and the cells after it are rerun one per process. Bad input to a capture
   (exit 2) is recorded as a run error ("crash", "exit 2"), never as a failure of the model.
 - Releases in parallel (`jobs`), one progress line per finished cell.
 
-`run_cell` (one cell: its own hotfix and capture processes) is kept for `bisect`, which runs one
-cell at a time.
+`run_cell` (`bisect` runs one cell at a time) is `run_cells([cell])`.
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -43,17 +41,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import records as rec_io
-from .batch import (  # noqa: F401 (CRASH_AFTER_VAR, run_plan: re-exported for the CLI and tests)
-    CRASH_AFTER_VAR,
-    Step,
-    capture_result,
-    finish,
-    run_batch,
-    run_plan,
-)
 from .defaults import MANIFEST
 from .faults import fault_point
-from .matrix import VARIANTS, Cell, cell_cli_args, expectation
+from .matrix import VARIANTS, Cell, expectation
+from .worker import CaptureStep, HotfixStep, Step, StepResult, finish
+from .worker import run as run_worker
 
 Log = Callable[[str], None]
 
@@ -61,56 +53,9 @@ Log = Callable[[str], None]
 def run_cell(
     cell: Cell, model_dir: Path, records: Path, *, env_root: Path | None = None, timeout: float = 900, log=print
 ) -> Path:
-    """Run one cell; always leaves `records/<cell.id>.json` and returns its path.
-
-    The previous run's record is replaced by a "running" placeholder before anything else happens,
-    so a killed cell leaves "running" (the report lists it as never finished), never a stale result.
-    """
-    from .envs import ensure_env, run_python
-    from .errors import EnvironmentSetupError
-
-    records.mkdir(parents=True, exist_ok=True)
-    out = records / f"{cell.id}.json"
-    expected = asdict(expectation(cell))
-    rec_io.write_atomic(out, rec_io.running_record(cell, expected=expected))
-    start = time.monotonic()
-    try:
-        env = ensure_env(cell.transformers, cell.torch, root=env_root, log=log)
-        if VARIANTS[cell.model].own_checkpoint:
-            from .own_checkpoints import ensure_checkpoint
-
-            model_dir = ensure_checkpoint(VARIANTS[cell.model].checkpoint, env_root, log=log)
-    except EnvironmentSetupError as exc:
-        record = rec_io.error_record(cell, "env-error", "EnvironmentSetupError", str(exc), str(exc))
-    else:
-        with tempfile.TemporaryDirectory(prefix=f"opensci-{cell.id}-") as tmp:
-            record = _capture_in_env(cell, env, model_dir, Path(tmp), timeout, run_python)
-    finish(record, cell, expected, time.monotonic() - start)
-    rec_io.write_atomic(out, record)
-    return out
-
-
-def _capture_in_env(cell: Cell, env, model_dir: Path, tmp: Path, timeout: float, run_python):
-
-    rec_path = tmp / "record.json"
-    hotfix, capture = cell_cli_args(cell, model_dir, tmp, rec_path)
-    cli = ["-m", "opensci_patch.cli"]
-    if hotfix is not None:  # hotfix in the cell's own env: the driver needs no libcst or torch
-        proc = run_python(env, [*cli, *hotfix], timeout=timeout, env_vars={"TMPDIR": str(tmp)})
-        if proc.returncode != 0:
-            return rec_io.error_record(
-                cell,
-                "hotfix-error",
-                "HotfixFailed",
-                rec_io.tail(proc.stderr, 1),
-                rec_io.tail(proc.stdout + proc.stderr),
-            )
-    args = [*cli, *capture]
-    try:
-        proc = run_python(env, args, timeout=timeout, env_vars={"TMPDIR": str(tmp)})  # its temp files die with tmp
-    except subprocess.TimeoutExpired as exc:
-        return rec_io.error_record(cell, "crash", "Timeout", f"capture ran over {timeout:.0f}s", str(exc))
-    return capture_result(cell, rec_path, proc.returncode, proc.stdout + proc.stderr)
+    """Run one cell (`run_cells([cell])`); always leaves `records/<cell.id>.json` and returns its path."""
+    run_cells([cell], model_dir, records, env_root=env_root, timeout=timeout, log=log)
+    return records / f"{cell.id}.json"
 
 
 def _slug(text: str) -> str:
@@ -206,7 +151,7 @@ class _Run:
     timeout: float
     log: Log
     progress: _Progress
-    models: dict[str, Path | rec_io.Record] = field(default_factory=dict)  # variant -> model dir, or why not
+    models: dict[str, Path | _NoModel] = field(default_factory=dict)  # variant -> model dir, or why not
     envs: dict[tuple[str, str], object] = field(default_factory=dict)  # (release, build) -> Env or the error
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -262,8 +207,21 @@ def run_cells(
     return len(cells)
 
 
+@dataclass(frozen=True)
+class _NoModel:
+    """Why a variant has no model dir this run (its checkpoint or hotfix failed): each of its cells says so."""
+
+    status: str
+    type: str
+    message: str
+    log: str
+
+    def record(self, cell: Cell) -> rec_io.Record:
+        return rec_io.error_record(cell, self.status, self.type, self.message, self.log)
+
+
 def hotfix_variants(run: _Run, variants: list[str], model_dir: Path, releases: list[tuple[str, str]]) -> None:
-    """Fill `run.models`: each variant's model dir, hotfixed once for the whole run (or the record saying why not)."""
+    """Fill `run.models`: each variant's model dir, hotfixed once for the whole run (or why there is none)."""
     from .errors import EnvironmentSetupError
 
     sources: dict[str, Path] = {}
@@ -275,9 +233,7 @@ def hotfix_variants(run: _Run, variants: list[str], model_dir: Path, releases: l
             try:
                 source = ensure_checkpoint(VARIANTS[name].checkpoint, run.env_root, log=lambda m: run.log(f"    {m}"))
             except EnvironmentSetupError as exc:
-                run.models[name] = rec_io.error_record(
-                    _any_cell(name), "env-error", "EnvironmentSetupError", str(exc), str(exc)
-                )
+                run.models[name] = _NoModel("env-error", "EnvironmentSetupError", str(exc), str(exc))
                 continue
         if VARIANTS[name].hotfix is None:
             run.models[name] = source
@@ -299,55 +255,38 @@ def hotfix_variants(run: _Run, variants: list[str], model_dir: Path, releases: l
     if env is None or isinstance(env, Exception):
         for name in sources:
             msg = f"no env to hotfix in: {env}"
-            run.models[name] = rec_io.error_record(_any_cell(name), "env-error", "EnvironmentSetupError", msg, msg)
+            run.models[name] = _NoModel("env-error", "EnvironmentSetupError", msg, msg)
         return
-    steps = []
-    for name, source in sources.items():
-        hotfix, _ = cell_cli_args(Cell("0", model=name), source, run.tmp, run.tmp / "unused.json")
-        out = hotfix_dir(run.tmp, source, name)
-        hotfix[hotfix.index("--out") + 1] = str(out)
-        steps.append(Step(hotfix, run.tmp / "status" / f"hotfix-{_slug(name)}.json"))
-    (run.tmp / "status").mkdir(parents=True, exist_ok=True)
-    failed = _run_with_fallback(run, env, steps, lambda i: None)
+    steps = [
+        HotfixStep.for_variant(name, source, hotfix_dir(run.tmp, source, name)) for name, source in sources.items()
+    ]
+    results, failed = _run_with_fallback(run, env, steps, lambda _r: None)
     for i, (name, step) in enumerate(zip(sources, steps, strict=True)):
-        status = _read_status(step.status)
-        out = Path(step.argv[step.argv.index("--out") + 1])
-        if status is not None and status["rc"] == 0 and out.is_dir():
-            run.models[name] = out
-            _keep_in_cache(out, hotfix_cache_dir(run.env_root, sources[name], name))
+        result = results.get(i)
+        if result is not None and result.rc == 0 and step.out.is_dir():
+            run.models[name] = step.out
+            _keep_in_cache(step.out, hotfix_cache_dir(run.env_root, sources[name], name))
         else:
-            err = status["stderr"] if status else "\n".join(failed.get(i, ("", "the hotfix process died", ""))[1:])
-            run.models[name] = rec_io.error_record(
-                _any_cell(name), "hotfix-error", "HotfixFailed", rec_io.tail(err, 1) or "hotfix failed", err
-            )
-
-
-def _any_cell(variant: str) -> Cell:
-    return Cell("0", model=variant)
-
-
-def _read_status(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and isinstance(data.get("rc"), int) else None
+            err = result.stderr if result else "\n".join(failed.get(i, ("", "the hotfix process died", ""))[1:])
+            run.models[name] = _NoModel("hotfix-error", "HotfixFailed", rec_io.tail(err, 1) or "hotfix failed", err)
 
 
 def _run_with_fallback(
-    run: _Run, env, steps: list[Step], on_step: Callable[[int], None]
-) -> dict[int, tuple[str, str, str]]:
-    """All steps in one process; after a crash or timeout, each unfinished step in a process of its own.
+    run: _Run, env, steps: list[Step], on_result: Callable[[StepResult], None]
+) -> tuple[dict[int, StepResult], dict[int, tuple[str, str, str]]]:
+    """All steps in one worker; after a crash or timeout, each unfinished step in a worker of its own.
 
-    The step that was running when the shared process crashed is rerun too (another cell may have
+    The step that was running when the shared worker crashed is rerun too (another cell may have
     caused it); the one that made no progress for `timeout` seconds is not (it would hang again).
-    Returns {step index: (error type, one-line message, log tail)} for the steps that never finished.
+    Returns the results by step index, and {step index: (error type, one-line message, log tail)}
+    for the steps that never finished.
     """
     failed: dict[int, tuple[str, str, str]] = {}
     if not steps:
-        return failed
-    outcome = run_batch(env, steps, run.tmp / "plans", timeout=run.timeout, on_step=on_step)
-    left = [i for i in range(len(steps)) if i not in outcome.finished]
+        return {}, failed
+    outcome = run_worker(env, steps, run.tmp, timeout=run.timeout, on_result=on_result)
+    results = dict(outcome.results)
+    left = [i for i in range(len(steps)) if i not in results]
     if left and len(steps) > 1:
         what = (
             f"timed out in step {outcome.timed_out}" if outcome.timed_out is not None else f"exit {outcome.returncode}"
@@ -358,21 +297,27 @@ def _run_with_fallback(
     for i in left:
         alone = outcome
         if len(steps) > 1 and i != outcome.timed_out:
-            alone = run_batch(
-                env, [steps[i]], run.tmp / "plans", timeout=run.timeout, on_step=lambda _j, i=i: on_step(i)
+            alone = run_worker(
+                env, [steps[i]], run.tmp, timeout=run.timeout, on_result=lambda r, i=i: on_result(_at(r, i))
             )
-            if 0 in alone.finished:
+            if 0 in alone.results:
+                results[i] = _at(alone.results[0], i)
                 continue
         if alone.timed_out is not None:
             failed[i] = ("Timeout", f"no progress for {run.timeout:.0f}s", rec_io.tail(alone.log))
         else:
             message = rec_io.tail(alone.log, 1) or "no record written"
             failed[i] = (f"exit {alone.returncode}", message, rec_io.tail(alone.log))
-    return failed
+    return results, failed
+
+
+def _at(result: StepResult, index: int) -> StepResult:
+    """A result of a step rerun alone, numbered as in the whole list."""
+    return StepResult(index, result.rc, result.stderr)
 
 
 def run_release(run: _Run, cells: list[Cell]) -> None:
-    """Every cell of one release: one capture process for all of them, then the fallback for the rest."""
+    """Every cell of one release: one worker for all of them, then the fallback for the rest."""
     from .errors import EnvironmentSetupError
 
     start = time.monotonic()
@@ -381,35 +326,16 @@ def run_release(run: _Run, cells: list[Cell]) -> None:
         for cell in cells:
             run.write(cell, rec_io.error_record(cell, "env-error", "EnvironmentSetupError", str(env), str(env)), 0.0)
         return
-    steps: list[Step] = []
+    steps: list[CaptureStep] = []
     for cell in cells:
         model = run.models.get(cell.model)
-        if isinstance(model, rec_io.Record):  # hotfix or generated checkpoint failed: that variant's cells say so
-            err = model.error or {}
-            record = rec_io.error_record(
-                cell, model.status, err.get("type", ""), err.get("message", ""), err.get("traceback_tail", "")
-            )
-            run.write(cell, record, time.monotonic() - start)
+        if isinstance(model, _NoModel):  # hotfix or generated checkpoint failed: that variant's cells say so
+            run.write(cell, model.record(cell), time.monotonic() - start)
             continue
-        work = run.tmp / "cells" / cell.id
-        work.mkdir(parents=True, exist_ok=True)
-        rec_path = work / "record.json"
-        # the capture arguments of this cell on `model` as it is (hotfixed already): those of the unhotfixed variant
-        as_is = Cell(cell.transformers, cell.torch, "original", cell.dtype, cell.attn)
-        _, capture = cell_cli_args(as_is, model, work, rec_path)
-        steps.append(
-            Step(
-                capture,
-                work / "status.json",
-                cell,
-                rec_path,
-                run.records / f"{cell.id}.json",
-                asdict(expectation(cell)),
-            )
-        )
+        steps.append(CaptureStep(model, cell, run.records / f"{cell.id}.json", expectation(cell)))
 
-    def done(i: int) -> None:
-        step = steps[i]
+    def done(result: StepResult) -> None:
+        step = steps[result.index]
         try:
             record = rec_io.load(step.final)
         except rec_io.RecordError as exc:
@@ -418,7 +344,7 @@ def run_release(run: _Run, cells: list[Cell]) -> None:
             return
         run.progress.cell_done(step.cell, record)
 
-    failed = _run_with_fallback(run, env, steps, done)
+    _, failed = _run_with_fallback(run, env, steps, done)
     for i, (exc_type, message, log_text) in failed.items():  # never finished, not even alone: a run error
         cell = steps[i].cell
         run.write(cell, rec_io.error_record(cell, "crash", exc_type, message, log_text), time.monotonic() - start)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from opensci_patch import batch, runner
 from opensci_patch import records as rec_io
+from opensci_patch import runner, worker
 from opensci_patch.envs import Env
 from opensci_patch.matrix import Cell, expectation
 
@@ -26,8 +26,8 @@ VARIANTS = ["original", "patched", "patched+init"]  # no `generated`: it needs t
 
 
 @pytest.fixture
-def this_python_env(monkeypatch, tmp_path: Path) -> list[list[str]]:
-    """Every release's env is this interpreter; returns the steps of every batch process started (argv lists)."""
+def this_python_env(monkeypatch, tmp_path: Path) -> list[list[worker.Step]]:
+    """Every release's env is this interpreter; returns the steps of every worker started."""
     calls: list[str] = []
     monkeypatch.setenv("OPENSCI_PATCH_ENV_ROOT", str(tmp_path / "env-root"))  # the hotfix cache lives there
     monkeypatch.setattr(
@@ -36,14 +36,14 @@ def this_python_env(monkeypatch, tmp_path: Path) -> list[list[str]]:
             calls.append(version) or Env(tmp_path / "env", Path(sys.executable), version, build, reused=True)
         ),
     )
-    batches: list[list[str]] = []
-    real = runner.run_batch
+    batches: list[list[worker.Step]] = []
+    real = runner.run_worker
 
-    def counting(env, steps, plan_dir, **kw):
-        batches.append([s.argv for s in steps])
-        return real(env, steps, plan_dir, **kw)
+    def counting(env, steps, tmp, **kw):
+        batches.append(list(steps))
+        return real(env, steps, tmp, **kw)
 
-    monkeypatch.setattr(runner, "run_batch", counting)
+    monkeypatch.setattr(runner, "run_worker", counting)
     return batches
 
 
@@ -66,11 +66,11 @@ def test_hotfix_once_per_variant_and_batch_records_equal_one_process_per_cell(
     cells = [Cell(v, "cpu", m) for v in (INSTALLED, "4.99.0") for m in VARIANTS]
     lines: list[str] = []
     assert runner.run_cells(cells, FIXTURE_DIR, tmp_path / "batch", log=lines.append) == len(cells)
-    hotfixes = [argv for batch in batches for argv in batch if argv[0] == "hotfix"]
+    hotfixes = [s for batch in batches for s in batch if isinstance(s, worker.HotfixStep)]
     assert len(hotfixes) == 2  # patched and patched+init once each, for two releases
-    outs = [Path(argv[argv.index("--out") + 1]).name for argv in hotfixes]
+    outs = [s.out.name for s in hotfixes]
     assert len(set(outs)) == 2 and FIXTURE_DIR.name not in outs  # own basenames: own remote-code module names
-    captures = [batch for batch in batches if batch[0][0] == "capture"]
+    captures = [batch for batch in batches if isinstance(batch[0], worker.CaptureStep)]
     assert [len(b) for b in captures] == [3, 3]  # one process per release, every variant in it
     batch = _load_all(tmp_path / "batch", cells)
     assert all(r.status != rec_io.RUNNING and r.cell_id == c for c, r in batch.items())
@@ -79,13 +79,13 @@ def test_hotfix_once_per_variant_and_batch_records_equal_one_process_per_cell(
     # a second run of the same code on the same checkpoint reuses the hotfix outputs: no hotfix step at all
     batches.clear()
     runner.run_cells(cells[:3], FIXTURE_DIR, tmp_path / "again", log=lines.append)
-    assert not [argv for b in batches for argv in b if argv[0] == "hotfix"]
+    assert not [s for b in batches for s in b if isinstance(s, worker.HotfixStep)]
     again = _load_all(tmp_path / "again", cells[:3])
     assert all(_evidence(again[c.id]) == _evidence(batch[c.id]) for c in cells[:3])
 
     # run 2: the shared process dies (SIGKILL) after its first capture: the other cells rerun one process each
     batches.clear()
-    monkeypatch.setenv(runner.CRASH_AFTER_VAR, "1")
+    monkeypatch.setenv(worker.CRASH_AFTER_VAR, "1")
     one = [c for c in cells if c.transformers == INSTALLED]
     lines.clear()
     runner.run_cells(one, FIXTURE_DIR, tmp_path / "crash", log=lines.append)
@@ -103,35 +103,55 @@ def test_hotfix_once_per_variant_and_batch_records_equal_one_process_per_cell(
 
 
 def test_a_capture_with_bad_input_is_a_run_error_not_a_model_failure(tmp_path: Path):
-    """In the batch, exit 2 of one step (here: no such model dir) is recorded as such; the next step still runs."""
+    """In the worker, exit 2 of one step (here: no such model dir) is recorded as such; the next step still runs."""
     cell = Cell(INSTALLED, "cpu", "patched")
-    steps = []
-    for i, model in enumerate((tmp_path / "missing", tmp_path / "missing-too")):
-        work = tmp_path / f"w{i}"
-        work.mkdir()
-        final = tmp_path / f"final{i}.json"
-        argv = ["capture", str(model), "--out", str(work / "record.json"), "--quiet"]
-        steps.append(
-            batch.Step(argv, work / "status.json", cell, work / "record.json", final, {"outcome": "pass"}).to_json()
-        )
-    plan = tmp_path / "plan.json"
-    plan.write_text(json.dumps({"steps": steps}))
-    assert batch.run_plan(plan) == 0
+    steps = [
+        worker.CaptureStep(tmp_path / model, cell, tmp_path / f"final{i}.json", expectation(cell))
+        for i, model in enumerate(("missing", "missing-too"))
+    ]
+    results: list[worker.StepResult] = []
+    assert worker.run_steps(steps, results.append) == 0
+    assert [(r.index, r.rc) for r in results] == [(0, 2), (1, 2)]
     for i in range(2):
         rec = rec_io.load(tmp_path / f"final{i}.json")
         assert rec.status == "crash" and rec.status not in rec_io.MODEL_FAILURES
         assert rec.error["type"] == "exit 2" and "no such directory" in rec.error["message"]
-        assert json.loads((tmp_path / f"w{i}" / "status.json").read_text())["rc"] == 2
+        assert rec.cell_id == cell.id and rec.expected == {"outcome": "pass", "reason": ""}
 
 
-def test_capture_batch_refuses_a_bad_plan_with_one_line(tmp_path: Path, capsys):
-    from opensci_patch.cli import main
+def test_the_worker_streams_one_result_line_per_step_and_refuses_bad_steps_with_one_line(tmp_path: Path):
+    """The process protocol: steps as JSON on stdin, one JSON result line per step on stdout, nothing else there."""
+    import subprocess
 
-    bad = tmp_path / "plan.json"
-    bad.write_text("[1, 2")
-    assert main(["capture-batch", str(bad)]) == 2
-    err = capsys.readouterr().err
-    assert "not a capture-batch plan" in err and len(err.strip().splitlines()) == 1
+    src = tmp_path / "src"
+    src.mkdir()
+    steps = [
+        worker.HotfixStep.for_variant("structural", src, tmp_path / "fixed"),  # not a model dir: exit 2
+        worker.HotfixStep.for_variant("patched", FIXTURE_DIR, tmp_path / "patched"),
+    ]
+    payload = json.dumps([worker.step_to_json(s) for s in steps])
+    cmd = [sys.executable, "-m", "opensci_patch.worker"]
+    proc = subprocess.run(cmd, input=payload, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(r["index"], r["rc"]) for r in lines] == [(0, 2), (1, 0)]
+    assert "opensci-patch: error:" in lines[0]["stderr"] and (tmp_path / "patched" / "modeling_opensci.py").is_file()
+
+    bad = subprocess.run(cmd, input="[1, 2", capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert "not a list of steps" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_steps_round_trip_through_json_and_variants_map_to_hotfix_options(tmp_path: Path):
+    cell = Cell("5.2.0", "cpu", "structural", "bfloat16", "sdpa")
+    steps = [
+        worker.HotfixStep.for_variant("structural", tmp_path, tmp_path / "out"),
+        worker.HotfixStep.for_variant("patched+init", tmp_path, tmp_path / "out"),
+        worker.CaptureStep(tmp_path / "m", cell, tmp_path / "r.json", expectation(cell)),
+    ]
+    assert steps[0].only == ("loss_kwargs", "rope_default", "tied_weights") and steps[0].extras == ()
+    assert steps[1].only is None and steps[1].extras == ("init_weights",)
+    assert [worker.step_from_json(json.loads(json.dumps(worker.step_to_json(s)))) for s in steps] == steps
 
 
 @pytest.mark.parametrize("jobs", [1, 2])

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .stages import ROPE_STAGES, TOLERANCE, exceeds, fmt, load_stage, threshold
+from .stages import ROPE_STAGES, TOLERANCE, exceeds, fmt, load_stage, ratio, side_verdict, threshold, where
 
 ANY_STAGE = None
 NO_STAGE: frozenset[str] = frozenset()
@@ -365,8 +365,6 @@ def matches_reference(ev: Evidence, side: SideEvidence) -> dict | None:
             False,
             f"{side.label} stays within threshold of the fp64 reference at every stage (max |diff| {worst:.1e})",
         )
-    from .compare import where
-
     p0, rest = first[f"{side_key}_pos0"], first[f"{side_key}_rest"]
     return result(
         "matches_reference",
@@ -387,8 +385,6 @@ def fp64_noise(ev: Evidence) -> list[dict]:
         return [
             result("fp64_noise", None, False, "no fp64 reference at this stage: noise test not possible", skipped=True)
         ]
-    from .compare import ratio, side_verdict
-
     verdict = side_verdict(row, ev.labels)
     times = ratio(row["a_ref"], row["b_ref"])
     dtype_a, dtype_b = (s.dtype for s in ev.sides)

@@ -18,19 +18,19 @@ from . import checks, fp64
 from .decode import compare_decode
 from .stages import (
     BUFFERS,
-    BUG_RATIO,
     DECODE,
     MODEL_INFO,
     exceeds,
-    fmt,
     load_stage,
     nanmax,
     read_index,
     read_json,
     seq_axis,
+    side_verdict,
     stage_key,
     stage_order,
     threshold,
+    where,
 )
 
 
@@ -42,12 +42,6 @@ def split_positions(diff: torch.Tensor, axis: int) -> tuple[float, float, list[f
     values = [math.nan if bool(n) else float(v) for v, n in zip(per_pos, nan, strict=True)]
     rest = values[1:]
     return values[0], (math.nan if any(math.isnan(v) for v in rest) else max(rest, default=0.0)), values
-
-
-def where(pos0: float, rest: float, limit: float) -> str:
-    if not exceeds(pos0, limit):
-        return "positions > 0 only"
-    return "all positions" if exceeds(rest, limit) else "position 0 only"
 
 
 def _side(label: str, d: Path) -> checks.SideEvidence:
@@ -150,43 +144,3 @@ def _compare_stages(
         rows.append(row)
         del ta, tb, tr
     return rows, missing
-
-
-def ratio(x: float, y: float) -> float:
-    """How many times further from fp64 the worse side is (inf when the better one is exact)."""
-    if math.isnan(x) or math.isnan(y):
-        return math.inf
-    lo, hi = min(x, y), max(x, y)
-    return hi / lo if lo > 0 else (math.inf if hi > 0 else 1.0)
-
-
-def side_verdict(row: dict, labels: tuple[str, str]) -> dict:
-    """Which side the fp64 reference blames at this stage, and how confidently."""
-    a_lab, b_lab = labels
-    if row.get("where") == "shape":
-        closer = row.get("closer")
-        if closer is None:
-            return {"wrong": None, "text": row["why"]}
-        wrong = b_lab if closer == a_lab else a_lab
-        return {"wrong": wrong, "text": f"{row['why']}; {closer} has the reference's shape {row['ref_shape']}"}
-    if "a_ref" not in row:
-        return {"wrong": None, "text": "no fp64 reference: cannot tell which side is wrong"}
-    a, b = row["a_ref"], row["b_ref"]
-    bad_a, bad_b = exceeds(a, row["threshold_a"]), exceeds(b, row["threshold_b"])
-    if not bad_a and not bad_b:
-        return {
-            "wrong": None,
-            "text": f"both within their dtype's rounding of the fp64 reference ({a_lab} {fmt(a)} <= "
-            f"{row['threshold_a']:.1e}, {b_lab} {fmt(b)} <= {row['threshold_b']:.1e}): rounding noise",
-        }
-    if bad_a and bad_b and ratio(a, b) < BUG_RATIO:
-        return {
-            "wrong": "both",
-            "text": f"both sides differ from the fp64 reference ({a_lab} {fmt(a)}, {b_lab} {fmt(b)})",
-        }
-    if bad_a != bad_b:  # only one side beyond its own dtype's rounding
-        wrong, right = (a_lab, b_lab) if bad_a else (b_lab, a_lab)
-    else:  # both beyond, one orders of magnitude further: that one
-        wrong, right = (a_lab, b_lab) if (math.isnan(a) or (not math.isnan(b) and a > b)) else (b_lab, a_lab)
-    wrong_err, right_err = (a, b) if wrong == a_lab else (b, a)
-    return {"wrong": wrong, "text": f"{wrong} is wrong: {fmt(wrong_err)} from reference, {right} {fmt(right_err)}"}

@@ -21,7 +21,7 @@ from typing import Any
 from ..capture import REFERENCE_MAX_WEIGHT_BYTES, validate_model_dir
 from ..defaults import DEFAULT_PROMPT, FIXTURE_DIR
 from ..errors import OpensciPatchError
-from ..matrix import DEFAULT_TORCH_BUILD, TORCH_BUILDS, VARIANTS, Cell, cell_cli_args
+from ..matrix import DEFAULT_TORCH_BUILD, TORCH_BUILDS, VARIANTS, Cell
 from ..records import tail
 from .checks import result as check_result
 from .decode import DEFAULT_DECODE_STEPS
@@ -256,23 +256,25 @@ def _describe(cell: Cell, model_dir: Path | None = None) -> str:
 
 
 def _prepare_model(cell: Cell, label: str, source: Path, env: Any, workdir: Path, timeout: float, log: Log) -> Path:
-    """The model dir `cell` runs: `source` hotfixed in the cell's env with the matrix's own arguments.
+    """The model dir `cell` runs: `source` hotfixed in the cell's env by the matrix's own step.
 
-    `matrix.cell_cli_args` is the one definition of a cell's hotfix (and of the model its capture
-    loads), so diagnose cannot drift from what the matrix runs.
+    `worker.HotfixStep.for_variant` is the one definition of a variant's hotfix, so diagnose cannot
+    drift from what the matrix runs.
     """
-    from ..envs import run_python
+    from ..worker import HotfixStep
+    from ..worker import run as run_worker
 
-    hotfix, capture = cell_cli_args(cell, source, workdir, workdir / "unused-record.json")
-    model = Path(capture[1])  # the model the cell's capture loads
-    if hotfix is None:
-        return model
-    log(f"hotfix ({cell.model}) in transformers {cell.transformers}: {model}")
+    if VARIANTS[cell.model].hotfix is None:
+        return source
+    step = HotfixStep.for_variant(cell.model, source, workdir / f"{source.name}_fixed")
+    log(f"hotfix ({cell.model}) in transformers {cell.transformers}: {step.out}")
     workdir.mkdir(parents=True)
-    proc = run_python(env, ["-m", "opensci_patch.cli", *hotfix], timeout=timeout)
-    if proc.returncode != 0:
-        raise DiagnoseError(f"hotfix ({cell.model}) for {label} failed:\n{tail(proc.stdout + proc.stderr, 15)}")
-    return model
+    outcome = run_worker(env, [step], workdir, timeout=timeout, on_result=lambda _r: None)
+    result = outcome.results.get(0)
+    if result is None or result.rc != 0:
+        why = result.stderr if result is not None else outcome.log
+        raise DiagnoseError(f"hotfix ({cell.model}) for {label} failed:\n{tail(why, 15)}")
+    return step.out
 
 
 def diagnose(
