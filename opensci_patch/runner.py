@@ -185,7 +185,7 @@ class _Progress:
 
     def cell_done(self, cell: Cell, record: rec_io.Record) -> None:
         t = record.target
-        got = f"ran: ' Paris' logit {t['logit']:.4f} rank {t['rank']}" if t else record.status
+        got = f"ran: ' Paris' logit {t.logit:.4f} rank {t.rank}" if t else record.status
         if t and record.status != "ok":
             got += f" ({record.status})"
         with self.lock:
@@ -385,10 +385,8 @@ def run_release(run: _Run, cells: list[Cell]) -> None:
     for cell in cells:
         model = run.models.get(cell.model)
         if isinstance(model, rec_io.Record):  # hotfix or generated checkpoint failed: that variant's cells say so
-            err = model.error or {}
-            record = rec_io.error_record(
-                cell, model.status, err.get("type", ""), err.get("message", ""), err.get("traceback_tail", "")
-            )
+            err = model.error or rec_io.ErrorInfo("", "", "")
+            record = rec_io.error_record(cell, model.status, err.type, err.message, err.traceback_tail)
             run.write(cell, record, time.monotonic() - start)
             continue
         work = run.tmp / "cells" / cell.id
@@ -441,7 +439,7 @@ def could_not_run(cells: list[Cell], records: Path) -> list[str]:
         except rec_io.RecordError as exc:
             out.append(f"{cell.id}: {exc}")
             continue
-        if record.status in (*rec_io.RUN_ERRORS, rec_io.RUNNING):
-            err = record.error or {}
-            out.append(f"{cell.id}: {record.status}: {err.get('type', '')}: {err.get('message', '')}")
+        if record.status.no_evidence:
+            err = record.error or rec_io.ErrorInfo("", "", "")
+            out.append(f"{cell.id}: {record.status}: {err.type}: {err.message}")
     return out
