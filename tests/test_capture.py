@@ -172,3 +172,14 @@ def test_capture_of_code_importing_a_module_the_release_lacks_records_one_line(m
     assert record["error"]["type"] == "MissingLibraryModule"
     assert record["error"]["message"].startswith("the model needs transformers.models.no_such_model_19, which ")
     assert proc.stderr.strip().splitlines()[-1].endswith("(it first appears in a later release)")
+
+
+def test_a_fresh_capture_record_round_trips_through_its_json(tmp_path, patched):
+    """What capture builds (typed parts) is what load reads back from the file it writes, field for field."""
+    from opensci_patch import records
+
+    rec = run(patched, max_new_tokens=2)
+    path = records.write_atomic(tmp_path / "r.json", rec)
+    back = records.load(path)
+    assert back == rec and back.to_json() == path.read_text() == rec.to_json()
+    assert back.to_dict() == json.loads(path.read_text())

@@ -181,3 +181,50 @@ def test_records_module_imports_only_the_standard_library():
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=Path(records.__file__).parents[1]
     )
     assert proc.stdout.strip() == "[]", proc.stderr
+
+
+def test_the_shipped_record_reads_and_writes_back_byte_for_byte():
+    """The typed parts change nothing on disk: load -> to_json is the file, load -> to_dict is its JSON."""
+    from opensci_patch.defaults import DATA_DIR
+
+    path = DATA_DIR / "opensci-tiny.reference.json"
+    rec = records.load(path)
+    assert rec.to_json() == path.read_text(encoding="utf-8")
+    assert rec.to_dict() == json.loads(path.read_text(encoding="utf-8"))
+    assert isinstance(rec.status, records.Status) and isinstance(rec.generation.kv_check, records.KVCheck)
+    assert all(isinstance(t, records.TopToken) for t in rec.topk) and isinstance(rec.reference, records.Fp64Reference)
+
+
+def test_statuses_are_the_strings_on_disk_and_say_which_are_no_evidence():
+    assert [str(s) for s in records.STATUSES] == [s.value for s in records.Status]
+    assert json.loads(json.dumps({"s": records.Status.GENERATE_MISMATCH})) == {"s": "generate-mismatch"}
+    assert {s for s in records.Status if s.no_evidence} == {*records.RUN_ERRORS, records.RUNNING}
+    assert not any(s.no_evidence for s in (records.OK, *records.MODEL_FAILURES))
+
+
+def test_record_parts_are_frozen():
+    import dataclasses
+
+    rec = ok_record()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rec.target.logit = 0.0  # type: ignore[misc]
+    assert isinstance(rec.generation.ids, tuple)
+
+
+@pytest.mark.parametrize(
+    ("part", "edit"),
+    [
+        ("target", lambda d: d["target"].pop("rank")),
+        ("topk", lambda d: d["topk"][0].update(surprise=1)),
+        ("reference", lambda d: d.update(reference={"dtype": "float64"})),
+        ("error", lambda d: d.update(status="load-error", error={"message": "m"})),
+    ],
+)
+def test_load_refuses_a_part_with_missing_or_unknown_keys_in_one_line(tmp_path: Path, part, edit):
+    """Schema 2 records were accepted with a target lacking "rank" (the report then raised a KeyError)."""
+    data = json.loads(ok_record(reference=records.Fp64Reference("float64", 1e-6, 14.5)).to_json())
+    edit(data)
+    path = write(tmp_path / "r.json", data)
+    with pytest.raises(RecordError) as info:
+        records.load(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
