@@ -53,7 +53,7 @@ def terminate_children() -> None:
 def finish(record: rec_io.Record, cell: Cell, expected: dict, wall_s: float) -> rec_io.Record:
     """The matrix-only fields of a cell record (the same in every path that writes one)."""
     record.cell = rec_io.CellInfo.of(cell)
-    record.expected = expected
+    record.expected = rec_io.Expected.of(expected)
     record.cell_wall_s = round(wall_s, 1)
     return record
 

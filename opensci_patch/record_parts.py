@@ -157,6 +157,21 @@ class CellInfo(_Part):
         return (self.torch, self.device, self.dtype, self.attn)
 
 
+@dataclass(frozen=True)
+class Expected(_Part):
+    """What a matrix cell declared (`matrix.Expectation`): "pass" or "xfail" (strict), and why."""
+
+    outcome: str
+    reason: str
+
+    @classmethod
+    def of(cls, expected: Any) -> Expected:
+        """A `matrix.Expectation` (duck-typed), or its JSON object (a batch plan's step carries one)."""
+        if isinstance(expected, (Expected, dict)):
+            return expected if isinstance(expected, Expected) else cls.from_dict(expected)
+        return cls(expected.outcome, expected.reason)
+
+
 # field -> how its JSON value is read (the parts), for `Record.from_dict`
 _READERS: dict[str, Callable[[Any], Any]] = {
     "status": Status,
@@ -166,4 +181,5 @@ _READERS: dict[str, Callable[[Any], Any]] = {
     "generation": Generation.from_dict,
     "reference": Fp64Reference.from_dict,
     "cell": CellInfo.from_dict,
+    "expected": Expected.from_dict,
 }

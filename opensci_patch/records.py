@@ -33,6 +33,7 @@ from .record_parts import (  # noqa: F401 (the parts are read as records.<Part>)
     _READERS,
     CellInfo,
     ErrorInfo,
+    Expected,
     Fp64Reference,
     Generation,
     KVCheck,
@@ -101,9 +102,9 @@ class Record:
     schema_version: int = SCHEMA_VERSION
     tool_version: str = __version__
     created: str = field(default_factory=_now)
-    # matrix cells only: the cell; asdict(Expectation); the cell's wall time
+    # matrix cells only: the cell; what it declared (matrix.Expectation); the cell's wall time
     cell: CellInfo | None = None
-    expected: dict | None = None
+    expected: Expected | None = None
     cell_wall_s: float | None = None
 
     def to_dict(self) -> dict:
@@ -140,7 +141,7 @@ def error_info(exc: BaseException) -> ErrorInfo:
 
 
 def error_record(
-    cell: Any, status: str, exc_type: str, message: str, log_tail: str, *, expected: dict | None = None
+    cell: Any, status: str, exc_type: str, message: str, log_tail: str, *, expected: Any = None
 ) -> Record:
     """The one constructor of records for cells that did not produce a capture record themselves.
 
@@ -156,11 +157,11 @@ def error_record(
         status=Status(status),
         error=ErrorInfo(exc_type, one_line(message), log_tail),
         cell=c,
-        expected=expected,
+        expected=None if expected is None else Expected.of(expected),
     )
 
 
-def running_record(cell: Any, *, expected: dict | None = None) -> Record:
+def running_record(cell: Any, *, expected: Any = None) -> Record:
     """The placeholder a cell writes before it starts; replaced at its end. Left behind = never finished."""
     return error_record(
         cell,

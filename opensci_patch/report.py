@@ -165,8 +165,8 @@ def verdict(rec: Record, ref: Record | None) -> tuple[str, str]:
     if rec.status == records.OK and ref is None:  # ran, but nothing to compare with: neither pass nor FAIL
         return "cannot-judge", f"no reference cell ({' '.join(REFERENCE)}, same build, dtype and attention) that ran ok"
     ok, why = bit_identical(rec, ref)
-    if rec.expected["outcome"] == "xfail":
-        reason = rec.expected["reason"]
+    if rec.expected.outcome == "xfail":
+        reason = rec.expected.reason
         return ("XPASS", "expected to fail but passed: " + reason) if ok else ("expected-fail", reason)
     return ("pass", "") if ok else ("FAIL", why)
 

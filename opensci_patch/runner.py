@@ -192,7 +192,7 @@ class _Progress:
             self.done += 1
             self.log(
                 f"[{self.done}/{self.total}] {cell.id}: {got} "
-                f"(expected {(record.expected or {}).get('outcome')}, {record.cell_wall_s}s)"
+                f"(expected {record.expected and record.expected.outcome}, {record.cell_wall_s}s)"
             )
 
 

@@ -173,7 +173,7 @@ def _record(version: str, model: str, ov: list[str]) -> records.Record:
         logits_sha256="s",
         generation=gen,
         cell=cell,
-        expected={"outcome": "pass", "reason": ""},
+        expected=records.Expected("pass", ""),
         topk=(records.TopToken(1, " Paris", 1.0),),
     )
 

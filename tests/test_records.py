@@ -40,7 +40,7 @@ def write(path: Path, data) -> Path:
 
 def test_round_trip_keeps_every_field(tmp_path: Path):
     cell = Cell("5.2.0")
-    rec = ok_record(cell=records.CellInfo.of(cell), expected={"outcome": "pass", "reason": ""}, cell_wall_s=4.2)
+    rec = ok_record(cell=records.CellInfo.of(cell), expected=records.Expected("pass", ""), cell_wall_s=4.2)
     path = records.write_atomic(tmp_path / "r.json", rec)
     back = records.load(path)
     assert back == rec
@@ -66,7 +66,7 @@ def test_error_record_has_the_shape_of_a_capture_record_and_loads(tmp_path: Path
 
 
 def test_running_placeholder_is_a_loadable_record_that_says_never_finished(tmp_path: Path):
-    rec = records.running_record(Cell("5.2.0"), expected={"outcome": "pass", "reason": ""})
+    rec = records.running_record(Cell("5.2.0"), expected=records.Expected("pass", ""))
     back = records.load(records.write_atomic(tmp_path / "p.json", rec))
     assert back.status == records.RUNNING
     assert "never finished" in back.error.message

@@ -15,10 +15,10 @@ import pytest
 from opensci_patch import records, report, report_plot
 from opensci_patch.errors import DestinationError, OpensciPatchError
 from opensci_patch.matrix import REFERENCE, VARIANTS, Cell, Variant
-from opensci_patch.records import CellInfo, Generation, KVCheck, Record, Target, TopToken
+from opensci_patch.records import CellInfo, Expected, Generation, KVCheck, Record, Target, TopToken
 
-PASS = {"outcome": "pass", "reason": ""}
-XFAIL = {"outcome": "xfail", "reason": "declared to fail for a test"}
+PASS = Expected("pass", "")
+XFAIL = Expected("xfail", "declared to fail for a test")
 REF_VERSION, REF_MODEL = REFERENCE
 STEPS = ["s0" * 32, "s1" * 32, "s2" * 32, "s3" * 32]
 
@@ -123,7 +123,7 @@ def test_generate_mismatch_is_fail_with_its_detail_or_expected_fail_when_declare
     got = verdicts([ok(REF_VERSION), mismatch("5.24.0"), mismatch("5.23.0", expected=XFAIL)])
     status, why = got[vid("5.24.0")]
     assert status == "FAIL" and why.startswith("generate-mismatch: step 1: cached logits differ")
-    assert got[vid("5.23.0")] == ("expected-fail", XFAIL["reason"])
+    assert got[vid("5.23.0")] == ("expected-fail", XFAIL.reason)
 
 
 def test_nonfinite_logits_and_model_errors_fail_when_expected_to_pass():
@@ -137,8 +137,8 @@ def test_declared_expectation_in_the_record_decides_between_expected_fail_fail_p
     """The report judges against what the cell declared when it ran, not against a table of its own."""
     same = [ok(REF_VERSION), ok("5.2.0", expected=XFAIL), failed("5.23.0", expected=XFAIL)]
     got = verdicts(same)
-    assert got[vid("5.2.0")][0] == "XPASS" and XFAIL["reason"] in got[vid("5.2.0")][1]
-    assert got[vid("5.23.0")] == ("expected-fail", XFAIL["reason"])
+    assert got[vid("5.2.0")][0] == "XPASS" and XFAIL.reason in got[vid("5.2.0")][1]
+    assert got[vid("5.23.0")] == ("expected-fail", XFAIL.reason)
     flipped = [ok(REF_VERSION), ok("5.2.0", expected=PASS), failed("5.23.0", expected=PASS)]
     assert [verdicts(flipped)[vid(v)][0] for v in ("5.2.0", "5.23.0")] == ["pass", "FAIL"]
 

@@ -112,7 +112,9 @@ def test_a_capture_with_bad_input_is_a_run_error_not_a_model_failure(tmp_path: P
         final = tmp_path / f"final{i}.json"
         argv = ["capture", str(model), "--out", str(work / "record.json"), "--quiet"]
         steps.append(
-            batch.Step(argv, work / "status.json", cell, work / "record.json", final, {"outcome": "pass"}).to_json()
+            batch.Step(
+                argv, work / "status.json", cell, work / "record.json", final, {"outcome": "pass", "reason": ""}
+            ).to_json()
         )
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"steps": steps}))
