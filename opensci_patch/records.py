@@ -8,6 +8,9 @@ read with `.get` chains, so a truncated file, a record of another schema or a mi
 silently skipped or read as a KeyError. Here a record is written only through `Record.to_json`
 and `write_atomic`, and read only through `load`, which refuses anything it cannot vouch for
 with one line that names the file and what to do (`RecordError`).
+Its parts (`record_parts`: target, top-k, generation with its KV check, fp64 reference, error,
+cell, expected) are frozen dataclasses and its status a `Status`; the JSON they write is the same
+schema 2 as when they were dicts.
 
 Lifecycle of a matrix cell's record (`records/<cell id>.json`): before the cell starts, the
 driver writes `running_record(...)` (status "running") over any previous record; at the end it
