@@ -22,14 +22,14 @@ from pathlib import Path
 from packaging.version import Version
 
 from . import records, releases
-from .diagnose import TOLERANCE
 from .errors import OpensciPatchError
 from .matrix import Cell
 from .records import Record
 from .runner import run_cell
+from .verdict import within_fp64_tolerance
 
-# Absolute bound on max |logit - fp64 ref|, per dtype: diagnose's stage tolerances (one definition). fp32 eager on
-# CPU agrees with fp64 to ~4e-6 on the shipped checkpoint; broken RoPE is > 1.
+# Good = `verdict.within_fp64_tolerance`: max |logit - fp64 ref| within diagnose's stage tolerance for the dtype
+# (one definition). fp32 eager on CPU agrees with fp64 to ~4e-6 on the shipped checkpoint; broken RoPE is > 1.
 
 
 @dataclass
@@ -71,20 +71,13 @@ def judge(record: Record) -> tuple[bool, str]:
 
     A cell that could not run, or never finished, is no evidence either way: OpensciPatchError.
     """
-    if record.status in records.RUN_ERRORS or record.status == records.RUNNING:
-        err = record.error or {}
+    if record.status.no_evidence:
+        err = record.error
         raise OpensciPatchError(
             f"cannot judge transformers {record.environment.get('transformers', '?')}: {record.status}: "
-            f"{err.get('message', '')}; fix it (see the record) and re-run"
+            f"{err.message if err else ''}; fix it (see the record) and re-run"
         )
-    if record.status != records.OK:
-        err = record.error or {}
-        return False, f"{record.status}: {err.get('type', '')} {err.get('message', '')}".strip()
-    if not record.reference:
-        return False, "no fp64 reference in the record (checkpoint too large? use a smaller one)"
-    tol = TOLERANCE[record.settings["dtype"]]
-    gap = record.reference["max_abs_diff"]
-    return gap <= tol, f"max |logit - fp64 ref| = {gap:.3g} (tolerance {tol:g})"
+    return within_fp64_tolerance(record)
 
 
 def bisect(

@@ -25,12 +25,23 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .defaults import ATTENTION, DEFAULT_PROMPT, DEFAULT_TARGET, DTYPES, MANIFEST, MAX_NEW_TOKENS, OLDEST_SUPPORTED
 from .errors import CaptureError, ModelDirError
-from .records import Record, error_info, one_line
+from .records import (
+    ErrorInfo,
+    Fp64Reference,
+    Generation,
+    KVCheck,
+    Record,
+    Status,
+    Target,
+    TopToken,
+    error_info,
+    one_line,
+)
 
 # The fp64 reference needs ~8 bytes per parameter on the CPU: skip it above this size.
 REFERENCE_MAX_WEIGHT_BYTES = 1 << 30
@@ -566,18 +577,17 @@ def _capture(settings: CaptureSettings, log) -> Record:
     try:
         lm = load_model(model, settings.dtype, settings.attn, settings.device)
     except WeightsMismatch as exc:
-        record.status, record.error = "weights-mismatch", error_info(exc)
+        record.status, record.error = Status.WEIGHTS_MISMATCH, error_info(exc)
         return record
     except Exception as exc:  # noqa: BLE001 - the model code failing to load is a result, not a crash
-        record.status, record.error = "load-error", error_info(exc)
+        record.status, record.error = Status.LOAD_ERROR, error_info(exc)
         from .library_modules import explain, missing_module
 
         module = missing_module(exc)
         if module:  # the release lacks a library module the model uses: say which, not a traceback's last line
-            record.error |= {
-                "type": "MissingLibraryModule",
-                "message": explain(module, record.environment["transformers"]),
-            }
+            record.error = replace(
+                record.error, type="MissingLibraryModule", message=explain(module, record.environment["transformers"])
+            )
         return record
     record.timings["load_s"] = round(time.perf_counter() - t0, 3)
     record.environment["kernels"]["used"] = bool(getattr(lm, "use_kernels", False))
@@ -595,26 +605,25 @@ def _capture(settings: CaptureSettings, log) -> Record:
         with torch.no_grad():
             logits = lm(input_ids=input_ids).logits[0, -1]
     except Exception as exc:  # noqa: BLE001
-        record.status, record.error = "forward-error", error_info(exc)
+        record.status, record.error = Status.FORWARD_ERROR, error_info(exc)
         return record
     record.timings["forward_s"] = round(time.perf_counter() - t0 - record.timings["load_s"], 3)
     record.logits_sha256 = logits_sha256(logits)
     f32 = logits.float().cpu()
     rank = target_rank(f32, target_id)
-    record.target = {"token": settings.target, "id": target_id, "logit": float(f32[target_id]), "rank": rank}
+    record.target = Target(settings.target, target_id, float(f32[target_id]), rank)
     top = torch.topk(f32, min(settings.top_k, f32.numel()))
-    record.topk = [
-        {"id": int(i), "token": tokenizer.decode([int(i)]), "logit": float(v)}
-        for v, i in zip(top.values, top.indices, strict=True)
-    ]
+    record.topk = tuple(
+        TopToken(int(i), tokenizer.decode([int(i)]), float(v)) for v, i in zip(top.values, top.indices, strict=True)
+    )
     bad = int((~torch.isfinite(f32)).sum())
     if bad:
-        record.status = "nonfinite-logits"
-        record.error = {
-            "type": "NonFiniteLogits",
-            "message": f"{bad} of {f32.numel()} last-position logits are NaN or infinite (broken weights or buffers)",
-            "traceback_tail": "",
-        }
+        record.status = Status.NONFINITE_LOGITS
+        record.error = ErrorInfo(
+            "NonFiniteLogits",
+            f"{bad} of {f32.numel()} last-position logits are NaN or infinite (broken weights or buffers)",
+            "",
+        )
         return record
 
     if settings.reference == "on" or (
@@ -624,27 +633,23 @@ def _capture(settings: CaptureSettings, log) -> Record:
 
         cfg = reference.resolved_config(model, lm.config)
         ref = reference.forward(reference.load_params(model), cfg, input_ids.cpu())[0, -1]
-        record.reference = {
-            "dtype": "float64",
-            "max_abs_diff": float((f32.double() - ref).abs().max()),
-            "target_logit": float(ref[target_id]),
-        }
+        record.reference = Fp64Reference("float64", float((f32.double() - ref).abs().max()), float(ref[target_id]))
 
     t1 = time.perf_counter()
     try:
         record.generation = generate_and_check(lm, tokenizer, input_ids, settings)
     except Exception as exc:  # noqa: BLE001
-        record.status, record.error = "generate-error", error_info(exc)
+        record.status, record.error = Status.GENERATE_ERROR, error_info(exc)
         return record
     record.timings["generate_s"] = round(time.perf_counter() - t1, 3)
-    kv = record.generation["kv_check"]
-    if not kv["ok"]:
-        record.status = "generate-mismatch"
-        record.error = {"type": "KVCacheMismatch", "message": kv["detail"], "traceback_tail": ""}
+    kv = record.generation.kv_check
+    if not kv.ok:
+        record.status = Status.GENERATE_MISMATCH
+        record.error = ErrorInfo("KVCacheMismatch", kv.detail, "")
     return record
 
 
-def generate_and_check(lm, tokenizer, input_ids, settings: CaptureSettings) -> dict:
+def generate_and_check(lm, tokenizer, input_ids, settings: CaptureSettings) -> Generation:
     """Greedy decoding with the KV cache, checked step by step against the same steps without one.
 
     A single forward proves nothing about generation: a forward that loses its cache (5.24 passes it
@@ -692,16 +697,15 @@ def generate_and_check(lm, tokenizer, input_ids, settings: CaptureSettings) -> d
                     + f"logits with the KV cache differ from the no-cache recomputation by {diff:.3g} "
                     f"(tolerance {tolerance:g} for {settings.dtype})"
                 )
-    return {
-        "ids": new,
-        "text": tokenizer.decode(new, skip_special_tokens=True),
-        "step_logits_sha256": [logits_sha256(step) for step in steps],
-        "kv_check": {
-            "ok": first_bad is None,
-            "tolerance": tolerance,
-            "max_abs_diff": worst,
-            "first_bad_step": first_bad,
-            "detail": detail
-            or f"{len(steps)} decode steps agree with the no-cache recomputation (max diff {worst:.3g})",
-        },
-    }
+    return Generation(
+        ids=tuple(new),
+        text=tokenizer.decode(new, skip_special_tokens=True),
+        step_logits_sha256=tuple(logits_sha256(step) for step in steps),
+        kv_check=KVCheck(
+            ok=first_bad is None,
+            tolerance=tolerance,
+            max_abs_diff=worst,
+            first_bad_step=first_bad,
+            detail=detail or f"{len(steps)} decode steps agree with the no-cache recomputation (max diff {worst:.3g})",
+        ),
+    )

@@ -64,15 +64,15 @@ def summary_line(record) -> str:
     variant = "patched" if record.model["patched"] else "original"
     head = f"transformers {env['transformers']} torch {env['torch']} | {variant}"
     if record.status != "ok" and record.target is None:
-        return f"{head} | {record.status}: {record.error['type']}: {record.error['message']}"
+        return f"{head} | {record.status}: {record.error.type}: {record.error.message}"
     t = record.target
-    line = f"{head} | logit({t['token']!r}) = {t['logit']:.4f} rank {t['rank']}"
+    line = f"{head} | logit({t.token!r}) = {t.logit:.4f} rank {t.rank}"
     if record.reference:
-        line += f" | max|logit-fp64 ref| {record.reference['max_abs_diff']:.2e}"
+        line += f" | max|logit-fp64 ref| {record.reference.max_abs_diff:.2e}"
     if record.generation:
-        line += f" | greedy: {record.generation['text']!r}"
+        line += f" | greedy: {record.generation.text!r}"
     if record.status != "ok":
-        line += f" | {record.status}: {record.error['type']}: {record.error['message']}"
+        line += f" | {record.status}: {record.error.type}: {record.error.message}"
     return line
 
 
@@ -121,7 +121,7 @@ def cmd_capture(args) -> int:
         write_atomic(args.out, record)
     print(summary_line(record))
     if record.status != "ok":
-        _err(f"{record.status}: {record.error['type']}: {record.error['message']}")
+        _err(f"{record.status}: {record.error.type}: {record.error.message}")
         return 1
     return 0
 

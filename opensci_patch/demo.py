@@ -6,10 +6,11 @@ patched model with the installed transformers, and compares the patched capture 
 4.48.0 (fp32, eager, CPU). A demo that only printed logits would call 5.24.0's broken decode loop
 fine (its first logits are right); the verdict line says MATCH or MISMATCH, and MISMATCH exits 1.
 
-MATCH means: the same 20 greedy tokens, the same top-10 token ids in the same order, their logits
-within `TOLERANCE`, and the KV-cache self-check passed. Bit identity (the logits' sha256) is
-reported, but not required: another CPU's SIMD path or another torch may round differently while
-being right. `tests/test_demo.py` checks that the shipped record is what 4.48.0 gives today.
+MATCH is `verdict.same_tokens_within(TOLERANCE)`: the same 20 greedy tokens, the same top-10 token
+ids in the same order, their logits within `TOLERANCE`, and the KV-cache self-check passed. Bit
+identity (the logits' sha256) is reported, but not required: another CPU's SIMD path or another
+torch may round differently while being right. `tests/test_demo.py` checks that the shipped record
+is what 4.48.0 gives today.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from .defaults import DATA_DIR, FIXTURE_DIR
 from .errors import DestinationError
 from .records import Record, load
+from .verdict import same_tokens_within
 
 REFERENCE_RECORD = DATA_DIR / "opensci-tiny.reference.json"
 TOLERANCE = 1e-4  # fp32 logits; the fp64 reference agrees to 3.5e-6 on every supported release
@@ -46,28 +48,8 @@ def write_fixture(dst: Path, force: bool = False, source: Path = FIXTURE_DIR) ->
 def compare(record: Record, reference: Record, tolerance: float = TOLERANCE) -> tuple[bool, str]:
     """(match, one line saying why) for a patched capture against the shipped reference record."""
     where = f"transformers {reference.environment.get('transformers')} reference"
-    if record.status != "ok":
-        detail = (record.error or {}).get("message", "")
-        return False, f"MISMATCH with the {where}: status {record.status} ({detail})"
-    ids, ref_ids = record.generation["ids"], reference.generation["ids"]
-    if ids != ref_ids:
-        step = next(
-            (i for i, (a, b) in enumerate(zip(ids, ref_ids, strict=False)) if a != b), min(len(ids), len(ref_ids))
-        )
-        return (
-            False,
-            f"MISMATCH with the {where}: greedy token {step + 1} differs "
-            f"({ids[step : step + 3]} vs {ref_ids[step : step + 3]})",
-        )
-    top, ref_top = [t["id"] for t in record.topk], [t["id"] for t in reference.topk]
-    if top != ref_top:
-        return False, f"MISMATCH with the {where}: top-{len(ref_top)} tokens differ ({top} vs {ref_top})"
-    diff = max(abs(a["logit"] - b["logit"]) for a, b in zip(record.topk, reference.topk, strict=True))
-    if diff > tolerance:
-        return False, f"MISMATCH with the {where}: top-{len(ref_top)} logits differ by {diff:.3g} (> {tolerance:g})"
-    exact = record.logits_sha256 == reference.logits_sha256
-    how = "bit-identical logits" if exact else f"logits within {diff:.2g} (not bit-identical: another CPU or torch)"
-    return True, f"MATCH with the {where}: {how}, the same {len(ids)} greedy tokens"
+    match, why = same_tokens_within(tolerance)(record, reference)
+    return match, f"{'MATCH' if match else 'MISMATCH'} with the {where}: {why}"
 
 
 def run(workdir: Path | None, log=print) -> int:

@@ -8,6 +8,9 @@ read with `.get` chains, so a truncated file, a record of another schema or a mi
 silently skipped or read as a KeyError. Here a record is written only through `Record.to_json`
 and `write_atomic`, and read only through `load`, which refuses anything it cannot vouch for
 with one line that names the file and what to do (`RecordError`).
+Its parts (`record_parts`: target, top-k, generation with its KV check, fp64 reference, error,
+cell, expected) are frozen dataclasses and its status a `Status`; the JSON they write is the same
+schema 2 as when they were dicts.
 
 Lifecycle of a matrix cell's record (`records/<cell id>.json`): before the cell starts, the
 driver writes `running_record(...)` (status "running") over any previous record; at the end it
@@ -22,38 +25,46 @@ import json
 import os
 import tempfile
 import traceback
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .envs_base import tail  # noqa: F401 (records.tail: the log tail kept in error records as evidence)
 from .errors import DestinationError, OpensciPatchError
+from .record_parts import (  # noqa: F401 (the parts are read as records.<Part>)
+    _READERS,
+    CellInfo,
+    ErrorInfo,
+    Expected,
+    Fp64Reference,
+    Generation,
+    KVCheck,
+    Status,
+    Target,
+    TopToken,
+    _plain,
+)
 
 # 2: generation carries `step_logits_sha256` and `kv_check`; statuses generate-mismatch, nonfinite-logits,
 # running; matrix error records have the same shape as capture's.
 SCHEMA_VERSION = 2
 
-OK = "ok"
-RUNNING = "running"  # placeholder written before a cell starts: the cell never finished if it is still there
-# the model code failed: a result of the cell (FAIL or expected-fail)
-# weights-mismatch: the checkpoint's tensors are missing, unused or of the wrong shape for the model (its config)
+OK = Status.OK
+RUNNING = Status.RUNNING
 MODEL_FAILURES = (
-    "load-error",
-    "weights-mismatch",
-    "forward-error",
-    "generate-error",
-    "generate-mismatch",
-    "nonfinite-logits",
+    Status.LOAD_ERROR,
+    Status.WEIGHTS_MISMATCH,
+    Status.FORWARD_ERROR,
+    Status.GENERATE_ERROR,
+    Status.GENERATE_MISMATCH,
+    Status.NONFINITE_LOGITS,
 )
-# the cell could not run at all: never a verdict about the model
-RUN_ERRORS = ("env-error", "crash", "hotfix-error")
-STATUSES = (OK, *MODEL_FAILURES, *RUN_ERRORS, RUNNING)
+RUN_ERRORS = (Status.ENV_ERROR, Status.CRASH, Status.HOTFIX_ERROR)
+STATUSES = tuple(Status)
 
 # the fields only a matrix cell record has (capture's own record leaves them out)
 CELL_FIELDS = ("cell", "expected", "cell_wall_s")
-CELL_KEYS = ("transformers", "torch", "model", "dtype", "attn", "id", "device")
-KV_CHECK_KEYS = ("ok", "tolerance", "max_abs_diff", "first_bad_step", "detail")
 
 
 class RecordError(OpensciPatchError):
@@ -81,45 +92,44 @@ class Record:
     settings: dict = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
-    status: str = OK  # one of STATUSES
-    error: dict | None = None  # {"type", "message" (one line), "traceback_tail"}
+    status: Status = Status.OK
+    error: ErrorInfo | None = None
     input_ids: list[int] = field(default_factory=list)
-    target: dict | None = None
-    topk: list[dict] = field(default_factory=list)
+    target: Target | None = None
+    topk: tuple[TopToken, ...] = ()
     logits_sha256: str | None = None
-    generation: dict | None = None
-    reference: dict | None = None
+    generation: Generation | None = None
+    reference: Fp64Reference | None = None
     timings: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
     tool_version: str = __version__
     created: str = field(default_factory=_now)
-    # matrix cells only: asdict(Cell) | {"id", "device"}; asdict(Expectation); the cell's wall time
-    cell: dict | None = None
-    expected: dict | None = None
+    # matrix cells only: the cell; what it declared (matrix.Expectation); the cell's wall time
+    cell: CellInfo | None = None
+    expected: Expected | None = None
     cell_wall_s: float | None = None
 
     def to_dict(self) -> dict:
         """The JSON object; the matrix-only fields are left out while unset (capture's own record)."""
-        data = asdict(self)
+        data = {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
         for key in CELL_FIELDS:
             if data[key] is None:
                 del data[key]
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Record:
+        """The record of a JSON object (`to_dict`'s inverse); a part of the wrong shape is a ValueError."""
+        read = {k: _READERS[k](v) if k in _READERS and v is not None else v for k, v in data.items()}
+        return cls(**read)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @property
     def cell_id(self) -> str | None:
-        return (self.cell or {}).get("id")
-
-
-def _cell_dict(cell: Any) -> dict:
-    """A matrix `Cell` (duck-typed: records cannot import matrix, which imports records) or its dict."""
-    if isinstance(cell, dict):
-        return dict(cell)
-    return {k: getattr(cell, k) for k in CELL_KEYS}
+        return self.cell.id if self.cell else None
 
 
 def one_line(text: str) -> str:
@@ -127,14 +137,14 @@ def one_line(text: str) -> str:
     return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
 
 
-def error_info(exc: BaseException) -> dict:
+def error_info(exc: BaseException) -> ErrorInfo:
     """The `error` field for an exception: type, one-line message, traceback tail."""
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return {"type": type(exc).__name__, "message": one_line(str(exc)), "traceback_tail": tb[-3000:]}
+    return ErrorInfo(type(exc).__name__, one_line(str(exc)), tb[-3000:])
 
 
 def error_record(
-    cell: Any, status: str, exc_type: str, message: str, log_tail: str, *, expected: dict | None = None
+    cell: Any, status: str, exc_type: str, message: str, log_tail: str, *, expected: Any = None
 ) -> Record:
     """The one constructor of records for cells that did not produce a capture record themselves.
 
@@ -142,19 +152,19 @@ def error_record(
     """
     if status not in STATUSES or status == OK:
         raise ValueError(f"error_record: status {status!r} is not an error status ({', '.join(STATUSES[1:])})")
-    c = _cell_dict(cell)
+    c = CellInfo.of(cell)
     return Record(
-        settings={"device": c["device"], "dtype": c["dtype"], "attn": c["attn"]},
-        environment={"transformers": c["transformers"]},
-        model={"patched": c["model"] != "original"},
-        status=status,
-        error={"type": exc_type, "message": one_line(message), "traceback_tail": log_tail},
+        settings={"device": c.device, "dtype": c.dtype, "attn": c.attn},
+        environment={"transformers": c.transformers},
+        model={"patched": c.model != "original"},
+        status=Status(status),
+        error=ErrorInfo(exc_type, one_line(message), log_tail),
         cell=c,
-        expected=expected,
+        expected=None if expected is None else Expected.of(expected),
     )
 
 
-def running_record(cell: Any, *, expected: dict | None = None) -> Record:
+def running_record(cell: Any, *, expected: Any = None) -> Record:
     """The placeholder a cell writes before it starts; replaced at its end. Left behind = never finished."""
     return error_record(
         cell,
@@ -211,21 +221,41 @@ def _fail(path: Path, what: str, todo: str = "delete it and re-run the cell that
     return RecordError(f"{path}: {what}; {todo}")
 
 
+# the JSON type of each field, and whether it may be null
+_JSON_KINDS: dict[str, tuple[type, bool]] = {
+    "settings": (dict, False),
+    "environment": (dict, False),
+    "model": (dict, False),
+    "status": (str, False),
+    "error": (dict, True),
+    "input_ids": (list, False),
+    "target": (dict, True),
+    "topk": (list, False),
+    "logits_sha256": (str, True),
+    "generation": (dict, True),
+    "reference": (dict, True),
+    "timings": (dict, False),
+    "warnings": (list, False),
+    "schema_version": (int, False),
+    "tool_version": (str, False),
+    "created": (str, False),
+    "cell": (dict, True),
+    "expected": (dict, True),
+    "cell_wall_s": (float, True),
+}
+
+
 def _check_types(path: Path, data: dict) -> None:
     """Field types and the per-status promises the report relies on."""
-    expect = {f.name: f.type for f in fields(Record)}
-    kinds = {"dict": dict, "list": list, "str": str, "int": int}
-    for name, declared in expect.items():
-        value = data.get(name)
-        base = declared.split(" | ")[0].split("[")[0]
-        if value is None and ("None" in declared or name not in data):
+    for f in fields(Record):
+        value = data.get(f.name)
+        kind, optional = _JSON_KINDS[f.name]
+        if value is None and (optional or f.name not in data):
             continue
-        if base == "float":
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        else:
-            ok = isinstance(value, kinds[base]) and not isinstance(value, bool)
+        ok = isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
         if not ok:
-            raise _fail(path, f"field {name!r} is {type(value).__name__}, not {declared}")
+            declared = f"{kind.__name__} | None" if optional else kind.__name__
+            raise _fail(path, f"field {f.name!r} is {type(value).__name__}, not {declared}")
     overrides = data["environment"].get("overrides", [])
     if not (isinstance(overrides, list) and all(isinstance(r, str) for r in overrides)):
         raise _fail(path, "environment.overrides is not a list of requirement strings")
@@ -236,7 +266,7 @@ def _check_types(path: Path, data: dict) -> None:
     if status != OK and status not in described_elsewhere and not isinstance(data.get("error"), dict):
         raise _fail(path, f"status {status!r} without an error description")
     if data.get("cell") is not None:
-        missing = [k for k in CELL_KEYS if k not in data["cell"]]
+        missing = [f.name for f in fields(CellInfo) if f.name not in data["cell"]]
         if missing:
             raise _fail(path, f"cell lacks {', '.join(missing)}")
     if status in (OK, "generate-mismatch"):
@@ -247,8 +277,9 @@ def _check_types(path: Path, data: dict) -> None:
         if missing:
             raise _fail(path, f"generation lacks {', '.join(missing)}")
         kv = gen["kv_check"]
-        if not isinstance(kv, dict) or any(k not in kv for k in KV_CHECK_KEYS):
-            raise _fail(path, f"generation.kv_check must have {', '.join(KV_CHECK_KEYS)}")
+        kv_keys = [f.name for f in fields(KVCheck)]
+        if not isinstance(kv, dict) or any(k not in kv for k in kv_keys):
+            raise _fail(path, f"generation.kv_check must have {', '.join(kv_keys)}")
         if bool(kv["ok"]) != (status == OK):
             raise _fail(path, f"status {status!r} contradicts generation.kv_check.ok = {kv['ok']!r}")
         if not isinstance(gen["step_logits_sha256"], list):
@@ -296,4 +327,7 @@ def load(path: Path | str) -> Record:
     if unknown:
         raise _fail(path, f"unknown field(s) {', '.join(unknown)} for schema {SCHEMA_VERSION}")
     _check_types(path, data)
-    return Record(**data)
+    try:
+        return Record.from_dict(data)
+    except (ValueError, TypeError) as exc:
+        raise _fail(path, one_line(str(exc))) from None

@@ -29,7 +29,7 @@ import math
 import os
 import platform
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tabulate import tabulate
@@ -40,6 +40,7 @@ from .faults import fault_point
 from .matrix import REFERENCE, VARIANTS
 from .records import Record, RecordError
 from .report_plot import MISSING, plot, plot_grid, variants, version_key
+from .verdict import bit_identical, failure, first_step_difference, shown_values_differ
 
 BAD = ("FAIL", "XPASS", "error", "cannot-judge")
 VERDICTS = ("pass", "expected-fail", "FAIL", "XPASS", "error", "cannot-judge")
@@ -78,8 +79,7 @@ def load_records(records_dir: Path) -> Loaded:
 
 
 def _group(rec: Record) -> tuple:
-    c = rec.cell
-    return (c["torch"], c["device"], c["dtype"], c["attn"])
+    return rec.cell.group
 
 
 def _ambiguous(recs: list[Record], sources: list[str] | None) -> dict[str, str]:
@@ -92,10 +92,10 @@ def _ambiguous(recs: list[Record], sources: list[str] | None) -> dict[str, str]:
     for r in recs:
         if r.cell_id not in out and r.status == records.RUNNING:
             out[r.cell_id] = "never finished (its record still says 'running': killed or still running); re-run it"
-        elif r.cell_id not in out and not _same_release(r.environment.get("transformers"), r.cell["transformers"]):
+        elif r.cell_id not in out and not _same_release(r.environment.get("transformers"), r.cell.transformers):
             out[r.cell_id] = (
                 f"the record ran transformers {r.environment.get('transformers')!r}, its cell is "
-                f"{r.cell['transformers']}: not this cell's result; re-run it"
+                f"{r.cell.transformers}: not this cell's result; re-run it"
             )
     return out
 
@@ -119,18 +119,18 @@ def references(recs: list[Record], ambiguous: dict[str, str] | None = None) -> d
     out = {}
     for r in recs:
         c = r.cell
-        if c["transformers"] != REFERENCE[0] or r.status != records.OK or r.cell_id in ambiguous:
+        if c.transformers != REFERENCE[0] or r.status != records.OK or r.cell_id in ambiguous:
             continue
-        if c["model"] == REFERENCE[1]:
+        if c.model == REFERENCE[1]:
             out[_group(r)] = r
-        elif c["model"] in own:
-            out[(_group(r), c["model"])] = r
+        elif c.model in own:
+            out[(_group(r), c.model)] = r
     return out
 
 
 def reference_of(refs: dict[tuple, Record], rec: Record) -> Record | None:
     """The record `rec` is compared with: its group's reference cell, or its variant's own one."""
-    variant = VARIANTS.get(rec.cell["model"])
+    variant = VARIANTS.get(rec.cell.model)
     if variant is not None and variant.reference != REFERENCE[1]:
         return refs.get((_group(rec), variant.reference))
     return refs.get(_group(rec))
@@ -146,94 +146,27 @@ def broken_decode(recs: list[Record]) -> list[str]:
     out = []
     for ref in recs:
         c = ref.cell
-        if c["transformers"] != REFERENCE[0] or c["model"] not in own or ref.status != "generate-mismatch":
+        if c.transformers != REFERENCE[0] or c.model not in own or ref.status != records.Status.GENERATE_MISMATCH:
             continue
-        same = [r for r in recs if _group(r) == _group(ref) and r.cell["model"] == c["model"]]
-        bad = sum(r.status == "generate-mismatch" for r in same)
+        same = [r for r in recs if _group(r) == _group(ref) and r.cell.model == c.model]
+        bad = sum(r.status == records.Status.GENERATE_MISMATCH for r in same)
         where = "on every release" if bad == len(same) else f"on {bad} of {len(same)} releases"
-        detail = ((ref.generation or {}).get("kv_check") or {}).get("detail") or (ref.error or {}).get("message", "")
+        detail = (ref.generation.kv_check.detail if ref.generation else "") or (ref.error.message if ref.error else "")
         out.append(
-            f"{c['model']} ({', '.join(_group(ref))}): the model's own decode is broken {where}, "
+            f"{c.model} ({', '.join(_group(ref))}): the model's own decode is broken {where}, "
             f"including the reference (transformers {REFERENCE[0]}): {detail}"
         )
     return out
 
 
-def _failure(rec: Record) -> str:
-    """Why a record that did not run to the end failed, in one line."""
-    if rec.status == "generate-mismatch":
-        kv = (rec.generation or {}).get("kv_check") or {}
-        return f"generate-mismatch: {kv.get('detail') or 'KV-cache decoding disagrees with the no-cache recomputation'}"
-    err = rec.error or {}
-    return f"{rec.status}: {err.get('type', '')}: {err.get('message', '')}".rstrip(": ") if err else rec.status
-
-
-def first_step_difference(rec: Record, ref: Record) -> str | None:
-    """None when the decode steps' logits are bit-identical to the reference's, else what differs.
-
-    Step 0 (generate's forward over the prompt) is not compared bit for bit: its logits are the
-    prompt forward's, already compared as `logits_sha256`, but 5.x `generate` passes
-    `logits_to_keep=1` and 4.x does not, so the head's matmul runs over one row instead of the whole
-    prompt and rounds differently (measured: 5.2.0 vs 4.48.0 patched fp32 eager, max diff 2.9e-6,
-    steps 1-19 bit-identical). A wrong step 0 still shows in the KV self-check (`generate-mismatch`).
-    """
-    mine = (rec.generation or {}).get("step_logits_sha256") or []
-    theirs = (ref.generation or {}).get("step_logits_sha256") or []
-    for step in range(1, min(len(mine), len(theirs))):
-        if mine[step] != theirs[step]:
-            return f"decode step {step} logits differ from the reference cell"
-    if len(mine) != len(theirs):
-        return f"{len(mine)} decode steps recorded, the reference cell has {len(theirs)}"
-    return None
-
-
-def shown_values_differ(rec: Record, ref: Record) -> str | None:
-    """What the report shows of a record that its `logits_sha256` cannot vouch for, compared with the
-    reference cell's: equal hashes mean bit-identical logits, so the target logit and rank, the top-k ids
-    and logits, the fp64 gap (the same deterministic fp64 forward) and the greedy text must be equal too.
-    A record whose values differ while its hash matches was edited or is corrupt; it never passes."""
-    mine, theirs = rec.target or {}, ref.target or {}
-    checks = [
-        ("target logit and rank", (mine.get("id"), mine.get("logit"), mine.get("rank")),
-         (theirs.get("id"), theirs.get("logit"), theirs.get("rank"))),
-        ("top-k logits", [(t.get("id"), t.get("logit")) for t in rec.topk],
-         [(t.get("id"), t.get("logit")) for t in ref.topk]),
-        ("greedy text", (rec.generation or {}).get("text"), (ref.generation or {}).get("text")),
-    ]  # fmt: skip
-    if rec.reference and ref.reference:
-        checks.append(("fp64 gap", rec.reference.get("max_abs_diff"), ref.reference.get("max_abs_diff")))
-    for what, a, b in checks:
-        if a != b:
-            return f"record contradicts itself: logits_sha256 equals the reference cell's but its {what} differs"
-    return None
-
-
-def _succeeded(rec: Record, ref: Record | None) -> tuple[bool, str]:
-    if rec.status != records.OK:
-        return False, _failure(rec)
-    if ref is None:
-        return False, "no reference cell to compare with"
-    if rec.logits_sha256 != ref.logits_sha256:
-        return False, "logits differ from the reference cell"
-    contradiction = shown_values_differ(rec, ref)
-    if contradiction:
-        return False, contradiction
-    steps = first_step_difference(rec, ref)
-    if steps:
-        return False, steps
-    if rec.generation["ids"] != ref.generation["ids"]:
-        return False, "greedy generation differs from the reference cell"
-    return True, ""
-
-
 def verdict(rec: Record, ref: Record | None) -> tuple[str, str]:
-    if rec.status in records.RUN_ERRORS or rec.status == records.RUNNING:
-        return "error", _failure(rec)
+    if rec.status.no_evidence:
+        return "error", failure(rec)
     if rec.status == records.OK and ref is None:  # ran, but nothing to compare with: neither pass nor FAIL
         return "cannot-judge", f"no reference cell ({' '.join(REFERENCE)}, same build, dtype and attention) that ran ok"
-    ok, why = _succeeded(rec, ref)
-    if rec.expected["outcome"] == "xfail":
-        reason = rec.expected["reason"]
+    ok, why = bit_identical(rec, ref)
+    if rec.expected.outcome == "xfail":
+        reason = rec.expected.reason
         return ("XPASS", "expected to fail but passed: " + reason) if ok else ("expected-fail", reason)
     return ("pass", "") if ok else ("FAIL", why)
 
@@ -241,20 +174,80 @@ def verdict(rec: Record, ref: Record | None) -> tuple[str, str]:
 def _top10_diff(rec: Record, ref: Record | None) -> float | None:
     if not ref or not rec.topk:
         return None
-    ref_logit = {t["id"]: t["logit"] for t in ref.topk}
-    diffs = [abs(t["logit"] - ref_logit[t["id"]]) for t in rec.topk if t["id"] in ref_logit]
+    ref_logit = {t.id: t.logit for t in ref.topk}
+    diffs = [abs(t.logit - ref_logit[t.id]) for t in rec.topk if t.id in ref_logit]
     return float("inf") if len(diffs) < len(rec.topk) else max(diffs)
 
 
 def _decode(rec: Record, ref: Record | None) -> str | None:
     """The decode-steps column: '= (N)' when all N steps match the reference, else what differs."""
-    steps = (rec.generation or {}).get("step_logits_sha256")
+    steps = rec.generation.step_logits_sha256 if rec.generation else None
     if rec.status != records.OK or not steps or ref is None:
         return None
     return first_step_difference(rec, ref) or f"= ({len(steps)})"
 
 
-def rows(recs: list[Record], sources: list[str] | None = None) -> list[dict]:
+@dataclass(frozen=True)
+class Row:
+    """One cell of the report: what matrix.md's detail table and summary.json's "rows" show of it."""
+
+    cell: str
+    transformers: str
+    torch: str  # the torch version the record ran with
+    build: str  # the cell's torch build (cpu, cu128, ...)
+    device: str
+    dtype: str
+    attn: str
+    model: str
+    status: str  # the verdict (VERDICTS)
+    paris_logit: float | None
+    rank: int | None
+    top1: str | None
+    top10_max_diff: float | None
+    bit_identical: bool | None
+    decode_steps: str | None
+    fp64_ref_diff: float | None
+    greedy: str | None
+    why: str
+    overrides: tuple[str, ...]
+    ambiguous: bool
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "overrides": list(self.overrides)}
+
+
+def _row(r: Record, ref: Record | None, verdict_why: tuple[str, str], trusted: bool) -> Row:
+    v, why = verdict_why
+    t = r.target if trusted else None
+    gen = r.generation.text if trusted and r.generation else None
+    c = r.cell
+    return Row(
+        cell=c.id,
+        transformers=c.transformers,
+        torch=r.environment.get("torch", c.torch),
+        build=c.torch,
+        device=_device(r),
+        dtype=c.dtype,
+        attn=c.attn,
+        model=c.model,
+        status=v,
+        paris_logit=t.logit if t else None,
+        rank=t.rank if t else None,
+        top1=r.topk[0].token if r.topk and trusted else None,
+        top10_max_diff=_top10_diff(r, ref) if trusted else None,
+        bit_identical=(r.logits_sha256 == ref.logits_sha256 and not shown_values_differ(r, ref))
+        if trusted and ref and r.logits_sha256
+        else None,
+        decode_steps=_decode(r, ref) if trusted else None,
+        fp64_ref_diff=r.reference.max_abs_diff if trusted and r.reference else None,
+        greedy=(gen[:40] + "...") if gen and len(gen) > 40 else gen,
+        why=why,
+        overrides=tuple(r.environment.get("overrides") or ()),
+        ambiguous=not trusted,
+    )
+
+
+def rows(recs: list[Record], sources: list[str] | None = None) -> list[Row]:
     """One row per cell id, sorted by release, build, dtype, attention and variant order in `VARIANTS`."""
     ambiguous = _ambiguous(recs, sources)
     refs = references(recs, ambiguous)
@@ -264,66 +257,35 @@ def rows(recs: list[Record], sources: list[str] | None = None) -> list[dict]:
     for r in sorted(
         recs,
         key=lambda r: (
-            version_key(r.cell["transformers"]),
-            r.cell["torch"],
-            r.cell["dtype"],
-            r.cell["attn"],
-            order.get(r.cell["model"], len(order)),
-            r.cell["model"],
+            version_key(r.cell.transformers),
+            r.cell.torch,
+            r.cell.dtype,
+            r.cell.attn,
+            order.get(r.cell.model, len(order)),
+            r.cell.model,
         ),
     ):
         if r.cell_id in seen:
             continue
         seen.add(r.cell_id)
         ref = reference_of(refs, r)
-        if r.cell_id in ambiguous:
-            v, why = "error", ambiguous[r.cell_id]
-        else:
-            v, why = verdict(r, ref)
         trusted = r.cell_id not in ambiguous
-        t = (r.target or {}) if trusted else {}
-        gen = (r.generation or {}).get("text") if trusted else None
-        out.append(
-            {
-                "cell": r.cell_id,
-                "transformers": r.cell["transformers"],
-                "torch": r.environment.get("torch", r.cell["torch"]),
-                "build": r.cell["torch"],
-                "device": _device(r),
-                "dtype": r.cell["dtype"],
-                "attn": r.cell["attn"],
-                "model": r.cell["model"],
-                "status": v,
-                "paris_logit": t.get("logit"),
-                "rank": t.get("rank"),
-                "top1": r.topk[0]["token"] if r.topk and trusted else None,
-                "top10_max_diff": _top10_diff(r, ref) if trusted else None,
-                "bit_identical": (r.logits_sha256 == ref.logits_sha256 and not shown_values_differ(r, ref))
-                if trusted and ref and r.logits_sha256
-                else None,
-                "decode_steps": _decode(r, ref) if trusted else None,
-                "fp64_ref_diff": (r.reference or {}).get("max_abs_diff") if trusted else None,
-                "greedy": (gen[:40] + "...") if gen and len(gen) > 40 else gen,
-                "why": why,
-                "overrides": list(r.environment.get("overrides") or []),
-                "ambiguous": not trusted,
-            }
-        )
+        out.append(_row(r, ref, verdict(r, ref) if trusted else ("error", ambiguous[r.cell_id]), trusted))
     return out
 
 
 def _device(rec: Record) -> str:
     """'cpu', or the GPU's name as the capture saw it (e.g. 'cuda: NVIDIA H100 80GB HBM3')."""
-    device = rec.cell["device"]
+    device = rec.cell.device
     name = rec.environment.get("device_name")
     return f"{device}: {name}" if device != "cpu" and name else device
 
 
-def _group_name(r: dict) -> str:
-    return f"{r['build']} torch, {r['device']}, {r['dtype']}, {r['attn']}"
+def _group_name(r: Row) -> str:
+    return f"{r.build} torch, {r.device}, {r.dtype}, {r.attn}"
 
 
-def grid(table: list[dict]) -> dict[str, dict[str, dict[str, str]]]:
+def grid(table: list[Row]) -> dict[str, dict[str, dict[str, str]]]:
     """group ('cpu torch, cpu, float32, eager') -> release -> variant -> verdict or 'missing'."""
     cols = variants(table)
     out: dict[str, dict[str, dict[str, str]]] = {}
@@ -331,10 +293,10 @@ def grid(table: list[dict]) -> dict[str, dict[str, dict[str, str]]]:
         out.setdefault(_group_name(r), {})
     for name in out:
         members = [r for r in table if _group_name(r) == name]
-        releases = sorted({r["transformers"] for r in members}, key=version_key)
+        releases = sorted({r.transformers for r in members}, key=version_key)
         out[name] = {v: dict.fromkeys(cols, MISSING) for v in releases}
         for r in members:
-            out[name][r["transformers"]][r["model"]] = r["status"]
+            out[name][r.transformers][r.model] = r.status
     return out
 
 
@@ -350,27 +312,27 @@ def _fmt(x, spec: str) -> str:
 
 # the detail table: (header, how a row shows in it); one list, so headers and cells cannot drift apart
 DETAIL_COLUMNS = (
-    ("transformers", lambda r: r["transformers"]),
-    ("torch", lambda r: r["torch"]),
-    ("device", lambda r: r["device"]),
-    ("dtype", lambda r: r["dtype"]),
-    ("attn", lambda r: r["attn"]),
-    ("model", lambda r: r["model"]),
-    ("status", lambda r: r["status"]),
-    ('" Paris" logit', lambda r: _fmt(r["paris_logit"], ".4f")),
-    ("rank", lambda r: _fmt(r["rank"], "d")),
-    ("top-1", lambda r: repr(r["top1"]) if r["top1"] else "-"),
-    ("max abs diff top-10 vs ref", lambda r: _fmt(r["top10_max_diff"], ".2e")),
-    ("bit-identical", lambda r: _fmt(r["bit_identical"], "")),
-    ("decode steps vs ref", lambda r: r["decode_steps"] or "-"),
-    ("max abs diff vs fp64 ref", lambda r: _fmt(r["fp64_ref_diff"], ".2e")),
-    ("greedy completion", lambda r: repr(r["greedy"]) if r["greedy"] else "-"),
-    ("overrides", lambda r: ", ".join(r.get("overrides") or []) or "-"),
-    ("note", lambda r: _cell_text(r["why"][:160])),
+    ("transformers", lambda r: r.transformers),
+    ("torch", lambda r: r.torch),
+    ("device", lambda r: r.device),
+    ("dtype", lambda r: r.dtype),
+    ("attn", lambda r: r.attn),
+    ("model", lambda r: r.model),
+    ("status", lambda r: r.status),
+    ('" Paris" logit', lambda r: _fmt(r.paris_logit, ".4f")),
+    ("rank", lambda r: _fmt(r.rank, "d")),
+    ("top-1", lambda r: repr(r.top1) if r.top1 else "-"),
+    ("max abs diff top-10 vs ref", lambda r: _fmt(r.top10_max_diff, ".2e")),
+    ("bit-identical", lambda r: _fmt(r.bit_identical, "")),
+    ("decode steps vs ref", lambda r: r.decode_steps or "-"),
+    ("max abs diff vs fp64 ref", lambda r: _fmt(r.fp64_ref_diff, ".2e")),
+    ("greedy completion", lambda r: repr(r.greedy) if r.greedy else "-"),
+    ("overrides", lambda r: ", ".join(r.overrides) or "-"),
+    ("note", lambda r: _cell_text(r.why[:160])),
 )
 
 
-def markdown_table(table: list[dict]) -> str:
+def markdown_table(table: list[Row]) -> str:
     body = [[show(r) for _, show in DETAIL_COLUMNS] for r in table]
     return tabulate(body, headers=[h for h, _ in DETAIL_COLUMNS], tablefmt="github")
 
@@ -392,15 +354,15 @@ def markdown_grid(cells: dict[str, dict[str, str]], new: set[str], overrides: di
     return tabulate(body, headers=["transformers", *cols], tablefmt="github")
 
 
-def changes(table: list[dict], previous: dict[str, str]) -> list[str]:
+def changes(table: list[Row], previous: dict[str, str]) -> list[str]:
     """Cells whose verdict moved since the last written report: newly broken first."""
     broken, fixed, other = [], [], []
     for r in table:
-        old = previous.get(r["cell"])
-        if old is None or old == r["status"]:
+        old = previous.get(r.cell)
+        if old is None or old == r.status:
             continue
-        line = f"- `{r['cell']}`: {old} -> **{r['status']}** {r['why']}"
-        (broken if r["status"] in BAD else fixed if old in BAD else other).append(line)
+        line = f"- `{r.cell}`: {old} -> **{r.status}** {r.why}"
+        (broken if r.status in BAD else fixed if old in BAD else other).append(line)
     out = []
     if broken:
         out += ["### Newly broken", *broken]
@@ -415,7 +377,7 @@ def changes(table: list[dict], previous: dict[str, str]) -> list[str]:
 class Report:
     """Everything the report says; matrix.md and summary.json are two renderings of it."""
 
-    table: list[dict]
+    table: list[Row]
     problems: list[str]
     grid: dict[str, dict[str, dict[str, str]]]
     new_releases: list[str]
@@ -426,7 +388,7 @@ class Report:
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for r in self.table:
-            out[r["status"]] = out.get(r["status"], 0) + 1
+            out[r.status] = out.get(r.status, 0) + 1
         return dict(sorted(out.items()))
 
     @property
@@ -436,13 +398,13 @@ class Report:
 
     def problem_lines(self) -> list[str]:
         """Refused files, then ambiguous cells (duplicate, never finished)."""
-        return [*self.problems, *(f"{r['cell']}: {r['why']}" for r in self.table if r["ambiguous"])]
+        return [*self.problems, *(f"{r.cell}: {r.why}" for r in self.table if r.ambiguous)]
 
 
 def build(loaded: Loaded, previous: dict | None) -> Report:
     """The report of what was loaded, against the previous summary (for new releases and moved verdicts)."""
     table = rows(loaded.records, loaded.sources)
-    releases = sorted({r["transformers"] for r in table}, key=version_key)
+    releases = sorted({r.transformers for r in table}, key=version_key)
     new = [v for v in releases if v not in set(previous["releases"])] if previous is not None else []
     return Report(
         table=table,
@@ -496,11 +458,11 @@ def summary_json(rep: Report, date: str, machine: str) -> dict:
             "reference": list(REFERENCE),
             "counts": rep.counts,
             "problems": rep.problem_lines(),
-            "releases": sorted({r["transformers"] for r in rep.table}, key=version_key),
+            "releases": sorted({r.transformers for r in rep.table}, key=version_key),
             "new_releases": rep.new_releases,
             "grid": rep.grid,
-            "verdicts": {r["cell"]: r["status"] for r in rep.table},
-            "rows": rep.table,
+            "verdicts": {r.cell: r.status for r in rep.table},
+            "rows": [r.to_dict() for r in rep.table],
         }
     )
 
@@ -524,9 +486,9 @@ def matrix_markdown(rep: Report, *, title: str, date: str, machine: str, grid_pn
             lines += [f"### {name}", ""]
         overridden: dict[str, str] = {}
         for r in rep.table:
-            if r.get("overrides") and _group_name(r) == name:
-                seen = overridden.get(r["transformers"], "").split("; ") if r["transformers"] in overridden else []
-                overridden[r["transformers"]] = "; ".join(dict.fromkeys([*seen, ", ".join(r["overrides"])]))
+            if r.overrides and _group_name(r) == name:
+                seen = overridden.get(r.transformers, "").split("; ") if r.transformers in overridden else []
+                overridden[r.transformers] = "; ".join(dict.fromkeys([*seen, ", ".join(r.overrides)]))
         lines += [markdown_grid(cells, set(rep.new_releases), overridden), ""]
     if grid_png:
         lines += ["![release x variant grid](matrix_grid.png)", ""]

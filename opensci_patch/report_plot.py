@@ -36,9 +36,9 @@ def version_key(v: str) -> tuple:
         return (1, Version("0"), v)
 
 
-def variants(table: list[dict]) -> list[str]:
+def variants(table: list) -> list[str]:
     """The grid's columns: every variant of `matrix.VARIANTS`, then any other variant a record names."""
-    extra = sorted({r["model"] for r in table} - set(VARIANTS))
+    extra = sorted({r.model for r in table} - set(VARIANTS))
     return [*VARIANTS, *extra]
 
 
@@ -60,30 +60,30 @@ def _png(fig, plt) -> bytes:
     return buf.getvalue()
 
 
-def paris_series(table: list[dict]) -> list[tuple[str, str, list[tuple[int, float]]]]:
+def paris_series(table: list) -> list[tuple[str, str, list[tuple[int, float]]]]:
     """(variant, marker, [(release index, " Paris" logit)]) for every variant, CPU cells only."""
-    versions = sorted({r["transformers"] for r in table}, key=version_key)
+    versions = sorted({r.transformers for r in table}, key=version_key)
     marker_cycle = "v<>pP*hH"  # for variants a record names but `VARIANTS` does not declare
     return [
         (
             model,
             VARIANTS[model].marker if model in VARIANTS else marker_cycle[i % len(marker_cycle)],
             [
-                (versions.index(r["transformers"]), r["paris_logit"])
+                (versions.index(r.transformers), r.paris_logit)
                 for r in table
-                if r["model"] == model and r["paris_logit"] is not None and r["device"] == "cpu"
+                if r.model == model and r.paris_logit is not None and r.device == "cpu"
             ],
         )
         for i, model in enumerate(variants(table))
     ]
 
 
-def plot(table: list[dict], path: Path) -> bool:
+def plot(table: list, path: Path) -> bool:
     """The " Paris" logit per release and variant (CPU cells). False when matplotlib is missing."""
     plt = _pyplot()
     if plt is None:
         return False
-    versions = sorted({r["transformers"] for r in table}, key=version_key)
+    versions = sorted({r.transformers for r in table}, key=version_key)
     fig, ax = plt.subplots(figsize=(max(8, 0.35 * len(versions)), 4))
     for model, marker, pts in paris_series(table):
         if pts:

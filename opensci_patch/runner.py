@@ -130,14 +130,14 @@ class _Progress:
 
     def cell_done(self, cell: Cell, record: rec_io.Record) -> None:
         t = record.target
-        got = f"ran: ' Paris' logit {t['logit']:.4f} rank {t['rank']}" if t else record.status
+        got = f"ran: ' Paris' logit {t.logit:.4f} rank {t.rank}" if t else record.status
         if t and record.status != "ok":
             got += f" ({record.status})"
         with self.lock:
             self.done += 1
             self.log(
                 f"[{self.done}/{self.total}] {cell.id}: {got} "
-                f"(expected {(record.expected or {}).get('outcome')}, {record.cell_wall_s}s)"
+                f"(expected {record.expected and record.expected.outcome}, {record.cell_wall_s}s)"
             )
 
 
@@ -170,7 +170,7 @@ class _Run:
 
     def write(self, cell: Cell, record: rec_io.Record, wall_s: float | None = None) -> None:
         if wall_s is not None:
-            finish(record, cell, asdict(expectation(cell)), wall_s)
+            finish(record, cell, expectation(cell), wall_s)
         rec_io.write_atomic(self.records / f"{cell.id}.json", record)
         self.progress.cell_done(cell, record)
 
@@ -367,7 +367,7 @@ def could_not_run(cells: list[Cell], records: Path) -> list[str]:
         except rec_io.RecordError as exc:
             out.append(f"{cell.id}: {exc}")
             continue
-        if record.status in (*rec_io.RUN_ERRORS, rec_io.RUNNING):
-            err = record.error or {}
-            out.append(f"{cell.id}: {record.status}: {err.get('type', '')}: {err.get('message', '')}")
+        if record.status.no_evidence:
+            err = record.error or rec_io.ErrorInfo("", "", "")
+            out.append(f"{cell.id}: {record.status}: {err.type}: {err.message}")
     return out

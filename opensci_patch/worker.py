@@ -98,10 +98,10 @@ def step_from_json(data: dict) -> Step:
     raise ValueError(f"unknown step kind {data['kind']!r}")
 
 
-def finish(record: rec_io.Record, cell: Cell, expected: dict, wall_s: float) -> rec_io.Record:
+def finish(record: rec_io.Record, cell: Cell, expected: Expectation, wall_s: float) -> rec_io.Record:
     """The matrix-only fields of a cell record (the same in every path that writes one)."""
-    record.cell = asdict(cell) | {"id": cell.id, "device": cell.device}
-    record.expected = expected
+    record.cell = rec_io.CellInfo.of(cell)
+    record.expected = rec_io.Expected.of(expected)
     record.cell_wall_s = round(wall_s, 1)
     return record
 
@@ -186,7 +186,7 @@ def run_steps(steps: list[Step], emit: Callable[[StepResult], None], *, crash_af
         start = time.monotonic()
         if isinstance(step, CaptureStep):
             rc, err, record = _run_capture(step)
-            finish(record, step.cell, asdict(step.expected), time.monotonic() - start)
+            finish(record, step.cell, step.expected, time.monotonic() - start)
             rec_io.write_atomic(step.final, record)
             captures += 1
         else:

@@ -19,13 +19,12 @@ RELEASES = ["4.55.0", "4.56.0", "4.57.6", "5.0.0", "5.1.0", "5.2.0", "5.3.0"]
 
 def measured(gap: float, dtype: str = "float32", version: str = "5.2.0") -> Record:
     """A finished capture whose logits are `gap` away from the fp64 reference."""
-    kv = {"ok": True, "tolerance": 1e-4, "max_abs_diff": 0.0, "first_bad_step": None, "detail": ""}
     return Record(
         settings={"dtype": dtype},
         environment={"transformers": version},
         logits_sha256="a" * 64,
-        generation={"ids": [1], "text": "x", "step_logits_sha256": ["a" * 64], "kv_check": kv},
-        reference={"dtype": "float64", "max_abs_diff": gap},
+        generation=records.Generation((1,), "x", ("a" * 64,), records.KVCheck(True, 1e-4, 0.0, None, "")),
+        reference=records.Fp64Reference("float64", gap, 0.0),
     )
 
 

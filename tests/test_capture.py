@@ -44,20 +44,20 @@ def run(model: Path, **options):
 
 def test_patched_model_decodes_with_its_cache_as_without(patched):
     rec = run(patched, max_new_tokens=6)
-    kv = rec.generation["kv_check"]
+    kv = rec.generation.kv_check
     assert rec.status == "ok", rec.error
-    assert kv["ok"] and kv["first_bad_step"] is None and kv["max_abs_diff"] <= kv["tolerance"]
+    assert kv.ok and kv.first_bad_step is None and kv.max_abs_diff <= kv.tolerance
     # one sha per decode step, the prompt's forward included
-    assert len(rec.generation["step_logits_sha256"]) == len(rec.generation["ids"]) == 6
+    assert len(rec.generation.step_logits_sha256) == len(rec.generation.ids) == 6
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_forward_that_drops_its_cache_is_a_generate_mismatch_at_step_1(tmp_path, dtype):
     rec = run(cache_dropping_copy(tmp_path / "m"), dtype=dtype, max_new_tokens=5)
     assert rec.status == "generate-mismatch"
-    assert rec.generation["kv_check"]["first_bad_step"] == 1
-    assert rec.generation["kv_check"]["max_abs_diff"] > 1.0
-    assert "decode step 1" in rec.error["message"]
+    assert rec.generation.kv_check.first_bad_step == 1
+    assert rec.generation.kv_check.max_abs_diff > 1.0
+    assert "decode step 1" in rec.error.message
 
 
 def test_nan_in_a_weight_is_not_ok(tmp_path, patched):
@@ -71,7 +71,7 @@ def test_nan_in_a_weight_is_not_ok(tmp_path, patched):
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(dst / "model.safetensors"))
     rec = run(dst, max_new_tokens=2)
     assert rec.status == "nonfinite-logits"
-    assert torch.isnan(torch.tensor(rec.target["logit"]))
+    assert torch.isnan(torch.tensor(rec.target.logit))
 
 
 def test_reference_uses_the_config_class_default_for_a_key_config_json_lacks(tmp_path, patched):
@@ -82,7 +82,7 @@ def test_reference_uses_the_config_class_default_for_a_key_config_json_lacks(tmp
     (dst / "config.json").write_text(json.dumps(config))
     rec = run(dst, max_new_tokens=1)
     assert rec.status == "ok"
-    assert rec.reference["max_abs_diff"] < 1e-4
+    assert rec.reference.max_abs_diff < 1e-4
 
 
 def test_a_prompt_past_the_models_positions_is_warned_about(tmp_path, patched):
@@ -172,3 +172,14 @@ def test_capture_of_code_importing_a_module_the_release_lacks_records_one_line(m
     assert record["error"]["type"] == "MissingLibraryModule"
     assert record["error"]["message"].startswith("the model needs transformers.models.no_such_model_19, which ")
     assert proc.stderr.strip().splitlines()[-1].endswith("(it first appears in a later release)")
+
+
+def test_a_fresh_capture_record_round_trips_through_its_json(tmp_path, patched):
+    """What capture builds (typed parts) is what load reads back from the file it writes, field for field."""
+    from opensci_patch import records
+
+    rec = run(patched, max_new_tokens=2)
+    path = records.write_atomic(tmp_path / "r.json", rec)
+    back = records.load(path)
+    assert back == rec and back.to_json() == path.read_text() == rec.to_json()
+    assert back.to_dict() == json.loads(path.read_text())

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 from conftest import FIXTURE_DIR
 
-from opensci_patch import demo
+from opensci_patch import demo, records
 from opensci_patch.records import load
 
 
@@ -18,10 +19,10 @@ def reference():
 
 def test_the_shipped_reference_is_a_passing_448_record(reference):
     assert reference.environment["transformers"] == "4.48.0"
-    assert reference.status == "ok" and reference.generation["kv_check"]["ok"]
+    assert reference.status == "ok" and reference.generation.kv_check.ok
     assert reference.settings["dtype"] == "float32" and reference.settings["attn"] == "eager"
-    assert reference.target["token"] == " Paris" and reference.target["rank"] == 1
-    assert reference.reference["max_abs_diff"] < 1e-4  # the independent fp64 forward agrees
+    assert reference.target.token == " Paris" and reference.target.rank == 1
+    assert reference.reference.max_abs_diff < 1e-4  # the independent fp64 forward agrees
 
 
 def test_identical_capture_matches_bit_for_bit(reference):
@@ -32,7 +33,7 @@ def test_identical_capture_matches_bit_for_bit(reference):
 def test_rounding_within_tolerance_matches_but_says_not_bit_identical(reference):
     other = copy.deepcopy(reference)
     other.logits_sha256 = "0" * 64
-    other.topk[0]["logit"] += 2e-5
+    other.topk = (replace(other.topk[0], logit=other.topk[0].logit + 2e-5), *other.topk[1:])
     match, line = demo.compare(other, reference)
     assert match and "not bit-identical" in line
 
@@ -44,14 +45,18 @@ def test_rounding_within_tolerance_matches_but_says_not_bit_identical(reference)
 def test_what_counts_as_a_mismatch(reference, damage):
     other = copy.deepcopy(reference)
     if damage == "token":
-        other.generation["ids"][1] += 1  # wrong from the second token on: the 5.24 failure
+        ids = list(other.generation.ids)
+        ids[1] += 1  # wrong from the second token on: the 5.24 failure
+        other.generation = replace(other.generation, ids=tuple(ids))
     elif damage == "logit":
-        other.topk[3]["logit"] += 1e-2
+        top = list(other.topk)
+        top[3] = replace(top[3], logit=top[3].logit + 1e-2)
+        other.topk = tuple(top)
     elif damage == "order":
-        other.topk[0], other.topk[1] = other.topk[1], other.topk[0]
+        other.topk = (other.topk[1], other.topk[0], *other.topk[2:])
     else:
-        other.status = "generate-mismatch"
-        other.error = {"type": "KVCacheMismatch", "message": "decode step 1: ...", "traceback_tail": ""}
+        other.status = records.Status.GENERATE_MISMATCH
+        other.error = records.ErrorInfo("KVCacheMismatch", "decode step 1: ...", "")
     match, line = demo.compare(other, reference)
     assert not match and line.startswith("MISMATCH")
 
@@ -85,8 +90,8 @@ def test_the_shipped_reference_is_what_448_gives_today(tmp_path, reference):
     hotfix(FIXTURE_DIR, fixed, log=lambda *a: None)
     _, fresh = capture("4.48.0", fixed, tmp_path / "r.json")
     assert fresh["logits_sha256"] == reference.logits_sha256
-    assert fresh["generation"]["ids"] == reference.generation["ids"]
-    assert fresh["generation"]["step_logits_sha256"] == reference.generation["step_logits_sha256"]
+    assert tuple(fresh["generation"]["ids"]) == reference.generation.ids
+    assert tuple(fresh["generation"]["step_logits_sha256"]) == reference.generation.step_logits_sha256
 
 
 def test_the_demo_says_when_the_index_has_a_newer_release_and_what_to_run():

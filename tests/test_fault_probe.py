@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -159,7 +160,7 @@ def test_a_checkpoint_whose_tensors_do_not_match_its_config_is_never_ok(cli, mod
     proc = cli("capture", str(fixed), "--reference", reference, "--max-new-tokens", "1", "--out", str(out))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     record = records.load(out)
-    assert record.status == "weights-mismatch" and words in record.error["message"]
+    assert record.status == "weights-mismatch" and words in record.error.message
 
 
 # --- (4) silently wrong: report trusted logits_sha256 over the values it shows; no reference cell ---------------
@@ -168,24 +169,25 @@ def test_a_checkpoint_whose_tensors_do_not_match_its_config_is_never_ok(cli, mod
 def _report_verdicts(recs) -> dict:
     from opensci_patch import report
 
-    return {r["cell"]: (r["status"], r["why"], r["bit_identical"]) for r in report.rows(recs)}
+    return {r.cell: (r.status, r.why, r.bit_identical) for r in report.rows(recs)}
 
 
 @pytest.mark.parametrize("edit", ["target", "topk", "greedy", "fp64"])
 def test_a_record_whose_shown_values_differ_from_the_reference_never_passes_on_its_hash(edit: str):
     import test_report as tr
 
+    from opensci_patch import records
+
     ref, rec = tr.ok(tr.REF_VERSION), tr.ok("5.2.0")  # the same logits_sha256
-    ref.reference = {"dtype": "float64", "max_abs_diff": 3.4e-6, "target_logit": 14.5}
-    rec.reference = dict(ref.reference)
+    ref.reference = rec.reference = records.Fp64Reference("float64", 3.4e-6, 14.5)
     if edit == "target":
-        rec.target = {**rec.target, "logit": 99.0}
+        rec.target = replace(rec.target, logit=99.0)
     elif edit == "topk":
-        rec.topk = [{**t, "logit": t["logit"] + 5.0} for t in rec.topk]
+        rec.topk = tuple(replace(t, logit=t.logit + 5.0) for t in rec.topk)
     elif edit == "greedy":
-        rec.generation["text"] = " Berlin."
+        rec.generation = replace(rec.generation, text=" Berlin.")
     else:
-        rec.reference["max_abs_diff"] = 1e-12
+        rec.reference = replace(rec.reference, max_abs_diff=1e-12)
     status, why, bit_identical = _report_verdicts([ref, rec])[tr.vid("5.2.0")]
     assert status == "FAIL" and "contradicts itself" in why and bit_identical is False
     assert _report_verdicts([ref, tr.ok("5.2.0")])[tr.vid("5.2.0")][0] == "pass"  # unedited: still a pass
@@ -481,7 +483,7 @@ def test_a_shape_mismatch_names_the_tensors_instead_of_an_unshown_report(cli, mo
     assert proc.returncode == 1 and "above report" not in proc.stderr
     record = records.load(out)
     assert record.status == "weights-mismatch"
-    assert "(256, 96) in the checkpoint, (128, 96) in the model" in record.error["message"]
+    assert "(256, 96) in the checkpoint, (128, 96) in the model" in record.error.message
 
 
 def test_a_missing_tokenizer_json_is_blamed_on_the_tokenizer_not_on_target(cli, model_dir: Path):

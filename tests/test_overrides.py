@@ -165,18 +165,16 @@ def test_cell_refuses_an_unreadable_overrides_file_with_exit_2(cli, tmp_path):
 
 
 def _record(version: str, model: str, ov: list[str]) -> records.Record:
-    cell = {"transformers": version, "torch": "cpu", "model": model, "dtype": "float32", "attn": "eager",
-            "id": f"tf{version}-cpu-{model}-float32-eager", "device": "cpu"}  # fmt: skip
-    kv = {"ok": True, "tolerance": 1e-3, "max_abs_diff": 0.0, "first_bad_step": None, "detail": ""}
-    gen = {"ids": [1], "text": "x", "step_logits_sha256": ["a"], "kv_check": kv}
+    cell = records.CellInfo(version, "cpu", model, "float32", "eager", f"tf{version}-cpu-{model}-float32-eager", "cpu")
+    gen = records.Generation((1,), "x", ("a",), records.KVCheck(True, 1e-3, 0.0, None, ""))
     return records.Record(
         environment={"transformers": version, "overrides": ov},
-        status="ok",
+        status=records.Status.OK,
         logits_sha256="s",
         generation=gen,
         cell=cell,
-        expected={"outcome": "pass", "reason": ""},
-        topk=[{"token": " Paris", "logit": 1.0, "id": 1}],
+        expected=records.Expected("pass", ""),
+        topk=(records.TopToken(1, " Paris", 1.0),),
     )
 
 
@@ -193,8 +191,8 @@ def test_records_refuse_overrides_that_are_not_a_list_of_strings(tmp_path):
 
 def test_the_report_shows_the_overrides_next_to_the_cell():
     rows = report.rows([_record("4.48.0", "patched", []), _record("5.25.0", "patched", ["kernels>=0.17"])])
-    by_release = {r["transformers"]: r for r in rows}
-    assert by_release["5.25.0"]["overrides"] == ["kernels>=0.17"] and by_release["4.48.0"]["overrides"] == []
+    by_release = {r.transformers: r for r in rows}
+    assert by_release["5.25.0"].overrides == ("kernels>=0.17",) and by_release["4.48.0"].overrides == ()
     table = report.markdown_table(rows)
     line = next(line for line in table.splitlines() if line.startswith("| 5.25.0"))
     assert "kernels>=0.17" in line

@@ -14,7 +14,7 @@ import pytest
 from opensci_patch import records
 from opensci_patch.errors import DestinationError, OpensciPatchError
 from opensci_patch.matrix import Cell
-from opensci_patch.records import Record, RecordError
+from opensci_patch.records import Generation, KVCheck, Record, RecordError, Target, TopToken
 
 
 def ok_record(**over) -> Record:
@@ -23,15 +23,10 @@ def ok_record(**over) -> Record:
         environment={"transformers": "5.2.0", "torch": "2.13.0+cpu"},
         model={"patched": True},
         input_ids=[1, 2, 3],
-        target={"token": " Paris", "id": 5, "logit": 14.5, "rank": 1},
-        topk=[{"id": 5, "token": " Paris", "logit": 14.5}],
+        target=Target(" Paris", 5, 14.5, 1),
+        topk=(TopToken(5, " Paris", 14.5),),
         logits_sha256="a" * 64,
-        generation={
-            "ids": [5, 6],
-            "text": " Paris.",
-            "step_logits_sha256": ["a" * 64, "b" * 64],
-            "kv_check": {"ok": True, "tolerance": 1e-4, "max_abs_diff": 0.0, "first_bad_step": None, "detail": ""},
-        },
+        generation=Generation((5, 6), " Paris.", ("a" * 64, "b" * 64), KVCheck(True, 1e-4, 0.0, None, "")),
     )
     for k, v in over.items():
         setattr(rec, k, v)
@@ -45,7 +40,7 @@ def write(path: Path, data) -> Path:
 
 def test_round_trip_keeps_every_field(tmp_path: Path):
     cell = Cell("5.2.0")
-    rec = ok_record(cell=records._cell_dict(cell), expected={"outcome": "pass", "reason": ""}, cell_wall_s=4.2)
+    rec = ok_record(cell=records.CellInfo.of(cell), expected=records.Expected("pass", ""), cell_wall_s=4.2)
     path = records.write_atomic(tmp_path / "r.json", rec)
     back = records.load(path)
     assert back == rec
@@ -61,8 +56,8 @@ def test_capture_record_leaves_out_the_matrix_fields_and_loads():
 def test_error_record_has_the_shape_of_a_capture_record_and_loads(tmp_path: Path):
     cell = Cell("5.0.0", model="original")
     rec = records.error_record(cell, "env-error", "EnvironmentSetupError", "uv failed\nmore detail", "log tail")
-    assert rec.error == {"type": "EnvironmentSetupError", "message": "uv failed", "traceback_tail": "log tail"}
-    assert rec.cell["id"] == cell.id and rec.cell["device"] == "cpu"
+    assert rec.error == records.ErrorInfo("EnvironmentSetupError", "uv failed", "log tail")
+    assert rec.cell.id == cell.id and rec.cell.device == "cpu"
     assert rec.model == {"patched": False}
     assert set(json.loads(rec.to_json())) <= {f for f in Record.__dataclass_fields__}
     assert records.load(records.write_atomic(tmp_path / "e.json", rec)) == rec
@@ -71,10 +66,10 @@ def test_error_record_has_the_shape_of_a_capture_record_and_loads(tmp_path: Path
 
 
 def test_running_placeholder_is_a_loadable_record_that_says_never_finished(tmp_path: Path):
-    rec = records.running_record(Cell("5.2.0"), expected={"outcome": "pass", "reason": ""})
+    rec = records.running_record(Cell("5.2.0"), expected=records.Expected("pass", ""))
     back = records.load(records.write_atomic(tmp_path / "p.json", rec))
     assert back.status == records.RUNNING
-    assert "never finished" in back.error["message"]
+    assert "never finished" in back.error.message
 
 
 def test_write_atomic_replaces_whole_file_and_leaves_no_temp(tmp_path: Path):
@@ -186,3 +181,50 @@ def test_records_module_imports_only_the_standard_library():
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=Path(records.__file__).parents[1]
     )
     assert proc.stdout.strip() == "[]", proc.stderr
+
+
+def test_the_shipped_record_reads_and_writes_back_byte_for_byte():
+    """The typed parts change nothing on disk: load -> to_json is the file, load -> to_dict is its JSON."""
+    from opensci_patch.defaults import DATA_DIR
+
+    path = DATA_DIR / "opensci-tiny.reference.json"
+    rec = records.load(path)
+    assert rec.to_json() == path.read_text(encoding="utf-8")
+    assert rec.to_dict() == json.loads(path.read_text(encoding="utf-8"))
+    assert isinstance(rec.status, records.Status) and isinstance(rec.generation.kv_check, records.KVCheck)
+    assert all(isinstance(t, records.TopToken) for t in rec.topk) and isinstance(rec.reference, records.Fp64Reference)
+
+
+def test_statuses_are_the_strings_on_disk_and_say_which_are_no_evidence():
+    assert [str(s) for s in records.STATUSES] == [s.value for s in records.Status]
+    assert json.loads(json.dumps({"s": records.Status.GENERATE_MISMATCH})) == {"s": "generate-mismatch"}
+    assert {s for s in records.Status if s.no_evidence} == {*records.RUN_ERRORS, records.RUNNING}
+    assert not any(s.no_evidence for s in (records.OK, *records.MODEL_FAILURES))
+
+
+def test_record_parts_are_frozen():
+    import dataclasses
+
+    rec = ok_record()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rec.target.logit = 0.0  # type: ignore[misc]
+    assert isinstance(rec.generation.ids, tuple)
+
+
+@pytest.mark.parametrize(
+    ("part", "edit"),
+    [
+        ("target", lambda d: d["target"].pop("rank")),
+        ("topk", lambda d: d["topk"][0].update(surprise=1)),
+        ("reference", lambda d: d.update(reference={"dtype": "float64"})),
+        ("error", lambda d: d.update(status="load-error", error={"message": "m"})),
+    ],
+)
+def test_load_refuses_a_part_with_missing_or_unknown_keys_in_one_line(tmp_path: Path, part, edit):
+    """Schema 2 records were accepted with a target lacking "rank" (the report then raised a KeyError)."""
+    data = json.loads(ok_record(reference=records.Fp64Reference("float64", 1e-6, 14.5)).to_json())
+    edit(data)
+    path = write(tmp_path / "r.json", data)
+    with pytest.raises(RecordError) as info:
+        records.load(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)

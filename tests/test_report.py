@@ -7,6 +7,7 @@ import random
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,18 +15,16 @@ import pytest
 from opensci_patch import records, report, report_plot
 from opensci_patch.errors import DestinationError, OpensciPatchError
 from opensci_patch.matrix import REFERENCE, VARIANTS, Cell, Variant
-from opensci_patch.records import Record
+from opensci_patch.records import CellInfo, Expected, Generation, KVCheck, Record, Target, TopToken
 
-PASS = {"outcome": "pass", "reason": ""}
-XFAIL = {"outcome": "xfail", "reason": "declared to fail for a test"}
+PASS = Expected("pass", "")
+XFAIL = Expected("xfail", "declared to fail for a test")
 REF_VERSION, REF_MODEL = REFERENCE
 STEPS = ["s0" * 32, "s1" * 32, "s2" * 32, "s3" * 32]
 
 
-def cell_of(version: str, model: str = REF_MODEL, attn: str = "eager", torch: str = "cpu") -> dict:
-    c = Cell(version, torch, model, "float32", attn)
-    return {"transformers": version, "torch": torch, "model": model, "dtype": "float32", "attn": attn,
-            "id": c.id, "device": c.device}  # fmt: skip
+def cell_of(version: str, model: str = REF_MODEL, attn: str = "eager", torch: str = "cpu") -> CellInfo:
+    return CellInfo.of(Cell(version, torch, model, "float32", attn))
 
 
 def ok(version: str, model: str = REF_MODEL, *, expected=PASS, sha="a" * 64, steps=STEPS, ids=(5, 6, 7), **cell):
@@ -34,15 +33,10 @@ def ok(version: str, model: str = REF_MODEL, *, expected=PASS, sha="a" * 64, ste
         settings={"dtype": "float32", "attn": cell.get("attn", "eager"), "device": "cpu"},
         environment={"transformers": version, "torch": "2.13.0+cpu"},
         model={"patched": model != "original"},
-        target={"token": " Paris", "id": 5, "logit": 14.5, "rank": 1},
-        topk=[{"id": 5, "token": " Paris", "logit": 14.5}],
+        target=Target(" Paris", 5, 14.5, 1),
+        topk=(TopToken(5, " Paris", 14.5),),
         logits_sha256=sha,
-        generation={
-            "ids": list(ids),
-            "text": " Paris.",
-            "step_logits_sha256": list(steps),
-            "kv_check": {"ok": True, "tolerance": 1e-4, "max_abs_diff": 0.0, "first_bad_step": None, "detail": ""},
-        },
+        generation=Generation(tuple(ids), " Paris.", tuple(steps), KVCheck(True, 1e-4, 0.0, None, "")),
         cell=cell_of(version, model, **cell),
         expected=expected,
     )
@@ -56,19 +50,18 @@ def failed(version: str, model: str = REF_MODEL, status: str = "load-error", *, 
 
 def mismatch(version: str, model: str = REF_MODEL, *, expected=PASS) -> Record:
     rec = ok(version, model, expected=expected)
-    rec.status = "generate-mismatch"
+    rec.status = records.Status.GENERATE_MISMATCH
     detail = "step 1: cached logits differ by 3.2 from the no-cache recomputation"
-    kv = {"ok": False, "tolerance": 1e-4, "max_abs_diff": 3.2, "first_bad_step": 1, "detail": detail}
-    rec.generation["kv_check"] = kv
+    rec.generation = replace(rec.generation, kv_check=KVCheck(False, 1e-4, 3.2, 1, detail))
     return rec
 
 
 def verdicts(recs: list[Record]) -> dict[str, tuple[str, str]]:
-    return {r["cell"]: (r["status"], r["why"]) for r in report.rows(recs)}
+    return {r.cell: (r.status, r.why) for r in report.rows(recs)}
 
 
 def vid(version: str, model: str = REF_MODEL) -> str:
-    return cell_of(version, model)["id"]
+    return cell_of(version, model).id
 
 
 def write_records(d: Path, recs: list[Record], names: list[str] | None = None) -> Path:
@@ -100,8 +93,8 @@ def test_same_first_logits_but_a_different_decode_step_fails_naming_the_step():
     steps = [*STEPS[:3], "ff" * 32]
     got = verdicts([ok(REF_VERSION), ok("5.24.0", steps=steps)])
     assert got[vid("5.24.0")] == ("FAIL", "decode step 3 logits differ from the reference cell")
-    row = next(r for r in report.rows([ok(REF_VERSION), ok("5.24.0", steps=steps)]) if r["transformers"] == "5.24.0")
-    assert row["bit_identical"] is True and row["decode_steps"].startswith("decode step 3")
+    row = next(r for r in report.rows([ok(REF_VERSION), ok("5.24.0", steps=steps)]) if r.transformers == "5.24.0")
+    assert row.bit_identical is True and row.decode_steps.startswith("decode step 3")
 
 
 def test_step_0_alone_differing_is_not_a_failure_but_step_1_is():
@@ -130,7 +123,7 @@ def test_generate_mismatch_is_fail_with_its_detail_or_expected_fail_when_declare
     got = verdicts([ok(REF_VERSION), mismatch("5.24.0"), mismatch("5.23.0", expected=XFAIL)])
     status, why = got[vid("5.24.0")]
     assert status == "FAIL" and why.startswith("generate-mismatch: step 1: cached logits differ")
-    assert got[vid("5.23.0")] == ("expected-fail", XFAIL["reason"])
+    assert got[vid("5.23.0")] == ("expected-fail", XFAIL.reason)
 
 
 def test_nonfinite_logits_and_model_errors_fail_when_expected_to_pass():
@@ -144,8 +137,8 @@ def test_declared_expectation_in_the_record_decides_between_expected_fail_fail_p
     """The report judges against what the cell declared when it ran, not against a table of its own."""
     same = [ok(REF_VERSION), ok("5.2.0", expected=XFAIL), failed("5.23.0", expected=XFAIL)]
     got = verdicts(same)
-    assert got[vid("5.2.0")][0] == "XPASS" and XFAIL["reason"] in got[vid("5.2.0")][1]
-    assert got[vid("5.23.0")] == ("expected-fail", XFAIL["reason"])
+    assert got[vid("5.2.0")][0] == "XPASS" and XFAIL.reason in got[vid("5.2.0")][1]
+    assert got[vid("5.23.0")] == ("expected-fail", XFAIL.reason)
     flipped = [ok(REF_VERSION), ok("5.2.0", expected=PASS), failed("5.23.0", expected=PASS)]
     assert [verdicts(flipped)[vid(v)][0] for v in ("5.2.0", "5.23.0")] == ["pass", "FAIL"]
 
@@ -164,13 +157,13 @@ def test_without_a_reference_cell_nothing_passes():
 def test_each_attention_and_device_is_compared_with_its_own_reference():
     recs = [ok(REF_VERSION, sha="e" * 64), ok(REF_VERSION, sha="f" * 64, attn="sdpa"),
             ok("5.2.0", sha="e" * 64), ok("5.2.0", sha="e" * 64, attn="sdpa")]  # fmt: skip
-    got = {(r["transformers"], r["attn"]): r["status"] for r in report.rows(recs)}
+    got = {(r.transformers, r.attn): r.status for r in report.rows(recs)}
     assert got[("5.2.0", "eager")] == "pass" and got[("5.2.0", "sdpa")] == "FAIL"
     gpu = ok(REF_VERSION, torch="cuda")
     gpu.environment["device_name"] = "NVIDIA H100 80GB HBM3"
     cpu = ok(REF_VERSION)
     cpu.environment["device_name"] = "x86_64"  # what capture records on a CPU
-    assert [r["device"] for r in report.rows([cpu, gpu])] == ["cpu", "cuda: NVIDIA H100 80GB HBM3"]
+    assert [r.device for r in report.rows([cpu, gpu])] == ["cpu", "cuda: NVIDIA H100 80GB HBM3"]
 
 
 # --- ambiguity --------------------------------------------------------------------------------------------------
@@ -185,7 +178,7 @@ def test_reference_choice_does_not_depend_on_file_names_or_order(tmp_path: Path)
         random.Random(i).shuffle(order)
         write_records(tmp_path / f"r{i}", [recs[j] for j in order], [names[j] for j in order])
         loaded = report.load_records(tmp_path / f"r{i}")
-        results.append([(r["cell"], r["status"]) for r in report.rows(loaded.records, loaded.sources)])
+        results.append([(r.cell, r.status) for r in report.rows(loaded.records, loaded.sources)])
     assert results[0] == results[1]
     got = dict(results[0])
     assert got[vid(REF_VERSION)] == "error"

@@ -53,8 +53,8 @@ def _load_all(records: Path, cells: list[Cell]) -> dict[str, rec_io.Record]:
 
 def _evidence(rec: rec_io.Record) -> tuple:
     """What must be identical between a shared-process and a one-process-per-cell capture."""
-    gen = rec.generation or {}
-    return rec.status, rec.logits_sha256, gen.get("step_logits_sha256"), gen.get("ids")
+    gen = rec.generation
+    return rec.status, rec.logits_sha256, gen and gen.step_logits_sha256, gen and gen.ids
 
 
 @pytest.mark.crossversion  # runs cells: 18 captures
@@ -115,8 +115,8 @@ def test_a_capture_with_bad_input_is_a_run_error_not_a_model_failure(tmp_path: P
     for i in range(2):
         rec = rec_io.load(tmp_path / f"final{i}.json")
         assert rec.status == "crash" and rec.status not in rec_io.MODEL_FAILURES
-        assert rec.error["type"] == "exit 2" and "no such directory" in rec.error["message"]
-        assert rec.cell_id == cell.id and rec.expected == {"outcome": "pass", "reason": ""}
+        assert rec.error.type == "exit 2" and "no such directory" in rec.error.message
+        assert rec.cell_id == cell.id and rec.expected == rec_io.Expected("pass", "")
 
 
 def test_the_worker_streams_one_result_line_per_step_and_refuses_bad_steps_with_one_line(tmp_path: Path):

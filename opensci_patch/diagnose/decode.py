@@ -136,7 +136,7 @@ def record_decode(lm: Any, tokenizer: Any, input_ids: Any, steps: int, out: Path
                 return_dict_in_generate=True,
             )
     except Exception as exc:  # noqa: BLE001 - the model code failing in generate is a finding
-        record |= {"status": "generate-error", "error": error_info(exc)}
+        record |= {"status": "generate-error", "error": error_info(exc).to_dict()}
         write_json(out / DECODE, record)
         return record
     finally:
@@ -160,7 +160,7 @@ def record_decode(lm: Any, tokenizer: Any, input_ids: Any, steps: int, out: Path
                 ]
             )
     except Exception as exc:  # noqa: BLE001
-        record |= {"status": "forward-error", "error": error_info(exc)}
+        record |= {"status": "forward-error", "error": error_info(exc).to_dict()}
         write_json(out / DECODE, record)
         return record
     torch.save(nocache, out / NOCACHE_LOGITS)

@@ -106,7 +106,7 @@ def _probe(
     try:
         lm = load_model(model_dir, dtype, attn, device)
     except Exception as exc:  # noqa: BLE001 - the model code failing to load is a finding
-        info["status"], info["error"] = "load-error", error_info(exc)
+        info["status"], info["error"] = "load-error", error_info(exc).to_dict()
         return info
     info["timings"]["load_s"] = round(time.perf_counter() - t0, 3)
     info["settings"]["attn_implementation"] = getattr(lm.config, "_attn_implementation", None)
@@ -124,7 +124,7 @@ def _probe(
         with torch.no_grad():
             lm(input_ids=input_ids.to(device), use_cache=False)
     except Exception as exc:  # noqa: BLE001
-        info["status"], info["error"] = "forward-error", error_info(exc)
+        info["status"], info["error"] = "forward-error", error_info(exc).to_dict()
     finally:
         for h in handles:
             h.remove()
@@ -180,7 +180,7 @@ def lm_head_info(lm: Any) -> dict:
     try:
         head, emb = lm.get_output_embeddings(), lm.get_input_embeddings()
     except Exception as exc:  # noqa: BLE001
-        return {"error": error_info(exc)["message"]}
+        return {"error": error_info(exc).message}
     if head is None or emb is None or not hasattr(head, "weight"):
         return {"present": False}
     head_weight, emb_weight = head.weight, emb.weight
