@@ -17,6 +17,11 @@ FIRST_RELEASE = {
     "transformers.models.qwen3": "4.51.0",
     "transformers.models.qwen3_moe": "4.51.0",
 }
+# module -> the first release without it (removed upstream; `hotfix` gives the names 4.4x-era files import from it
+# stand-ins: patch moved_helpers)
+REMOVED_IN = {
+    "transformers.modeling_attn_mask_utils": "5.24.0",
+}
 MODEL_TYPE = re.compile(r"model type `([A-Za-z0-9_]+)` but Transformers does not recognize")
 
 
@@ -49,6 +54,10 @@ def missing_module(exc: BaseException) -> str | None:
 
 
 def explain(module: str, release: str) -> str:
-    first = FIRST_RELEASE.get(module)
-    since = f"it first appears in transformers {first}" if first else "it first appears in a later release"
-    return f"the model needs {module}, which transformers {release} does not have ({since})"
+    if removed := REMOVED_IN.get(module):
+        why = f"removed in transformers {removed}; `opensci-patch hotfix` the checkpoint"
+    elif first := FIRST_RELEASE.get(module):
+        why = f"it first appears in transformers {first}"
+    else:
+        why = "added in a later release, or removed"
+    return f"the model needs {module}, which transformers {release} does not have ({why})"

@@ -157,7 +157,12 @@ def test_a_missing_library_module_is_named_with_the_release_it_first_appears_in(
         "the model needs transformers.models.qwen3, which transformers 4.48.0 does not have "
         "(it first appears in transformers 4.51.0)"
     )
-    assert explain("transformers.models.x", "5.24.0").endswith("(it first appears in a later release)")
+    assert explain("transformers.models.x", "5.24.0").endswith("(added in a later release, or removed)")
+    # a module upstream removed is not said to come later (5.24 dropped modeling_attn_mask_utils)
+    assert explain("transformers.modeling_attn_mask_utils", "5.24.0") == (
+        "the model needs transformers.modeling_attn_mask_utils, which transformers 5.24.0 does not have "
+        "(removed in transformers 5.24.0; `opensci-patch hotfix` the checkpoint)"
+    )
 
 
 def test_capture_of_code_importing_a_module_the_release_lacks_records_one_line(model_dir: Path, tmp_path: Path, cli):
@@ -171,7 +176,7 @@ def test_capture_of_code_importing_a_module_the_release_lacks_records_one_line(m
     assert record["status"] == "load-error"
     assert record["error"]["type"] == "MissingLibraryModule"
     assert record["error"]["message"].startswith("the model needs transformers.models.no_such_model_19, which ")
-    assert proc.stderr.strip().splitlines()[-1].endswith("(it first appears in a later release)")
+    assert proc.stderr.strip().splitlines()[-1].endswith("(added in a later release, or removed)")
 
 
 def test_a_fresh_capture_record_round_trips_through_its_json(tmp_path, patched):
