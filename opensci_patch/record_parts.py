@@ -58,6 +58,16 @@ class _Part:
             raise ValueError(f"{cls.__name__} needs {', '.join(names)}, got {got}")
         return cls(**data)
 
+    @classmethod
+    def of(cls, value: Any):
+        """The part itself, its JSON object, or an object with the same attribute names (duck-typed: records
+        cannot import matrix, whose `Cell` and `Expectation` are turned into parts here)."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            return cls.from_dict(value)
+        return cls(**{f.name: getattr(value, f.name) for f in fields(cls)})  # type: ignore[arg-type]
+
     def to_dict(self) -> dict:
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
 
@@ -144,13 +154,6 @@ class CellInfo(_Part):
     id: str
     device: str
 
-    @classmethod
-    def of(cls, cell: Any) -> CellInfo:
-        """A matrix `Cell` (duck-typed: records cannot import matrix, which imports records), or its JSON object."""
-        if isinstance(cell, (CellInfo, dict)):
-            return cell if isinstance(cell, CellInfo) else cls.from_dict(cell)
-        return cls(**{f.name: getattr(cell, f.name) for f in fields(cls)})
-
     @property
     def group(self) -> tuple[str, str, str, str]:
         """The cells compared with one reference cell: same torch build, device, dtype and attention."""
@@ -163,13 +166,6 @@ class Expected(_Part):
 
     outcome: str
     reason: str
-
-    @classmethod
-    def of(cls, expected: Any) -> Expected:
-        """A `matrix.Expectation` (duck-typed), or its JSON object (a batch plan's step carries one)."""
-        if isinstance(expected, (Expected, dict)):
-            return expected if isinstance(expected, Expected) else cls.from_dict(expected)
-        return cls(expected.outcome, expected.reason)
 
 
 # field -> how its JSON value is read (the parts), for `Record.from_dict`
