@@ -434,6 +434,20 @@ def pretrained_roots(tree: cst.Module) -> list[cst.ClassDef]:
     ]
 
 
+def append_method(
+    tree: cst.Module, classes: Sequence[cst.ClassDef], func: cst.FunctionDef, name: str, why: str
+) -> cst.Module:
+    """`func` appended, under the marker, to each of the top-level `classes` (nodes of `tree`)."""
+    chosen = {id(c) for c in classes}
+    body = []
+    for stmt in tree.body:
+        if id(stmt) in chosen:
+            added = top_level_def([func], 1, name, why)
+            stmt = stmt.with_changes(body=stmt.body.with_changes(body=[*stmt.body.body, *added]))
+        body.append(stmt)
+    return tree.with_changes(body=body)
+
+
 def method_shape(func: cst.FunctionDef) -> str:
     """A method's syntax tree without its docstring and leading comments: layout and wording do not count,
     so an inserted method is recognised as ours however the file was reformatted since."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import libcst as cst
 
-from .base import Patch, State, Unrecognised, method, method_shape, pretrained_roots, template, top_level_def
+from .base import Patch, State, Unrecognised, append_method, method, method_shape, pretrained_roots, template
 
 NAME = "hub_kernels"
 WHY = "transformers 5.25 turns hub kernels on by default"
@@ -76,14 +76,8 @@ def inspect(tree: cst.Module) -> State:
 
 
 def rewrite(tree: cst.Module) -> cst.Module:
-    targets = {cls.name.value for cls in pretrained_roots(tree) if _state(cls) is State.NEEDED}
-    body = []
-    for stmt in tree.body:
-        if isinstance(stmt, cst.ClassDef) and stmt.name.value in targets:
-            added = top_level_def([_method()], 1, NAME, WHY)
-            stmt = stmt.with_changes(body=stmt.body.with_changes(body=[*stmt.body.body, *added]))
-        body.append(stmt)
-    return tree.with_changes(body=body)
+    needed = [cls for cls in pretrained_roots(tree) if _state(cls) is State.NEEDED]
+    return append_method(tree, needed, _method(), NAME, WHY)
 
 
 PATCH = Patch(

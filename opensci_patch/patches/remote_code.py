@@ -30,13 +30,13 @@ from .base import (
     Patch,
     State,
     Unrecognised,
+    append_method,
     find_all,
     full_name,
     method,
     method_shape,
     pretrained_roots,
     template,
-    top_level_def,
 )
 
 NAME = "remote_code"
@@ -96,14 +96,8 @@ def inspect(tree: cst.Module) -> State:
 
 
 def rewrite(tree: cst.Module) -> cst.Module:
-    roots = {id(c) for c in pretrained_roots(tree) if method(c, "is_remote_code") is None}
-    body = []
-    for stmt in tree.body:
-        if id(stmt) in roots:
-            added = top_level_def([_override()], 1, NAME, WHY)
-            stmt = stmt.with_changes(body=stmt.body.with_changes(body=[*stmt.body.body, *added]))
-        body.append(stmt)
-    return tree.with_changes(body=body)
+    missing = [cls for cls in pretrained_roots(tree) if method(cls, "is_remote_code") is None]
+    return append_method(tree, missing, _override(), NAME, WHY)
 
 
 PATCH = Patch(
