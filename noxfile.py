@@ -8,12 +8,12 @@
     nox -s "cell(transformers='5.2.0', torch='cpu')"   # one cell session (what a CI job runs)
     nox -s matrix -- --sweep      # the pinned releases + the latest patch of every minor on the index
 
-The lists of releases, torch builds and model variants live in `opensci_patch/matrix.py`
+The lists of releases, torch builds and model variants live in `opensci_patch/matrix/spec.py`
 (one place); this file only declares sessions over them and calls the CLI. The cell sessions
 cover the pinned releases and the newest final on the package index, or those in `OPENSCI_PATCH_RELEASES`
 (the workflows set it from `opensci-patch releases --sweep`, so a release nobody pinned still gets its
-session). Cells run in per-release environments managed by `opensci_patch.envs` (reused across runs, shared by the
-original/patched variants), so the cell sessions themselves need no virtualenv of their own.
+session). Cells run in per-release environments managed by `opensci_patch.matrix.envs` (reused across runs,
+shared by the original/patched variants), so the cell sessions themselves need no virtualenv of their own.
 Posargs of matrix/cell: `--model DIR` to run on another checkpoint (e.g. the real download). Both pass the
 committed `matrix-overrides.txt` (`--overrides`): releases whose dependency pins the index cannot meet.
 """
@@ -27,7 +27,8 @@ from pathlib import Path
 import nox
 
 sys.path.insert(0, str(Path(__file__).parent))
-from opensci_patch import defaults, matrix  # noqa: E402  (stdlib-only modules)
+from opensci_patch._util import defaults
+from opensci_patch.matrix import spec as matrix  # noqa: E402  (stdlib-only modules)
 
 nox.needs_version = ">=2024.10.9"
 nox.options.default_venv_backend = "uv|virtualenv"
@@ -37,7 +38,7 @@ nox.options.sessions = ["tests", "lint"]
 ROOT = Path(__file__).parent
 RECORDS = ROOT / "records"
 RESULTS = ROOT / "results"
-# dependency overrides for releases whose pins the package index cannot meet (opensci_patch/overrides.py)
+# dependency overrides for releases whose pins the package index cannot meet (opensci_patch/matrix/overrides.py)
 OVERRIDES = ["--overrides", str(ROOT / "matrix-overrides.txt")]
 
 

@@ -45,9 +45,9 @@ class Run:
 
 def child_env(extra: dict[str, str] | None = None, *, pythonpath: bool = True) -> dict[str, str]:
     """os.environ, with the checkout on PYTHONPATH (or no PYTHONPATH at all) and `extra` on top."""
-    from opensci_patch import envs
+    from opensci_patch._util import procs
 
-    return envs.child_env(extra, source=pythonpath)
+    return procs.child_env(extra, source=pythonpath)
 
 
 def _status_kib(pid: int) -> tuple[int, int]:
@@ -130,7 +130,7 @@ def median(values: list[float]) -> float:
 
 def pip_find_links() -> list[str]:
     """PIP_FIND_LINKS and pip.conf find-links, as uv arguments (uv does not read pip's configuration)."""
-    from opensci_patch.torch_links import find_links
+    from opensci_patch.matrix.torch_links import find_links
 
     args: list[str] = []
     for link in find_links():
@@ -167,7 +167,7 @@ def interpreters(versions: list[str], torch_build: str) -> list[tuple[str, str]]
         except metadata.PackageNotFoundError:
             installed = "not installed"
         return [(f"this interpreter (transformers {installed})", sys.executable)]
-    from opensci_patch.envs import ensure_env
+    from opensci_patch.matrix.envs import ensure_env
 
     say = lambda m: print(f"    {m}", flush=True)  # noqa: E731
     return [(f"env tf{v}-{torch_build}", str(ensure_env(v, torch_build, log=say).python)) for v in versions]

@@ -3,7 +3,7 @@
     python benchmarks/cell_overhead.py                         # 4.48.0, 5.2.0, 5.23.0; cpu torch; 3 runs
     python benchmarks/cell_overhead.py --transformers 4.57.6 --repeat 5 --torch system
 
-All in the per-release env of opensci_patch.envs (made first if missing, then warm), on the hotfixed
+All in the per-release env of opensci_patch.matrix.envs (made first if missing, then warm), on the hotfixed
 shipped fixture (or --model), float32, eager, CPU; every figure is the wall time of one child
 process, measured from the parent (interpreter start-up included):
 
@@ -33,7 +33,8 @@ from pathlib import Path
 
 from _measure import REPO, child_env, load_note, median, run
 
-from opensci_patch import envs
+from opensci_patch._util import locations
+from opensci_patch.matrix import envs
 
 FIXTURE = REPO / "opensci_patch" / "data" / "opensci-tiny"
 DEFAULT_RELEASES = ["4.48.0", "5.2.0", "5.23.0"]
@@ -69,11 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--torch", default="cpu", choices=["cpu", "system"], help="torch build of the envs (default cpu)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per figure; the median is printed (default 3)")
     ap.add_argument("--model", type=Path, default=None, help="original checkpoint dir (default: the shipped fixture)")
-    ap.add_argument("--env-root", type=Path, default=None, help=f"env root (default: ${envs.ROOT_VAR} or the cache)")
+    ap.add_argument(
+        "--env-root", type=Path, default=None, help=f"env root (default: ${locations.ROOT_VAR} or the cache)"
+    )
     args = ap.parse_args(argv)
     releases = args.transformers or DEFAULT_RELEASES
     source = args.model or FIXTURE
-    root = args.env_root or envs.default_root()
+    root = args.env_root or locations.default_root()
 
     print(
         f"# cell_overhead: torch build {args.torch}, env root {root}, model {source.name}, "
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         ).check()
         for version in releases:
             env = envs.ensure_env(version, args.torch, root=root, log=lambda m: print(f"    {m}", flush=True))
-            base = child_env({envs.ROOT_VAR: str(root), "TRANSFORMERS_VERBOSITY": "error"})
+            base = child_env({locations.ROOT_VAR: str(root), "TRANSFORMERS_VERBOSITY": "error"})
             floor, capture, cell, inner, hot = [], [], [], [], []
             for i in range(-1, args.repeat):  # run -1: warm-up (page cache, first-import effects), not counted
                 modules = tmp / f"hf-modules-{version}-{i}"

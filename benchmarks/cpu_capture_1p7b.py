@@ -7,13 +7,13 @@
 Steps, each a child process measured on its own (os.wait4 gives that child's peak RSS; /proc is
 polled every 50 ms to split it into anonymous memory and file-backed pages, e.g. mmap'd weights):
 
-1. `python -m opensci_patch.bigckpt` writes random bf16 weights with the open-sci-ref-v0.01-1.7b
+1. `python -m opensci_patch.fixtures.bigckpt` writes random bf16 weights with the open-sci-ref-v0.01-1.7b
    shapes (skipped with --model).
 2. `opensci-patch hotfix` makes the loadable copy (skipped when DIR already has a hotfix manifest).
 3. the import floor: `python -c "import torch, transformers"` in the same interpreter;
 4. `opensci-patch capture DIR_fixed --dtype bfloat16 --attn eager --reference off --max-new-tokens 4`
    (--dtype float32 measures the cost of converting the bf16 weights at load)
-   in this interpreter (default) or in the env of each --transformers release (opensci_patch.envs);
+   in this interpreter (default) or in the env of each --transformers release (opensci_patch.matrix.envs);
 5. a staged probe in the same interpreter: RssAnon/RssFile after import, after from_pretrained,
    after one forward, after generate; it says where the memory above the checkpoint size goes.
 
@@ -46,8 +46,8 @@ def mem():
 stages = {"start": mem()}
 import torch, transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from opensci_patch import compat
-from opensci_patch.capture import isolated_hf_cache
+from opensci_patch.measure import compat
+from opensci_patch.measure.capture import isolated_hf_cache
 stages["import"] = mem()
 model, max_new = sys.argv[1], int(sys.argv[2])
 with isolated_hf_cache():
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 [
                     sys.executable,
                     "-m",
-                    "opensci_patch.bigckpt",
+                    "opensci_patch.fixtures.bigckpt",
                     str(source),
                     "--layers",
                     str(args.layers),

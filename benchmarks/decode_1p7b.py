@@ -3,7 +3,7 @@
     python benchmarks/decode_1p7b.py --torch cuda --transformers 4.48.0 --transformers 5.23.0   # on a GPU
     python benchmarks/decode_1p7b.py --device cpu --layers 2 --new-tokens 16                  # a quick CPU check
 
-Steps: `python -m opensci_patch.bigckpt` writes random bf16 weights with the open-sci-ref-v0.01-1.7b
+Steps: `python -m opensci_patch.fixtures.bigckpt` writes random bf16 weights with the open-sci-ref-v0.01-1.7b
 shapes (skipped with --model), `opensci-patch hotfix` makes the loadable copy, then one child process
 per target (this interpreter, or the per-release env of each --transformers) measures:
 
@@ -34,7 +34,7 @@ import hashlib, json, resource, statistics, sys, time
 from pathlib import Path
 import torch
 import transformers
-from opensci_patch.capture import isolated_hf_cache, load_model, load_tokenizer
+from opensci_patch.measure.capture import isolated_hf_cache, load_model, load_tokenizer
 
 model_dir, device, dtype_name, attn = sys.argv[1:5]
 new_tokens, repeats = int(sys.argv[5]), int(sys.argv[6])
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--new-tokens and --repeats must be at least 1")
     _refuse_existing([args.json, args.markdown], args.force)
     if args.device.startswith("cuda"):
-        from opensci_patch.matrix import gpu_present
+        from opensci_patch.matrix.spec import gpu_present
 
         if why := gpu_present():
             raise SystemExit(f"error: --device {args.device}: {why}; pass --device cpu to measure on the CPU")
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         source = args.model
         if source is None:
             source = workdir / f"osr-1p7b-l{args.layers}-s{args.seed}"
-            cmd = [sys.executable, "-m", "opensci_patch.bigckpt", str(source), "--layers", str(args.layers),
+            cmd = [sys.executable, "-m", "opensci_patch.fixtures.bigckpt", str(source), "--layers", str(args.layers),
                    "--seed", str(args.seed)]  # fmt: skip
             if not source.exists():
                 print(run(cmd, env=env).check().stdout.strip().splitlines()[0], flush=True)

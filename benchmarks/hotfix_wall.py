@@ -13,7 +13,7 @@ patches and with `--with init_weights`: "identical" or the files that differ.
 
 Model directories: the shipped checkpoint (`opensci-patch fixture`), the modular-generated one
 (`fixture --generated`: needs the transformers 4.54.0 wheel, cached in the env root) and, unless
---no-bigckpt, a 1.7B-shaped one (`python -m opensci_patch.bigckpt --layers N`, random bf16 weights:
+--no-bigckpt, a 1.7B-shaped one (`python -m opensci_patch.fixtures.bigckpt --layers N`, random bf16 weights:
 hidden 2048, vocabulary 50k; the time there is mostly the copy of the weights).
 
 --suite: `pytest -n auto -m "not crossversion"` (what `nox -s tests` runs) and `-m crossversion`
@@ -92,7 +92,7 @@ def _models(work: Path, bigckpt_layers: int) -> list[tuple[str, Path]]:
     run(_cli("fixture", str(models[1][1]), "--generated"), env=_env(REPO)).check()
     if bigckpt_layers:
         big = work / "bigckpt"
-        cmd = [sys.executable, "-m", "opensci_patch.bigckpt", str(big), "--layers", str(bigckpt_layers)]
+        cmd = [sys.executable, "-m", "opensci_patch.fixtures.bigckpt", str(big), "--layers", str(bigckpt_layers)]
         run(cmd, env=_env(REPO)).check()
         models.append((f"1.7B-shaped, {bigckpt_layers} layers", big))
     return models

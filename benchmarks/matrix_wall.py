@@ -7,7 +7,7 @@
 The same cells (release x model variant, float32, eager, CPU) run two ways, in one invocation:
 
 - ours: `python -m opensci_patch.cli cell --transformers X ... --variant V ... --torch B --jobs J`: one
-  env per release from opensci_patch.envs (uv venv + transformers + opensci_patch's requirements,
+  env per release from opensci_patch.matrix.envs (uv venv + transformers + opensci_patch's requirements,
   bytecode compiled at install, linking one shared torch layer installed once), reused by every variant
   and by later runs; each variant is hotfixed once per run (kept across runs), and one capture process
   per release captures every variant; `--jobs` releases at a time (default auto).
@@ -41,14 +41,16 @@ from pathlib import Path
 
 from _measure import REPO, child_env, load_note, pip_find_links, run
 
-from opensci_patch import envs, envs_base, matrix
+from opensci_patch._util import locations, procs
+from opensci_patch.matrix import envs, torch_links
+from opensci_patch.matrix import spec as matrix
 
 FIXTURE = REPO / "opensci_patch" / "data" / "opensci-tiny"
 DEFAULT_RELEASES = ["4.48.0", "5.2.0", "5.23.0"]
 
 
 def _uv() -> str:
-    found = envs_base.find_uv()
+    found = procs.find_uv()
     if not found:
         raise SystemExit("uv not found: pip install 'uv>=0.5'")
     return found
@@ -63,7 +65,7 @@ def _ours(args, root: Path, cache: Path, records: Path) -> float:
         cmd += ["--variant", m]
     if args.model:
         cmd += ["--model", str(args.model)]
-    env = child_env({envs.ROOT_VAR: str(root), "UV_CACHE_DIR": str(cache)})
+    env = child_env({locations.ROOT_VAR: str(root), "UV_CACHE_DIR": str(cache)})
     r = run(cmd, env=env).check()
     if args.verbose:
         print(r.stdout)
@@ -74,7 +76,7 @@ def _plain_prefix(args, version: str, compile_bytecode: bool) -> list[str]:
     cmd = [_uv(), "run", "--no-project", "--python", sys.executable, "--with", f"transformers=={version}"]
     if args.torch == "cpu":
         cmd += ["--isolated", "--with", f"torch=={envs.TORCH_PIN}+cpu", *pip_find_links()]
-        if index := os.environ.get(envs.TORCH_INDEX_VAR):
+        if index := os.environ.get(torch_links.TORCH_INDEX_VAR):
             cmd += ["--index", index]
     for req in envs.package_requirements():
         cmd += ["--with", req]

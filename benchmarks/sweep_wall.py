@@ -43,7 +43,9 @@ from _measure import REPO, child_env, load_note, median, run
 from cell_overhead import FLOOR, PROMPT
 from matrix_wall import _plain_prefix, _uv, _uv_version
 
-from opensci_patch import envs, matrix
+from opensci_patch._util import locations
+from opensci_patch.matrix import envs
+from opensci_patch.matrix import spec as matrix
 
 FIXTURE = REPO / "opensci_patch" / "data" / "opensci-tiny"
 DEFAULT_RELEASES = ["4.48.0", "5.2.0", "5.24.0"]
@@ -108,14 +110,14 @@ def _ours(args, root: Path, cache: Path, records: Path) -> tuple[float, int]:
     cmd += [a for v in args.transformers for a in ("--transformers", v)]
     cmd += [a for m in args.variant for a in ("--variant", m)]
     cmd += ["--jobs", str(args.jobs)]
-    wall, peak, out = tree_run(cmd, child_env({envs.ROOT_VAR: str(root), "UV_CACHE_DIR": str(cache)}))
+    wall, peak, out = tree_run(cmd, child_env({locations.ROOT_VAR: str(root), "UV_CACHE_DIR": str(cache)}))
     if args.verbose:
         print(out)
     return wall, peak
 
 
 def _plain(args, cache: Path, records: Path, root: Path) -> float:
-    from opensci_patch.own_checkpoints import ensure_checkpoint
+    from opensci_patch.fixtures.own import ensure_checkpoint
 
     env = child_env({"UV_CACHE_DIR": str(cache), "UV_PYTHON_DOWNLOADS": "never"})
     env.pop("VIRTUAL_ENV", None)
@@ -147,13 +149,13 @@ def _floors(args, root: Path, work: Path) -> tuple[dict[str, float], int]:
         walls = []
         for i in range(args.floor_repeat + 1):
             modules = work / f"hf-modules-{version}-{i}"
-            base = child_env({envs.ROOT_VAR: str(root), "HF_MODULES_CACHE": str(modules), "HF_HUB_OFFLINE": "1"})
+            base = child_env({locations.ROOT_VAR: str(root), "HF_MODULES_CACHE": str(modules), "HF_HUB_OFFLINE": "1"})
             walls.append(run([str(env.python), "-c", FLOOR, str(fixed), PROMPT], env=base).check().wall_s)
         floors[version] = median(walls[1:])
         rec = work / f"capture-{version}.json"
         cap = run(
             [str(env.python), "-m", "opensci_patch.cli", "capture", str(fixed), "--out", str(rec), "--quiet"],
-            env=child_env({envs.ROOT_VAR: str(root)}),
+            env=child_env({locations.ROOT_VAR: str(root)}),
         ).check()
         capture_rss = max(capture_rss, cap.peak_rss)
     return floors, capture_rss

@@ -13,8 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import __version__
-from .defaults import (
+from opensci_patch import __version__
+from opensci_patch._util.defaults import (
     ATTENTION,
     DEFAULT_PROMPT,
     DEFAULT_TARGET,
@@ -24,9 +24,9 @@ from .defaults import (
     MAX_NEW_TOKENS,
     TORCH_BUILDS,
 )
-from .errors import DestinationError, OpensciPatchError, format_error
-from .matrix import VARIANTS  # stdlib-only module
-from .records import write_atomic
+from opensci_patch._util.errors import DestinationError, OpensciPatchError, format_error
+from opensci_patch._util.fs import write_atomic
+from opensci_patch.matrix.spec import VARIANTS  # stdlib-only module
 
 
 def _err(msg: str) -> None:
@@ -79,10 +79,10 @@ def summary_line(record) -> str:
 def cmd_fixture(args) -> int:
     source = FIXTURE_DIR
     if args.generated:
-        from .generated_style import ensure_generated
+        from opensci_patch.fixtures.generated import ensure_generated
 
         source = ensure_generated(log=lambda m: print(m, flush=True))
-    from .demo import write_fixture
+    from opensci_patch.demo import write_fixture
 
     dst = write_fixture(args.dir, args.force, source)
     kind = "generated-style checkpoint (shipped weights, modular-generated code)" if args.generated else "checkpoint"
@@ -91,14 +91,14 @@ def cmd_fixture(args) -> int:
 
 
 def cmd_hotfix(args) -> int:
-    from .hotfix import hotfix
+    from opensci_patch.rewrite.hotfix import hotfix
 
     hotfix(args.src, args.out, check=args.check, force=args.force, extras=tuple(args.extra), only=args.only)
     return 0
 
 
 def cmd_capture(args) -> int:
-    from .capture import CaptureSettings, capture, isolated_hf_cache
+    from opensci_patch.measure.capture import CaptureSettings, capture, isolated_hf_cache
 
     if args.out:
         check_output_file(args.out, args.force)
@@ -128,14 +128,15 @@ def cmd_capture(args) -> int:
 
 def cmd_demo(args) -> int:
     """The main job on the shipped checkpoint; the verdict compares with the shipped 4.48.0 record."""
-    from .demo import run
+    from opensci_patch.demo import run
 
     return run(args.workdir, log=lambda m: print(m, flush=True))
 
 
 def cmd_releases(args) -> int:
     """Print the releases the matrix runs, one per line (the index is asked only for --sweep/--pre/--newest)."""
-    from . import matrix, releases
+    from opensci_patch.matrix import releases
+    from opensci_patch.matrix import spec as matrix
 
     if args.newest:
         print(releases.newest_final(matrix.TRANSFORMERS_VERSIONS))
@@ -146,7 +147,8 @@ def cmd_releases(args) -> int:
 
 def cmd_cell(args) -> int:
     """Run matrix cells (one env per release x torch build; all model variants in it)."""
-    from . import matrix, releases
+    from opensci_patch.matrix import releases
+    from opensci_patch.matrix import spec as matrix
 
     named = [releases.canonical(v, pre=args.pre) for v in args.transformers]  # all refused before any cell runs
     if args.sweep or args.pre or args.all:
@@ -159,14 +161,14 @@ def cmd_cell(args) -> int:
     check_output_dir(args.records, "--records")
     releases.check_known(versions, matrix.TRANSFORMERS_VERSIONS)
     if args.overrides is not None:  # checked now (exit 2); every env build of this run reads it (envs.ensure_env)
-        from . import overrides
+        from opensci_patch.matrix import overrides
 
         overrides.load(args.overrides)
         os.environ[overrides.VAR] = str(args.overrides.absolute())
     source = args.model or FIXTURE_DIR
     variants = args.variant or list(matrix.VARIANTS)
     if args.model:
-        from .capture import validate_model_dir
+        from opensci_patch.measure.capture import validate_model_dir
 
         validate_model_dir(args.model)
         own = {name for name, v in matrix.VARIANTS.items() if v.own_checkpoint}
@@ -181,7 +183,7 @@ def cmd_cell(args) -> int:
         for attn in args.attn or ["eager"]
         for m in variants
     ]
-    from .runner import main_cells
+    from opensci_patch.matrix.runner import main_cells
 
     broken = main_cells(cells, source, args.records, log=lambda m: print(m, flush=True), jobs=args.jobs)
     if broken:
@@ -204,7 +206,7 @@ def parse_jobs(value: str) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import write_report
+    from opensci_patch.results.report import write_report
 
     bad = write_report(args.records, args.results, machine=args.machine)
     if bad:
@@ -215,17 +217,18 @@ def cmd_report(args) -> int:
 
 
 def cmd_bisect(args) -> int:
-    from .bisect import bisect
+    from opensci_patch.results.bisect import bisect
 
     source = args.model or FIXTURE_DIR
     if args.model:
-        from .capture import validate_model_dir
+        from opensci_patch.measure.capture import validate_model_dir
 
         validate_model_dir(args.model)
     versions = [v for arg in args.versions for v in arg.split(",")] if args.versions else None
     if versions is not None:  # each must exist, before any cell runs (without --versions, bisect checks on PyPI)
-        from . import matrix, releases
-        from .bisect import release
+        from opensci_patch.matrix import releases
+        from opensci_patch.matrix import spec as matrix
+        from opensci_patch.results.bisect import release
 
         named = [str(release(v, flag)) for v, flag in ((args.good, "--good"), (args.bad, "--bad"))]
         releases.check_known([*named, *(str(release(v, "--versions")) for v in versions)], matrix.TRANSFORMERS_VERSIONS)
@@ -243,8 +246,8 @@ def cmd_bisect(args) -> int:
     )
     if args.no_diagnose:
         return 0
-    from . import diagnose
-    from .matrix import Cell
+    from opensci_patch import diagnose
+    from opensci_patch.matrix.spec import Cell
 
     diagnose.diagnose(
         Cell(last_good, args.torch, args.variant),
@@ -257,7 +260,7 @@ def cmd_bisect(args) -> int:
 
 
 def cmd_bigckpt(args) -> int:
-    from .bigckpt import run_args
+    from opensci_patch.fixtures.bigckpt import run_args
 
     run_args(args)
     return 0
@@ -341,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cell", help="run cross-version matrix cells, one record per cell")
     p.add_argument("--transformers", action="append", default=[], metavar="VERSION")
-    p.add_argument("--all", action="store_true", help="every pinned release (opensci_patch/matrix.py)")
+    p.add_argument("--all", action="store_true", help="every pinned release (opensci_patch/matrix/spec.py)")
     p.add_argument(
         "--sweep",
         action="store_true",
@@ -386,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_cell)
 
-    from .diagnose import add_cli_arguments, cmd_diagnose  # stdlib-only import
+    from opensci_patch.diagnose import add_cli_arguments, cmd_diagnose  # stdlib-only import
 
     p = sub.add_parser("diagnose", help="name the first diverging stage between two cells and the likely cause")
     add_cli_arguments(p)
@@ -414,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-diagnose", action="store_true", help="skip the diagnose report at the boundary")
     p.set_defaults(func=cmd_bisect)
 
-    from . import bigckpt  # torch is imported lazily there
+    from opensci_patch.fixtures import bigckpt  # torch is imported lazily there
 
     p = sub.add_parser("bigckpt", help="write a 1.7B-shaped open-sci checkpoint (random bf16 weights, sharded)")
     bigckpt.add_arguments(p)
@@ -433,7 +436,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum, frame) -> None:
-    worker = sys.modules.get("opensci_patch.worker")
+    worker = sys.modules.get("opensci_patch.matrix.worker")
     if worker is not None:
         worker.terminate_children()
     raise Terminated()

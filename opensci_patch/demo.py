@@ -21,10 +21,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .defaults import DATA_DIR, FIXTURE_DIR
-from .errors import DestinationError
-from .records import Record, load
-from .verdict import same_tokens_within
+from opensci_patch._util.defaults import DATA_DIR, FIXTURE_DIR
+from opensci_patch._util.errors import DestinationError
+from opensci_patch.measure.records import Record, load
+from opensci_patch.results.verdict import same_tokens_within
 
 REFERENCE_RECORD = DATA_DIR / "opensci-tiny.reference.json"
 TOLERANCE = 1e-4  # fp32 logits; the fp64 reference agrees to 3.5e-6 on every supported release
@@ -54,7 +54,7 @@ def compare(record: Record, reference: Record, tolerance: float = TOLERANCE) -> 
 
 def run(workdir: Path | None, log=print) -> int:
     """fixture -> hotfix -> capture original and patched (child processes) -> verdict. Returns the exit code."""
-    from .hotfix import hotfix
+    from opensci_patch.rewrite.hotfix import hotfix
 
     work = workdir or Path(tempfile.mkdtemp(prefix="opensci-demo-"))
     orig = write_fixture(work / "opensci-tiny", force=False)
@@ -92,7 +92,7 @@ def newer_release_note(fetch=None) -> list[str]:
 
     from packaging.version import Version
 
-    from . import overrides, releases
+    from opensci_patch.matrix import overrides, releases
 
     try:
         installed = Version(metadata.version("transformers"))

@@ -23,8 +23,8 @@ def model_dir(tmp_path: Path) -> Path:
 
 def structural_copy(dst: Path) -> Path:
     """The shipped checkpoint with only the three structural fixes, as a naive fix leaves it (RoPE broken on 5.x)."""
-    from opensci_patch.matrix import STRUCTURAL
-    from opensci_patch.patches import apply_patches, by_name
+    from opensci_patch.matrix.spec import STRUCTURAL
+    from opensci_patch.rewrite.patches import apply_patches, by_name
 
     shutil.copytree(FIXTURE_DIR, dst)
     modeling = dst / "modeling_opensci.py"
@@ -44,7 +44,7 @@ def cache_dropping_copy(dst: Path) -> Path:
     builds its own cache, so every decode step attends only to itself (what 5.24's `cache=` did to
     a forward that reads only `past_key_values`). The first forward is unchanged.
     """
-    from opensci_patch.patches import apply_patches, default_patches
+    from opensci_patch.rewrite.patches import apply_patches, default_patches
 
     shutil.copytree(FIXTURE_DIR, dst)
     modeling = dst / "modeling_opensci.py"
@@ -83,7 +83,7 @@ def loaded() -> dict:
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `opensci-patch` in a child process, as a user would."""
-    from opensci_patch.envs import child_env
+    from opensci_patch._util.procs import child_env
 
     env = child_env()
     return subprocess.run(

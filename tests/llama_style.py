@@ -12,7 +12,7 @@ configs keep only in `rope_parameters`.
 
 The weights are random (seeded, so every build is identical), 2 layers, hidden 64, 4 query heads over
 2 key/value heads (GQA), untied head, the shipped tokenizer (vocabulary 512). Nothing of transformers is
-committed: the file is read from the 4.48.0 env's site-packages (`opensci_patch.envs.ensure_env`).
+committed: the file is read from the 4.48.0 env's site-packages (`opensci_patch.matrix.envs.ensure_env`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from conftest import FIXTURE_DIR
 
-from opensci_patch.own_checkpoints import research_shapes
+from opensci_patch.fixtures.own import research_shapes
 
 RELEASE = "4.48.0"
 MODELING = "modeling_llama.py"
@@ -63,7 +63,7 @@ CONFIG = {
 
 def upstream_file() -> Path:
     """transformers 4.48.0's Llama modeling file, from the 4.48.0 env (built on first use)."""
-    from opensci_patch.envs import _site_packages, ensure_env
+    from opensci_patch.matrix.envs import _site_packages, ensure_env
 
     env = ensure_env(RELEASE, "system", log=lambda *a: None)
     return _site_packages(env.path) / "transformers" / "models" / "llama" / MODELING

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from opensci_patch.patches import PATCHES, apply_patches
+from opensci_patch.rewrite.patches import PATCHES, apply_patches
 
 FIXTURE = Path(__file__).resolve().parents[1] / "opensci_patch" / "data" / "opensci-tiny"
 

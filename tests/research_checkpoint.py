@@ -1,4 +1,4 @@
-"""The llama-research test checkpoint (opensci_patch.own_checkpoints) hotfixed with a chosen set of patches,
+"""The llama-research test checkpoint (opensci_patch.fixtures.own) hotfixed with a chosen set of patches,
 and captured on the installed transformers or on a release's env: what the issue-19 patch tests measure."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 from conftest import run_cli
 
-from opensci_patch.own_checkpoints import build_llama_research
-from opensci_patch.patches import apply_patches, default_patches
+from opensci_patch.fixtures.own import build_llama_research
+from opensci_patch.rewrite.patches import apply_patches, default_patches
 
 MODELING = "modeling_research_llama.py"
 
@@ -33,7 +33,7 @@ def capture_here(model: Path, out: Path) -> dict:
 
 def capture_on(version: str, model: Path, out: Path) -> dict:
     """`opensci-patch capture` in the env of transformers `version` (built on first use, then reused)."""
-    from opensci_patch.envs import ensure_env, run_python
+    from opensci_patch.matrix.envs import ensure_env, run_python
 
     env = ensure_env(version, "system", log=lambda *a: None)
     proc = run_python(

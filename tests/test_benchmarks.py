@@ -44,7 +44,7 @@ def test_decode_benchmark_refuses_to_overwrite_a_table_before_doing_any_work(tmp
 
 
 def test_decode_benchmark_on_cuda_without_a_gpu_says_so(tmp_path):
-    from opensci_patch.matrix import gpu_present
+    from opensci_patch.matrix.spec import gpu_present
 
     if gpu_present() is None:
         pytest.skip("a GPU is present: the refusal cannot be observed")

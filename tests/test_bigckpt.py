@@ -11,9 +11,10 @@ import torch
 from conftest import run_cli
 from safetensors import safe_open
 
-from opensci_patch import bigckpt, reference
-from opensci_patch.errors import DestinationError
-from opensci_patch.hotfix import hotfix
+from opensci_patch._util.errors import DestinationError
+from opensci_patch.fixtures import bigckpt
+from opensci_patch.measure import reference
+from opensci_patch.rewrite.hotfix import hotfix
 
 TINY = {"layers": 2, "hidden": 128, "heads": 4, "head_dim": 32, "intermediate": 256, "vocab": 512}
 SHARD_BYTES = 100_000  # the 128 kB embedding alone exceeds it: forces many shards

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from opensci_patch import bisect as bisect_mod
-from opensci_patch import records
+from opensci_patch._util import fs
+from opensci_patch._util.errors import OpensciPatchError
 from opensci_patch.diagnose import TOLERANCE
-from opensci_patch.errors import OpensciPatchError
-from opensci_patch.records import Record
+from opensci_patch.measure import records
+from opensci_patch.measure.records import Record
+from opensci_patch.results import bisect as bisect_mod
 
 RELEASES = ["4.55.0", "4.56.0", "4.57.6", "5.0.0", "5.1.0", "5.2.0", "5.3.0"]
 
@@ -36,7 +37,7 @@ def fake_runner(first_bad: str, probed: list[str], *, status: str | None = None)
         if status and bad:
             rec = records.error_record(cell, status, "EnvironmentSetupError", "uv: no such release", "log")
         records_dir.mkdir(parents=True, exist_ok=True)
-        return records.write_atomic(records_dir / f"{cell.id}.json", rec)
+        return fs.write_atomic(records_dir / f"{cell.id}.json", rec)
 
     return run_cell
 
@@ -74,7 +75,7 @@ def test_judge_uses_the_fp64_reference_and_diagnose_tolerance():
 
 
 def _cell(v: str):
-    from opensci_patch.matrix import Cell
+    from opensci_patch.matrix.spec import Cell
 
     return Cell(v, "cpu", "structural")
 
@@ -151,7 +152,7 @@ def test_bisect_names_5_0_as_the_first_release_that_breaks_the_naive_fix(tmp_pat
 
 def test_bisect_lists_releases_from_the_configured_index(monkeypatch):
     """Through `releases` (OPENSCI_PATCH_INDEX_URL), as `opensci-patch releases` does: not PyPI's JSON."""
-    from opensci_patch import releases
+    from opensci_patch.matrix import releases
 
     monkeypatch.setenv("OPENSCI_PATCH_INDEX_URL", "https://mirror.example/simple/")
     asked: list[str] = []

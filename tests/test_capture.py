@@ -10,15 +10,16 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURE_DIR, cache_dropping_copy
 
-from opensci_patch.capture import CaptureSettings, capture, isolated_hf_cache
-from opensci_patch.errors import CaptureError, ModelDirError
-from opensci_patch.patches import apply_patches, default_patches
+from opensci_patch._util import fs
+from opensci_patch._util.errors import CaptureError, ModelDirError
+from opensci_patch.measure.capture import CaptureSettings, capture, isolated_hf_cache
+from opensci_patch.rewrite.patches import apply_patches, default_patches
 
 
 def test_target_rank_is_not_fooled_by_nan_logits():
     import torch
 
-    from opensci_patch.capture import target_rank
+    from opensci_patch.measure.capture import target_rank
 
     logits = torch.tensor([1.0, 3.0, 2.0])
     assert target_rank(logits, 1) == 1
@@ -138,7 +139,7 @@ def test_the_self_check_needs_no_other_release(tmp_path, version):
 
 
 def test_a_missing_library_module_is_named_with_the_release_it_first_appears_in():
-    from opensci_patch.library_modules import explain, missing_module
+    from opensci_patch.measure.library_modules import explain, missing_module
 
     try:
         import transformers.models.no_such_model_19.modeling_no_such_model_19  # noqa: F401
@@ -181,10 +182,10 @@ def test_capture_of_code_importing_a_module_the_release_lacks_records_one_line(m
 
 def test_a_fresh_capture_record_round_trips_through_its_json(tmp_path, patched):
     """What capture builds (typed parts) is what load reads back from the file it writes, field for field."""
-    from opensci_patch import records
+    from opensci_patch.measure import records
 
     rec = run(patched, max_new_tokens=2)
-    path = records.write_atomic(tmp_path / "r.json", rec)
+    path = fs.write_atomic(tmp_path / "r.json", rec)
     back = records.load(path)
     assert back == rec and back.to_json() == path.read_text() == rec.to_json()
     assert back.to_dict() == json.loads(path.read_text())

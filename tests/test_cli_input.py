@@ -85,7 +85,8 @@ def test_diagnose_rejects_a_malformed_cell_and_writes_nothing(cli, tmp_path: Pat
 
 def test_cell_runs_every_combination_of_the_dtype_attn_and_variant_options(monkeypatch, tmp_path: Path):
     from opensci_patch import cli as cli_module
-    from opensci_patch import matrix, runner
+    from opensci_patch.matrix import runner
+    from opensci_patch.matrix import spec as matrix
 
     ran = []
     monkeypatch.setattr(runner, "main_cells", lambda cells, *a, **k: ran.extend(cells) or 0)

@@ -8,7 +8,7 @@ import pytest
 
 transformers_utils = pytest.importorskip("transformers.utils")
 
-from opensci_patch import compat  # noqa: E402
+from opensci_patch.measure import compat  # noqa: E402
 
 
 def test_shim_backfills_missing_transformers_kwargs(monkeypatch):

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURE_DIR, structural_copy
 
-from opensci_patch.envs import ensure_env, run_python
-from opensci_patch.hotfix import hotfix
-from opensci_patch.patches import default_patches
+from opensci_patch.matrix.envs import ensure_env, run_python
+from opensci_patch.rewrite.hotfix import hotfix
+from opensci_patch.rewrite.patches import default_patches
 
 pytestmark = pytest.mark.crossversion
 
@@ -121,7 +121,7 @@ def test_structural_fixes_alone_leave_rope_broken_on_5x(models, records, tmp_pat
 
 INV_FREQ_PROBE = """
 import json, sys, torch
-from opensci_patch.capture import isolated_hf_cache
+from opensci_patch.measure.capture import isolated_hf_cache
 with isolated_hf_cache():
     from transformers import AutoModelForCausalLM
     m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
@@ -150,7 +150,7 @@ GENERATED_VERSIONS = ["4.48.0", "4.57.6", "5.2.0", "5.23.0"]
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory) -> dict:
-    from opensci_patch.generated_style import ensure_generated
+    from opensci_patch.fixtures.generated import ensure_generated
 
     root = tmp_path_factory.mktemp("generated")
     source = ensure_generated(log=lambda *a: None)  # cached with the envs, as the matrix uses it
@@ -171,7 +171,7 @@ def test_generated_style_file_needs_every_default_patch(generated):
 def test_generated_style_checkpoint_is_built_once_and_reused(generated, monkeypatch):
     import subprocess
 
-    from opensci_patch.generated_style import ensure_generated
+    from opensci_patch.fixtures.generated import ensure_generated
 
     def no_fetch(*args, **kwargs):
         raise AssertionError(f"fetched again: {args}")
@@ -203,8 +203,8 @@ def test_generated_style_file_unpatched_fails_to_load(generated, version, tmp_pa
 
 def test_a_file_generated_from_4_57_code_gives_the_shipped_logits_on_4_48(records, tmp_path):
     """Later snapshots call DynamicCache(config=...), which 4.48 rejects: moved_helpers' cache shim."""
-    from opensci_patch.envs import _site_packages
-    from opensci_patch.generated_style import build
+    from opensci_patch.fixtures.generated import build
+    from opensci_patch.matrix.envs import _site_packages
 
     qwen3 = _site_packages(ensure_env("4.57.6", "system", log=lambda *a: None).path) / "transformers/models/qwen3"
     source = build(tmp_path / "generated-4.57", qwen3)

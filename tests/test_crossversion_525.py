@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 from test_crossversion import generated, models  # noqa: F401  (module fixtures, reused)
 
-from opensci_patch import matrix, overrides
-from opensci_patch.envs import ensure_env, run_python
+from opensci_patch.matrix import overrides
+from opensci_patch.matrix import spec as matrix
+from opensci_patch.matrix.envs import ensure_env, run_python
 
 pytestmark = pytest.mark.crossversion
 
@@ -95,8 +96,8 @@ def test_use_kernels_true_is_honoured_and_needs_kernels_as_upstream_says(models)
 
 
 def test_without_the_hub_kernels_patch_5_25_refuses_to_load(models, tmp_path):  # noqa: F811
-    from opensci_patch.hotfix import hotfix
-    from opensci_patch.patches import default_patches
+    from opensci_patch.rewrite.hotfix import hotfix
+    from opensci_patch.rewrite.patches import default_patches
 
     only = [p.name for p in default_patches() if p.name != "hub_kernels"]
     result = hotfix(models["original"], tmp_path / "no-hub-kernels", only=only, log=lambda *a: None)
@@ -119,12 +120,10 @@ def test_no_library_error_lines_at_load(version, kind, models, generated):  # no
 
 def test_the_error_check_would_see_the_lines_it_looks_for(generated, tmp_path):  # noqa: F811
     """The same load of the generated file without auto_docstring_args prints them (so the test above can fail)."""
-    from opensci_patch.hotfix import hotfix
-    from opensci_patch.patches import default_patches
+    from opensci_patch.rewrite.hotfix import hotfix
+    from opensci_patch.rewrite.patches import default_patches
 
     only = [p.name for p in default_patches() if p.name != "auto_docstring_args"]
     result = hotfix(generated["original"], tmp_path / "undocumented", only=only, log=lambda *a: None)
     out = _load(_env(matrix.TRANSFORMERS_VERSIONS[-1]), result.dst)
     assert "LOADED" in out and "[ERROR] `past_key_values` is part of OpensciModel.forward's signature" in out
-
-

@@ -8,8 +8,9 @@ from dataclasses import replace
 import pytest
 from conftest import FIXTURE_DIR
 
-from opensci_patch import demo, records
-from opensci_patch.records import load
+from opensci_patch import demo
+from opensci_patch.measure import records
+from opensci_patch.measure.records import load
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def test_a_capture_whose_decoding_is_broken_is_a_mismatch(cli, tmp_path):
 def test_the_shipped_reference_is_what_448_gives_today(tmp_path, reference):
     from test_crossversion import capture
 
-    from opensci_patch.hotfix import hotfix
+    from opensci_patch.rewrite.hotfix import hotfix
 
     fixed = tmp_path / "opensci-tiny_fixed"
     hotfix(FIXTURE_DIR, fixed, log=lambda *a: None)
@@ -99,7 +100,7 @@ def test_the_demo_says_when_the_index_has_a_newer_release_and_what_to_run():
 
     from packaging.version import Version
 
-    from opensci_patch import releases
+    from opensci_patch.matrix import releases
 
     installed = Version(metadata.version("transformers"))
     newer = Version(f"{installed.major}.{installed.minor + 1}.0")

@@ -20,12 +20,12 @@ import torch
 from conftest import FIXTURE_DIR, REPO, structural_copy
 
 from opensci_patch import diagnose as dg
+from opensci_patch._util.errors import OpensciPatchError
 from opensci_patch.diagnose import checks as dgchecks
 from opensci_patch.diagnose.compare import side_verdict, split_positions
-from opensci_patch.envs import ensure_env
-from opensci_patch.errors import OpensciPatchError
-from opensci_patch.hotfix import hotfix
-from opensci_patch.matrix import Cell
+from opensci_patch.matrix.envs import ensure_env
+from opensci_patch.matrix.spec import Cell
+from opensci_patch.rewrite.hotfix import hotfix
 
 ROPE_STAGES = {"rope.cos", "rope.sin", "q_rope", "k_rope"}
 

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from opensci_patch import envs, envs_base, torch_links
-from opensci_patch.envs import Env, ensure_env, ensure_system_torch_dir, installed_versions, run_python
-from opensci_patch.errors import EnvironmentSetupError
+from opensci_patch._util import fs, locations, procs
+from opensci_patch._util.errors import EnvironmentSetupError
+from opensci_patch.matrix import envs, torch_links, venv
+from opensci_patch.matrix.envs import Env, ensure_env, installed_versions, run_python
+from opensci_patch.matrix.torch_links import ensure_system_torch_dir
 
 REPO = Path(__file__).resolve().parents[1]
 VERSION = "4.48.0"
@@ -71,7 +73,7 @@ def test_torch_link_dir_holds_torch_and_its_requirement_closure_only(tmp_path):
     closure = {"filelock", "sympy", "networkx", "jinja2", "fsspec", "typing_extensions.py", "mpmath", "markupsafe"}
     assert closure <= names
     assert not names & {"transformers", "pytest", "_pytest", "tokenizers", "huggingface_hub", "numpy", "libcst"}
-    assert all(p.is_symlink() for p in farm.iterdir() if p.name not in ("__pycache__", envs.FARM_MANIFEST))
+    assert all(p.is_symlink() for p in farm.iterdir() if p.name not in ("__pycache__", torch_links.FARM_MANIFEST))
     assert ensure_system_torch_dir(tmp_path, log=lambda msg: None) == farm  # reused, same place
 
 
@@ -125,13 +127,13 @@ def test_run_python_drops_pythonpath_and_passes_env_vars(env, tmp_path, monkeypa
 def test_second_call_reuses_the_env_without_any_installer(env, env_root, monkeypatch):
     monkeypatch.setattr(subprocess, "run", _no_installer)
     monkeypatch.setattr(subprocess, "Popen", _no_installer)
-    monkeypatch.setattr(envs_base, "run_installer", _no_installer)
+    monkeypatch.setattr(procs, "run_installer", _no_installer)
     monkeypatch.setattr(envs, "installed_versions", _no_installer)
-    marker = (env.path / envs.MARKER).read_bytes()
+    marker = (env.path / locations.MARKER).read_bytes()
     messages: list[str] = []
     again = ensure_env(VERSION, "system", root=env_root, log=messages.append)
     assert again.reused is True
-    assert (env.path / envs.MARKER).read_bytes() == marker  # nothing rebuilt, nothing rewritten
+    assert (env.path / locations.MARKER).read_bytes() == marker  # nothing rebuilt, nothing rewritten
     assert (again.path, again.python) == (env.path, env.python)
     assert any(m.startswith("reusing env") for m in messages)
 
@@ -140,14 +142,14 @@ def test_second_call_reuses_the_env_without_any_installer(env, env_root, monkeyp
 def test_half_made_env_without_marker_is_rebuilt(tmp_path):
     half = tmp_path / envs.env_name(VERSION, "system")
     half.mkdir()
-    (half / envs.SENTINEL).write_text("")
+    (half / venv.SENTINEL).write_text("")
     (half / "pyvenv.cfg").write_text("home = /nowhere\n")
     (half / "leftover").write_text("from an interrupted install")
     messages: list[str] = []
     rebuilt = ensure_env(VERSION, "system", root=tmp_path, log=messages.append)
     assert rebuilt.reused is False
     assert not (half / "leftover").exists()
-    marker = json.loads((half / envs.MARKER).read_text())
+    marker = json.loads((half / locations.MARKER).read_text())
     assert (marker["transformers"], marker["torch_build"]) == (VERSION, "system")
     assert any("half-made" in m for m in messages)
 
@@ -155,7 +157,7 @@ def test_half_made_env_without_marker_is_rebuilt(tmp_path):
 @pytest.mark.crossversion
 def test_concurrent_callers_build_the_env_once(tmp_path):
     code = (
-        f"from pathlib import Path; from opensci_patch.envs import ensure_env; "
+        f"from pathlib import Path; from opensci_patch.matrix.envs import ensure_env; "
         f"print(ensure_env({VERSION!r}, 'system', root=Path({str(tmp_path)!r}), log=lambda m: None).reused)"
     )
     procs = [
@@ -200,10 +202,10 @@ def test_version_that_is_not_a_release_is_rejected(tmp_path, version):
 
 
 def test_cuda_build_without_an_index_or_a_gpu_torch_is_an_error_not_a_download(tmp_path, monkeypatch):
-    monkeypatch.delenv(envs.TORCH_INDEX_VAR, raising=False)
+    monkeypatch.delenv(torch_links.TORCH_INDEX_VAR, raising=False)
     monkeypatch.setattr(torch_links, "_gpu_build", lambda dist: None)  # this interpreter's torch: a CPU build
-    monkeypatch.setattr(envs_base, "run_installer", _no_installer)
-    with pytest.raises(EnvironmentSetupError, match=envs.TORCH_INDEX_VAR) as info:
+    monkeypatch.setattr(procs, "run_installer", _no_installer)
+    with pytest.raises(EnvironmentSetupError, match=torch_links.TORCH_INDEX_VAR) as info:
         ensure_env(VERSION, "cuda", root=tmp_path, log=lambda msg: None)
     assert "CUDA or ROCm build" in str(info.value)
 
@@ -250,13 +252,13 @@ def test_this_interpreters_torch_is_classified_as_it_really_is():
 @pytest.mark.crossversion
 def test_cuda_build_links_the_interpreters_gpu_torch_when_no_index_is_set(tmp_path, monkeypatch):
     """A GPU machine's own CUDA torch is reused (linked like "system"), never downloaded again."""
-    monkeypatch.delenv(envs.TORCH_INDEX_VAR, raising=False)
+    monkeypatch.delenv(torch_links.TORCH_INDEX_VAR, raising=False)
     monkeypatch.setattr(torch_links, "_gpu_build", lambda dist: "cuda 13.0")  # pretend: this torch is a CUDA build
     installs = []
-    real = envs_base.run_installer
-    monkeypatch.setattr(envs_base, "run_installer", lambda cmd, *a: (installs.append(cmd), real(cmd, *a)))
+    real = procs.run_installer
+    monkeypatch.setattr(procs, "run_installer", lambda cmd, *a: (installs.append(cmd), real(cmd, *a)))
     env = ensure_env(VERSION, "cuda", root=tmp_path, log=lambda msg: None)
-    marker = json.loads((env.path / envs.MARKER).read_text())
+    marker = json.loads((env.path / locations.MARKER).read_text())
     assert marker["torch"] == metadata.version("torch") and "torch_pin" not in marker
     assert marker["torch_dir"] and Path(marker["torch_dir"]).name.startswith("_torch-system-")
     assert not any(arg.startswith("torch==") for cmd in installs for arg in cmd)
@@ -264,9 +266,9 @@ def test_cuda_build_links_the_interpreters_gpu_torch_when_no_index_is_set(tmp_pa
 
 
 def test_wheel_dir_that_does_not_exist_is_an_error_before_anything_is_made(tmp_path, monkeypatch):
-    monkeypatch.setenv(envs.WHEELS_VAR, str(tmp_path / "nowhere"))
-    monkeypatch.setattr(envs_base, "run_installer", _no_installer)
-    with pytest.raises(EnvironmentSetupError, match=envs.WHEELS_VAR):
+    monkeypatch.setenv(locations.WHEELS_VAR, str(tmp_path / "nowhere"))
+    monkeypatch.setattr(procs, "run_installer", _no_installer)
+    with pytest.raises(EnvironmentSetupError, match=locations.WHEELS_VAR):
         ensure_env(VERSION, "system", root=tmp_path / "root", log=lambda msg: None)
     assert not (tmp_path / "root" / envs.env_name(VERSION, "system")).exists()
 
@@ -277,7 +279,7 @@ def test_wheel_dir_is_the_only_source_offline_installs_use(tmp_path, monkeypatch
     """OPENSCI_PATCH_WHEELS: installs never reach an index; with the wheels present they succeed."""
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    monkeypatch.setenv(envs.WHEELS_VAR, str(wheels))
+    monkeypatch.setenv(locations.WHEELS_VAR, str(wheels))
     with pytest.raises(EnvironmentSetupError, match="transformers==4.48.0"):  # empty dir: the index is not asked
         ensure_env(VERSION, "system", root=tmp_path / "root", log=lambda msg: None)
     download = subprocess.run(
@@ -292,11 +294,11 @@ def test_wheel_dir_is_the_only_source_offline_installs_use(tmp_path, monkeypatch
 
 def test_cpu_build_pins_a_cpu_torch_and_passes_pip_find_links(monkeypatch, tmp_path):
     monkeypatch.setenv("PIP_FIND_LINKS", f"{tmp_path}/a {tmp_path}/b")
-    monkeypatch.delenv(envs.TORCH_INDEX_VAR, raising=False)
+    monkeypatch.delenv(torch_links.TORCH_INDEX_VAR, raising=False)
     args = torch_links.torch_install_args("cpu")
     assert args[0] == f"torch=={envs.TORCH_PIN}" + ("" if sys.platform == "darwin" else "+cpu")
     assert args[1:5] == ["--find-links", f"{tmp_path}/a", "--find-links", f"{tmp_path}/b"]
-    monkeypatch.setenv(envs.TORCH_INDEX_VAR, "https://download.pytorch.org/whl/cpu")
+    monkeypatch.setenv(torch_links.TORCH_INDEX_VAR, "https://download.pytorch.org/whl/cpu")
     assert torch_links.torch_install_args("cpu")[-2:] == ["--index", "https://download.pytorch.org/whl/cpu"]
 
 
@@ -335,10 +337,10 @@ def test_env_linking_an_unlabelled_torch_is_reused_not_rebuilt(tmp_path, monkeyp
     monkeypatch.setattr(torch_links, "system_torch", lambda: _UnlabelledTorch(real))
     first = ensure_env(VERSION, "system", root=tmp_path, log=lambda msg: None)
     assert not first.reused
-    monkeypatch.setattr(envs_base, "run_installer", _no_installer)
+    monkeypatch.setattr(procs, "run_installer", _no_installer)
     again = ensure_env(VERSION, "system", root=tmp_path, log=lambda msg: None)
     assert again.reused
-    marker = json.loads((again.path / envs.MARKER).read_text())
+    marker = json.loads((again.path / locations.MARKER).read_text())
     assert marker["torch"] == real.version.split("+")[0] and marker["torch_runtime"] == real.version
 
 
@@ -346,8 +348,8 @@ def test_env_linking_an_unlabelled_torch_is_reused_not_rebuilt(tmp_path, monkeyp
 @pytest.mark.crossversion
 def test_without_uv_or_ensurepip_the_env_is_filled_by_this_interpreters_pip(tmp_path, monkeypatch):
     """GPU images and Debian Pythons without python3-venv cannot seed pip into a venv."""
-    monkeypatch.setattr(envs_base, "find_uv", lambda: None)
-    real = envs_base.run_installer
+    monkeypatch.setattr(procs, "find_uv", lambda: None)
+    real = procs.run_installer
     ran = []
 
     def installer(cmd, cwd, name):
@@ -356,14 +358,14 @@ def test_without_uv_or_ensurepip_the_env_is_filled_by_this_interpreters_pip(tmp_
             raise EnvironmentSetupError(f"env {name}: Error: ensurepip is not available (exit 1)")
         return real(cmd, cwd, name)
 
-    monkeypatch.setattr(envs_base, "run_installer", installer)
+    monkeypatch.setattr(procs, "run_installer", installer)
     messages: list[str] = []
     env = ensure_env(VERSION, "system", root=tmp_path, log=messages.append)
     assert any("no ensurepip" in m for m in messages)
     assert any("--without-pip" in cmd for cmd in ran)
     assert any(cmd[:5] == [sys.executable, "-m", "pip", "--python", str(env.python)] for cmd in ran)
     assert installed_versions(env)["transformers"] == VERSION
-    assert not (envs_base.site_packages(env.path) / "pip").exists()  # the env itself has no pip
+    assert not (venv.site_packages(env.path) / "pip").exists()  # the env itself has no pip
 
 
 # --- interrupted builds, two checkouts on one env root, child_env (issue 11) ------------------------------------
@@ -378,16 +380,16 @@ def fake_installer(monkeypatch) -> list[list[str]]:
         ran.append(cmd)
         if "venv" in cmd:
             path = Path(cmd[-1])
-            envs_base.site_packages(path).mkdir(parents=True, exist_ok=True)
-            envs_base.venv_python(path).parent.mkdir(parents=True, exist_ok=True)
-            envs_base.venv_python(path).symlink_to(sys.executable)
+            venv.site_packages(path).mkdir(parents=True, exist_ok=True)
+            venv.venv_python(path).parent.mkdir(parents=True, exist_ok=True)
+            venv.venv_python(path).symlink_to(sys.executable)
 
     def versions(env):
         return {"python": sys.version.split()[0], "torch": metadata.version("torch"), "transformers": VERSION,
                 "torch_available": True}  # fmt: skip
 
-    monkeypatch.setattr(envs_base, "find_uv", lambda: "uv")
-    monkeypatch.setattr(envs_base, "run_installer", run_installer)
+    monkeypatch.setattr(procs, "find_uv", lambda: "uv")
+    monkeypatch.setattr(procs, "run_installer", run_installer)
     monkeypatch.setattr(envs, "installed_versions", versions)
     return ran
 
@@ -398,47 +400,47 @@ def test_removal_that_an_orphaned_installer_makes_fail_leaves_the_env_usable(tmp
     for good ("not created by opensci-patch": the sentinel was already deleted)."""
     half = tmp_path / envs.env_name(VERSION, "system")
     half.mkdir()
-    (half / envs.SENTINEL).write_text("")
+    (half / venv.SENTINEL).write_text("")
     (half / "written-by-the-orphan").write_text("")
     real_rmtree = shutil.rmtree
 
     def orphan_racing_rmtree(path, ignore_errors=False, onerror=None, **kwargs):
-        (Path(path) / envs.SENTINEL).unlink(missing_ok=True)  # rmtree got this far...
+        (Path(path) / venv.SENTINEL).unlink(missing_ok=True)  # rmtree got this far...
         if not ignore_errors:  # ...then the orphan wrote another file
             raise OSError(errno.ENOTEMPTY, "Directory not empty", str(path))
 
-    monkeypatch.setattr(envs_base.shutil, "rmtree", orphan_racing_rmtree)
+    monkeypatch.setattr(fs.shutil, "rmtree", orphan_racing_rmtree)
     rebuilt = ensure_env(VERSION, "system", root=tmp_path, log=lambda msg: None)
-    assert rebuilt.reused is False and (half / envs.MARKER).is_file()
+    assert rebuilt.reused is False and (half / locations.MARKER).is_file()
     assert not (half / "written-by-the-orphan").exists()
-    monkeypatch.setattr(envs_base.shutil, "rmtree", real_rmtree)
+    monkeypatch.setattr(fs.shutil, "rmtree", real_rmtree)
     assert ensure_env(VERSION, "system", root=tmp_path, log=lambda msg: None).reused is True
-    envs_base.sweep_trash(tmp_path)
+    fs.sweep_trash(tmp_path)
     assert not list(tmp_path.glob(".trash-*"))
 
 
 @needs_torch
 def test_env_left_without_its_sentinel_by_an_older_version_is_recognised_and_rebuilt(tmp_path, fake_installer):
     stuck = tmp_path / envs.env_name(VERSION, "system")
-    envs_base.site_packages(stuck).mkdir(parents=True)
-    (envs_base.site_packages(stuck) / envs.SRC_PTH).write_text(str(REPO) + "\n")
-    (envs_base.site_packages(stuck) / "half-installed.py").write_text("")
+    venv.site_packages(stuck).mkdir(parents=True)
+    (venv.site_packages(stuck) / venv.SRC_PTH).write_text(str(REPO) + "\n")
+    (venv.site_packages(stuck) / "half-installed.py").write_text("")
     rebuilt = ensure_env(VERSION, "system", root=tmp_path, log=lambda msg: None)
-    assert rebuilt.reused is False and (stuck / envs.MARKER).is_file()
-    assert not (envs_base.site_packages(stuck) / "half-installed.py").exists()
+    assert rebuilt.reused is False and (stuck / locations.MARKER).is_file()
+    assert not (venv.site_packages(stuck) / "half-installed.py").exists()
 
 
 def test_child_env_runs_the_callers_source_tree_and_drops_pythonhome(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", "/somewhere/else")
     monkeypatch.setenv("PYTHONHOME", "/broken/home")
-    env = envs.child_env({"MARK": "1"}, root=tmp_path)
+    env = procs.child_env({"MARK": "1"}, root=tmp_path)
     assert env["PYTHONPATH"] == str(REPO) and "PYTHONHOME" not in env and env["MARK"] == "1"
-    assert "PYTHONPATH" not in envs.child_env(source=False)
+    assert "PYTHONPATH" not in procs.child_env(source=False)
     # an installed copy (no pyproject.toml next to it): a directory holding nothing but the package
     installed = tmp_path / "site-packages"
     (installed / "opensci_patch").mkdir(parents=True)
-    monkeypatch.setattr(envs_base, "SRC_ROOT", installed)
-    only = Path(envs.child_env(root=tmp_path / "root")["PYTHONPATH"])
+    monkeypatch.setattr(procs, "SRC_ROOT", installed)
+    only = Path(procs.child_env(root=tmp_path / "root")["PYTHONPATH"])
     assert only.parent == tmp_path / "root" and [p.name for p in only.iterdir()] == ["opensci_patch"]
     assert (only / "opensci_patch").resolve() == installed / "opensci_patch"
 
@@ -451,15 +453,15 @@ def test_two_checkouts_sharing_one_env_root_each_run_their_own_code(env, env_roo
     shutil.copy(REPO / "pyproject.toml", other)
     probe = ["-c", "import opensci_patch; print(opensci_patch.__file__)"]
     try:
-        monkeypatch.setattr(envs_base, "SRC_ROOT", other)
+        monkeypatch.setattr(procs, "SRC_ROOT", other)
         ensure_env(VERSION, "system", root=env_root, log=lambda msg: None)  # a cell started from the other checkout
         proc = run_python(env, probe, timeout=300, cwd=tmp_path)
         assert proc.stdout.strip() == str(other / "opensci_patch" / "__init__.py"), proc.stderr
-        monkeypatch.setattr(envs_base, "SRC_ROOT", REPO)
+        monkeypatch.setattr(procs, "SRC_ROOT", REPO)
         proc = run_python(env, probe, timeout=300, cwd=tmp_path)
         assert proc.stdout.strip() == str(REPO / "opensci_patch" / "__init__.py"), proc.stderr
     finally:
-        monkeypatch.setattr(envs_base, "SRC_ROOT", REPO)
+        monkeypatch.setattr(procs, "SRC_ROOT", REPO)
         ensure_env(VERSION, "system", root=env_root, log=lambda msg: None)  # point the .pth back for later tests
 
 
@@ -474,5 +476,5 @@ def test_cpu_envs_link_one_shared_torch_layer_installed_once(tmp_path):
     assert where[0].startswith(str(tmp_path / "_torch-layer-")) and where[1].startswith(envs.TORCH_PIN)
     assert not list((env.path / "lib").glob("python*/site-packages/torch"))  # linked, not installed
     messages.clear()
-    layer = envs.ensure_torch_layer("cpu", tmp_path, log=messages.append)
+    layer = torch_links.ensure_torch_layer("cpu", tmp_path, log=messages.append)
     assert layer.version.startswith(envs.TORCH_PIN) and not any("creating" in m for m in messages)

@@ -28,8 +28,8 @@ def test_capture_never_replaces_a_device_or_pipe_given_as_out_even_with_force(cl
 
 
 def test_write_atomic_refuses_to_replace_a_non_regular_file(tmp_path: Path):
-    from opensci_patch.errors import DestinationError
-    from opensci_patch.records import write_atomic
+    from opensci_patch._util.errors import DestinationError
+    from opensci_patch._util.fs import write_atomic
 
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
@@ -47,27 +47,28 @@ def fake_layer_installer(monkeypatch) -> list[str]:
     """Installers that make a torch layer in milliseconds: a venv layout and a torch .dist-info in it."""
     import sys
 
-    from opensci_patch import envs_base, torch_links
+    from opensci_patch._util import procs
+    from opensci_patch.matrix import torch_links, venv
 
     real_python, built = sys.executable, []
 
     def run_installer(cmd, cwd, name):
         if "venv" in cmd:
             path = Path(cmd[-1])
-            envs_base.site_packages(path).mkdir(parents=True, exist_ok=True)
-            envs_base.venv_python(path).parent.mkdir(parents=True, exist_ok=True)
-            envs_base.venv_python(path).symlink_to(real_python)
+            venv.site_packages(path).mkdir(parents=True, exist_ok=True)
+            venv.venv_python(path).parent.mkdir(parents=True, exist_ok=True)
+            venv.venv_python(path).symlink_to(real_python)
             built.append(path.name)
             return
-        site = envs_base.site_packages(Path(cmd[cmd.index("--python") + 1]).parents[1])
+        site = venv.site_packages(Path(cmd[cmd.index("--python") + 1]).parents[1])
         info = site / f"torch-{torch_links.TORCH_PIN}.dist-info"
         info.mkdir()
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: torch\nVersion: {torch_links.TORCH_PIN}\n")
         (site / "torch").mkdir()
         (site / "torch" / "__init__.py").write_text("")
 
-    monkeypatch.setattr(envs_base, "find_uv", lambda: "uv")
-    monkeypatch.setattr(envs_base, "run_installer", run_installer)
+    monkeypatch.setattr(procs, "find_uv", lambda: "uv")
+    monkeypatch.setattr(procs, "run_installer", run_installer)
     return built
 
 
@@ -80,13 +81,13 @@ def _as_interpreter(monkeypatch, executable: str, base: str) -> None:
 
 def test_a_second_interpreter_never_deletes_the_torch_layer_the_first_one_uses(tmp_path, monkeypatch,
                                                                               fake_layer_installer):  # fmt: skip
-    from opensci_patch import envs_base, torch_links
+    from opensci_patch.matrix import torch_links, venv
 
     root = tmp_path / "envs"
     _as_interpreter(monkeypatch, "/venvs/a/bin/python", "/pythons/one/bin/python3")
     torch_links.ensure_torch_layer("cpu", root, log=lambda m: None)
     (first,) = [p for p in root.glob("_torch-cpu-*") if p.is_dir()]
-    in_use = envs_base.site_packages(first) / "torch" / "__init__.py"  # what the first run's cells import
+    in_use = venv.site_packages(first) / "torch" / "__init__.py"  # what the first run's cells import
 
     _as_interpreter(monkeypatch, "/venvs/b/bin/python", "/pythons/one/bin/python3")  # another venv, same base
     torch_links.ensure_torch_layer("cpu", root, log=lambda m: None)
@@ -102,17 +103,18 @@ def test_a_complete_torch_layer_is_never_deleted_even_when_its_marker_differs(tm
                                                                              fake_layer_installer):  # fmt: skip
     import json
 
-    from opensci_patch import envs_base, torch_links
-    from opensci_patch.errors import EnvironmentSetupError
+    from opensci_patch._util import locations
+    from opensci_patch._util.errors import EnvironmentSetupError
+    from opensci_patch.matrix import torch_links, venv
 
     root = tmp_path / "envs"
     torch_links.ensure_torch_layer("cpu", root, log=lambda m: None)
     layer = torch_links.torch_layer_path("cpu", root)
-    marker = json.loads((layer / envs_base.MARKER).read_text())
-    (layer / envs_base.MARKER).write_text(json.dumps({**marker, "torch_pin": "0.0.1"}))
+    marker = json.loads((layer / locations.MARKER).read_text())
+    (layer / locations.MARKER).write_text(json.dumps({**marker, "torch_pin": "0.0.1"}))
     with pytest.raises(EnvironmentSetupError, match="never deleted"):
         torch_links.ensure_torch_layer("cpu", root, log=lambda m: None)
-    assert (envs_base.site_packages(layer) / "torch" / "__init__.py").exists()
+    assert (venv.site_packages(layer) / "torch" / "__init__.py").exists()
 
 
 def test_cell_exits_non_zero_when_its_cells_could_not_run(cli, tmp_path: Path):
@@ -120,7 +122,7 @@ def test_cell_exits_non_zero_when_its_cells_could_not_run(cli, tmp_path: Path):
     import subprocess
     import sys
 
-    from opensci_patch.envs import child_env
+    from opensci_patch._util.procs import child_env
 
     records = tmp_path / "records"
     env = child_env({"OPENSCI_PATCH_WHEELS": str(tmp_path / "none"), "OPENSCI_PATCH_ENV_ROOT": str(tmp_path / "e")})
@@ -153,7 +155,7 @@ def _hotfixed_with_layers(cli, model_dir: Path, tmp_path: Path, layers: int) -> 
 ])  # fmt: skip
 def test_a_checkpoint_whose_tensors_do_not_match_its_config_is_never_ok(cli, model_dir, tmp_path, layers, reference,
                                                                         words):  # fmt: skip
-    from opensci_patch import records
+    from opensci_patch.measure import records
 
     fixed = _hotfixed_with_layers(cli, model_dir, tmp_path, layers)
     out = tmp_path / "r.json"
@@ -167,7 +169,7 @@ def test_a_checkpoint_whose_tensors_do_not_match_its_config_is_never_ok(cli, mod
 
 
 def _report_verdicts(recs) -> dict:
-    from opensci_patch import report
+    from opensci_patch.results import report
 
     return {r.cell: (r.status, r.why, r.bit_identical) for r in report.rows(recs)}
 
@@ -176,7 +178,7 @@ def _report_verdicts(recs) -> dict:
 def test_a_record_whose_shown_values_differ_from_the_reference_never_passes_on_its_hash(edit: str):
     import test_report as tr
 
-    from opensci_patch import records
+    from opensci_patch.measure import records
 
     ref, rec = tr.ok(tr.REF_VERSION), tr.ok("5.2.0")  # the same logits_sha256
     ref.reference = rec.reference = records.Fp64Reference("float64", 3.4e-6, 14.5)
@@ -222,7 +224,7 @@ def index(monkeypatch):
     """The package index as `releases.index_versions` reads it: these releases, or unreachable (None)."""
     from packaging.version import Version
 
-    from opensci_patch import releases
+    from opensci_patch.matrix import releases
 
     listed: list = ["4.48.0", "4.57.6", "5.2.0", "5.2.0rc1", "5.3.0"]
 
@@ -236,7 +238,8 @@ def index(monkeypatch):
 
 
 def _cells_run(monkeypatch, argv: list[str]) -> tuple[int, list]:
-    from opensci_patch import cli, runner
+    from opensci_patch import cli
+    from opensci_patch.matrix import runner
 
     ran: list = []
     monkeypatch.setattr(runner, "main_cells", lambda cells, *a, **k: ran.extend(cells) or 0)
@@ -260,8 +263,8 @@ def test_a_pre_release_is_refused_unless_asked_for(monkeypatch, tmp_path: Path, 
 
 
 def test_envs_refuse_a_release_not_in_its_canonical_form():
-    from opensci_patch import envs
-    from opensci_patch.errors import EnvironmentSetupError
+    from opensci_patch._util.errors import EnvironmentSetupError
+    from opensci_patch.matrix import envs
 
     for spelling in ("4.48", " 4.48.0", "4.48.0+local"):
         with pytest.raises(EnvironmentSetupError):
@@ -290,7 +293,9 @@ def test_cell_with_an_unknown_release_and_a_wheels_dir_is_exit_2(monkeypatch, tm
 
 def test_bisect_and_diagnose_with_an_unknown_release_are_exit_2_before_any_work(monkeypatch, tmp_path, capsys,
                                                                                 index):  # fmt: skip
-    from opensci_patch import bisect, cli, diagnose, envs
+    from opensci_patch import cli, diagnose
+    from opensci_patch.matrix import envs
+    from opensci_patch.results import bisect
 
     def no_work(*a, **k):
         raise AssertionError("did work")
@@ -327,8 +332,8 @@ def test_a_report_killed_between_its_writes_never_leaves_a_pair_of_two_runs(tmp_
 
     import test_report as tr
 
-    from opensci_patch import faults
-    from opensci_patch.envs import child_env
+    from opensci_patch._util import faults
+    from opensci_patch._util.procs import child_env
 
     recs, results = tmp_path / "records", tmp_path / "results"
     tr.write_records(recs, [tr.ok(tr.REF_VERSION), tr.ok("5.2.0")])
@@ -347,7 +352,7 @@ def test_a_report_killed_between_its_writes_never_leaves_a_pair_of_two_runs(tmp_
     if point == "report.temps":  # killed before its journal: the previous pair, whole
         assert _run_ids(results) == first
     else:  # killed between its renames: the journal completes the killed run's pair, as the next run does first
-        from opensci_patch import report as report_mod
+        from opensci_patch.results import report as report_mod
 
         report_mod.finish_pair(results)
         killed_pair = _run_ids(results)
@@ -368,7 +373,7 @@ def _terminate_when(cmd: list[str], tmpdir: Path, ready, timeout: float = 300):
     import sys
     import time
 
-    from opensci_patch.envs import child_env
+    from opensci_patch._util.procs import child_env
 
     tmpdir.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "opensci_patch.cli", *cmd], env=child_env({"TMPDIR": str(tmpdir)}),
@@ -391,7 +396,7 @@ def test_a_terminated_capture_leaves_no_modules_cache(model_dir: Path, tmp_path:
 
 
 def test_a_terminated_cell_run_leaves_no_run_dir_or_modules_cache(tmp_path: Path):
-    from opensci_patch import records
+    from opensci_patch.measure import records
 
     tmpdir, recs = tmp_path / "tmp", tmp_path / "records"
     cmd = ["cell", "--transformers", "4.48.0", "--torch", "system", "--variant", "patched", "--variant", "structural",
@@ -407,9 +412,9 @@ def test_a_terminated_hotfix_leaves_nothing_behind(tmp_path: Path):
     import subprocess
     import sys
 
-    from opensci_patch import faults
-    from opensci_patch.defaults import FIXTURE_DIR
-    from opensci_patch.envs import child_env
+    from opensci_patch._util import faults
+    from opensci_patch._util.defaults import FIXTURE_DIR
+    from opensci_patch._util.procs import child_env
 
     dst = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "opensci_patch.cli", "hotfix", str(FIXTURE_DIR), "--out", str(dst)],
@@ -474,7 +479,7 @@ def test_malformed_safetensors_offsets_dtypes_and_shapes_are_bad_input(cli, mode
 
 
 def test_a_shape_mismatch_names_the_tensors_instead_of_an_unshown_report(cli, model_dir, tmp_path):
-    from opensci_patch import records
+    from opensci_patch.measure import records
 
     assert cli("hotfix", str(model_dir), "--out", str(tmp_path / "fixed")).returncode == 0
     _edit_config(tmp_path / "fixed", intermediate_size=128)

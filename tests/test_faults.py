@@ -24,9 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from opensci_patch import envs, faults
-from opensci_patch.defaults import FIXTURE_DIR, MANIFEST
-from opensci_patch.hotfix import CHUNK
+from opensci_patch._util import faults, locations
+from opensci_patch._util.defaults import FIXTURE_DIR, MANIFEST
+from opensci_patch.matrix import envs
+from opensci_patch.rewrite.hotfix import CHUNK
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = FIXTURE_DIR
@@ -131,7 +132,8 @@ ENV_DRIVER = """
 import json, subprocess, sys
 from importlib import metadata
 from pathlib import Path
-from opensci_patch import envs, envs_base, faults
+from opensci_patch._util import faults, procs
+from opensci_patch.matrix import envs, venv
 
 WRITER = (
     "import sys, time, pathlib\\n"
@@ -141,12 +143,12 @@ WRITER = (
 def run_installer(cmd, cwd, name):
     if "venv" in cmd:
         path = Path(cmd[-1])
-        envs_base.site_packages(path).mkdir(parents=True, exist_ok=True)
-        envs_base.venv_python(path).parent.mkdir(parents=True, exist_ok=True)
-        envs_base.venv_python(path).symlink_to(sys.executable)
+        venv.site_packages(path).mkdir(parents=True, exist_ok=True)
+        venv.venv_python(path).parent.mkdir(parents=True, exist_ok=True)
+        venv.venv_python(path).symlink_to(sys.executable)
         return
-    site = envs_base.site_packages(Path(cmd[cmd.index("--python") + 1]).parents[1])
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(site)], preexec_fn=envs_base.death_signal_setter())
+    site = venv.site_packages(Path(cmd[cmd.index("--python") + 1]).parents[1])
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(site)], preexec_fn=procs.death_signal_setter())
     faults.fault_point("env.installing")
     writer.wait()
 
@@ -154,8 +156,8 @@ def versions(env):
     return {"python": sys.version.split()[0], "torch": metadata.version("torch"), "transformers": sys.argv[2],
             "torch_available": True}
 
-envs_base.find_uv = lambda: "uv"
-envs_base.run_installer = run_installer
+procs.find_uv = lambda: "uv"
+procs.run_installer = run_installer
 envs.installed_versions = versions
 env = envs.ensure_env(sys.argv[2], "system", root=Path(sys.argv[1]), log=lambda m: None)
 print(json.dumps({"reused": env.reused}))
@@ -182,14 +184,14 @@ def test_killed_env_build_is_rebuilt_by_the_next_run_and_leaves_nothing(tmp_path
     what = f"seed {seed}: {point}:{sig}, rc {killed.returncode}"
     assert killed.returncode != 0, what
     path = root / envs.env_name(VERSION, "system")
-    assert not (path / envs.MARKER).exists(), what  # never a marker on a half-made env
+    assert not (path / locations.MARKER).exists(), what  # never a marker on a half-made env
     if sig == "SIGINT":  # Ctrl-C removes what it made
         assert not path.exists(), what
 
     again = _build_env(root)
     assert again.returncode == 0, f"{what}; next run: {again.stderr[-2000:]}"
     assert json.loads(again.stdout.splitlines()[-1]) == {"reused": False}, what
-    marker = json.loads((path / envs.MARKER).read_text())
+    marker = json.loads((path / locations.MARKER).read_text())
     assert (marker["transformers"], marker["torch_build"]) == (VERSION, "system"), what
     leftovers = [p.name for p in root.iterdir() if p.name.startswith((".trash-", ".tmp-"))]
     assert leftovers == [], what
@@ -207,7 +209,7 @@ def _cli(*args: str, fault: str | None = None) -> subprocess.CompletedProcess[st
 @pytest.mark.crossversion  # runs cells
 @pytest.mark.parametrize("signame", ["SIGKILL", "SIGINT"])
 def test_a_killed_cell_run_leaves_running_records_that_the_report_refuses(tmp_path: Path, signame: str):
-    from opensci_patch import records
+    from opensci_patch.measure import records
 
     recs, results = tmp_path / "records", tmp_path / "results"
     cell_args = ["cell", "--transformers", "4.48.0", "--torch", "system", "--records", str(recs)]
@@ -233,7 +235,10 @@ def test_a_killed_cell_run_leaves_running_records_that_the_report_refuses(tmp_pa
 
 
 def test_a_fault_point_with_a_count_fires_at_that_hit_only():
-    code = "from opensci_patch.faults import fault_point\nfor i in range(5):\n print(i, flush=True); fault_point('x')"
+    code = (
+        "from opensci_patch._util.faults import fault_point\n"
+        "for i in range(5):\n print(i, flush=True); fault_point('x')"
+    )
     env = _child_env("x#3:SIGKILL")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == -signal.SIGKILL and proc.stdout.split() == ["0", "1", "2"], proc.stderr

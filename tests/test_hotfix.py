@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from opensci_patch import __version__, faults
-from opensci_patch import hotfix as hotfix_module
-from opensci_patch.errors import DestinationError, ModelDirError, PatchError
-from opensci_patch.hotfix import MANIFEST, hotfix
-from opensci_patch.patches import default_patches
+from opensci_patch import __version__
+from opensci_patch._util import faults
+from opensci_patch._util.errors import DestinationError, ModelDirError, PatchError
+from opensci_patch.rewrite import hotfix as hotfix_module
+from opensci_patch.rewrite.hotfix import MANIFEST, hotfix
+from opensci_patch.rewrite.patches import default_patches
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "opensci_patch" / "data" / "opensci-tiny"

@@ -72,5 +72,63 @@ def test_the_graph_reader_sees_a_cycle(tmp_path: Path):
 
 def test_the_package_has_no_import_cycle():
     graph = import_graph()
-    assert "opensci_patch.runner" in graph["opensci_patch.cli"]  # the reader sees lazy imports
+    assert "opensci_patch.matrix.runner" in graph["opensci_patch.cli"]  # the reader sees lazy imports
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+# The layers, bottom first: a module may import its own package and any layer below, never one above or beside.
+LAYERS = (
+    ("opensci_patch", "opensci_patch._util"),
+    ("opensci_patch.rewrite", "opensci_patch.measure"),
+    ("opensci_patch.fixtures",),
+    ("opensci_patch.matrix",),
+    ("opensci_patch.results",),
+    ("opensci_patch.diagnose",),
+    ("opensci_patch.demo",),
+    ("opensci_patch.cli",),
+)
+
+
+def _layer(module: str) -> tuple[int, str]:
+    """(rank, the layer package) of a module: its longest matching prefix in LAYERS."""
+    best = max(
+        ((rank, pkg) for rank, pkgs in enumerate(LAYERS) for pkg in pkgs if module == pkg or module.startswith(pkg + ".")),
+        key=lambda found: len(found[1]),
+    )
+    return best
+
+
+def upward_edges(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that runs up a layer or sideways into another package of the same layer."""
+    bad = []
+    for module, targets in graph.items():
+        rank, pkg = _layer(module)
+        for target in targets:
+            t_rank, t_pkg = _layer(target)
+            if t_pkg != pkg and t_rank >= rank and t_pkg != "opensci_patch":
+                bad.append(f"{module} -> {target}")
+    return sorted(bad)
+
+
+def test_every_module_is_in_a_layer():
+    assert all(_layer(m) for m in import_graph())
+
+
+def test_the_layer_rule_sees_an_upward_import():
+    graph = {"opensci_patch.measure.capture": {"opensci_patch.matrix.envs", "opensci_patch._util.errors"},
+             "opensci_patch.rewrite.hotfix": {"opensci_patch.measure.capture"}}  # fmt: skip
+    assert upward_edges(graph) == ["opensci_patch.measure.capture -> opensci_patch.matrix.envs",
+                                   "opensci_patch.rewrite.hotfix -> opensci_patch.measure.capture"]  # fmt: skip
+
+
+def test_no_import_runs_up_a_layer():
+    assert upward_edges(import_graph()) == []
+
+
+def test_each_layer_package_says_what_it_is_and_exports_its_modules():
+    for pkg in [p for layer in LAYERS[1:] for p in layer if (PACKAGE.parent / p.replace(".", "/")).is_dir()]:
+        init = PACKAGE.parent / pkg.replace(".", "/") / "__init__.py"
+        tree = ast.parse(init.read_text())
+        assert ast.get_docstring(tree), f"{init}: no docstring"
+        names = [n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "__all__"]
+        assert names, f"{init}: no __all__"

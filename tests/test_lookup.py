@@ -6,8 +6,8 @@ import gc
 
 import libcst as cst
 
-from opensci_patch.patches import rope_default, sdpa_gqa
-from opensci_patch.patches.lookup import _Guard
+from opensci_patch.rewrite.patches import rope_default, sdpa_gqa
+from opensci_patch.rewrite.patches.lookup import _Guard
 
 HEADER = """\
 import torch

@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 from test_envs import VERSION, fake_installer, needs_torch  # noqa: F401  (fixture)
 
-from opensci_patch import envs, envs_base, overrides, records, report
-from opensci_patch.errors import EnvironmentSetupError
+from opensci_patch._util import fs, locations, procs
+from opensci_patch._util.errors import EnvironmentSetupError
+from opensci_patch.matrix import envs, overrides, venv
+from opensci_patch.measure import records
+from opensci_patch.results import report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,8 +91,8 @@ def test_an_unmet_pin_is_one_line_naming_package_pin_and_the_way_out(tmp_path, f
             return fake_installer_make(cmd, cwd, name)
         raise EnvironmentSetupError(f"env {name}: `uv pip install ...` failed (exit 1). Last output:\n{UV_UNMET}")
 
-    fake_installer_make = envs_base.run_installer
-    monkeypatch.setattr(envs_base, "run_installer", failing)
+    fake_installer_make = procs.run_installer
+    monkeypatch.setattr(procs, "run_installer", failing)
     with pytest.raises(EnvironmentSetupError) as caught:
         envs.ensure_env("5.25.0", "system", root=tmp_path, log=lambda m: None)
     first = str(caught.value).splitlines()[0]
@@ -109,7 +112,7 @@ def test_an_env_is_keyed_on_its_overrides(tmp_path, fake_installer, monkeypatch)
     install = next(cmd for cmd in fake_installer if f"transformers=={VERSION}" in cmd and "--override" in cmd)
     listing = Path(install[install.index("--override") + 1])
     assert listing.read_text() == "kernels>=0.17\n"
-    assert json.loads((lifted.path / envs.MARKER).read_text())["overrides"] == ["kernels>=0.17"]
+    assert json.loads((lifted.path / locations.MARKER).read_text())["overrides"] == ["kernels>=0.17"]
     # each is reused only for its own overrides
     assert envs.ensure_env(VERSION, "system", root=tmp_path, log=log).path == plain.path
     again = envs.ensure_env(VERSION, "system", root=tmp_path, log=log, overrides=["kernels>=0.17"])
@@ -126,9 +129,9 @@ def test_an_env_is_keyed_on_its_overrides(tmp_path, fake_installer, monkeypatch)
 def test_an_override_env_whose_marker_lacks_the_overrides_is_rebuilt(tmp_path, fake_installer):  # noqa: F811
     log = lambda m: None  # noqa: E731
     lifted = envs.ensure_env(VERSION, "system", root=tmp_path, log=log, overrides=["kernels>=0.17"])
-    marker = json.loads((lifted.path / envs.MARKER).read_text())
+    marker = json.loads((lifted.path / locations.MARKER).read_text())
     del marker["overrides"]
-    (lifted.path / envs.MARKER).write_text(json.dumps(marker))
+    (lifted.path / locations.MARKER).write_text(json.dumps(marker))
     assert envs.ensure_env(VERSION, "system", root=tmp_path, log=log, overrides=["kernels>=0.17"]).reused is False
 
 
@@ -138,17 +141,17 @@ def test_without_uv_pip_installs_transformers_without_deps_then_the_rewritten_re
     fake_installer,  # noqa: F811
     monkeypatch,
 ):
-    monkeypatch.setattr(envs_base, "find_uv", lambda: None)
+    monkeypatch.setattr(procs, "find_uv", lambda: None)
     made = []
 
     def make_venv(path, root, log):
         made.append(path)
-        envs_base.venv_python(path).parent.mkdir(parents=True, exist_ok=True)
-        envs_base.venv_python(path).symlink_to(sys.executable)
-        envs_base.site_packages(path).mkdir(parents=True, exist_ok=True)
+        venv.venv_python(path).parent.mkdir(parents=True, exist_ok=True)
+        venv.venv_python(path).symlink_to(sys.executable)
+        venv.site_packages(path).mkdir(parents=True, exist_ok=True)
         return ["pip", "install"]
 
-    monkeypatch.setattr(envs_base, "make_venv", make_venv)
+    monkeypatch.setattr(venv, "make_venv", make_venv)
     monkeypatch.setattr(envs, "_pip_requirements", lambda path, ov: envs.rewrite_requirements(REQUIRES_525, ov))
     envs.ensure_env(VERSION, "system", root=tmp_path, log=lambda m: None, overrides=["kernels>=0.17"])
     installs = [cmd for cmd in fake_installer if cmd[:2] == ["pip", "install"]]
@@ -181,10 +184,10 @@ def _record(version: str, model: str, ov: list[str]) -> records.Record:
 def test_records_refuse_overrides_that_are_not_a_list_of_strings(tmp_path):
     path = tmp_path / "r.json"
     rec = _record("5.25.0", "patched", ["kernels>=0.17"])
-    records.write_atomic(path, rec)
+    fs.write_atomic(path, rec)
     assert records.load(path).environment["overrides"] == ["kernels>=0.17"]
     rec.environment["overrides"] = "kernels>=0.17"
-    records.write_atomic(path, rec)
+    fs.write_atomic(path, rec)
     with pytest.raises(records.RecordError, match="environment.overrides"):
         records.load(path)
 

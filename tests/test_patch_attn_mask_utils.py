@@ -16,8 +16,8 @@ import types
 import llama_style
 import pytest
 
-from opensci_patch.errors import PatchError
-from opensci_patch.patches import by_name, default_patches
+from opensci_patch._util.errors import PatchError
+from opensci_patch.rewrite.patches import by_name, default_patches
 
 PATCH = by_name("moved_helpers")
 NAMES = (
@@ -179,7 +179,7 @@ def test_stand_ins_equal_5_23s_module_bit_for_bit(stand_ins: dict):
     """5.23.0's modeling_attn_mask_utils.py (from its env), run under the installed transformers, against the
     stand-ins: the same tensors, the same decisions, the same errors."""
     torch = pytest.importorskip("torch")
-    from opensci_patch.envs import _site_packages, ensure_env
+    from opensci_patch.matrix.envs import _site_packages, ensure_env
 
     env = ensure_env("5.23.0", "system", log=lambda *a: None)
     text = (_site_packages(env.path) / "transformers" / "modeling_attn_mask_utils.py").read_text()
@@ -260,7 +260,7 @@ SDPA_RELEASES = ["4.48.0", "5.2.0", "5.24.0"]
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict:
-    from opensci_patch.hotfix import hotfix
+    from opensci_patch.rewrite.hotfix import hotfix
 
     root = tmp_path_factory.mktemp("llama-style")
     plain = llama_style.build(root / "llama-448")

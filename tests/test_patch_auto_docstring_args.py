@@ -13,8 +13,8 @@ import re
 import pytest
 from conftest import FIXTURE_DIR
 
-from opensci_patch.errors import PatchError
-from opensci_patch.patches import by_name
+from opensci_patch._util.errors import PatchError
+from opensci_patch.rewrite.patches import by_name
 
 PATCH = by_name("auto_docstring_args")
 
@@ -100,8 +100,8 @@ def test_transformers_docstring_parser_reads_the_entries():
 
 def test_the_generated_style_file_gets_its_two_forwards_documented():
     pytest.importorskip("transformers")
-    from opensci_patch.generated_style import ensure_generated
-    from opensci_patch.patches import apply_patches, default_patches
+    from opensci_patch.fixtures.generated import ensure_generated
+    from opensci_patch.rewrite.patches import apply_patches, default_patches
 
     source = (ensure_generated(log=lambda *a: None) / "modeling_opensci.py").read_text()
     patched, status = apply_patches(source, default_patches())

@@ -18,8 +18,8 @@ import sys
 import pytest
 from conftest import FIXTURE_DIR
 
-from opensci_patch.errors import PatchError
-from opensci_patch.patches import by_name, default_patches
+from opensci_patch._util.errors import PatchError
+from opensci_patch.rewrite.patches import by_name, default_patches
 
 PATCH = by_name("cache_kwarg")
 MODELING = FIXTURE_DIR / "modeling_opensci.py"
@@ -231,7 +231,7 @@ print(json.dumps(out))
 def decoded(tmp_path_factory) -> dict:
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from opensci_patch.hotfix import hotfix
+    from opensci_patch.rewrite.hotfix import hotfix
 
     tmp = tmp_path_factory.mktemp("cache-kwarg")
     src = tmp / "opensci-tiny"

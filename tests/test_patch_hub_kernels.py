@@ -13,8 +13,8 @@ import functools
 import pytest
 from conftest import FIXTURE_DIR
 
-from opensci_patch.errors import PatchError
-from opensci_patch.patches import by_name
+from opensci_patch._util.errors import PatchError
+from opensci_patch.rewrite.patches import by_name
 
 PATCH = by_name("hub_kernels")
 MODELING = FIXTURE_DIR / "modeling_opensci.py"
@@ -150,6 +150,6 @@ def test_5_24_is_unchanged_and_4_48_never_sees_the_keyword():
 @pytest.fixture(scope="module")
 def generated_source(tmp_path_factory) -> str:
     pytest.importorskip("transformers")
-    from opensci_patch.generated_style import ensure_generated
+    from opensci_patch.fixtures.generated import ensure_generated
 
     return (ensure_generated(log=lambda *a: None) / "modeling_opensci.py").read_text()

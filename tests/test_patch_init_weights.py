@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from opensci_patch.patches import by_name
+from opensci_patch.rewrite.patches import by_name
 
 
 def _init_weights_of(source: str, torch):

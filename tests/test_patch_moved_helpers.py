@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 from patch_sources import GENERATED, function_of
 
-from opensci_patch.errors import PatchError
-from opensci_patch.patches import by_name
+from opensci_patch._util.errors import PatchError
+from opensci_patch.rewrite.patches import by_name
 
 PATCH = by_name("moved_helpers")
 
@@ -129,7 +129,7 @@ def test_mask_adapter_passes_the_new_name_to_a_helper_that_also_lists_the_deprec
 
 def test_a_file_hotfixed_with_the_adapter_before_5_25_is_upgraded(patched):
     """The adapter written before 5.25 (rename only where the old name is absent) is replaced by the current one."""
-    from opensci_patch.patches.stand_ins import ADAPTER_DEF, OLD_ADAPTER_DEFS
+    from opensci_patch.rewrite.patches.stand_ins import ADAPTER_DEF, OLD_ADAPTER_DEFS
 
     before = next(old for old in OLD_ADAPTER_DEFS if "old not in parameters" in old)
     hotfixed_before = patched.replace(ADAPTER_DEF.strip("\n"), before.strip("\n"))

@@ -11,8 +11,8 @@ import operator
 import libcst as cst
 import pytest
 
-from opensci_patch.errors import PatchError
-from opensci_patch.patches import PATCHES, Patch, State, apply_patches, base, default_patches, select
+from opensci_patch._util.errors import PatchError
+from opensci_patch.rewrite.patches import PATCHES, Patch, State, apply_patches, base, default_patches, select
 
 
 def one_by_one(source: str, patches, filename: str = "<source>"):
@@ -92,7 +92,7 @@ class _All(cst.CSTVisitor):
 
 
 def test_walk_and_find_all_see_the_nodes_libcst_visits_in_its_order(modeling_source: str, patched_source: str):
-    from opensci_patch.patches.base import find_all, indexed, walk
+    from opensci_patch.rewrite.patches.base import find_all, indexed, walk
 
     for source in (modeling_source, patched_source):
         tree = cst.parse_module(source)

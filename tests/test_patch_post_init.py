@@ -8,7 +8,7 @@ import pytest
 from patch_sources import NO_POST_INIT
 from research_checkpoint import capture_here, capture_on, research_checkpoint, same_numerics
 
-from opensci_patch.patches import by_name
+from opensci_patch.rewrite.patches import by_name
 
 PATCH = by_name("post_init")
 

@@ -6,8 +6,8 @@ import pytest
 from patch_sources import NO_POST_INIT, modeling_source
 from research_checkpoint import capture_on, research_checkpoint, same_numerics
 
-from opensci_patch.errors import PatchError
-from opensci_patch.patches import by_name
+from opensci_patch._util.errors import PatchError
+from opensci_patch.rewrite.patches import by_name
 
 PATCH = by_name("remote_code")
 

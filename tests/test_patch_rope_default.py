@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from patch_sources import function_of
 
-from opensci_patch.patches import by_name
+from opensci_patch.rewrite.patches import by_name
 
 
 def _rope_448(config, device=None):

@@ -9,8 +9,8 @@ import pytest
 from conftest import FIXTURE_DIR
 from patch_sources import LLAMA_STYLE
 
-from opensci_patch.errors import PatchError
-from opensci_patch.patches import by_name
+from opensci_patch._util.errors import PatchError
+from opensci_patch.rewrite.patches import by_name
 
 PATCH = by_name("rope_theta")
 

@@ -21,10 +21,10 @@ import pytest
 from conftest import FIXTURE_DIR
 from patch_sources import class_attribute
 
-from opensci_patch.errors import PatchError
-from opensci_patch.patches import State, by_name
-from opensci_patch.patches import tied_weights as tw
-from opensci_patch.patches.base import method
+from opensci_patch._util.errors import PatchError
+from opensci_patch.rewrite.patches import State, by_name
+from opensci_patch.rewrite.patches import tied_weights as tw
+from opensci_patch.rewrite.patches.base import method
 
 PATCH = by_name("tied_weights")
 GUARD_MARKER = "# opensci-patch: tied_weights (transformers 5.3.0"
@@ -237,7 +237,7 @@ def test_the_override_passes_through_the_argumentless_5_2_call():
 
 TIE_PROBE = """
 import json, sys
-from opensci_patch.capture import isolated_hf_cache
+from opensci_patch.measure.capture import isolated_hf_cache
 with isolated_hf_cache():
     import transformers
     from transformers import AutoModelForCausalLM
@@ -263,8 +263,8 @@ class _DropGuard(cst.CSTTransformer):
 def test_hotfixed_shipped_model_is_tied_on_5_3_and_gives_the_4_48_logits(tmp_path: Path):
     from test_crossversion import capture
 
-    from opensci_patch.envs import ensure_env, run_python
-    from opensci_patch.hotfix import hotfix
+    from opensci_patch.matrix.envs import ensure_env, run_python
+    from opensci_patch.rewrite.hotfix import hotfix
 
     shutil.copytree(FIXTURE_DIR, tmp_path / "opensci-tiny")
     fixed = hotfix(tmp_path / "opensci-tiny", tmp_path / "opensci-tiny_fixed", log=lambda *a: None).dst

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 from patch_sources import PEP604
 
-from opensci_patch.patches import by_name
+from opensci_patch.rewrite.patches import by_name
 
 PATCH = by_name("union_annotations")
 
@@ -80,7 +80,7 @@ else:
 
 @pytest.mark.crossversion
 def test_4_57_6_auto_docstring_fails_on_the_union_and_reads_the_rewrite(tmp_path):
-    from opensci_patch.envs import ensure_env, run_python
+    from opensci_patch.matrix.envs import ensure_env, run_python
 
     env = ensure_env("4.57.6", "system", log=lambda *a: None)
     script = tmp_path / "run.py"

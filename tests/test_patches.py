@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 from patch_sources import FIXTURE, GENERATED, LLAMA_STYLE, NO_POST_INIT, PEP604, class_attribute
 
-from opensci_patch.errors import PatchError
-from opensci_patch.patches import PATCHES, apply_patches, by_name, default_patches, select
+from opensci_patch._util.errors import PatchError
+from opensci_patch.rewrite.patches import PATCHES, apply_patches, by_name, default_patches, select
 
 NAMES = [p.name for p in PATCHES]
 # the patches whose construct the shipped, hand-written file does not have
@@ -90,7 +90,7 @@ def test_registry_order_and_defaults():
 
 def test_a_new_patch_module_is_found_by_itself_in_its_order(tmp_path, monkeypatch):
     """Adding a patch is one new module in opensci_patch/patches: the registry discovers and orders it."""
-    import opensci_patch.patches as registry
+    import opensci_patch.rewrite.patches as registry
 
     package = tmp_path / "fake_patches"
     package.mkdir()
@@ -99,7 +99,7 @@ def test_a_new_patch_module_is_found_by_itself_in_its_order(tmp_path, monkeypatc
             ""
             if order is None
             else (
-                "from opensci_patch.patches.base import Patch, State\n"
+                "from opensci_patch.rewrite.patches.base import Patch, State\n"
                 f"PATCH = Patch(name={name!r}, order={order}, description='', default=True,\n"
                 "              inspect=lambda tree: State.ABSENT, rewrite=lambda tree: tree)\n"
             )

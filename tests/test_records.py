@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from opensci_patch import records
-from opensci_patch.errors import DestinationError, OpensciPatchError
-from opensci_patch.matrix import Cell
-from opensci_patch.records import Generation, KVCheck, Record, RecordError, Target, TopToken
+from opensci_patch._util import fs
+from opensci_patch._util.errors import DestinationError, OpensciPatchError
+from opensci_patch.matrix.spec import Cell
+from opensci_patch.measure import records
+from opensci_patch.measure.records import Generation, KVCheck, Record, RecordError, Target, TopToken
 
 
 def ok_record(**over) -> Record:
@@ -41,7 +42,7 @@ def write(path: Path, data) -> Path:
 def test_round_trip_keeps_every_field(tmp_path: Path):
     cell = Cell("5.2.0")
     rec = ok_record(cell=records.CellInfo.of(cell), expected=records.Expected("pass", ""), cell_wall_s=4.2)
-    path = records.write_atomic(tmp_path / "r.json", rec)
+    path = fs.write_atomic(tmp_path / "r.json", rec)
     back = records.load(path)
     assert back == rec
     assert back.cell_id == cell.id
@@ -60,37 +61,37 @@ def test_error_record_has_the_shape_of_a_capture_record_and_loads(tmp_path: Path
     assert rec.cell.id == cell.id and rec.cell.device == "cpu"
     assert rec.model == {"patched": False}
     assert set(json.loads(rec.to_json())) <= {f for f in Record.__dataclass_fields__}
-    assert records.load(records.write_atomic(tmp_path / "e.json", rec)) == rec
+    assert records.load(fs.write_atomic(tmp_path / "e.json", rec)) == rec
     with pytest.raises(ValueError, match="not an error status"):
         records.error_record(cell, "ok", "X", "m", "")
 
 
 def test_running_placeholder_is_a_loadable_record_that_says_never_finished(tmp_path: Path):
     rec = records.running_record(Cell("5.2.0"), expected=records.Expected("pass", ""))
-    back = records.load(records.write_atomic(tmp_path / "p.json", rec))
+    back = records.load(fs.write_atomic(tmp_path / "p.json", rec))
     assert back.status == records.RUNNING
     assert "never finished" in back.error.message
 
 
 def test_write_atomic_replaces_whole_file_and_leaves_no_temp(tmp_path: Path):
     path = tmp_path / "x.json"
-    records.write_atomic(path, {"b": 1, "a": [1]})
+    fs.write_atomic(path, {"b": 1, "a": [1]})
     assert json.loads(path.read_text()) == {"a": [1], "b": 1}
-    records.write_atomic(path, "text\n")
+    fs.write_atomic(path, "text\n")
     assert path.read_text() == "text\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
     assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_write_atomic_keeps_the_old_file_when_the_write_fails(tmp_path: Path, monkeypatch):
-    path = records.write_atomic(tmp_path / "x.json", "old\n")
+    path = fs.write_atomic(tmp_path / "x.json", "old\n")
 
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(records.os, "fsync", boom)
+    monkeypatch.setattr(fs.os, "fsync", boom)
     with pytest.raises(DestinationError, match="No space left"):
-        records.write_atomic(path, "new\n")
+        fs.write_atomic(path, "new\n")
     assert path.read_text() == "old\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
 
@@ -100,7 +101,7 @@ def test_write_atomic_into_an_unwritable_place_is_one_line(tmp_path: Path, where
     (tmp_path / "f").write_text("")
     target = tmp_path if where == "is_dir" else tmp_path / "f" / "x.json"
     with pytest.raises(DestinationError) as info:
-        records.write_atomic(target, "x")
+        fs.write_atomic(target, "x")
     assert isinstance(info.value, OpensciPatchError) and "\n" not in str(info.value)
 
 
@@ -108,7 +109,7 @@ def test_concurrent_writers_use_distinct_temp_files(tmp_path: Path):
     """Two processes writing one path: the result is one of the two whole texts, never a mix."""
     path = tmp_path / "x.json"
     code = (
-        "import sys; from opensci_patch.records import write_atomic\n"
+        "import sys; from opensci_patch._util.fs import write_atomic\n"
         "for _ in range(200): write_atomic(sys.argv[1], sys.argv[2] * 5000)\n"
     )
     procs = [subprocess.Popen([sys.executable, "-c", code, str(path), ch]) for ch in "ab"]
@@ -174,9 +175,9 @@ def test_records_module_imports_only_the_standard_library():
         if isinstance(node, ast.ImportFrom)
     } | {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
     imported.discard(None)
-    assert imported <= set(sys.stdlib_module_names)
+    assert imported - {"opensci_patch"} <= set(sys.stdlib_module_names)  # its own modules: the child below
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    code = "import sys, opensci_patch.records; print(sorted({'torch', 'tabulate'} & set(sys.modules)))"
+    code = "import sys, opensci_patch.measure.records; print(sorted({'torch', 'tabulate'} & set(sys.modules)))"
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=Path(records.__file__).parents[1]
     )
@@ -185,7 +186,7 @@ def test_records_module_imports_only_the_standard_library():
 
 def test_the_shipped_record_reads_and_writes_back_byte_for_byte():
     """The typed parts change nothing on disk: load -> to_json is the file, load -> to_dict is its JSON."""
-    from opensci_patch.defaults import DATA_DIR
+    from opensci_patch._util.defaults import DATA_DIR
 
     path = DATA_DIR / "opensci-tiny.reference.json"
     rec = records.load(path)

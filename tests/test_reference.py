@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from opensci_patch import reference
+from opensci_patch.measure import reference
 
 
 def _prompt_ids(model_dir: Path, text: str) -> list[int]:
@@ -56,7 +56,7 @@ def test_partial_rotary_leaves_the_tail_channels_alone():
 
 
 def test_reference_imports_no_transformers():
-    code = "import sys, opensci_patch.reference; print(any(m.startswith('transformers') for m in sys.modules))"
+    code = "import sys, opensci_patch.measure.reference; print(any(m.startswith('transformers') for m in sys.modules))"
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -70,7 +70,7 @@ def test_reference_imports_no_transformers():
 def test_corrupt_weights_raise_model_dir_error(model_dir: Path):
     import pytest
 
-    from opensci_patch.errors import ModelDirError
+    from opensci_patch._util.errors import ModelDirError
 
     (model_dir / "model.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(ModelDirError):

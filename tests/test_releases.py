@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from packaging.version import Version
 
-from opensci_patch import matrix, releases
-from opensci_patch.matrix import Cell, expectation
+from opensci_patch.matrix import releases
+from opensci_patch.matrix import spec as matrix
+from opensci_patch.matrix.spec import Cell, expectation
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,7 +127,7 @@ def test_unreachable_index_falls_back_to_the_pinned_list_and_says_so(monkeypatch
 
 
 def _cli(*args: str, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
-    from opensci_patch.envs import child_env
+    from opensci_patch._util.procs import child_env
 
     env = child_env(env_extra)
     return subprocess.run(

@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from opensci_patch import records, report, report_plot
-from opensci_patch.errors import DestinationError, OpensciPatchError
-from opensci_patch.matrix import REFERENCE, VARIANTS, Cell, Variant
-from opensci_patch.records import CellInfo, Expected, Generation, KVCheck, Record, Target, TopToken
+from opensci_patch._util import fs
+from opensci_patch._util.errors import DestinationError, OpensciPatchError
+from opensci_patch.matrix.spec import REFERENCE, VARIANTS, Cell, Variant
+from opensci_patch.measure import records
+from opensci_patch.measure.records import CellInfo, Expected, Generation, KVCheck, Record, Target, TopToken
+from opensci_patch.results import plot as report_plot
+from opensci_patch.results import report
 
 PASS = Expected("pass", "")
 XFAIL = Expected("xfail", "declared to fail for a test")
@@ -67,7 +70,7 @@ def vid(version: str, model: str = REF_MODEL) -> str:
 def write_records(d: Path, recs: list[Record], names: list[str] | None = None) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     for i, rec in enumerate(recs):
-        records.write_atomic(d / (names[i] if names else f"{rec.cell_id}.json"), rec)
+        fs.write_atomic(d / (names[i] if names else f"{rec.cell_id}.json"), rec)
     return d
 
 
@@ -226,7 +229,7 @@ def test_a_capture_record_without_a_cell_is_a_problem_not_skipped(tmp_path: Path
     stray = ok(REF_VERSION)
     stray.cell = stray.expected = None
     write_records(tmp_path / "records", [ok(REF_VERSION)])
-    records.write_atomic(tmp_path / "records" / "stray.json", stray)
+    fs.write_atomic(tmp_path / "records" / "stray.json", stray)
     bad, _, summary = run_report(tmp_path)
     assert bad == 1 and "stray.json" in summary["problems"][0]
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from opensci_patch import records as rec_io
-from opensci_patch import runner, worker
-from opensci_patch.envs import Env
-from opensci_patch.matrix import Cell, expectation
+from opensci_patch.matrix import runner, worker
+from opensci_patch.matrix.envs import Env
+from opensci_patch.matrix.spec import Cell, expectation
+from opensci_patch.measure import records as rec_io
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_DIR = REPO / "opensci_patch" / "data" / "opensci-tiny"
@@ -31,7 +31,7 @@ def this_python_env(monkeypatch, tmp_path: Path) -> list[list[worker.Step]]:
     calls: list[str] = []
     monkeypatch.setenv("OPENSCI_PATCH_ENV_ROOT", str(tmp_path / "env-root"))  # the hotfix cache lives there
     monkeypatch.setattr(
-        "opensci_patch.envs.ensure_env",
+        "opensci_patch.matrix.envs.ensure_env",
         lambda version, build, **kw: (
             calls.append(version) or Env(tmp_path / "env", Path(sys.executable), version, build, reused=True)
         ),
@@ -130,7 +130,7 @@ def test_the_worker_streams_one_result_line_per_step_and_refuses_bad_steps_with_
         worker.HotfixStep.for_variant("patched", FIXTURE_DIR, tmp_path / "patched"),
     ]
     payload = json.dumps([worker.step_to_json(s) for s in steps])
-    cmd = [sys.executable, "-m", "opensci_patch.worker"]
+    cmd = [sys.executable, "-m", "opensci_patch.matrix.worker"]
     proc = subprocess.run(cmd, input=payload, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]

@@ -6,8 +6,10 @@ import json
 
 import pytest
 
-from opensci_patch import demo, records, verdict
+from opensci_patch import demo
 from opensci_patch.diagnose import TOLERANCE
+from opensci_patch.measure import records
+from opensci_patch.results import verdict
 
 
 @pytest.fixture(scope="module")

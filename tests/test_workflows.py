@@ -1,7 +1,7 @@
 """The GitHub workflows: their job matrix comes from the noxfile, and they name only real sessions.
 
 The matrix script is fed what `nox --list --json` really prints for this checkout, so adding a
-release to `opensci_patch/matrix.py` is enough for the nightly workflow to run it.
+release to `opensci_patch/matrix/spec.py` is enough for the nightly workflow to run it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from opensci_patch.matrix import REFERENCE, TRANSFORMERS_VERSIONS
+from opensci_patch.matrix.spec import REFERENCE, TRANSFORMERS_VERSIONS
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / ".github" / "scripts" / "nox_matrix.py"

@@ -5,12 +5,12 @@
     nox --list --json -t cpu | python .github/scripts/nox_matrix.py --transformers "5.2.0 newest"
     nox --list --json -t cpu | python .github/scripts/nox_matrix.py --format sessions  # one name a line
 
-The noxfile (over `opensci_patch/matrix.py`) is the only list of cells, as in gt4py's
+The noxfile (over `opensci_patch/matrix/spec.py`) is the only list of cells, as in gt4py's
 `scripts/github_ci.py`: this script selects from what nox reports and names no release itself.
 Each matrix entry has `session` (the name to pass to `nox -s`), `transformers`, `torch` and
 `slug` (the session name made safe for an artifact name). cuda cells are always dropped:
 GitHub's hosted runners have no GPU. When a subset of releases is asked for, the reference
-release (`opensci_patch.matrix.REFERENCE`) is kept too: the report compares every cell with it.
+release (`opensci_patch.matrix.spec.REFERENCE`) is kept too: the report compares every cell with it.
 
 Standard library only: the plan job installs nothing but nox.
 """
@@ -28,10 +28,10 @@ NO_GPU_BUILDS = ("cuda",)
 
 
 def reference_release() -> str:
-    """The release of the report's reference cell (from the stdlib-only `opensci_patch.matrix`)."""
+    """The release of the report's reference cell (from the stdlib-only `opensci_patch.matrix.spec`)."""
     sys.path.insert(0, str(REPO))
     try:
-        from opensci_patch.matrix import REFERENCE
+        from opensci_patch.matrix.spec import REFERENCE
     finally:
         sys.path.remove(str(REPO))
     return REFERENCE[0]

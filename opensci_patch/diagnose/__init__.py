@@ -2,7 +2,7 @@
 
 `opensci-patch diagnose A B` runs one forward pass of the same checkpoint on both cells (each in its
 own per-release env, prepared per model variant with the matrix's hotfix arguments), records every
-stage of it, runs the independent fp64 forward of `opensci_patch.reference` on the same tokens, and
+stage of it, runs the independent fp64 forward of `opensci_patch.measure.reference` on the same tokens, and
 compares stage by stage in forward order. When the forward agrees it goes on to the decode loop:
 what `generate` hands the model at each step, each step's logits against the other cell and against
 the same step recomputed without a cache. The capture records of `report` say *that* two cells
@@ -22,11 +22,11 @@ This package imports only the standard library at the top: the driver needs neit
 transformers.
 """
 
-from .checks import CHECKS, Check
-from .decode import DEFAULT_DECODE_STEPS
-from .driver import DiagnoseError, Side, add_cli_arguments, cmd_diagnose, compare_sides, diagnose
-from .report import format_report, verdict
-from .stages import LAYER_STAGES, TOLERANCE, threshold
+from opensci_patch.diagnose.checks import CHECKS, Check
+from opensci_patch.diagnose.decode import DEFAULT_DECODE_STEPS
+from opensci_patch.diagnose.driver import DiagnoseError, Side, add_cli_arguments, cmd_diagnose, compare_sides, diagnose
+from opensci_patch.diagnose.report import format_report, verdict
+from opensci_patch.diagnose.stages import LAYER_STAGES, TOLERANCE, threshold
 
 __all__ = [
     "CHECKS",

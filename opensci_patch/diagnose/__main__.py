@@ -13,13 +13,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..defaults import ATTENTION, DEFAULT_PROMPT, DTYPES
-from ..errors import OpensciPatchError
-from .decode import DEFAULT_DECODE_STEPS
+from opensci_patch._util.defaults import ATTENTION, DEFAULT_PROMPT, DTYPES
+from opensci_patch._util.errors import OpensciPatchError
+from opensci_patch.diagnose.decode import DEFAULT_DECODE_STEPS
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from .probe import probe
+    from opensci_patch.diagnose.probe import probe
 
     info = probe(
         args.model,
@@ -36,15 +36,15 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _reference(args: argparse.Namespace) -> int:
-    from .fp64 import reference_probe
+    from opensci_patch.diagnose.fp64 import reference_probe
 
     reference_probe(args.model, args.out, [int(x) for x in args.ids.split(",")])
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import compare
-    from .stages import write_json
+    from opensci_patch.diagnose.compare import compare
+    from opensci_patch.diagnose.stages import write_json
 
     labels = tuple(args.labels.split(","))
     write_json(args.out, compare(args.a, args.b, args.ref, (labels[0], labels[1])))

@@ -19,7 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .stages import ROPE_STAGES, TOLERANCE, exceeds, fmt, load_stage, ratio, side_verdict, threshold, where
+from opensci_patch.diagnose.stages import (
+    ROPE_STAGES,
+    TOLERANCE,
+    exceeds,
+    fmt,
+    load_stage,
+    ratio,
+    side_verdict,
+    threshold,
+    where,
+)
 
 ANY_STAGE = None
 NO_STAGE: frozenset[str] = frozenset()
@@ -125,7 +135,7 @@ def inv_freq_checks(label: str, rotary: dict, buffers: list[dict], cfg: dict) ->
     """
     import torch
 
-    from . import fp64
+    from opensci_patch.diagnose import fp64
 
     used = rotary.get("after_call") or rotary.get("at_call")
     persistent = next((b["persistent"] for b in buffers if b["name"].endswith(".inv_freq")), None)
@@ -213,7 +223,7 @@ def _inv_freq(side: SideEvidence) -> tuple[dict, dict]:
 
 
 def rope_dims(_ev: Evidence, side: SideEvidence) -> dict:
-    from . import fp64
+    from opensci_patch.diagnose import fp64
 
     entry = side.index["by_key"].get(("rope.cos", None))
     if entry is None or ("rope.sin", None) not in side.index["by_key"]:
@@ -266,7 +276,7 @@ def rope_pairing(_ev: Evidence, side: SideEvidence) -> dict:
     """
     import torch
 
-    from . import fp64
+    from opensci_patch.diagnose import fp64
 
     label, by_key = side.label, side.index["by_key"]
     entry_cos, entry_sin = by_key.get(("rope.cos", None)), by_key.get(("rope.sin", None))

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from . import checks, fp64
-from .decode import compare_decode
-from .stages import (
+from opensci_patch.diagnose import checks, fp64
+from opensci_patch.diagnose.decode import compare_decode
+from opensci_patch.diagnose.stages import (
     BUFFERS,
     DECODE,
     MODEL_INFO,

@@ -22,9 +22,18 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..capture import CaptureSettings
-from ..records import error_info
-from .stages import DECODE, DECODE_LOGITS, NOCACHE_LOGITS, exceeds, fmt, read_json, threshold, write_json
+from opensci_patch.diagnose.stages import (
+    DECODE,
+    DECODE_LOGITS,
+    NOCACHE_LOGITS,
+    exceeds,
+    fmt,
+    read_json,
+    threshold,
+    write_json,
+)
+from opensci_patch.measure.capture import CaptureSettings
+from opensci_patch.measure.records import error_info
 
 DEFAULT_DECODE_STEPS: int = CaptureSettings.max_new_tokens  # the same steps as capture's greedy generation
 CACHE_KWARGS = ("past_key_values", "cache")  # the names generate has passed the KV cache under (cache: 5.24+)

@@ -18,15 +18,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..capture import REFERENCE_MAX_WEIGHT_BYTES, validate_model_dir
-from ..defaults import DEFAULT_PROMPT, FIXTURE_DIR
-from ..errors import OpensciPatchError
-from ..matrix import DEFAULT_TORCH_BUILD, TORCH_BUILDS, VARIANTS, Cell
-from ..records import tail
-from .checks import result as check_result
-from .decode import DEFAULT_DECODE_STEPS
-from .report import format_report, verdict
-from .stages import MARKER, MODEL_INFO, RESULT, SCHEMA, fmt, fresh_dir, prepare_out, read_json, write_json
+from opensci_patch._util.defaults import DEFAULT_PROMPT, FIXTURE_DIR
+from opensci_patch._util.errors import OpensciPatchError
+from opensci_patch._util.procs import tail
+from opensci_patch.diagnose.checks import result as check_result
+from opensci_patch.diagnose.decode import DEFAULT_DECODE_STEPS
+from opensci_patch.diagnose.report import format_report, verdict
+from opensci_patch.diagnose.stages import (
+    MARKER,
+    MODEL_INFO,
+    RESULT,
+    SCHEMA,
+    fmt,
+    fresh_dir,
+    prepare_out,
+    read_json,
+    write_json,
+)
+from opensci_patch.matrix.spec import DEFAULT_TORCH_BUILD, TORCH_BUILDS, VARIANTS, Cell
+from opensci_patch.measure.capture import REFERENCE_MAX_WEIGHT_BYTES, validate_model_dir
 
 Log = Callable[[str], object]
 
@@ -61,7 +71,7 @@ class Side:
 
 def _run_in(side: Side, args: list[str], what: str, timeout: float, ok: Iterable[int] = (0,)) -> str:
     """`side.python -m opensci_patch.diagnose ARGS` with a clean environment; its output, or DiagnoseError."""
-    from ..envs import child_env  # stdlib-only import
+    from opensci_patch.matrix.envs import child_env  # stdlib-only import
 
     env = child_env({"TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error")})
     if side.pythonpath is not None:
@@ -261,8 +271,8 @@ def _prepare_model(cell: Cell, label: str, source: Path, env: Any, workdir: Path
     `worker.HotfixStep.for_variant` is the one definition of a variant's hotfix, so diagnose cannot
     drift from what the matrix runs.
     """
-    from ..worker import HotfixStep
-    from ..worker import run as run_worker
+    from opensci_patch.matrix.worker import HotfixStep
+    from opensci_patch.matrix.worker import run as run_worker
 
     if VARIANTS[cell.model].hotfix is None:
         return source
@@ -301,7 +311,7 @@ def diagnose(
     are only read. Returns the result dict (also `out_dir/diagnose.json`): `status` is
     "diverged", "agree" or "error" (a side failed to load or run: a finding, with the error).
     """
-    from ..envs import ensure_env
+    from opensci_patch.matrix.envs import ensure_env
 
     model_dir = Path(model_dir or FIXTURE_DIR).absolute()
     sources = {"A": model_dir, "B": Path(model_dir_b).absolute() if model_dir_b else model_dir}
@@ -322,7 +332,7 @@ def diagnose(
         if key not in envs:
             envs[key] = ensure_env(cell.transformers, cell.torch, root=env_root, log=log)
         if VARIANTS[cell.model].own_checkpoint:
-            from ..generated_style import ensure_generated
+            from opensci_patch.fixtures.generated import ensure_generated
 
             runs_on[label] = ensure_generated(env_root, log=log)
     prepare_out(out_dir)
@@ -424,7 +434,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         raise OpensciPatchError(f"--decode-steps must be 0 (off) or more, not {args.decode_steps}")
     import dataclasses
 
-    from .. import matrix, releases
+    from opensci_patch.matrix import releases
+    from opensci_patch.matrix import spec as matrix
 
     a, b = (Cell.parse(spec, torch_build=args.torch) for spec in (args.a, args.b))
     a, b = (dataclasses.replace(c, transformers=releases.canonical(c.transformers, pre=True)) for c in (a, b))

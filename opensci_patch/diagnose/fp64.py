@@ -1,4 +1,4 @@
-"""The one place diagnose uses the independent fp64 forward (`opensci_patch.reference`).
+"""The one place diagnose uses the independent fp64 forward (`opensci_patch.measure.reference`).
 
 Runs inside an env (it imports torch). `reference_probe` records every stage of the fp64 forward
 with the same stage writer as the probe, so A, B and the reference line up with no per-side
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .. import reference
-from .stages import StageWriter, fresh_dir
+from opensci_patch.diagnose.stages import StageWriter, fresh_dir
+from opensci_patch.measure import reference
 
 read_config = reference.read_config
 weight_files = reference.weight_files

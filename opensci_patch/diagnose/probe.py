@@ -29,13 +29,13 @@ from typing import Any
 
 import torch
 
-from ..capture import validate_model_dir
-from ..defaults import ATTENTION, DEFAULT_PROMPT, DTYPES
-from ..errors import OpensciPatchError
-from ..records import error_info
-from . import fp64
-from .decode import DEFAULT_DECODE_STEPS, record_decode
-from .stages import BUFFERS, MODEL_INFO, SCHEMA, StageWriter, fresh_dir, write_json
+from opensci_patch._util.defaults import ATTENTION, DEFAULT_PROMPT, DTYPES
+from opensci_patch._util.errors import OpensciPatchError
+from opensci_patch.diagnose import fp64
+from opensci_patch.diagnose.decode import DEFAULT_DECODE_STEPS, record_decode
+from opensci_patch.diagnose.stages import BUFFERS, MODEL_INFO, SCHEMA, StageWriter, fresh_dir, write_json
+from opensci_patch.measure.capture import validate_model_dir
+from opensci_patch.measure.records import error_info
 
 Log = Callable[[str], object]
 SMALL = 1024  # buffers with at most this many elements are stored by value in buffers.json
@@ -57,7 +57,7 @@ def probe(
     Writes the files listed in the module docstring to `out` (a fresh dir). A model that fails
     to load or run is a result (status "load-error"/"forward-error" in the info).
     """
-    from ..capture import collected_warnings, isolated_hf_cache
+    from opensci_patch.measure.capture import collected_warnings, isolated_hf_cache
 
     if dtype not in DTYPES:
         raise OpensciPatchError(f"dtype {dtype!r} not one of {', '.join(DTYPES)}")
@@ -80,7 +80,7 @@ def _probe(
 ) -> dict:
     import transformers
 
-    from ..capture import load_model, load_tokenizer
+    from opensci_patch.measure.capture import load_model, load_tokenizer
 
     info: dict[str, Any] = {
         "schema": SCHEMA,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from . import checks
-from .stages import fmt, nanmax
+from opensci_patch.diagnose import checks
+from opensci_patch.diagnose.stages import fmt, nanmax
 
 
 def verdict(result: dict) -> str:

@@ -25,8 +25,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..errors import DestinationError
-from ..records import write_atomic
+from opensci_patch._util.errors import DestinationError
+from opensci_patch._util.fs import write_atomic
+from opensci_patch.results.verdict import TOLERANCE, UNKNOWN_DTYPE_TOLERANCE
 
 SCHEMA = 1
 INDEX = "index.json"
@@ -56,8 +57,6 @@ GLOBAL_POST = ("final_norm", "logits")
 ROPE_STAGES = frozenset({"rope.cos", "rope.sin", "q_rope", "k_rope"})
 # The axis that indexes sequence positions, in the reference's layouts.
 SEQ_AXIS = {"rope.cos": 0, "rope.sin": 0, "q_norm": 2, "k_norm": 2, "q_rope": 2, "k_rope": 2}
-TOLERANCE = {"float64": 1e-4, "float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
-UNKNOWN_DTYPE_TOLERANCE = 1e-2
 BUG_RATIO = 100.0  # one side this many times further from fp64 than the other: a bug, not rounding
 
 
@@ -146,7 +145,7 @@ def side_verdict(row: dict, labels: tuple[str, str]) -> dict:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Indented JSON, atomically (`records.write_atomic`); `default=str` for paths and the like."""
+    """Indented JSON, atomically (`fs.write_atomic`); `default=str` for paths and the like."""
     write_atomic(path, json.dumps(data, indent=1, default=str) + "\n")
 
 

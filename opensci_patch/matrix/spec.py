@@ -1,0 +1,252 @@
+"""The cross-version matrix, declared: releases, variants, cells and what each cell must do.
+
+A cell is (transformers release, torch build, model variant, dtype, attention). Running cells is
+`runner`'s job; this module only declares, so the noxfile can read it.
+
+This module imports only the standard library (and `packaging`, which nox itself depends on):
+the noxfile imports it to build its parametrisation, with no torch or transformers around.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from opensci_patch._util.defaults import ATTENTION, DEFAULT_TORCH_BUILD, DTYPES, TORCH_BUILDS
+
+# The pinned releases: the first and second supported 4.x, the last 4.x, the 5.x releases with
+# known behaviour changes, and the newest 5.x when it was pinned. `opensci-patch releases --sweep`
+# adds the latest patch of every minor from the index (releases.py). Edit here only.
+TRANSFORMERS_VERSIONS = ["4.48.0", "4.49.0", "4.57.6", "5.0.0", "5.1.0", "5.2.0", "5.23.0", "5.24.0", "5.25.0"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model variant a cell can run: which hotfix makes it, and on which checkpoint.
+
+    Adding a variant is one entry in `VARIANTS`: the CLI choices, the noxfile cells, the report's
+    grid columns and plot markers all follow from it.
+    """
+
+    name: str
+    hotfix: tuple[str, ...] | None  # `opensci-patch hotfix` options; None: the original code, unpatched
+    description: str
+    own_checkpoint: bool = False  # runs its own checkpoint (not --model / the matrix's checkpoint)
+    marker: str = "o"  # matplotlib marker in the report's plot
+    checkpoint: str = "generated"  # with own_checkpoint: which one (own_checkpoints.ensure_checkpoint)
+    reference: str = "patched"  # the variant whose REFERENCE-release cell this one is compared with
+
+
+# "structural" is what a naive fix does (the three load errors only): it shows the silent RoPE breakage on 5.x.
+STRUCTURAL = ("loss_kwargs", "rope_default", "tied_weights")
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("original", None, "the files as shipped", marker="x"),
+        Variant(
+            "structural",
+            tuple(a for p in STRUCTURAL for a in ("--only", p)),
+            "only the three load fixes (a naive fix)",
+            marker="s",
+        ),
+        Variant("patched", (), "the default patches", marker="o"),
+        Variant("patched+init", ("--with", "init_weights"), "the default patches plus init_weights", marker="^"),
+        Variant(
+            "generated",
+            (),
+            "the shipped weights under a modular-generated model file, hotfixed (generated_style)",
+            own_checkpoint=True,
+            marker="d",
+        ),
+        Variant(
+            "qwen3-modular",
+            (),
+            "the generated file on the library's Qwen3Config with an `int | torch.Tensor` annotation, shipped "
+            "weights, hotfixed (own_checkpoints)",
+            own_checkpoint=True,
+            marker="v",
+            checkpoint="qwen3-modular",
+        ),
+        Variant(
+            "llama-research",
+            (),
+            "our Llama research file (library LlamaConfig, no post_init, GQA 4/2, tied), seeded weights, hotfixed; "
+            "compared with its own 4.48.0 cell",
+            own_checkpoint=True,
+            marker="P",
+            checkpoint="llama-research",
+            reference="llama-research",
+        ),
+    )
+}
+REFERENCE = ("4.48.0", "patched")  # compared against, per torch build / device / dtype / attention
+
+
+@dataclass(frozen=True)
+class Cell:
+    transformers: str
+    torch: str = DEFAULT_TORCH_BUILD
+    model: str = "patched"
+    dtype: str = "float32"
+    attn: str = "eager"
+
+    @classmethod
+    def parse(cls, spec: str, *, torch_build: str = DEFAULT_TORCH_BUILD) -> Cell:
+        """A cell from the command line: a matrix cell id (tf5.2.0-cpu-patched-float32-eager) or
+        VERSION[:FIELD...] where each field is a model variant, torch build, dtype or attention
+        (their value sets do not overlap), e.g. 5.2.0:structural or 4.57.6:patched:bfloat16:sdpa."""
+        from opensci_patch._util.errors import OpensciPatchError
+
+        m = re.fullmatch(r"tf([^-]+)-([^-]+)-([^-]+)-([^-]+)-([^-]+)", spec)
+        if m:
+            fields = {"transformers": m[1], "torch": m[2], "model": m[3], "dtype": m[4], "attn": m[5]}
+        else:
+            version, *rest = spec.split(":")
+            fields = {"transformers": version, "torch": torch_build, "model": "patched"}
+            kinds = (("model", tuple(VARIANTS)), ("torch", tuple(TORCH_BUILDS)), ("dtype", DTYPES), ("attn", ATTENTION))
+            for value in rest:
+                kind = next((k for k, values in kinds if value in values), None)
+                if kind is None:
+                    raise OpensciPatchError(
+                        f"cell {spec!r}: {value!r} is no model variant ({', '.join(VARIANTS)}), "
+                        f"torch build ({', '.join(TORCH_BUILDS)}), dtype ({', '.join(DTYPES)}) "
+                        f"or attention ({', '.join(ATTENTION)})"
+                    )
+                fields[kind] = value
+        allowed = {"model": tuple(VARIANTS), "torch": tuple(TORCH_BUILDS), "dtype": DTYPES, "attn": ATTENTION}
+        for kind, values in allowed.items():
+            if kind in fields and fields[kind] not in values:
+                raise OpensciPatchError(
+                    f"cell {spec!r}: unknown {kind} {fields[kind]!r}; choose one of {', '.join(values)}"
+                )
+        return cls(**fields)
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.torch == "cuda" else "cpu"
+
+    @property
+    def id(self) -> str:
+        return f"tf{self.transformers}-{self.torch}-{self.model}-{self.dtype}-{self.attn}"
+
+
+@dataclass(frozen=True)
+class Expectation:
+    outcome: str  # "pass" or "xfail" (strict: an unexpected pass is reported as a failure)
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A declared expected failure: `variants` on releases in [since, before) fail for `reason`.
+
+    Ranges, not lists of releases: a release nobody typed in (the sweep, last night's release) gets
+    the right expectation with no edit. Each rule is a measured upstream behaviour (docs/upstream.md).
+    """
+
+    variants: tuple[str, ...]
+    reason: str
+    since: str | None = None  # inclusive
+    before: str | None = None  # exclusive
+
+    def matches(self, cell: Cell) -> bool:
+        from packaging.version import Version  # nox depends on packaging: still importable by the noxfile
+
+        v = Version(cell.transformers)
+        return (
+            cell.model in self.variants
+            and (self.since is None or v >= Version(self.since))
+            and (self.before is None or v < Version(self.before))
+        )
+
+
+EXPECTED_FAILURES: tuple[Rule, ...] = (
+    Rule(("original",), "original code: ImportError of TransformersKwargs (added in 4.54)", before="4.54"),
+    Rule(("original",), "original code: ImportError of LossKwargs (removed in 4.54)", since="4.54"),
+    Rule(
+        ("structural",),
+        "structural fixes only: 5.x leaves the non-persistent inv_freq uninitialised after loading, "
+        "so RoPE is wrong at positions > 0",
+        since="5.0",
+    ),
+    Rule(
+        ("patched",),
+        "upstream 5.0/5.1: _init_weights runs on every module after loading and the model's "
+        "`.data.normal_()` bypasses the per-tensor guard, wiping the loaded weights "
+        "(fixed in 5.2; opt-in patch init_weights repairs it)",
+        since="5.0",
+        before="5.2",
+    ),
+    Rule(
+        ("llama-research",),
+        "upstream 5.0/5.1, as for patched: the file's `.data.normal_()` _init_weights wipes the loaded weights",
+        since="5.0",
+        before="5.2",
+    ),
+    Rule(
+        ("qwen3-modular",),
+        "the model code imports transformers.models.qwen3, which transformers has only from 4.51.0 on",
+        before="4.51",
+    ),
+)
+
+
+def expectation(cell: Cell) -> Expectation:
+    """What the cell must do: the first matching rule of EXPECTED_FAILURES (strict xfail), else pass."""
+    for rule in EXPECTED_FAILURES:
+        if rule.matches(cell):
+            return Expectation("xfail", rule.reason)
+    return Expectation("pass")
+
+
+def releases_from_env() -> list[str]:
+    """The releases the noxfile parametrises: `OPENSCI_PATCH_RELEASES` (space/comma separated, set by
+    the workflows' plan step from `opensci-patch releases --sweep`) or else the pinned list plus the
+    newest final release on the package index (offline: the pinned list, with a note on stderr)."""
+    raw = os.environ.get("OPENSCI_PATCH_RELEASES", "").replace(",", " ").split()
+    if not raw:
+        from opensci_patch.matrix import releases
+
+        return releases.resolve(TRANSFORMERS_VERSIONS)
+    from packaging.version import Version
+
+    from opensci_patch.matrix.releases import canonical
+
+    return sorted({canonical(v, what="OPENSCI_PATCH_RELEASES:", pre=True) for v in raw}, key=Version)
+
+
+def all_cells(versions=None, builds=None, models=None) -> list[Cell]:
+    return [
+        Cell(v, b, m)
+        for v in (versions or TRANSFORMERS_VERSIONS)
+        for b in (builds or [DEFAULT_TORCH_BUILD])
+        for m in (models or list(VARIANTS))
+    ]
+
+
+def gpu_present() -> str | None:
+    """A reason string when no NVIDIA GPU is usable here, else None."""
+    if shutil.which("nvidia-smi") is None:
+        return "no NVIDIA GPU here (nvidia-smi not found)"
+    ok = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return None if ok.returncode == 0 and "GPU" in ok.stdout else "nvidia-smi finds no GPU"
+
+
+def cell_cli_args(cell: Cell, model_dir: Path, workdir: Path, record: Path) -> tuple[list[str] | None, list[str]]:
+    """A cell as plain `opensci-patch` commands: (hotfix, or None for the original code; capture).
+
+    The benchmarks time these one process per cell against the runner (which runs `worker` steps
+    built from the same `Variant.hotfix` options).
+    """
+    model, hotfix = model_dir, None
+    extras = VARIANTS[cell.model].hotfix
+    if extras is not None:
+        model = workdir / (model_dir.name + "_fixed")
+        hotfix = ["hotfix", str(model_dir), "--out", str(model), *extras]
+    capture = ["capture", str(model), "--out", str(record), "--quiet",
+               "--device", cell.device, "--dtype", cell.dtype, "--attn", cell.attn]  # fmt: skip
+    return hotfix, capture

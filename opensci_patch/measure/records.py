@@ -1,0 +1,287 @@
+"""The cell record: one typed shape for what capture writes and the matrix, report and bisect read.
+
+Standard library only: the noxfile and the matrix driver import it with no torch around.
+
+Why one module: a record is the evidence every later step compares. It used to be a plain dict
+written in three places (capture, the matrix's error records, the report's expectations) and
+read with `.get` chains, so a truncated file, a record of another schema or a missing field was
+silently skipped or read as a KeyError. Here a record is written only through `Record.to_json`
+and `opensci_patch._util.fs.write_atomic`, and read only through `load`, which refuses anything it cannot vouch for
+with one line that names the file and what to do (`RecordError`).
+Its parts (`record_parts`: target, top-k, generation with its KV check, fp64 reference, error,
+cell, expected) are frozen dataclasses and its status a `Status`; the JSON they write is the same
+schema 2 as when they were dicts.
+
+Lifecycle of a matrix cell's record (`records/<cell id>.json`): before the cell starts, the
+driver writes `running_record(...)` (status "running") over any previous record; at the end it
+replaces it with the finished record. A killed cell therefore leaves "running", never the
+previous run's result, and the report lists it as an error.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import traceback
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from opensci_patch import __version__
+from opensci_patch._util.errors import OpensciPatchError
+from opensci_patch.measure.record_parts import (  # noqa: F401 (the parts are read as records.<Part>)
+    _READERS,
+    CellInfo,
+    ErrorInfo,
+    Expected,
+    Fp64Reference,
+    Generation,
+    KVCheck,
+    Status,
+    Target,
+    TopToken,
+    _plain,
+)
+
+# 2: generation carries `step_logits_sha256` and `kv_check`; statuses generate-mismatch, nonfinite-logits,
+# running; matrix error records have the same shape as capture's.
+SCHEMA_VERSION = 2
+
+OK = Status.OK
+RUNNING = Status.RUNNING
+MODEL_FAILURES = (
+    Status.LOAD_ERROR,
+    Status.WEIGHTS_MISMATCH,
+    Status.FORWARD_ERROR,
+    Status.GENERATE_ERROR,
+    Status.GENERATE_MISMATCH,
+    Status.NONFINITE_LOGITS,
+)
+RUN_ERRORS = (Status.ENV_ERROR, Status.CRASH, Status.HOTFIX_ERROR)
+STATUSES = tuple(Status)
+
+# the fields only a matrix cell record has (capture's own record leaves them out)
+CELL_FIELDS = ("cell", "expected", "cell_wall_s")
+
+
+class RecordError(OpensciPatchError):
+    """A record file cannot be trusted: unreadable, truncated, another schema, or fields missing."""
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Record:
+    """One capture (and, in the matrix, one cell). Field names are the JSON keys.
+
+    `generation` (schema 2): {"ids", "text", "step_logits_sha256": [sha256 of each decode step's logit
+    vector, step 0 being the prompt's forward], "kv_check": {"ok", "tolerance", "max_abs_diff",
+    "first_bad_step", "detail"}} where kv_check compares greedy decoding with the KV cache against the
+    same steps recomputed without one.
+
+    `environment` (capture's): versions and probes, plus "kernels" ({"installed": version or None,
+    "used": whether the loaded model was kernelized}) and "overrides" (the dependency overrides its
+    per-release env was built with, `opensci_patch.matrix.overrides`; [] or absent when none).
+    """
+
+    settings: dict = field(default_factory=dict)
+    environment: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+    status: Status = Status.OK
+    error: ErrorInfo | None = None
+    input_ids: list[int] = field(default_factory=list)
+    target: Target | None = None
+    topk: tuple[TopToken, ...] = ()
+    logits_sha256: str | None = None
+    generation: Generation | None = None
+    reference: Fp64Reference | None = None
+    timings: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+    tool_version: str = __version__
+    created: str = field(default_factory=_now)
+    # matrix cells only: the cell; what it declared (matrix.Expectation); the cell's wall time
+    cell: CellInfo | None = None
+    expected: Expected | None = None
+    cell_wall_s: float | None = None
+
+    def to_dict(self) -> dict:
+        """The JSON object; the matrix-only fields are left out while unset (capture's own record)."""
+        data = {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+        for key in CELL_FIELDS:
+            if data[key] is None:
+                del data[key]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Record:
+        """The record of a JSON object (`to_dict`'s inverse); a part of the wrong shape is a ValueError."""
+        read = {k: _READERS[k](v) if k in _READERS and v is not None else v for k, v in data.items()}
+        return cls(**read)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @property
+    def cell_id(self) -> str | None:
+        return self.cell.id if self.cell else None
+
+
+def one_line(text: str) -> str:
+    """The first non-empty line: record messages are shown in one table cell or one stderr line."""
+    return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
+
+
+def error_info(exc: BaseException) -> ErrorInfo:
+    """The `error` field for an exception: type, one-line message, traceback tail."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return ErrorInfo(type(exc).__name__, one_line(str(exc)), tb[-3000:])
+
+
+def error_record(cell: Any, status: str, exc_type: str, message: str, log_tail: str, *, expected: Any = None) -> Record:
+    """The one constructor of records for cells that did not produce a capture record themselves.
+
+    Same shape as a capture record (so `load` and the report read both alike), with the cell filled in.
+    """
+    if status not in STATUSES or status == OK:
+        raise ValueError(f"error_record: status {status!r} is not an error status ({', '.join(STATUSES[1:])})")
+    c = CellInfo.of(cell)
+    return Record(
+        settings={"device": c.device, "dtype": c.dtype, "attn": c.attn},
+        environment={"transformers": c.transformers},
+        model={"patched": c.model != "original"},
+        status=Status(status),
+        error=ErrorInfo(exc_type, one_line(message), log_tail),
+        cell=c,
+        expected=None if expected is None else Expected.of(expected),
+    )
+
+
+def running_record(cell: Any, *, expected: Any = None) -> Record:
+    """The placeholder a cell writes before it starts; replaced at its end. Left behind = never finished."""
+    return error_record(
+        cell,
+        RUNNING,
+        "NeverFinished",
+        "the cell was started but never finished (killed, or still running)",
+        "",
+        expected=expected,
+    )
+
+
+def _fail(path: Path, what: str, todo: str = "delete it and re-run the cell that writes it") -> RecordError:
+    return RecordError(f"{path}: {what}; {todo}")
+
+
+# the JSON type of each field, and whether it may be null
+_JSON_KINDS: dict[str, tuple[type, bool]] = {
+    "settings": (dict, False),
+    "environment": (dict, False),
+    "model": (dict, False),
+    "status": (str, False),
+    "error": (dict, True),
+    "input_ids": (list, False),
+    "target": (dict, True),
+    "topk": (list, False),
+    "logits_sha256": (str, True),
+    "generation": (dict, True),
+    "reference": (dict, True),
+    "timings": (dict, False),
+    "warnings": (list, False),
+    "schema_version": (int, False),
+    "tool_version": (str, False),
+    "created": (str, False),
+    "cell": (dict, True),
+    "expected": (dict, True),
+    "cell_wall_s": (float, True),
+}
+
+
+def _check_types(path: Path, data: dict) -> None:
+    """Field types and the per-status promises the report relies on."""
+    for f in fields(Record):
+        value = data.get(f.name)
+        kind, optional = _JSON_KINDS[f.name]
+        if value is None and (optional or f.name not in data):
+            continue
+        ok = isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
+        if not ok:
+            declared = f"{kind.__name__} | None" if optional else kind.__name__
+            raise _fail(path, f"field {f.name!r} is {type(value).__name__}, not {declared}")
+    overrides = data["environment"].get("overrides", [])
+    if not (isinstance(overrides, list) and all(isinstance(r, str) for r in overrides)):
+        raise _fail(path, "environment.overrides is not a list of requirement strings")
+    status = data["status"]
+    if status not in STATUSES:
+        raise _fail(path, f"unknown status {status!r} (known: {', '.join(STATUSES)})")
+    described_elsewhere = ("generate-mismatch", "nonfinite-logits")  # kv_check.detail, the target logit
+    if status != OK and status not in described_elsewhere and not isinstance(data.get("error"), dict):
+        raise _fail(path, f"status {status!r} without an error description")
+    if data.get("cell") is not None:
+        missing = [f.name for f in fields(CellInfo) if f.name not in data["cell"]]
+        if missing:
+            raise _fail(path, f"cell lacks {', '.join(missing)}")
+    if status in (OK, "generate-mismatch"):
+        gen = data.get("generation")
+        if not isinstance(gen, dict):
+            raise _fail(path, f"status {status!r} without a generation")
+        missing = [k for k in ("ids", "text", "step_logits_sha256", "kv_check") if k not in gen]
+        if missing:
+            raise _fail(path, f"generation lacks {', '.join(missing)}")
+        kv = gen["kv_check"]
+        kv_keys = [f.name for f in fields(KVCheck)]
+        if not isinstance(kv, dict) or any(k not in kv for k in kv_keys):
+            raise _fail(path, f"generation.kv_check must have {', '.join(kv_keys)}")
+        if bool(kv["ok"]) != (status == OK):
+            raise _fail(path, f"status {status!r} contradicts generation.kv_check.ok = {kv['ok']!r}")
+        if not isinstance(gen["step_logits_sha256"], list):
+            raise _fail(path, "generation.step_logits_sha256 is not a list")
+    if status == OK and not isinstance(data.get("logits_sha256"), str):
+        raise _fail(path, "status 'ok' without logits_sha256")
+
+
+def load(path: Path | str) -> Record:
+    """Read one record, or raise `RecordError` with one line naming the file and what to do.
+
+    Refused: unreadable files, invalid or truncated JSON, a missing or unknown schema_version,
+    missing or unknown fields, wrong field types, and statuses whose promised fields are absent.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _fail(path, f"cannot read ({getattr(exc, 'strerror', None) or exc})", "check the path") from None
+    if not text.strip():
+        raise _fail(path, "empty file (the writer was killed?)")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        # cut short (a killed writer): the parser ran off the end, or a string never closes
+        cut = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")
+        what = "truncated JSON" if cut else f"invalid JSON ({exc.msg}, line {exc.lineno})"
+        raise _fail(path, what) from None
+    if not isinstance(data, dict):
+        raise _fail(path, f"a JSON {type(data).__name__}, not a record object")
+    version = data.get("schema_version")
+    if version is None:
+        raise _fail(path, "no schema_version (not an opensci-patch record, or one older than schema 2)")
+    if version != SCHEMA_VERSION:
+        raise _fail(
+            path,
+            f"schema_version {version!r}, this opensci-patch reads {SCHEMA_VERSION}",
+            "re-run the cell with this version (or report with the version that wrote it)",
+        )
+    names = [f.name for f in fields(Record)]
+    missing = [n for n in names if n not in data and n not in CELL_FIELDS]
+    if missing:
+        raise _fail(path, f"missing field(s) {', '.join(missing)}")
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise _fail(path, f"unknown field(s) {', '.join(unknown)} for schema {SCHEMA_VERSION}")
+    _check_types(path, data)
+    try:
+        return Record.from_dict(data)
+    except (ValueError, TypeError) as exc:
+        raise _fail(path, one_line(str(exc))) from None

@@ -1,0 +1,111 @@
+"""remote_code: the model classes say they are remote code, also when their config is a library class.
+
+transformers 5.3.0 (that release only) protects loaded tensors from a `_init_weights` that writes
+through `.data` (`module.weight.data.normal_()`, which the per-tensor `_is_hf_initialized` guard of
+`transformers.initialization` cannot see) only for remote code: `_initialize_weights` skips a module
+whose tensors were all loaded when `is_remote_code()`, i.e. `cls._auto_class is not None`. But
+`AutoModel*.from_pretrained(trust_remote_code=True)` sets `_auto_class` (`register_for_auto_class`)
+only when the config class is *not* in the library's mapping: a remote file built on the library's
+`LlamaConfig` or `Qwen3Config` (`model_type: llama`) is loaded from the checkpoint's code but counted as
+library code, so 5.3.0 re-runs its `.data.normal_()` over every loaded weight (every tensor differs
+from the checkpoint; 5.2.0 skipped loaded modules for every model, 5.4+ ask `is_custom_code()`, true for
+any class outside `transformers.`). A file with its own config class (the shipped one) is registered
+and is not affected.
+
+Detects: in a file importing a library config class (`from transformers... import XConfig`, other than
+the `PretrainedConfig` base), the classes deriving from a base named `PreTrainedModel` directly (the
+file's base model class). A file with its own config class (the shipped, the generated) is not affected.
+Rewrites: adds a classmethod `is_remote_code` returning True to each: the class is loaded from a
+checkpoint's code. transformers before 5.3 never calls it; 5.3+ use it for the init skip above, for
+the missing tied keys (`mark_tied_weights_as_initialized`, see `tied_weights`), for not asking the hub's
+safetensors converter (offline here) and for saving the code next to the weights in `save_pretrained`.
+Verifies: each such class defines `is_remote_code` as written here (another definition is refused).
+"""
+
+from __future__ import annotations
+
+import libcst as cst
+
+from opensci_patch.rewrite.patches.base import (
+    Patch,
+    State,
+    Unrecognised,
+    append_method,
+    find_all,
+    full_name,
+    method,
+    method_shape,
+    pretrained_roots,
+    template,
+)
+
+NAME = "remote_code"
+BASE_CONFIGS = ("PretrainedConfig", "PreTrainedConfig", "GenerationConfig")
+WHY = "transformers 5.3.0 re-initialises loaded weights of remote code it counts as library code"
+METHOD = '''
+class _Template:
+    @classmethod
+    def is_remote_code(cls):
+        """Loaded from a checkpoint's code, also when its config class is the library's."""
+        return True
+'''
+
+
+def _override() -> cst.FunctionDef:
+    return template(METHOD)[0].body.body[0]
+
+
+def library_configs(tree: cst.Module) -> list[str]:
+    """The config classes this file imports from transformers (`LlamaConfig`, `Qwen3Config`, ...)."""
+    names = []
+    for node in find_all(tree, cst.ImportFrom):
+        module = full_name(node.module) if node.module is not None and not node.relative else None
+        if module and module.split(".")[0] == "transformers" and not isinstance(node.names, cst.ImportStar):
+            names += [
+                n for a in node.names if (n := full_name(a.name) or "").endswith("Config") and n not in BASE_CONFIGS
+            ]
+    return names
+
+
+def _assigned(cls: cst.ClassDef) -> list[cst.BaseExpression]:
+    """The targets of the class body's plain and annotated assignments."""
+    out: list[cst.BaseExpression] = []
+    for stmt in cls.body.body:
+        for small in stmt.body if isinstance(stmt, cst.SimpleStatementLine) else ():
+            if isinstance(small, cst.Assign):
+                out += [t.target for t in small.targets]
+            elif isinstance(small, cst.AnnAssign):
+                out.append(small.target)
+    return out
+
+
+def inspect(tree: cst.Module) -> State:
+    roots = pretrained_roots(tree)
+    if not roots or not library_configs(tree):
+        return State.ABSENT
+    done = True
+    for cls in roots:
+        if any(full_name(t) == "is_remote_code" for t in _assigned(cls)):
+            raise Unrecognised(f"{cls.name.value} assigns is_remote_code; define it as a classmethod returning True")
+        own = method(cls, "is_remote_code")
+        if own is None:
+            done = False
+        elif method_shape(own) != method_shape(_override()):
+            raise Unrecognised(f"{cls.name.value} defines its own is_remote_code; make it return True")
+    return State.DONE if done else State.NEEDED
+
+
+def rewrite(tree: cst.Module) -> cst.Module:
+    missing = [cls for cls in pretrained_roots(tree) if method(cls, "is_remote_code") is None]
+    return append_method(tree, missing, _override(), NAME, WHY)
+
+
+PATCH = Patch(
+    name=NAME,
+    order=62,
+    description="the model classes report is_remote_code() (5.3.0 otherwise re-initialises loaded weights "
+    "of remote code built on a library config)",
+    default=True,
+    inspect=inspect,
+    rewrite=rewrite,
+)

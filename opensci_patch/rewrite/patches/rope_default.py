@@ -1,0 +1,62 @@
+"""rope_default: `ROPE_INIT_FUNCTIONS["default"]` is gone in transformers 5.x.
+
+Detects: lookups `ROPE_INIT_FUNCTIONS[key]` (e.g. `self.rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]`).
+Rewrites: `_opensci_default_rope_init if key == "default" else ROPE_INIT_FUNCTIONS[key]`, and
+inlines `_opensci_default_rope_init`, a copy of 4.48's `_compute_default_rope_parameters`: the
+same operations in the same order, so `inv_freq` is bit-identical on every release. Other rope
+types still come from the installed transformers.
+Verifies: every lookup is guarded and the function is defined at module level.
+
+5.x moves `rope_theta` (and `partial_rotary_factor`) of a custom config into
+`config.rope_parameters` (also exposed as `rope_scaling`); on 5.2 a custom config still has
+the plain attribute too, but the inlined function falls back in that order in case a later
+release drops it.
+"""
+
+from __future__ import annotations
+
+from opensci_patch.rewrite.patches.base import Patch
+from opensci_patch.rewrite.patches.lookup import GuardedLookup
+
+NAME = "rope_default"
+
+DEFINITION = '''
+def _opensci_default_rope_init(config, device=None, seq_len=None, **rope_kwargs):
+    """RoPE inverse frequencies as transformers 4.48 `_compute_default_rope_parameters` computes them.
+
+    Inlined because transformers 5.x has no `ROPE_INIT_FUNCTIONS["default"]`. Returns
+    `(inv_freq, attention_scaling)`.
+    """
+    rope_parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    base = getattr(config, "rope_theta", None)
+    if base is None:
+        base = rope_parameters.get("rope_theta")
+    if base is None:
+        raise ValueError("the config has no rope_theta (neither as an attribute nor in rope_parameters)")
+    partial_rotary_factor = getattr(config, "partial_rotary_factor", None)
+    if partial_rotary_factor is None:
+        partial_rotary_factor = rope_parameters.get("partial_rotary_factor", 1.0)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = int(head_dim * partial_rotary_factor)
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float().to(device) / dim))
+    return inv_freq, 1.0
+'''
+
+LOOKUP = GuardedLookup(
+    table="ROPE_INIT_FUNCTIONS",
+    literal="default",
+    replacement="_opensci_default_rope_init",
+    definition=DEFINITION,
+    patch=NAME,
+    why='transformers 5.x has no ROPE_INIT_FUNCTIONS["default"]',
+)
+
+
+PATCH = Patch(
+    name=NAME,
+    order=50,
+    description="inline the default RoPE init that transformers 5.x dropped from ROPE_INIT_FUNCTIONS",
+    default=True,
+    inspect=LOOKUP.inspect,
+    rewrite=LOOKUP.rewrite,
+)
