@@ -91,11 +91,8 @@ LAYERS = (
 
 def _layer(module: str) -> tuple[int, str]:
     """(rank, the layer package) of a module: its longest matching prefix in LAYERS."""
-    best = max(
-        ((rank, pkg) for rank, pkgs in enumerate(LAYERS) for pkg in pkgs if module == pkg or module.startswith(pkg + ".")),
-        key=lambda found: len(found[1]),
-    )
-    return best
+    found = [(rank, p) for rank, pkgs in enumerate(LAYERS) for p in pkgs if module == p or module.startswith(f"{p}.")]
+    return max(found, key=lambda f: len(f[1]))
 
 
 def upward_edges(graph: dict[str, set[str]]) -> list[str]:
