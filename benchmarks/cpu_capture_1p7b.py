@@ -47,7 +47,7 @@ stages = {"start": mem()}
 import torch, transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from opensci_patch.measure import compat
-from opensci_patch.measure.capture import isolated_hf_cache
+from opensci_patch.measure.isolation import isolated_hf_cache
 stages["import"] = mem()
 model, max_new = sys.argv[1], int(sys.argv[2])
 with isolated_hf_cache():

@@ -34,7 +34,8 @@ import hashlib, json, resource, statistics, sys, time
 from pathlib import Path
 import torch
 import transformers
-from opensci_patch.measure.capture import isolated_hf_cache, load_model, load_tokenizer
+from opensci_patch.measure.capture import load_model, load_tokenizer
+from opensci_patch.measure.isolation import isolated_hf_cache
 
 model_dir, device, dtype_name, attn = sys.argv[1:5]
 new_tokens, repeats = int(sys.argv[5]), int(sys.argv[6])

@@ -98,7 +98,8 @@ def cmd_hotfix(args) -> int:
 
 
 def cmd_capture(args) -> int:
-    from opensci_patch.measure.capture import CaptureSettings, capture, isolated_hf_cache
+    from opensci_patch.measure.capture import CaptureSettings, capture
+    from opensci_patch.measure.isolation import isolated_hf_cache
 
     if args.out:
         check_output_file(args.out, args.force)
@@ -168,7 +169,7 @@ def cmd_cell(args) -> int:
     source = args.model or FIXTURE_DIR
     variants = args.variant or list(matrix.VARIANTS)
     if args.model:
-        from opensci_patch.measure.capture import validate_model_dir
+        from opensci_patch.measure.input_checks import validate_model_dir
 
         validate_model_dir(args.model)
         own = {name for name, v in matrix.VARIANTS.items() if v.own_checkpoint}
@@ -221,7 +222,7 @@ def cmd_bisect(args) -> int:
 
     source = args.model or FIXTURE_DIR
     if args.model:
-        from opensci_patch.measure.capture import validate_model_dir
+        from opensci_patch.measure.input_checks import validate_model_dir
 
         validate_model_dir(args.model)
     versions = [v for arg in args.versions for v in arg.split(",")] if args.versions else None

@@ -12,7 +12,8 @@ from conftest import FIXTURE_DIR, cache_dropping_copy
 
 from opensci_patch._util import fs
 from opensci_patch._util.errors import CaptureError, ModelDirError
-from opensci_patch.measure.capture import CaptureSettings, capture, isolated_hf_cache
+from opensci_patch.measure.capture import CaptureSettings, capture
+from opensci_patch.measure.isolation import isolated_hf_cache
 from opensci_patch.rewrite.patches import apply_patches, default_patches
 
 

@@ -121,7 +121,7 @@ def test_structural_fixes_alone_leave_rope_broken_on_5x(models, records, tmp_pat
 
 INV_FREQ_PROBE = """
 import json, sys, torch
-from opensci_patch.measure.capture import isolated_hf_cache
+from opensci_patch.measure.isolation import isolated_hf_cache
 with isolated_hf_cache():
     from transformers import AutoModelForCausalLM
     m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)

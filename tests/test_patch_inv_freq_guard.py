@@ -9,7 +9,8 @@ import pytest
 from conftest import FIXTURE_DIR
 
 from opensci_patch._util.errors import PatchError
-from opensci_patch.measure.capture import CaptureSettings, capture, isolated_hf_cache
+from opensci_patch.measure.capture import CaptureSettings, capture
+from opensci_patch.measure.isolation import isolated_hf_cache
 from opensci_patch.rewrite.patches import apply_patches, by_name, default_patches
 
 REGISTER = '        self.register_buffer("inv_freq", inv_freq, persistent=False)\n'

@@ -237,7 +237,7 @@ def test_the_override_passes_through_the_argumentless_5_2_call():
 
 TIE_PROBE = """
 import json, sys
-from opensci_patch.measure.capture import isolated_hf_cache
+from opensci_patch.measure.isolation import isolated_hf_cache
 with isolated_hf_cache():
     import transformers
     from transformers import AutoModelForCausalLM

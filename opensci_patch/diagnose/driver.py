@@ -36,7 +36,8 @@ from opensci_patch.diagnose.stages import (
     write_json,
 )
 from opensci_patch.matrix.spec import DEFAULT_TORCH_BUILD, TORCH_BUILDS, VARIANTS, Cell
-from opensci_patch.measure.capture import REFERENCE_MAX_WEIGHT_BYTES, validate_model_dir
+from opensci_patch.measure.capture import REFERENCE_MAX_WEIGHT_BYTES
+from opensci_patch.measure.input_checks import validate_model_dir
 
 Log = Callable[[str], object]
 

@@ -34,7 +34,7 @@ from opensci_patch._util.errors import OpensciPatchError
 from opensci_patch.diagnose import fp64
 from opensci_patch.diagnose.decode import DEFAULT_DECODE_STEPS, record_decode
 from opensci_patch.diagnose.stages import BUFFERS, MODEL_INFO, SCHEMA, StageWriter, fresh_dir, write_json
-from opensci_patch.measure.capture import validate_model_dir
+from opensci_patch.measure.input_checks import validate_model_dir
 from opensci_patch.measure.records import error_info
 
 Log = Callable[[str], object]
@@ -57,7 +57,7 @@ def probe(
     Writes the files listed in the module docstring to `out` (a fresh dir). A model that fails
     to load or run is a result (status "load-error"/"forward-error" in the info).
     """
-    from opensci_patch.measure.capture import collected_warnings, isolated_hf_cache
+    from opensci_patch.measure.isolation import collected_warnings, isolated_hf_cache
 
     if dtype not in DTYPES:
         raise OpensciPatchError(f"dtype {dtype!r} not one of {', '.join(DTYPES)}")

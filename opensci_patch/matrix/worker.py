@@ -148,7 +148,8 @@ def _run_hotfix(step: HotfixStep) -> tuple[int, str]:
 
 def _run_capture(step: CaptureStep) -> tuple[int, str, rec_io.Record]:
     """The cell's record: the capture's own, or the run error that says why there is none."""
-    from opensci_patch.measure.capture import CaptureSettings, capture, isolated_hf_cache
+    from opensci_patch.measure.capture import CaptureSettings, capture
+    from opensci_patch.measure.isolation import isolated_hf_cache
 
     cell = step.cell
     settings = CaptureSettings(model=step.model, device=cell.device, dtype=cell.dtype, attn=cell.attn)
