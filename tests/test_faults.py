@@ -27,7 +27,7 @@ import pytest
 from opensci_patch._util import faults, locations
 from opensci_patch._util.defaults import FIXTURE_DIR, MANIFEST
 from opensci_patch.matrix import envs
-from opensci_patch.rewrite.hotfix import CHUNK
+from opensci_patch.rewrite.hashed_copy import CHUNK
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = FIXTURE_DIR

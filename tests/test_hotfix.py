@@ -17,7 +17,9 @@ import pytest
 from opensci_patch import __version__
 from opensci_patch._util import faults
 from opensci_patch._util.errors import DestinationError, ModelDirError, PatchError
+from opensci_patch.rewrite import hashed_copy
 from opensci_patch.rewrite import hotfix as hotfix_module
+from opensci_patch.rewrite.destination import PARTIAL_MARK
 from opensci_patch.rewrite.hotfix import MANIFEST, hotfix
 from opensci_patch.rewrite.patches import default_patches
 
@@ -124,7 +126,7 @@ def test_symlinked_files_are_copied_as_files(src: Path, quiet: list[str], tmp_pa
 
 
 def test_manifest_records_version_source_statuses_and_hashes_of_every_file(src: Path, quiet: list[str], monkeypatch):
-    monkeypatch.setattr(hotfix_module, "CHUNK", 4096)  # hash across many chunks
+    monkeypatch.setattr(hashed_copy, "CHUNK", 4096)  # hash across many chunks
     result = hotfix(src, log=quiet.append)
     manifest = json.loads((result.dst / MANIFEST).read_text())
     assert manifest["tool"] == "opensci-patch" and manifest["version"] == __version__
@@ -226,7 +228,7 @@ def test_interrupt_while_copying_leaves_no_partial_output(src: Path, quiet: list
     if existing:
         hotfix(src, log=quiet.append)
     before = _tree(src.parent)
-    real_copy, copied = hotfix_module._copy_hashing, []
+    real_copy, copied = hashed_copy._copy_hashing, []
 
     def interrupted(source: Path, target: Path) -> str:
         if copied:
@@ -234,7 +236,7 @@ def test_interrupt_while_copying_leaves_no_partial_output(src: Path, quiet: list
         copied.append(source)
         return real_copy(source, target)
 
-    monkeypatch.setattr(hotfix_module, "_copy_hashing", interrupted)
+    monkeypatch.setattr(hashed_copy, "_copy_hashing", interrupted)
     with pytest.raises(KeyboardInterrupt):
         hotfix(src, force=True, log=quiet.append)
     assert copied  # it really was interrupted mid-way
@@ -286,7 +288,7 @@ def _stopped(proc: subprocess.Popen) -> bool:
 def test_output_that_appears_during_the_run_is_never_replaced(src: Path, quiet: list[str], monkeypatch, what: str):
     """`hotfix big --out race & mkdir race; echo x > race/thesis.txt`: thesis.txt must survive, the run must fail."""
     dst = src.parent / "race"
-    real_copy = hotfix_module._copy_hashing
+    real_copy = hashed_copy._copy_hashing
 
     def appear(source: Path, target: Path) -> str:
         if not os.path.lexists(dst):
@@ -299,7 +301,7 @@ def test_output_that_appears_during_the_run_is_never_replaced(src: Path, quiet: 
                     (dst / MANIFEST).write_text(json.dumps({"tool": "opensci-patch"}))
         return real_copy(source, target)
 
-    monkeypatch.setattr(hotfix_module, "_copy_hashing", appear)
+    monkeypatch.setattr(hashed_copy, "_copy_hashing", appear)
     with pytest.raises(DestinationError, match="while the output was being written"):
         hotfix(src, dst, log=quiet.append)
     if what == "user-file":
@@ -348,20 +350,20 @@ def test_leftovers_of_killed_runs_are_removed_by_the_next_run_and_nothing_else(s
     try:
         stale = parent / f".opensci-tiny_fixed.partial-{dead}-0123abcd"
         stale.mkdir()
-        (stale / hotfix_module.PARTIAL_MARK).write_text(f"pid {dead}")
+        (stale / PARTIAL_MARK).write_text(f"pid {dead}")
         (stale / "model.safetensors").write_bytes(b"half")
         stale_done = parent / f".opensci-tiny_fixed.partial-{dead}-4567abcd"  # killed after the manifest
         stale_done.mkdir()
         (stale_done / MANIFEST).write_text(json.dumps({"tool": "opensci-patch"}))
         alive = parent / f".opensci-tiny_fixed.partial-{live.pid}-89abcdef"
         alive.mkdir()
-        (alive / hotfix_module.PARTIAL_MARK).write_text(f"pid {live.pid}")
+        (alive / PARTIAL_MARK).write_text(f"pid {live.pid}")
         foreign = parent / f".opensci-tiny_fixed.partial-{dead}-deadbeef"  # our name pattern, not our content
         foreign.mkdir()
         (foreign / "precious.txt").write_text("user data")
         other_output = parent / f".other_fixed.partial-{dead}-0123abcd"  # another DST's: not this run's business
         other_output.mkdir()
-        (other_output / hotfix_module.PARTIAL_MARK).write_text("")
+        (other_output / PARTIAL_MARK).write_text("")
         result = hotfix(src, log=quiet.append)
         assert not stale.exists() and not stale_done.exists()
         assert alive.is_dir() and (foreign / "precious.txt").read_text() == "user data" and other_output.is_dir()

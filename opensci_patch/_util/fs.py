@@ -1,4 +1,5 @@
-"""Directories and files opensci-patch owns: claim a new one, write a file atomically, lock, discard.
+"""Directories and files opensci-patch owns: claim a new one, write a file atomically, lock, discard, and put a
+finished directory in place (`publish_dir`, `swap_dir`).
 
 The one place these are written: envs, torch layers, hotfix outputs and the hotfix cache, fixtures and report
 files all go through here. Standard library only.
@@ -8,15 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from opensci_patch._util.errors import DestinationError
+from opensci_patch._util.faults import fault_point
+from opensci_patch._util.procs import pid_alive
+
+ASIDE = "old"  # the tag of `sibling(dst, ASIDE)`, where `swap_dir` moves the previous dst during a swap
 
 
 def claim_dir(path: Path, mark: str | None = None, text: str = "") -> Path:
@@ -109,3 +115,115 @@ def write_atomic(path: Path | str, content: str | bytes | dict | list | Any) -> 
             except OSError:
                 pass
     return path
+
+
+# --- a finished directory into place: build in a hidden sibling, then rename -------------------------------------
+
+
+def sibling(dst: Path, tag: str) -> Path:
+    """A fresh hidden name next to `dst`, `.<dst>.<tag>-<pid>-<hex>`: hidden so nobody takes it for `dst`, in
+    `dst`'s directory so the final rename stays on one file system (atomic), with our pid so that a later run
+    can tell the leftovers of a killed run (`dead_siblings`) from those of a live one."""
+    return dst.parent / f".{dst.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def dead_siblings(dst: Path, tags: Iterable[str]) -> dict[str, list[Path]]:
+    """Per tag, the `sibling(dst, tag)` directories (not links) whose pid is gone on this host: what killed runs
+    left. Whether one is really ours is for the caller to check (a marker, a manifest) before touching it."""
+    pattern = re.compile(rf"\.{re.escape(dst.name)}\.({'|'.join(map(re.escape, tags))})-(\d+)-[0-9a-f]{{8}}")
+    found: dict[str, list[Path]] = {tag: [] for tag in tags}
+    for path in dst.parent.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match and not path.is_symlink() and path.is_dir() and not pid_alive(int(match.group(2))):
+            found[match.group(1)].append(path)
+    return found
+
+
+def remove_tree(path: Path, marks: Iterable[str] = ()) -> None:
+    """rmtree of a directory of ours, but the files in `marks` (those that say "ours": a marker, a manifest) go
+    last, in that order, so that a kill midway leaves it recognisable and a later run finishes the job."""
+    marks = tuple(marks)
+    try:
+        children = list(path.iterdir())
+    except FileNotFoundError:  # e.g. a partial dir, already renamed into place
+        return
+    for child in children:
+        if child.name in marks:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    for name in marks:
+        (path / name).unlink(missing_ok=True)
+    try:
+        path.rmdir()
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def publish_dir(tmp: Path, dst: Path, marks: Iterable[str] = ()) -> bool:
+    """Rename the finished directory `tmp` to `dst`, so that readers find no `dst` or the whole one, never a part.
+
+    `tmp` must be on `dst`'s file system (a `sibling`, or inside a temp dir next to `dst`): then the rename is
+    atomic. Returns False when something appeared at `dst` meanwhile (a lost race, e.g. another process built the
+    same thing first): what is there is left as it is, `tmp` is removed (`remove_tree`, `marks` last), and the
+    caller decides whether that is fine (a cache) or an error. An empty directory at `dst` is replaced (POSIX
+    rename); any other failure (disk, permissions) raises, with `tmp` left to the caller.
+    """
+    try:
+        os.rename(tmp, dst)
+    except OSError:
+        if not os.path.lexists(dst):
+            raise
+        remove_tree(tmp, marks)
+        return False
+    return True
+
+
+def swap_dir(
+    new: Path, dst: Path, is_ours: Callable[[Path], bool], marks: Iterable[str] = (), fault: str | None = None
+) -> None:
+    """Replace `dst`, a directory the caller has checked is ours, by the finished directory `new`.
+
+    A kill at any point leaves the old `dst` or the new one, or (between the two renames) no `dst` and the old
+    one at `sibling(dst, ASIDE)`, which `restore_aside` puts back; never a mix, never neither for good.
+    1. Rename `dst` aside: atomic, and it stays whole until the new one is in place.
+    2. `is_ours` again on what was moved: `dst` may have been replaced between the caller's check and the
+       rename; then it goes back untouched and this raises DestinationError (never delete what we did not create).
+    3. `fault_point(fault)` (the fault tests kill here, between the renames), then rename `new` to `dst`; on any
+       failure the old one goes back.
+    4. Remove the old one (`remove_tree`, `marks` last); Ctrl-C meanwhile: the new `dst` is in place, so finish
+       removing the old one, then stop.
+    """
+    old = sibling(dst, ASIDE)
+    os.rename(dst, old)
+    if not is_ours(old):
+        os.rename(old, dst)
+        raise DestinationError(f"{dst} changed while the output was being written; it was left as it is")
+    if fault is not None:
+        fault_point(fault)
+    try:
+        os.rename(new, dst)
+    except BaseException:
+        os.rename(old, dst)
+        raise
+    try:
+        remove_tree(old, marks)
+    except KeyboardInterrupt:
+        remove_tree(old, marks)
+        raise
+
+
+def restore_aside(dst: Path, asides: Iterable[Path]) -> tuple[bool, list[Path]]:
+    """Put back the previous `dst` that a `swap_dir` killed between its two renames left aside.
+
+    Only when nothing is at `dst` (else the swap finished, or never began); of several asides, the newest.
+    `asides`: leftovers of dead runs (`dead_siblings(dst, [ASIDE])`) the caller has checked are ours.
+    Returns whether one was put back, and the others (oldest first), which are the caller's to remove.
+    """
+    olds = sorted(asides, key=lambda p: p.stat().st_mtime)
+    if olds and not os.path.lexists(dst):
+        os.rename(olds.pop(), dst)
+        return True, olds
+    return False, olds

@@ -111,7 +111,7 @@ def _keep_in_cache(out: Path, cached: Path) -> None:
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(out, tmp)
-        tmp.rename(cached)
+        fs.publish_dir(tmp, cached)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
 

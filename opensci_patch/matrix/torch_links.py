@@ -161,7 +161,7 @@ def _ensure_farm(root: Path, torch, kind: str, log: Log) -> Path:
             )
             if farm.exists():
                 venv.remove_ours(farm, root, "dangling links", log, sentinel=FARM_MANIFEST)
-            tmp.rename(farm)
+            fs.publish_dir(tmp, farm)  # under the lock: a lost race only where there is no flock, to an equal farm
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
