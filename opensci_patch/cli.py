@@ -41,22 +41,22 @@ def check_output_file(path: Path, force: bool) -> None:
         raise DestinationError(f"{path} exists and is not a regular file; --out takes a file name")
     if path.exists() and not force:
         raise DestinationError(f"{path} exists; pass --force to overwrite it")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise DestinationError(f"{path}: cannot write into {parent} (not a writable directory)")
+    _check_can_create(path.parent, str(path))
 
 
 def check_output_dir(path: Path, option: str) -> None:
     """A directory we can create or write into, checked before any work is done."""
     if path.exists() and not path.is_dir():
         raise DestinationError(f"{option} {path} is not a directory")
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise DestinationError(f"{option} {path}: cannot write into {existing} (not a writable directory)")
+    _check_can_create(path, f"{option} {path}")
+
+
+def _check_can_create(path: Path, shown: str) -> None:
+    """`path`, or the nearest directory above it that exists, must be a directory we can write into."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise DestinationError(f"{shown}: cannot write into {path} (not a writable directory)")
 
 
 def summary_line(record) -> str:
@@ -236,15 +236,9 @@ def cmd_bisect(args) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="opensci-bisect-"))
     say = lambda m: print(m, flush=True)  # noqa: E731
     last_good, first_bad, _ = bisect(  # logs the boundary itself
-        args.good,
-        args.bad,
-        torch_build=args.torch,
-        variant=args.variant,
-        model_dir=source,
-        versions=versions,
-        work=work,
-        log=say,
-    )
+        args.good, args.bad, torch_build=args.torch, variant=args.variant, model_dir=source, versions=versions,
+        work=work, log=say,
+    )  # fmt: skip
     if args.no_diagnose:
         return 0
     from opensci_patch import diagnose
@@ -267,12 +261,16 @@ def cmd_bigckpt(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="opensci-patch", description=__doc__.splitlines()[0])
-    ap.add_argument("--version", action="version", version=f"opensci-patch {__version__}")
-    sub = ap.add_subparsers(dest="command", required=True)
+def cmd_diagnose(args) -> int:
+    from opensci_patch.diagnose import cmd_diagnose
 
-    p = sub.add_parser("fixture", help="write a copy of the shipped open-sci test checkpoint")
+    return cmd_diagnose(args)
+
+
+# --- each subcommand's arguments, in the order --help shows them ---------------------------------------------
+
+
+def _fixture_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", type=Path)
     p.add_argument("--force", action="store_true", help="overwrite the fixture files in an existing non-empty dir")
     p.add_argument(
@@ -281,31 +279,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="the same weights under a modular-generated model file, as the real checkpoints ship "
         "(built from the transformers 4.54.0 Qwen3 code; fetches that wheel once)",
     )
-    p.set_defaults(func=cmd_fixture)
 
-    p = sub.add_parser("hotfix", help="copy a model dir and apply the compatibility patches")
+
+def _hotfix_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", type=Path)
     p.add_argument("--out", type=Path, default=None, help="output dir (default: SRC_fixed)")
     p.add_argument("--check", action="store_true", help="print the diff of what would change; write nothing")
     p.add_argument("--force", action="store_true", help="replace an existing output dir")
-    p.add_argument(
-        "--with",
-        dest="extra",
-        action="append",
-        default=[],
-        metavar="PATCH",
-        help="also apply an opt-in patch (e.g. init_weights, for transformers 5.0/5.1)",
-    )
-    p.add_argument(
-        "--only",
-        action="append",
-        default=None,
-        metavar="PATCH",
-        help="apply exactly these patches (experiments, e.g. the structural fixes alone)",
-    )
-    p.set_defaults(func=cmd_hotfix)
+    p.add_argument("--with", dest="extra", action="append", default=[], metavar="PATCH",
+        help="also apply an opt-in patch (e.g. init_weights, for transformers 5.0/5.1)")  # fmt: skip
+    p.add_argument("--only", action="append", default=None, metavar="PATCH",
+        help="apply exactly these patches (experiments, e.g. the structural fixes alone)")  # fmt: skip
 
-    p = sub.add_parser("capture", help="load a model, record the target logit, top-k and greedy generation")
+
+def _capture_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path)
     p.add_argument("--out", type=Path, default=None, help="write the JSON record here")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
@@ -315,120 +302,106 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--target", default=DEFAULT_TARGET, help="token whose logit is recorded (must be one token)")
     p.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS)
-    p.add_argument(
-        "--shim",
-        action="store_true",
-        help="back-fill transformers.utils.TransformersKwargs on releases that lack it (<= 4.53)",
-    )
-    p.add_argument(
-        "--reference",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="compare with the fp64 reference forward (auto: only for checkpoints under 1 GiB)",
-    )
+    p.add_argument("--shim", action="store_true",
+        help="back-fill transformers.utils.TransformersKwargs on releases that lack it (<= 4.53)")  # fmt: skip
+    p.add_argument("--reference", choices=["auto", "on", "off"], default="auto",
+        help="compare with the fp64 reference forward (auto: only for checkpoints under 1 GiB)")  # fmt: skip
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_capture)
 
-    p = sub.add_parser("demo", help="the main job on the shipped checkpoint: hotfix it, capture original and patched")
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workdir", type=Path, default=None, help="where to put the model dirs and records (default: a new temp dir)"
     )
-    p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("releases", help="print the transformers releases the matrix runs, one per line")
+
+def _releases_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sweep", action="store_true", help="add the latest patch release of every minor from 4.48 (package index)"
     )
     p.add_argument("--pre", action="store_true", help="add the newest pre-release if it is newer than the newest final")
     p.add_argument("--newest", action="store_true", help="print only the newest final release on the package index")
-    p.set_defaults(func=cmd_releases)
 
-    p = sub.add_parser("cell", help="run cross-version matrix cells, one record per cell")
+
+def _cell_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transformers", action="append", default=[], metavar="VERSION")
     p.add_argument("--all", action="store_true", help="every pinned release (opensci_patch/matrix/spec.py)")
-    p.add_argument(
-        "--sweep",
-        action="store_true",
-        help="the pinned releases plus the latest patch of every minor from 4.48 on the package index",
-    )
+    p.add_argument("--sweep", action="store_true",
+        help="the pinned releases plus the latest patch of every minor from 4.48 on the package index")  # fmt: skip
     p.add_argument("--pre", action="store_true", help="also the newest pre-release, if newer than the newest final")
     p.add_argument("--torch", default=DEFAULT_TORCH_BUILD, choices=TORCH_BUILDS)
-    p.add_argument(
-        "--variant",
-        action="append",
-        choices=list(VARIANTS),
-        help="model variants to run (default: all; with --model, all but generated)",
-    )
-    p.add_argument(
-        "--dtype",
-        action="append",
-        choices=DTYPES,
-        help="dtypes to run (repeatable; default float32)",
-    )
-    p.add_argument(
-        "--attn",
-        action="append",
-        choices=ATTENTION,
-        help="attention implementations to run (repeatable; default eager)",
-    )
+    p.add_argument("--variant", action="append", choices=list(VARIANTS),
+        help="model variants to run (default: all; with --model, all but generated)")  # fmt: skip
+    p.add_argument("--dtype", action="append", choices=DTYPES, help="dtypes to run (repeatable; default float32)")
+    p.add_argument("--attn", action="append", choices=ATTENTION,
+        help="attention implementations to run (repeatable; default eager)")  # fmt: skip
     p.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: the shipped fixture)")
     p.add_argument("--records", type=Path, default=Path("records"))
-    p.add_argument(
-        "--overrides",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="dependency overrides per release range, for pins the index cannot meet (e.g. matrix-overrides.txt; "
-        "default: $OPENSCI_PATCH_OVERRIDES)",
-    )
-    p.add_argument(
-        "--jobs",
-        type=parse_jobs,
-        default=1,
-        metavar="N|auto",
-        help="releases run at once (default 1; auto: one per CPU)",
-    )
-    p.set_defaults(func=cmd_cell)
+    p.add_argument("--overrides", type=Path, default=None, metavar="FILE",
+        help="dependency overrides per release range, for pins the index cannot meet (e.g. "
+        "matrix-overrides.txt; default: $OPENSCI_PATCH_OVERRIDES)")  # fmt: skip
+    p.add_argument("--jobs", type=parse_jobs, default=1, metavar="N|auto",
+        help="releases run at once (default 1; auto: one per CPU)")  # fmt: skip
 
-    from opensci_patch.diagnose import add_cli_arguments, cmd_diagnose  # stdlib-only import
 
-    p = sub.add_parser("diagnose", help="name the first diverging stage between two cells and the likely cause")
+def _diagnose_arguments(p: argparse.ArgumentParser) -> None:
+    from opensci_patch.diagnose import add_cli_arguments  # stdlib-only import
+
     add_cli_arguments(p)
-    p.set_defaults(func=cmd_diagnose)
 
-    p = sub.add_parser("bisect", help="find the first transformers release whose logits leave the fp64 reference")
+
+def _bisect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--good", required=True, metavar="VERSION", help="a release known to be good")
     p.add_argument("--bad", required=True, metavar="VERSION", help="a later release known to be bad")
-    p.add_argument(
-        "--variant",
-        default="structural",
-        choices=[m for m, v in VARIANTS.items() if not v.own_checkpoint],
-        help="model variant to judge (default: structural, the naive three-fix model)",
-    )
+    p.add_argument("--variant", default="structural", choices=[m for m, v in VARIANTS.items() if not v.own_checkpoint],
+        help="model variant to judge (default: structural, the naive three-fix model)")  # fmt: skip
     p.add_argument("--torch", default=DEFAULT_TORCH_BUILD, choices=TORCH_BUILDS)
     p.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: the shipped fixture)")
-    p.add_argument(
-        "--versions",
-        action="append",
-        default=[],
-        metavar="V1,V2,...",
-        help="candidate releases (default: every final release on PyPI in the range)",
-    )
+    p.add_argument("--versions", action="append", default=[], metavar="V1,V2,...",
+        help="candidate releases (default: every final release on PyPI in the range)")  # fmt: skip
     p.add_argument("--work", type=Path, default=None, help="where records and the diagnose report go")
     p.add_argument("--no-diagnose", action="store_true", help="skip the diagnose report at the boundary")
-    p.set_defaults(func=cmd_bisect)
 
+
+def _bigckpt_arguments(p: argparse.ArgumentParser) -> None:
     from opensci_patch.fixtures import bigckpt  # torch is imported lazily there
 
-    p = sub.add_parser("bigckpt", help="write a 1.7B-shaped open-sci checkpoint (random bf16 weights, sharded)")
     bigckpt.add_arguments(p)
-    p.set_defaults(func=cmd_bigckpt)
 
-    p = sub.add_parser("report", help="aggregate cell records into markdown tables and a plot")
+
+def _report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--records", type=Path, default=Path("records"))
     p.add_argument("--results", type=Path, default=Path("results"))
     p.add_argument("--machine", default=None, help="machine description for the report header")
-    p.set_defaults(func=cmd_report)
+
+
+# (name, --help line, its arguments, what runs it), in the order --help lists them
+SUBCOMMANDS = (
+    ("fixture", "write a copy of the shipped open-sci test checkpoint", _fixture_arguments, cmd_fixture),
+    ("hotfix", "copy a model dir and apply the compatibility patches", _hotfix_arguments, cmd_hotfix),
+    ("capture", "load a model, record the target logit, top-k and greedy generation", _capture_arguments, cmd_capture),
+    ("demo", "the main job on the shipped checkpoint: hotfix it, capture original and patched", _demo_arguments,
+     cmd_demo),
+    ("releases", "print the transformers releases the matrix runs, one per line", _releases_arguments, cmd_releases),
+    ("cell", "run cross-version matrix cells, one record per cell", _cell_arguments, cmd_cell),
+    ("diagnose", "name the first diverging stage between two cells and the likely cause", _diagnose_arguments,
+     cmd_diagnose),
+    ("bisect", "find the first transformers release whose logits leave the fp64 reference", _bisect_arguments,
+     cmd_bisect),
+    ("bigckpt", "write a 1.7B-shaped open-sci checkpoint (random bf16 weights, sharded)", _bigckpt_arguments,
+     cmd_bigckpt),
+    ("report", "aggregate cell records into markdown tables and a plot", _report_arguments, cmd_report),
+)  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="opensci-patch", description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=f"opensci-patch {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name, help_line, add_arguments, run in SUBCOMMANDS:
+        p = sub.add_parser(name, help=help_line)
+        add_arguments(p)
+        p.set_defaults(func=run)
     return ap
 
 

@@ -17,8 +17,8 @@ from opensci_patch._util.errors import DestinationError, OpensciPatchError
 from opensci_patch.matrix.spec import REFERENCE, VARIANTS, Cell, Variant
 from opensci_patch.measure import records
 from opensci_patch.measure.records import CellInfo, Expected, Generation, KVCheck, Record, Target, TopToken
+from opensci_patch.results import judge, pair, report
 from opensci_patch.results import plot as report_plot
-from opensci_patch.results import report
 
 PASS = Expected("pass", "")
 XFAIL = Expected("xfail", "declared to fail for a test")
@@ -276,7 +276,7 @@ def test_grid_has_one_row_per_release_a_column_per_variant_and_says_missing():
 
 def test_a_new_variant_in_matrix_models_reaches_the_grid_and_the_plot(monkeypatch):
     declared = {**VARIANTS, "brand-new": Variant("brand-new", (), "a new variant")}
-    for module in (report, report_plot):  # rows order by it; the grid's columns and the plot's markers follow it
+    for module in (judge, report_plot):  # rows order by it; the grid's columns and the plot's markers follow it
         monkeypatch.setattr(module, "VARIANTS", declared)
     table = report.rows([ok(REF_VERSION), ok("5.2.0", "brand-new")])
     (cells,) = report.grid(table).values()
@@ -285,7 +285,7 @@ def test_a_new_variant_in_matrix_models_reaches_the_grid_and_the_plot(monkeypatc
     assert set(series) == set(VARIANTS) | {"brand-new"} and series["brand-new"] == [(1, 14.5)]
     # a record of a variant the matrix no longer lists is still shown, not dropped
     fewer = {m: v for m, v in VARIANTS.items() if m != "generated"}
-    for module in (report, report_plot):
+    for module in (judge, report_plot):
         monkeypatch.setattr(module, "VARIANTS", fewer)
     assert "generated" in report_plot.variants(report.rows([ok(REF_VERSION, "generated")]))
 
@@ -346,7 +346,7 @@ def test_results_path_that_is_a_file_or_under_a_file_is_refused(tmp_path: Path):
 def test_read_only_results_dir_is_refused_before_anything_is_written(tmp_path: Path, monkeypatch):
     """chmod does not stop root (these tests may run as root), so the write check itself is faked."""
     write_records(tmp_path / "records", [ok(REF_VERSION)])
-    monkeypatch.setattr(report.os, "access", lambda *a: False)
+    monkeypatch.setattr(pair.os, "access", lambda *a: False)
     with pytest.raises(DestinationError, match="not writable"):
         report.write_report(tmp_path / "records", tmp_path / "results", log=lambda *a: None)
     assert not list((tmp_path / "results").iterdir())

@@ -1,0 +1,158 @@
+"""A `Report` rendered twice: matrix.md (grids first, then problems, changes and the detail table) and
+summary.json (the same counts, problems, grid and rows, as JSON)."""
+
+from __future__ import annotations
+
+import math
+
+from tabulate import tabulate
+
+from opensci_patch.matrix.spec import REFERENCE
+from opensci_patch.results.judge import BAD, Report, Row, group_name
+from opensci_patch.results.plot import version_key
+
+
+def _fmt(x, spec: str) -> str:
+    if x is None:
+        return "-"
+    if x == float("inf"):
+        return "top-10 differs"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    return format(x, spec)
+
+
+# the detail table: (header, how a row shows in it); one list, so headers and cells cannot drift apart
+DETAIL_COLUMNS = (
+    ("transformers", lambda r: r.transformers),
+    ("torch", lambda r: r.torch),
+    ("device", lambda r: r.device),
+    ("dtype", lambda r: r.dtype),
+    ("attn", lambda r: r.attn),
+    ("model", lambda r: r.model),
+    ("status", lambda r: r.status),
+    ('" Paris" logit', lambda r: _fmt(r.paris_logit, ".4f")),
+    ("rank", lambda r: _fmt(r.rank, "d")),
+    ("top-1", lambda r: repr(r.top1) if r.top1 else "-"),
+    ("max abs diff top-10 vs ref", lambda r: _fmt(r.top10_max_diff, ".2e")),
+    ("bit-identical", lambda r: _fmt(r.bit_identical, "")),
+    ("decode steps vs ref", lambda r: r.decode_steps or "-"),
+    ("max abs diff vs fp64 ref", lambda r: _fmt(r.fp64_ref_diff, ".2e")),
+    ("greedy completion", lambda r: repr(r.greedy) if r.greedy else "-"),
+    ("overrides", lambda r: ", ".join(r.overrides) or "-"),
+    ("note", lambda r: _cell_text(r.why[:160])),
+)
+
+
+def markdown_table(table: list[Row]) -> str:
+    body = [[show(r) for _, show in DETAIL_COLUMNS] for r in table]
+    return tabulate(body, headers=[h for h, _ in DETAIL_COLUMNS], tablefmt="github")
+
+
+def _cell_text(text: str) -> str:
+    return text.replace("|", "/").replace("\n", " ")
+
+
+def markdown_grid(cells: dict[str, dict[str, str]], new: set[str], overrides: dict[str, str] | None = None) -> str:
+    """One row per release, one column per variant; a release new since the last summary says so, and a release
+    whose env was built with dependency overrides names them (`overrides`: release -> "kernels>=0.17")."""
+    cols = next(iter(cells.values())).keys() if cells else []
+    overrides = overrides or {}
+
+    def label(v: str) -> str:
+        return (f"{v} (new)" if v in new else v) + (f" (override {overrides[v]})" if v in overrides else "")
+
+    body = [[label(v), *(cells[v][c] for c in cols)] for v in cells]
+    return tabulate(body, headers=["transformers", *cols], tablefmt="github")
+
+
+def changes(table: list[Row], previous: dict[str, str]) -> list[str]:
+    """Cells whose verdict moved since the last written report: newly broken first."""
+    broken, fixed, other = [], [], []
+    for r in table:
+        old = previous.get(r.cell)
+        if old is None or old == r.status:
+            continue
+        line = f"- `{r.cell}`: {old} -> **{r.status}** {r.why}"
+        (broken if r.status in BAD else fixed if old in BAD else other).append(line)
+    out = []
+    if broken:
+        out += ["### Newly broken", *broken]
+    if fixed:
+        out += ["### Newly fixed", *fixed]
+    if other:
+        out += ["### Other changes", *other]
+    return out
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def summary_json(rep: Report, date: str, machine: str) -> dict:
+    return _jsonable(
+        {
+            "generated": date,
+            "machine": machine,
+            "reference": list(REFERENCE),
+            "counts": rep.counts,
+            "problems": rep.problem_lines(),
+            "releases": sorted({r.transformers for r in rep.table}, key=version_key),
+            "new_releases": rep.new_releases,
+            "grid": rep.grid,
+            "verdicts": {r.cell: r.status for r in rep.table},
+            "rows": [r.to_dict() for r in rep.table],
+        }
+    )
+
+
+def matrix_markdown(rep: Report, *, title: str, date: str, machine: str, grid_png: bool, paris_png: bool) -> str:
+    counts = ", ".join(f"{k} {v}" for k, v in rep.counts.items())
+    lines = [
+        f"# {title}",
+        "",
+        f"Generated {date} on {machine} from {rep.n_records} record files.",
+        "",
+        f"Counts: {counts}" + (f"; problems {len(rep.problem_lines())}" if rep.problem_lines() else ""),
+        "",
+    ]
+    if rep.previous is None:
+        lines += ["New releases: none marked (no previous summary.json to compare with).", ""]
+    elif rep.new_releases:
+        lines += [f"New releases since the last summary: {', '.join(rep.new_releases)} (marked `(new)`).", ""]
+    for name, cells in rep.grid.items():
+        if len(rep.grid) > 1:
+            lines += [f"### {name}", ""]
+        overridden: dict[str, str] = {}
+        for r in rep.table:
+            if r.overrides and group_name(r) == name:
+                seen = overridden.get(r.transformers, "").split("; ") if r.transformers in overridden else []
+                overridden[r.transformers] = "; ".join(dict.fromkeys([*seen, ", ".join(r.overrides)]))
+        lines += [markdown_grid(cells, set(rep.new_releases), overridden), ""]
+    if grid_png:
+        lines += ["![release x variant grid](matrix_grid.png)", ""]
+    else:
+        lines += ["(No grid picture: matplotlib is not installed; `pip install opensci-patch[plot]`.)", ""]
+    if rep.problem_lines():
+        lines += ["## Problems (exit status 1)", "", *(f"- {_cell_text(p)}" for p in rep.problem_lines()), ""]
+    moved = changes(rep.table, rep.previous or {})
+    if moved:
+        lines += ["## Changes since the last report", "", *moved, ""]
+    lines += [
+        "## Detail",
+        "",
+        f"Reference cell: transformers {' '.join(REFERENCE)} (same torch build, device, dtype, attention); "
+        "decode step 0 is generate's prompt forward (compared as the first logits).",
+        "",
+        markdown_table(rep.table),
+        "",
+    ]
+    if paris_png:
+        lines += ['![" Paris" logit per release](paris_logit.png)', ""]
+    return "\n".join(lines)
