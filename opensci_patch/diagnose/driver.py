@@ -20,7 +20,7 @@ from typing import Any
 
 from opensci_patch._util.defaults import DEFAULT_PROMPT, FIXTURE_DIR
 from opensci_patch._util.errors import OpensciPatchError
-from opensci_patch._util.procs import tail
+from opensci_patch._util.procs import child_env, tail
 from opensci_patch.diagnose.checks import result as check_result
 from opensci_patch.diagnose.decode import DEFAULT_DECODE_STEPS
 from opensci_patch.diagnose.report import format_report, verdict
@@ -71,8 +71,6 @@ class Side:
 
 def _run_in(side: Side, args: list[str], what: str, timeout: float, ok: Iterable[int] = (0,)) -> str:
     """`side.python -m opensci_patch.diagnose ARGS` with a clean environment; its output, or DiagnoseError."""
-    from opensci_patch.matrix.envs import child_env  # stdlib-only import
-
     env = child_env({"TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error")})
     if side.pythonpath is not None:
         env["PYTHONPATH"] = str(side.pythonpath)
