@@ -1,8 +1,9 @@
 """Diagnosing two matrix cells: their per-release envs, their models hotfixed as the matrix does, then the driver.
 
 `diagnose` turns two cells into two `driver.Side`s: it builds (or reuses) each cell's env, picks the
-checkpoint each cell runs and hotfixes it per model variant through the matrix's own step. Also the
-CLI's `diagnose` subcommand. Standard library only, like the driver.
+checkpoint each cell runs and hotfixes it per model variant through the matrix's own step and hotfix
+cache (`matrix.runner.hotfix_once`), so a pair diagnosed again, or one a sweep already ran, is not
+hotfixed again. Also the CLI's `diagnose` subcommand. Standard library only, like the driver.
 """
 
 from __future__ import annotations
@@ -72,25 +73,37 @@ def _hotfixed_model(
     cell: Cell, label: str, source: Path, env: Any, workdir: Path, env_root: Path | None, keep: bool,
     timeout: float, log: Log,
 ) -> Path:  # fmt: skip
-    """The model dir `cell` runs: `source` hotfixed in the cell's env by the matrix's own step.
+    """The model dir `cell` runs: `source` hotfixed by the matrix's own step, through the matrix's hotfix cache.
 
-    `worker.HotfixStep.for_variant` is the one definition of a variant's hotfix, so diagnose cannot
-    drift from what the matrix runs.
+    `worker.HotfixStep.for_variant` is the one definition of a variant's hotfix and `runner.hotfix_once`
+    the one cache of its outputs, so diagnose cannot drift from what the matrix runs, and never hotfixes
+    what a sweep or an earlier diagnose of this same code already hotfixed. A miss is hotfixed in the
+    cell's env under `workdir`; a hit runs from the cache (copied under `workdir` when `keep`).
     """
-    from opensci_patch.matrix.worker import HotfixStep
+    from opensci_patch.matrix.runner import hotfix_dir, hotfix_once
     from opensci_patch.matrix.worker import run as run_worker
 
     if VARIANTS[cell.model].hotfix is None:
         return source
-    step = HotfixStep.for_variant(cell.model, source, workdir / f"{source.name}_fixed")
-    log(f"hotfix ({cell.model}) in transformers {cell.transformers}: {step.out}")
-    workdir.mkdir(parents=True)
-    outcome = run_worker(env, [step], workdir, timeout=timeout, on_result=lambda _r: None)
-    result = outcome.results.get(0)
-    if result is None or result.rc != 0:
-        why = result.stderr if result is not None else outcome.log
+    worker_logs: list[str] = []
+
+    def hotfix_in_cell_env(steps: list) -> dict:
+        log(f"hotfix ({cell.model}) in transformers {cell.transformers}: {steps[0].out}")
+        workdir.mkdir(parents=True)
+        outcome = run_worker(env, steps, workdir, timeout=timeout, on_result=lambda _r: None)
+        worker_logs.append(outcome.log)
+        return outcome.results
+
+    got = hotfix_once([(cell.model, source)], env_root, workdir, hotfix_in_cell_env, log)[(cell.model, source)]
+    if not isinstance(got, Path):
+        why = got.stderr if got is not None else worker_logs[-1]
         raise DiagnoseError(f"hotfix ({cell.model}) for {label} failed:\n{tail(why, 15)}")
-    return step.out
+    if keep and not got.is_relative_to(workdir):  # a cache hit: the kept models are under OUT/models all the same
+        kept = hotfix_dir(workdir, source, cell.model)
+        log(f"copying the cached hotfix ({cell.model}) to {kept}")
+        shutil.copytree(got, kept)
+        return kept
+    return got
 
 
 def _prepare_models(
@@ -130,9 +143,11 @@ def diagnose(
     Each cell runs in its own per-release env (built on first use). The model dir (B's is
     `model_dir_b` when given) is prepared per model variant with `opensci-patch hotfix` inside
     the env of the first cell that needs it (the patches are pure source rewrites, the same in
-    every env) under `out_dir/models/`, removed afterwards unless `keep_models`; the user's dirs
-    are only read. Returns the result dict (also `out_dir/diagnose.json`): `status` is
-    "diverged", "agree" or "error" (a side failed to load or run: a finding, with the error).
+    every env), once per version of this code and of the checkpoint's files: through the matrix's
+    hotfix cache under the env root. What a run hotfixes goes under `out_dir/models/`, removed
+    afterwards unless `keep_models`; the user's dirs are only read. Returns the result dict (also
+    `out_dir/diagnose.json`): `status` is "diverged", "agree" or "error" (a side failed to load or
+    run: a finding, with the error).
     """
     model_dir = Path(model_dir or FIXTURE_DIR).absolute()
     sources = {"A": model_dir, "B": Path(model_dir_b).absolute() if model_dir_b else model_dir}
