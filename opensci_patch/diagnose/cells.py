@@ -81,13 +81,14 @@ def _hotfixed_model(
     cell's env under `workdir`; a hit runs from the cache (copied under `workdir` when `keep`).
     """
     from opensci_patch.matrix.runner import hotfix_dir, hotfix_once
+    from opensci_patch.matrix.worker import HotfixStep, StepResult
     from opensci_patch.matrix.worker import run as run_worker
 
     if VARIANTS[cell.model].hotfix is None:
         return source
     worker_logs: list[str] = []
 
-    def hotfix_in_cell_env(steps: list) -> dict:
+    def hotfix_in_cell_env(steps: list[HotfixStep]) -> dict[int, StepResult]:
         log(f"hotfix ({cell.model}) in transformers {cell.transformers}: {steps[0].out}")
         workdir.mkdir(parents=True)
         outcome = run_worker(env, steps, workdir, timeout=timeout, on_result=lambda _r: None)
