@@ -68,7 +68,8 @@ def replace_once(text: str, old: str, new: str) -> str:
 def test_driver_module_imports_no_torch_or_transformers():
     """The driver runs where torch/transformers may be missing: its imports are stdlib-only."""
     code = (
-        "import sys, opensci_patch.diagnose, opensci_patch.diagnose.driver, opensci_patch.diagnose.checks; "
+        "import sys, opensci_patch.diagnose, opensci_patch.diagnose.driver, opensci_patch.diagnose.cells, "
+        "opensci_patch.diagnose.checks; "
         "print(sorted({'torch', 'transformers', 'libcst'} & set(sys.modules)))"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)

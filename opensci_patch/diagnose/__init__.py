@@ -16,15 +16,18 @@ Where things live:
 - `compare` (in an env): stage rows and which side fp64 blames; `decode`: the decode steps;
 - `checks`: the named checks, one registry (`CHECKS`): add a check there;
 - `driver` (standard library only): runs the sides in their envs; `report`: verdict and text;
+- `cells` (standard library only): two matrix cells to two sides (envs, models hotfixed through the matrix's
+  hotfix cache), and the CLI subcommand;
 - `__main__`: the child-process entry points the driver runs.
 
 This package imports only the standard library at the top: the driver needs neither torch nor
 transformers.
 """
 
+from opensci_patch.diagnose.cells import add_cli_arguments, cmd_diagnose, diagnose
 from opensci_patch.diagnose.checks import CHECKS, Check
 from opensci_patch.diagnose.decode import DEFAULT_DECODE_STEPS
-from opensci_patch.diagnose.driver import DiagnoseError, Side, add_cli_arguments, cmd_diagnose, compare_sides, diagnose
+from opensci_patch.diagnose.driver import DiagnoseError, Side, compare_sides
 from opensci_patch.diagnose.report import format_report, verdict
 from opensci_patch.diagnose.stages import LAYER_STAGES, TOLERANCE, threshold
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from opensci_patch._util.defaults import ATTENTION, DEFAULT_PROMPT, DTYPES
 from opensci_patch._util.errors import OpensciPatchError
+from opensci_patch._util.options import kwargs_from
 from opensci_patch.diagnose.decode import DEFAULT_DECODE_STEPS
 
 
@@ -24,11 +25,7 @@ def _probe(args: argparse.Namespace) -> int:
     info = probe(
         args.model,
         args.out,
-        dtype=args.dtype,
-        attn=args.attn,
-        device=args.device,
-        prompt=args.prompt,
-        decode_steps=args.decode_steps,
+        **kwargs_from(args, "dtype", "attn", "device", "prompt", "decode_steps"),
         log=lambda m: print(m, file=sys.stderr),
     )
     print(f"{info['status']}: {args.out}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,24 +81,9 @@ def forward_parameters(lm: Any) -> tuple[list[str], bool]:
     return names, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def record_decode(lm: Any, tokenizer: Any, input_ids: Any, steps: int, out: Path) -> dict:
-    """Greedy `generate` with the recording hooks, then each step again without a cache; write `out/decode*`.
-
-    The model failing inside `generate` or the recomputation is a result (status and error in
-    `decode.json`), as in capture.
-    """
-    import torch
-
-    params, var_kwargs = forward_parameters(lm)
-    record: dict[str, Any] = {
-        "status": "ok",
-        "steps": 0,
-        "prompt_length": int(input_ids.shape[1]),
-        "forward_params": params,
-        "forward_var_kwargs": var_kwargs,
-        "calls": [],
-    }
-    calls: list[dict] = record["calls"]
+def _call_recorders(calls: list[dict]) -> tuple[Callable[..., None], Callable[..., None]]:
+    """A forward pre-hook and hook (`with_kwargs=True`) that append to `calls`, per forward call, what it received
+    (the cache objects, positions, mask shape) and what the caches held after it and what it returned."""
     received: list[dict[str, Any]] = []  # per call, the cache objects themselves (read again after the step)
 
     def before(_module: Any, args: Any, kwargs: dict) -> None:
@@ -128,26 +114,72 @@ def record_decode(lm: Any, tokenizer: Any, input_ids: Any, steps: int, out: Path
             else _cache_view(returned) | {"same_object": any(returned is c for c in caches.values())}
         )
 
+    return before, after
+
+
+def _greedy_generate(lm: Any, input_ids: Any, steps: int, pad: int | None) -> Any:
+    """Greedy `generate` as capture runs it, returning every step's logits."""
+    import torch
+
+    with torch.no_grad():
+        return lm.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=steps,
+            do_sample=False,
+            pad_token_id=pad,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+
+
+def _nocache_logits(lm: Any, sequence: Any, prompt_length: int, steps: int) -> Any:
+    """Each decode step's last-position logits recomputed by one full forward without a cache."""
+    import torch
+
+    with torch.no_grad():
+        return torch.stack(
+            [
+                lm(input_ids=sequence[None, : prompt_length + k], use_cache=False).logits[0, -1].float().cpu()
+                for k in range(steps)
+            ]
+        )
+
+
+def _failed(record: dict, status: str, exc: Exception, out: Path) -> dict:
+    """The model code failed in the decode loop: a finding, written to `decode.json` with its error."""
+    record |= {"status": status, "error": error_info(exc).to_dict()}
+    write_json(out / DECODE, record)
+    return record
+
+
+def record_decode(lm: Any, tokenizer: Any, input_ids: Any, steps: int, out: Path) -> dict:
+    """Greedy `generate` with the recording hooks, then each step again without a cache; write `out/decode*`.
+
+    The model failing inside `generate` or the recomputation is a result (status and error in
+    `decode.json`), as in capture.
+    """
+    import torch
+
+    params, var_kwargs = forward_parameters(lm)
+    record: dict[str, Any] = {
+        "status": "ok",
+        "steps": 0,
+        "prompt_length": int(input_ids.shape[1]),
+        "forward_params": params,
+        "forward_var_kwargs": var_kwargs,
+        "calls": [],
+    }
+    before, after = _call_recorders(record["calls"])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     handles = [
         lm.register_forward_pre_hook(before, with_kwargs=True),
         lm.register_forward_hook(after, with_kwargs=True),
     ]
     try:
-        with torch.no_grad():
-            generated = lm.generate(
-                input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=steps,
-                do_sample=False,
-                pad_token_id=pad,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
+        generated = _greedy_generate(lm, input_ids, steps, pad)
     except Exception as exc:  # noqa: BLE001 - the model code failing in generate is a finding
-        record |= {"status": "generate-error", "error": error_info(exc).to_dict()}
-        write_json(out / DECODE, record)
-        return record
+        return _failed(record, "generate-error", exc, out)
     finally:
         for h in handles:
             h.remove()
@@ -161,17 +193,9 @@ def record_decode(lm: Any, tokenizer: Any, input_ids: Any, steps: int, out: Path
     }
     torch.save(step_logits, out / DECODE_LOGITS)
     try:
-        with torch.no_grad():
-            nocache = torch.stack(
-                [
-                    lm(input_ids=sequence[None, : prompt_length + k], use_cache=False).logits[0, -1].float().cpu()
-                    for k in range(record["steps"])
-                ]
-            )
+        nocache = _nocache_logits(lm, sequence, prompt_length, record["steps"])
     except Exception as exc:  # noqa: BLE001
-        record |= {"status": "forward-error", "error": error_info(exc).to_dict()}
-        write_json(out / DECODE, record)
-        return record
+        return _failed(record, "forward-error", exc, out)
     torch.save(nocache, out / NOCACHE_LOGITS)
     record["nocache_argmax"] = nocache.argmax(dim=-1).tolist()
     write_json(out / DECODE, record)

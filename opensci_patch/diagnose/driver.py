@@ -1,4 +1,6 @@
-"""The driver: prepares each cell's model in its env, runs the probes, the fp64 reference and the comparison.
+"""The driver: runs two sides' probes, the fp64 reference and the comparison, each in its side's interpreter.
+
+`cells.diagnose` turns two matrix cells into the two sides (their envs and hotfixed models).
 
 Standard library only (it runs wherever the CLI runs; torch and transformers live in the
 per-release envs): every step that needs them is a child process `python -m opensci_patch.diagnose
@@ -7,37 +9,31 @@ probe|reference|compare ...` (`__main__.py`) in the side's interpreter.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from opensci_patch._util.defaults import DEFAULT_PROMPT, FIXTURE_DIR
+from opensci_patch._util.defaults import DEFAULT_PROMPT
 from opensci_patch._util.errors import OpensciPatchError
-from opensci_patch._util.procs import tail
+from opensci_patch._util.procs import child_env, tail
 from opensci_patch.diagnose.checks import result as check_result
 from opensci_patch.diagnose.decode import DEFAULT_DECODE_STEPS
 from opensci_patch.diagnose.report import format_report, verdict
 from opensci_patch.diagnose.stages import (
-    MARKER,
     MODEL_INFO,
     RESULT,
     SCHEMA,
     fmt,
-    fresh_dir,
     prepare_out,
     read_json,
     write_json,
 )
-from opensci_patch.matrix.spec import DEFAULT_TORCH_BUILD, TORCH_BUILDS, VARIANTS, Cell
 from opensci_patch.measure.capture import REFERENCE_MAX_WEIGHT_BYTES
-from opensci_patch.measure.input_checks import validate_model_dir
 
 Log = Callable[[str], object]
 
@@ -72,8 +68,6 @@ class Side:
 
 def _run_in(side: Side, args: list[str], what: str, timeout: float, ok: Iterable[int] = (0,)) -> str:
     """`side.python -m opensci_patch.diagnose ARGS` with a clean environment; its output, or DiagnoseError."""
-    from opensci_patch.matrix.envs import child_env  # stdlib-only import
-
     env = child_env({"TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error")})
     if side.pythonpath is not None:
         env["PYTHONPATH"] = str(side.pythonpath)
@@ -164,15 +158,40 @@ def compare_sides(
     }
     log(f"probing {a.label} ({a.describe}) and {b.label} ({b.describe})")
     probe_dirs = (out_dir / f"probe-{a.label}", out_dir / f"probe-{b.label}")
-    infos = _parallel(
-        [
-            lambda s=s, d=d: _probe_side(s, d, prompt, timeout, decode_steps)
-            for s, d in zip((a, b), probe_dirs, strict=True)
-        ],
-        parallel,
-    )
+    infos = _probe_both((a, b), probe_dirs, prompt, timeout, decode_steps, parallel)
     result["timings"]["probes_s"] = round(time.monotonic() - t0, 1)
-    for s, info in zip((a, b), infos, strict=True):
+    failed = _record_probe_outcomes(result, (a, b), infos)
+    if failed:
+        result |= _cannot_compare(failed)
+        return _finish(result, out_dir, t0, log)
+
+    run_reference = reference == "on" or (reference == "auto" and small)
+    ref_dir = _fp64_reference(a, ref_model, out_dir, infos[0]["input_ids"], timeout, result) if run_reference else None
+    result["reference"] = "on" if ref_dir else f"off ({'asked' if reference == 'off' else 'weights over 1 GiB'})"
+
+    labels = (a.label, b.label)
+    compared = _compare_in(a, out_dir, probe_dirs, ref_dir, labels, timeout, "compare.json", result)
+    first = compared["first_divergence"]
+    if first is not None and first["stage"] == "attn_out" and "sdpa" in (a.attn, b.attn):
+        compared["checks"].append(_attention_rerun(a, b, out_dir, ref_dir, prompt, timeout, parallel, first, result))
+    result |= _outcome(compared)
+    result["verdict"] = verdict(result)
+    return _finish(result, out_dir, t0, log)
+
+
+def _probe_both(sides: tuple[Side, Side], dirs: tuple[Path, Path], prompt: str, timeout: float, decode_steps: int,
+                parallel: bool, attn: str | None = None) -> list[dict]:  # fmt: skip
+    """Each side's probe into its dir (at once when `parallel`); their model infos."""
+    jobs = [
+        lambda s=s, d=d: _probe_side(s, d, prompt, timeout, decode_steps, attn=attn)
+        for s, d in zip(sides, dirs, strict=True)
+    ]
+    return _parallel(jobs, parallel)
+
+
+def _record_probe_outcomes(result: dict, sides: tuple[Side, Side], infos: list[dict]) -> list[tuple[Side, dict]]:
+    """Each side's probe outcome into `result["sides"]`; returns the sides that failed to load or run, with info."""
+    for s, info in zip(sides, infos, strict=True):
         result["sides"][s.label] |= {
             "status": info["status"],
             "versions": info.get("versions"),
@@ -181,64 +200,58 @@ def compare_sides(
             "notes": info.get("notes"),
             "error": info.get("error"),
         }
-    failed = [(s, i) for s, i in zip((a, b), infos, strict=True) if i["status"] != "ok"]
-    if failed:
-        why = "; ".join(
-            f"{s.label} ({s.describe}) {i['status']}: {i['error']['type']}: {i['error']['message']}" for s, i in failed
-        )
-        result |= {
-            "status": "error",
-            "diverged": None,
-            "verdict": f"cannot compare: {why}",
-            "checks": [],
-            "first_divergence": None,
-        }
-        return _finish(result, out_dir, t0, log)
+    return [(s, i) for s, i in zip(sides, infos, strict=True) if i["status"] != "ok"]
 
-    ref_dir = None
-    if reference == "on" or (reference == "auto" and small):
-        t1 = time.monotonic()
-        ref_dir = out_dir / "reference"
-        ids = ",".join(str(i) for i in infos[0]["input_ids"])
-        _run_in(a, ["reference", str(ref_model), "--out", str(ref_dir), "--ids", ids], "fp64 reference", timeout)
-        result["timings"]["reference_s"] = round(time.monotonic() - t1, 1)
-    result["reference"] = "on" if ref_dir else f"off ({'asked' if reference == 'off' else 'weights over 1 GiB'})"
 
-    labels = (a.label, b.label)
-    compared = _compare_in(a, out_dir, probe_dirs, ref_dir, labels, timeout, "compare.json", result)
-    checks = compared["checks"]
+def _cannot_compare(failed: list[tuple[Side, dict]]) -> dict:
+    """The result fields when a side failed to load or run: an error, with each failure named."""
+    why = "; ".join(
+        f"{s.label} ({s.describe}) {i['status']}: {i['error']['type']}: {i['error']['message']}" for s, i in failed
+    )
+    return {
+        "status": "error",
+        "diverged": None,
+        "verdict": f"cannot compare: {why}",
+        "checks": [],
+        "first_divergence": None,
+    }
+
+
+def _fp64_reference(a: Side, ref_model: Path, out_dir: Path, input_ids: list[int], timeout: float,
+                    result: dict) -> Path:  # fmt: skip
+    """The fp64 reference forward of `ref_model` on the probes' tokens, in A's interpreter; its output dir."""
+    t1 = time.monotonic()
+    ref_dir = out_dir / "reference"
+    ids = ",".join(str(i) for i in input_ids)
+    _run_in(a, ["reference", str(ref_model), "--out", str(ref_dir), "--ids", ids], "fp64 reference", timeout)
+    result["timings"]["reference_s"] = round(time.monotonic() - t1, 1)
+    return ref_dir
+
+
+def _outcome(compared: dict) -> dict:
+    """The result fields of a comparison: diverged (forward or decode), agree, or error (the decode loop failed)."""
     first = compared["first_divergence"]
-    if first is not None and first["stage"] == "attn_out" and "sdpa" in (a.attn, b.attn):
-        checks.append(_attention_rerun(a, b, out_dir, ref_dir, prompt, timeout, parallel, first, result))
     decode = compared.get("decode")
     diverged = first is not None or bool(decode and decode.get("diverged"))
     failed_to_decode = first is None and bool(decode) and decode.get("status") == "error"
-    result |= {
+    return {
         "status": "error" if failed_to_decode else "diverged" if diverged else "agree",
         "diverged": diverged,
         "first_divergence": first,
         "first_divergence_verdict": compared.get("first_divergence_verdict"),
-        "checks": checks,
+        "checks": compared["checks"],
         "missing_stages": compared["missing_stages"],
         "stages": compared["stages"],
         "dtypes": compared["dtypes"],
         "decode": decode,
     }
-    result["verdict"] = verdict(result)
-    return _finish(result, out_dir, t0, log)
 
 
 def _attention_rerun(a: Side, b: Side, out_dir: Path, ref: Path | None, prompt: str, timeout: float,
                      parallel: bool, first: dict, result: dict) -> dict:  # fmt: skip
     """First divergence at attn_out with SDPA on a side: does it go away with eager attention on both?"""
     eager = (out_dir / f"probe-{a.label}-eager", out_dir / f"probe-{b.label}-eager")
-    _parallel(
-        [
-            lambda s=s, d=d: _probe_side(s, d, prompt, timeout, 0, attn="eager")
-            for s, d in zip((a, b), eager, strict=True)
-        ],
-        parallel,
-    )
+    _probe_both((a, b), eager, prompt, timeout, 0, parallel, attn="eager")
     again = _compare_in(a, out_dir, eager, ref, (a.label, b.label), timeout, "compare-eager.json", result)
     again = again["first_divergence"]
     gone = again is None or again["key"] != first["key"]
@@ -257,202 +270,3 @@ def _finish(result: dict, out_dir: Path, t0: float, log: Log) -> dict:
         log(line)
     log(f"details: {out_dir / RESULT}")
     return result
-
-
-def _describe(cell: Cell, model_dir: Path | None = None) -> str:
-    return (
-        f"transformers {cell.transformers} (torch {cell.torch}), {cell.model}, {cell.dtype}, {cell.attn} attention"
-        + (f", model {model_dir}" if model_dir is not None else "")
-    )
-
-
-def _prepare_model(cell: Cell, label: str, source: Path, env: Any, workdir: Path, timeout: float, log: Log) -> Path:
-    """The model dir `cell` runs: `source` hotfixed in the cell's env by the matrix's own step.
-
-    `worker.HotfixStep.for_variant` is the one definition of a variant's hotfix, so diagnose cannot
-    drift from what the matrix runs.
-    """
-    from opensci_patch.matrix.worker import HotfixStep
-    from opensci_patch.matrix.worker import run as run_worker
-
-    if VARIANTS[cell.model].hotfix is None:
-        return source
-    step = HotfixStep.for_variant(cell.model, source, workdir / f"{source.name}_fixed")
-    log(f"hotfix ({cell.model}) in transformers {cell.transformers}: {step.out}")
-    workdir.mkdir(parents=True)
-    outcome = run_worker(env, [step], workdir, timeout=timeout, on_result=lambda _r: None)
-    result = outcome.results.get(0)
-    if result is None or result.rc != 0:
-        why = result.stderr if result is not None else outcome.log
-        raise DiagnoseError(f"hotfix ({cell.model}) for {label} failed:\n{tail(why, 15)}")
-    return step.out
-
-
-def diagnose(
-    a: Cell,
-    b: Cell,
-    model_dir: Path | None = None,
-    out_dir: Path = Path("diagnose"),
-    *,
-    model_dir_b: Path | None = None,
-    prompt: str = DEFAULT_PROMPT,
-    reference: str = "auto",
-    env_root: Path | None = None,
-    keep_models: bool = False,
-    decode_steps: int = DEFAULT_DECODE_STEPS,
-    timeout: float = 900.0,
-    log: Log = print,
-) -> dict:
-    """Name the first stage (or decode step) where cells `a` and `b` disagree on `model_dir`, and the likely cause.
-
-    Each cell runs in its own per-release env (built on first use). The model dir (B's is
-    `model_dir_b` when given) is prepared per model variant with `opensci-patch hotfix` inside
-    the env of the first cell that needs it (the patches are pure source rewrites, the same in
-    every env) under `out_dir/models/`, removed afterwards unless `keep_models`; the user's dirs
-    are only read. Returns the result dict (also `out_dir/diagnose.json`): `status` is
-    "diverged", "agree" or "error" (a side failed to load or run: a finding, with the error).
-    """
-    from opensci_patch.matrix.envs import ensure_env
-
-    model_dir = Path(model_dir or FIXTURE_DIR).absolute()
-    sources = {"A": model_dir, "B": Path(model_dir_b).absolute() if model_dir_b else model_dir}
-    for source in set(sources.values()):
-        validate_model_dir(source)
-    out_dir = Path(out_dir).absolute()
-    cells = (("A", a), ("B", b))
-    for label, cell in cells:
-        if cell.model not in VARIANTS:
-            raise OpensciPatchError(f"unknown model variant {cell.model!r}: choose one of {', '.join(VARIANTS)}")
-        if VARIANTS[cell.model].own_checkpoint and sources[label] != FIXTURE_DIR:
-            option = "--model" if label == "A" or model_dir_b is None else "--model-b"
-            raise OpensciPatchError(f"{cell.model!r} runs the shipped weights under generated code; drop {option}")
-    envs = {}
-    runs_on = dict(sources)  # the checkpoint each cell runs (hotfixed or not)
-    for label, cell in cells:  # bad versions and install failures stop here, before anything is written
-        key = (cell.transformers, cell.torch)
-        if key not in envs:
-            envs[key] = ensure_env(cell.transformers, cell.torch, root=env_root, log=log)
-        if VARIANTS[cell.model].own_checkpoint:
-            from opensci_patch.fixtures.generated import ensure_generated
-
-            runs_on[label] = ensure_generated(env_root, log=log)
-    prepare_out(out_dir)
-    models_root = out_dir / "models"
-    if any(VARIANTS[c.model].hotfix is not None for _, c in cells):
-        fresh_dir(models_root)
-    prepared: dict[tuple[str, Path], Path] = {}  # one hotfix per variant and checkpoint
-    models: dict[str, Path] = {}
-    t0 = time.monotonic()
-    try:
-        for label, cell in cells:
-            key = (cell.model, runs_on[label])
-            if key not in prepared:
-                workdir = models_root / (
-                    label + "-" + "".join(c if c.isalnum() or c in "_.-" else "_" for c in cell.model)
-                )
-                env = envs[(cell.transformers, cell.torch)]
-                prepared[key] = _prepare_model(cell, label, runs_on[label], env, workdir, timeout, log)
-            models[label] = prepared[key]
-        sides = [
-            Side(
-                label,
-                envs[(c.transformers, c.torch)].python,
-                models[label],
-                _describe(c, sources[label] if model_dir_b else None),
-                c.dtype,
-                c.attn,
-                c.device,
-            )
-            for label, c in cells
-        ]
-        prepare_s = round(time.monotonic() - t0, 1)
-        result = compare_sides(
-            sides[0],
-            sides[1],
-            out_dir,
-            prompt=prompt,
-            reference=reference,
-            reference_model=model_dir,
-            decode_steps=decode_steps,
-            timeout=timeout,
-            log=log,
-        )
-    finally:
-        if not keep_models and (models_root / MARKER).exists():
-            shutil.rmtree(models_root)
-    result["cells"] = {label: asdict(c) | {"id": c.id} for label, c in cells}
-    result["model_dir"] = str(model_dir)
-    if model_dir_b:
-        result["model_dir_b"] = str(sources["B"])
-    result["timings"]["prepare_s"] = prepare_s
-    write_json(out_dir / RESULT, result)
-    return result
-
-
-# ---------------------------------------------------------------------------------------------
-# the CLI's `diagnose` subcommand (cli.py attaches these to its subparser)
-
-
-def add_cli_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of `opensci-patch diagnose A B` (for cli.py to attach to its subparser)."""
-    p.add_argument("a", metavar="A", help="cell, e.g. 4.57.6:structural or tf4.57.6-cpu-structural-float32-eager")
-    p.add_argument("b", metavar="B", help="cell, e.g. 5.2.0:structural (fields: variant, torch build, dtype, attn)")
-    p.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: the shipped fixture)")
-    p.add_argument(
-        "--model-b",
-        type=Path,
-        default=None,
-        help="checkpoint dir for B only (default: --model), e.g. a modified copy to compare with the original",
-    )
-    p.add_argument("--out", type=Path, default=Path("diagnose"), help="output dir (default: ./diagnose)")
-    p.add_argument(
-        "--torch",
-        default=DEFAULT_TORCH_BUILD,
-        choices=list(TORCH_BUILDS),
-        help="torch build for cells that do not name one",
-    )
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument(
-        "--reference",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="fp64 reference forward (auto: checkpoints up to 1 GiB)",
-    )
-    p.add_argument(
-        "--decode-steps",
-        type=int,
-        default=DEFAULT_DECODE_STEPS,
-        help=f"greedy decode steps checked when the forward agrees (default {DEFAULT_DECODE_STEPS}; 0: off)",
-    )
-    p.add_argument("--env-root", type=Path, default=None, help="where the per-release envs live")
-    p.add_argument("--keep-models", action="store_true", help="keep the hotfixed model dirs under OUT/models")
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds per child process")
-
-
-def cmd_diagnose(args: argparse.Namespace) -> int:
-    """Exit 0: the cells agree; 1: they diverge, or a side failed to load or run (both in diagnose.json)."""
-    if args.decode_steps < 0:
-        raise OpensciPatchError(f"--decode-steps must be 0 (off) or more, not {args.decode_steps}")
-    import dataclasses
-
-    from opensci_patch.matrix import releases
-    from opensci_patch.matrix import spec as matrix
-
-    a, b = (Cell.parse(spec, torch_build=args.torch) for spec in (args.a, args.b))
-    a, b = (dataclasses.replace(c, transformers=releases.canonical(c.transformers, pre=True)) for c in (a, b))
-    releases.check_known([a.transformers, b.transformers], matrix.TRANSFORMERS_VERSIONS, root=args.env_root)
-    result = diagnose(
-        a,
-        b,
-        args.model,
-        args.out,
-        model_dir_b=args.model_b,
-        prompt=args.prompt,
-        reference=args.reference,
-        env_root=args.env_root,
-        keep_models=args.keep_models,
-        decode_steps=args.decode_steps,
-        timeout=args.timeout,
-        log=lambda m: print(m, flush=True),
-    )
-    return 0 if result["status"] == "agree" else 1

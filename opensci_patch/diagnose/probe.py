@@ -277,31 +277,67 @@ LAYER_MODULES = (
 def attach_stage_hooks(
     lm: Any, writer: StageWriter, rotary: dict, buffers: dict, notes: list[str], seq_len: int
 ) -> tuple[list[Any], Callable[[], None]]:
-    """Register the recording hooks and wrap `apply_rotary_pos_emb`; return (handles, restore)."""
+    """Register the recording hooks and wrap `apply_rotary_pos_emb`; return (handles, restore).
+
+    Each stage goes to `writer`; the buffers as the forward sees them to `buffers["list"]`, the
+    rotary module's `inv_freq` to `rotary`; a stage that cannot be recorded is a line in `notes`.
+    """
     handles: list[Any] = []
-    state: dict[str, Any] = {"layer": None}
+    state: dict[str, Any] = {"layer": None}  # the decoder layer running now, for q_rope/k_rope
     base = getattr(lm, getattr(lm, "base_model_prefix", "model"), None) or _find(lm, "model")
     cfg = lm.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    heads_first = _heads_first(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads, seq_len)
+    handles.append(lm.register_forward_pre_hook(_buffer_snapshot(lm, buffers)))
 
-    def identity(t: Any) -> Any:
-        return t
+    def add(path: str, hook: Callable, stage: str) -> None:
+        module = _find(base, path) if base is not None else None
+        if module is None:
+            notes.append(f"no module {path!r}: stage {stage} not recorded")
+            return
+        handles.append(module.register_forward_hook(hook))
 
-    def heads_first(t: Any) -> Any:
-        """q/k after their norm, as the reference lays them out: (batch, heads, seq, head_dim)."""
+    add("embed_tokens", _output_hook(writer, "embed", None), "embed")
+    _hook_rotary(_find(base, "rotary_emb") if base is not None else None, writer, rotary, notes, handles)
+    _hook_layers(_find(base, "layers") if base is not None else None, heads_first, writer, state, notes, handles)
+    add("norm", _output_hook(writer, "final_norm", None), "final_norm")
+    head = lm.get_output_embeddings()
+    if head is not None:
+        handles.append(head.register_forward_hook(_output_hook(writer, "logits", None)))
+    else:
+        notes.append("no output embeddings: logits not recorded")
+    return handles, _wrap_apply_rotary(lm, writer, state, notes)
+
+
+def _identity(t: Any) -> Any:
+    return t
+
+
+def _heads_first(head_dim: int, seq_len: int) -> Callable[[Any], Any]:
+    """q/k after their norm, as the reference lays them out: (batch, heads, seq, head_dim)."""
+
+    def convert(t: Any) -> Any:
         if t.dim() == 3:  # norm over the flat projection (batch, seq, heads * head_dim)
             return t.view(t.shape[0], t.shape[1], -1, head_dim).transpose(1, 2)
         if t.dim() == 4 and t.shape[1] == seq_len:  # (batch, seq, heads, head_dim): norm before transpose
             return t.transpose(1, 2)
         return t
 
-    def output_hook(stage: str, layer: int | None, convert: Callable[[Any], Any] = identity):
-        def hook(_module: Any, _args: Any, output: Any) -> None:
-            writer.save(stage, layer, convert(_first(output)))
+    return convert
 
-        return hook
 
-    def snapshot_buffers(_module: Any, _args: Any) -> None:
+def _output_hook(writer: StageWriter, stage: str, layer: int | None, convert: Callable[[Any], Any] = _identity):
+    """A forward hook that saves the module's (first) output as `stage` of `layer`."""
+
+    def hook(_module: Any, _args: Any, output: Any) -> None:
+        writer.save(stage, layer, convert(_first(output)))
+
+    return hook
+
+
+def _buffer_snapshot(lm: Any, buffers: dict) -> Callable[[Any, Any], None]:
+    """A forward pre-hook that records every buffer of `lm` (and whether it is persistent) once, in `buffers`."""
+
+    def snapshot(_module: Any, _args: Any) -> None:
         if "list" in buffers:
             return
         entries = []
@@ -312,67 +348,61 @@ def attach_stage_hooks(
             entries.append({"name": name, "persistent": persistent, **tensor_summary(buf)})
         buffers["list"] = entries
 
-    handles.append(lm.register_forward_pre_hook(snapshot_buffers))
+    return snapshot
 
-    def add(path: str, hook: Callable, stage: str) -> None:
-        module = _find(base, path) if base is not None else None
-        if module is None:
-            notes.append(f"no module {path!r}: stage {stage} not recorded")
-            return
-        handles.append(module.register_forward_hook(hook))
 
-    add("embed_tokens", output_hook("embed", None), "embed")
-    rotary_module = _find(base, "rotary_emb") if base is not None else None
-    if rotary_module is None:
+def _hook_rotary(module: Any, writer: StageWriter, rotary: dict, notes: list[str], handles: list[Any]) -> None:
+    """Record the rotary module's `inv_freq` before and after its first call, and the cos/sin tables it returns."""
+    if module is None:
         notes.append("no module 'rotary_emb': rope.cos/rope.sin and inv_freq not recorded")
-    else:
-        rotary["module_class"] = type(rotary_module).__name__
+        return
+    rotary["module_class"] = type(module).__name__
 
-        def rotary_before(module: Any, _args: Any) -> None:
-            if "at_call" not in rotary and isinstance(getattr(module, "inv_freq", None), torch.Tensor):
-                rotary["at_call"] = tensor_summary(module.inv_freq)
+    def rotary_before(module: Any, _args: Any) -> None:
+        if "at_call" not in rotary and isinstance(getattr(module, "inv_freq", None), torch.Tensor):
+            rotary["at_call"] = tensor_summary(module.inv_freq)
 
-        def rotary_after(module: Any, _args: Any, output: Any) -> None:
-            if "after_call" in rotary:
-                return
-            if isinstance(getattr(module, "inv_freq", None), torch.Tensor):
-                rotary["after_call"] = tensor_summary(module.inv_freq)
-            cos, sin = output[0], output[1]
-            writer.save("rope.cos", None, cos[0] if cos.dim() == 3 else cos)
-            writer.save("rope.sin", None, sin[0] if sin.dim() == 3 else sin)
+    def rotary_after(module: Any, _args: Any, output: Any) -> None:
+        if "after_call" in rotary:
+            return
+        if isinstance(getattr(module, "inv_freq", None), torch.Tensor):
+            rotary["after_call"] = tensor_summary(module.inv_freq)
+        cos, sin = output[0], output[1]
+        writer.save("rope.cos", None, cos[0] if cos.dim() == 3 else cos)
+        writer.save("rope.sin", None, sin[0] if sin.dim() == 3 else sin)
 
-        handles.append(rotary_module.register_forward_pre_hook(rotary_before))
-        handles.append(rotary_module.register_forward_hook(rotary_after))
+    handles.append(module.register_forward_pre_hook(rotary_before))
+    handles.append(module.register_forward_hook(rotary_after))
 
-    layers = _find(base, "layers") if base is not None else None
+
+def _hook_layers(layers: Any, heads_first: Callable[[Any], Any], writer: StageWriter, state: dict, notes: list[str],
+                 handles: list[Any]) -> None:  # fmt: skip
+    """Per decoder layer: its residual output, each `LAYER_MODULES` stage, and which layer runs (`state`)."""
     for i, layer in enumerate(layers or []):
 
         def enter(_m: Any, _a: Any, i: int = i) -> None:
             state["layer"] = i
 
         handles.append(layer.register_forward_pre_hook(enter))
-        handles.append(layer.register_forward_hook(output_hook("residual", i)))
+        handles.append(layer.register_forward_hook(_output_hook(writer, "residual", i)))
         for path, stage, move_heads in LAYER_MODULES:
             module = _find(layer, path)
             if module is None:
                 notes.append(f"layer {i}: no module {path!r}: stage {stage} not recorded")
                 continue
-            handles.append(module.register_forward_hook(output_hook(stage, i, heads_first if move_heads else identity)))
+            convert = heads_first if move_heads else _identity
+            handles.append(module.register_forward_hook(_output_hook(writer, stage, i, convert)))
     if layers is None:
         notes.append("no 'layers' module list: per-layer stages not recorded")
-    add("norm", output_hook("final_norm", None), "final_norm")
-    head = lm.get_output_embeddings()
-    if head is not None:
-        handles.append(head.register_forward_hook(output_hook("logits", None)))
-    else:
-        notes.append("no output embeddings: logits not recorded")
 
-    # q/k after RoPE are no module's output: wrap the modeling module's apply_rotary_pos_emb.
+
+def _wrap_apply_rotary(lm: Any, writer: StageWriter, state: dict, notes: list[str]) -> Callable[[], None]:
+    """q/k after RoPE are no module's output: wrap the modeling module's apply_rotary_pos_emb. Returns the undo."""
     modeling = sys.modules.get(type(lm).__module__)
     original = getattr(modeling, "apply_rotary_pos_emb", None)
     if modeling is None or not callable(original):
         notes.append("the modeling module has no apply_rotary_pos_emb: q_rope/k_rope not recorded")
-        return handles, lambda: None
+        return lambda: None
 
     def recording(*args: Any, **kwargs: Any) -> Any:
         result = original(*args, **kwargs)
@@ -386,4 +416,4 @@ def attach_stage_hooks(
     def restore() -> None:
         modeling.apply_rotary_pos_emb = original
 
-    return handles, restore
+    return restore

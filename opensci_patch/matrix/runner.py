@@ -238,36 +238,68 @@ def hotfix_variants(run: _Run, variants: list[str], model_dir: Path, releases: l
             run.models[name] = source
         else:
             sources[name] = source
-    for name in list(sources):  # hotfixed by an earlier run of this same code on the same files: reuse
-        cached = hotfix_cache_dir(run.env_root, sources[name], name)
+    no_env: list[str] = []  # why there is no env to hotfix in, once the misses needed one
+
+    def hotfix_in_first_env(steps: list[HotfixStep]) -> dict[int, StepResult]:
+        env = None
+        for version, build in releases:  # the first env that builds; the hotfix output does not depend on it
+            env = run.env(version, build)
+            if not isinstance(env, Exception):
+                break
+        if env is None or isinstance(env, Exception):
+            no_env.append(f"no env to hotfix in: {env}")
+            return {}
+        results, failed = _run_with_fallback(run, env, steps, lambda _r: None)
+        return results | {i: StepResult(i, -1, "\n".join(why[1:])) for i, why in failed.items()}
+
+    made = hotfix_once(list(sources.items()), run.env_root, run.tmp, hotfix_in_first_env, lambda m: run.log(f"    {m}"))
+    for name, source in sources.items():
+        got = made[(name, source)]
+        if isinstance(got, Path):
+            run.models[name] = got
+        elif no_env:
+            run.models[name] = _NoModel("env-error", "EnvironmentSetupError", no_env[0], no_env[0])
+        else:
+            err = got.stderr if got else "the hotfix process died\n"
+            run.models[name] = _NoModel("hotfix-error", "HotfixFailed", procs.tail(err, 1) or "hotfix failed", err)
+
+
+def hotfix_once(
+    wanted: list[tuple[str, Path]],
+    env_root: Path | None,
+    tmp: Path,
+    run_steps: Callable[[list[HotfixStep]], dict[int, StepResult]],
+    log: Log,
+) -> dict[tuple[str, Path], Path | StepResult | None]:
+    """Each (variant, source)'s hotfix output, made once per version of this code and of the source's files.
+
+    The one front door of the hotfix cache, for the sweep (`hotfix_variants`) and for diagnose: a
+    (variant, source) hotfixed before is reused from `hotfix_cache_dir`; the misses' steps (into
+    `hotfix_dir(tmp, ...)`) go to `run_steps` in one call, which runs them (in a worker of the caller's
+    choosing) and returns their results by step index; each finished output is kept in the cache.
+    A miss that did not finish maps to its failed result, or None where `run_steps` has none for it.
+    """
+    made: dict[tuple[str, Path], Path | StepResult | None] = {}
+    misses = []
+    for variant, source in dict.fromkeys(wanted):
+        cached = hotfix_cache_dir(env_root, source, variant)
         if (cached / MANIFEST).is_file():
-            run.log(f"    {name}: hotfix output reused from {cached.parent}")
-            run.models[name] = cached
-            del sources[name]
-    if not sources:
-        return
-    env = None
-    for version, build in releases:  # the first env that builds; the hotfix output does not depend on it
-        env = run.env(version, build)
-        if not isinstance(env, Exception):
-            break
-    if env is None or isinstance(env, Exception):
-        for name in sources:
-            msg = f"no env to hotfix in: {env}"
-            run.models[name] = _NoModel("env-error", "EnvironmentSetupError", msg, msg)
-        return
-    steps = [
-        HotfixStep.for_variant(name, source, hotfix_dir(run.tmp, source, name)) for name, source in sources.items()
-    ]
-    results, failed = _run_with_fallback(run, env, steps, lambda _r: None)
-    for i, (name, step) in enumerate(zip(sources, steps, strict=True)):
+            log(f"{variant}: hotfix output reused from {cached.parent}")
+            made[(variant, source)] = cached
+        else:
+            misses.append((variant, source))
+    if not misses:
+        return made
+    steps = [HotfixStep.for_variant(variant, source, hotfix_dir(tmp, source, variant)) for variant, source in misses]
+    results = run_steps(steps)
+    for i, ((variant, source), step) in enumerate(zip(misses, steps, strict=True)):
         result = results.get(i)
         if result is not None and result.rc == 0 and step.out.is_dir():
-            run.models[name] = step.out
-            _keep_in_cache(step.out, hotfix_cache_dir(run.env_root, sources[name], name))
+            made[(variant, source)] = step.out
+            _keep_in_cache(step.out, hotfix_cache_dir(env_root, source, variant))
         else:
-            err = result.stderr if result else "\n".join(failed.get(i, ("", "the hotfix process died", ""))[1:])
-            run.models[name] = _NoModel("hotfix-error", "HotfixFailed", procs.tail(err, 1) or "hotfix failed", err)
+            made[(variant, source)] = result
+    return made
 
 
 def _run_with_fallback(
