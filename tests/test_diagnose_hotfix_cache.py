@@ -83,3 +83,18 @@ def test_diagnose_reuses_what_a_sweep_hotfixed(prepare_only, tmp_path: Path):
     dg.diagnose(*PAIR, None, tmp_path / "diag", env_root=root, log=lambda *a: None)
     assert prepare_only["hotfixes"] == []
     assert prepare_only["models"][-1] == tuple(runner.hotfix_cache_dir(root, FIXTURE_DIR, c.model) for c in PAIR)
+
+
+@pytest.mark.parametrize("variant", ["generated", "qwen3-modular", "llama-research"])
+def test_diagnose_runs_each_own_checkpoint_variant_on_its_own_checkpoint(monkeypatch, variant):
+    """The matrix runs `Variant.checkpoint`; diagnose must compare the same model (it once ran `generated` for all)."""
+    from opensci_patch.fixtures import generated, own
+    from opensci_patch.matrix import envs
+    from opensci_patch.matrix.spec import VARIANTS
+
+    monkeypatch.setattr(envs, "ensure_env", lambda release, build, root=None, log=None: (release, build))
+    monkeypatch.setattr(generated, "ensure_generated", lambda root=None, log=None: Path("built") / "generated")
+    monkeypatch.setattr(own, "ensure_checkpoint", lambda kind, root=None, log=None: Path("built") / kind)
+    cell = Cell("4.48.0", "cpu", variant)
+    _, runs_on = cells._envs_and_checkpoints([("A", cell)], {"A": Path("source")}, None, lambda m: None)
+    assert runs_on["A"] == Path("built") / VARIANTS[variant].checkpoint

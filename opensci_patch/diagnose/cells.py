@@ -62,10 +62,10 @@ def _envs_and_checkpoints(
         key = (cell.transformers, cell.torch)
         if key not in envs:
             envs[key] = ensure_env(cell.transformers, cell.torch, root=env_root, log=log)
-        if VARIANTS[cell.model].own_checkpoint:
-            from opensci_patch.fixtures.generated import ensure_generated
+        if VARIANTS[cell.model].own_checkpoint:  # the same checkpoint the matrix runs (runner.hotfix_variants)
+            from opensci_patch.fixtures.own import ensure_checkpoint
 
-            runs_on[label] = ensure_generated(env_root, log=log)
+            runs_on[label] = ensure_checkpoint(VARIANTS[cell.model].checkpoint, env_root, log=log)
     return envs, runs_on
 
 

@@ -37,7 +37,7 @@ class Variant:
     description: str
     own_checkpoint: bool = False  # runs its own checkpoint (not --model / the matrix's checkpoint)
     marker: str = "o"  # matplotlib marker in the report's plot
-    checkpoint: str = "generated"  # with own_checkpoint: which one (own_checkpoints.ensure_checkpoint)
+    checkpoint: str = "generated"  # with own_checkpoint: which one (fixtures.own.ensure_checkpoint)
     reference: str = "patched"  # the variant whose REFERENCE-release cell this one is compared with
 
 
