@@ -169,9 +169,9 @@ def test_a_checkpoint_whose_tensors_do_not_match_its_config_is_never_ok(cli, mod
 
 
 def _report_verdicts(recs) -> dict:
-    from opensci_patch.results import report
+    from opensci_patch.results import judge
 
-    return {r.cell: (r.status, r.why, r.bit_identical) for r in report.rows(recs)}
+    return {r.cell: (r.status, r.why, r.bit_identical) for r in judge.rows(recs)}
 
 
 @pytest.mark.parametrize("edit", ["target", "topk", "greedy", "fp64"])
@@ -352,9 +352,9 @@ def test_a_report_killed_between_its_writes_never_leaves_a_pair_of_two_runs(tmp_
     if point == "report.temps":  # killed before its journal: the previous pair, whole
         assert _run_ids(results) == first
     else:  # killed between its renames: the journal completes the killed run's pair, as the next run does first
-        from opensci_patch.results import report as report_mod
+        from opensci_patch.results import pair
 
-        report_mod.finish_pair(results)
+        pair.finish_pair(results)
         killed_pair = _run_ids(results)
         assert killed_pair[0] == killed_pair[1] != first[0]
     assert report().returncode == 0  # finishes (or drops) the killed run's writes first

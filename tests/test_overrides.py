@@ -17,7 +17,7 @@ from opensci_patch._util import fs, locations, procs
 from opensci_patch._util.errors import EnvironmentSetupError
 from opensci_patch.matrix import envs, overrides, venv
 from opensci_patch.measure import records
-from opensci_patch.results import report
+from opensci_patch.results import judge, render
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -193,13 +193,13 @@ def test_records_refuse_overrides_that_are_not_a_list_of_strings(tmp_path):
 
 
 def test_the_report_shows_the_overrides_next_to_the_cell():
-    rows = report.rows([_record("4.48.0", "patched", []), _record("5.25.0", "patched", ["kernels>=0.17"])])
+    rows = judge.rows([_record("4.48.0", "patched", []), _record("5.25.0", "patched", ["kernels>=0.17"])])
     by_release = {r.transformers: r for r in rows}
     assert by_release["5.25.0"].overrides == ("kernels>=0.17",) and by_release["4.48.0"].overrides == ()
-    table = report.markdown_table(rows)
+    table = render.markdown_table(rows)
     line = next(line for line in table.splitlines() if line.startswith("| 5.25.0"))
     assert "kernels>=0.17" in line
-    grid = report.grid(rows)
+    grid = judge.grid(rows)
     cells = next(iter(grid.values()))
-    md = report.markdown_grid(cells, set(), {"5.25.0": "kernels>=0.17"})
+    md = render.markdown_grid(cells, set(), {"5.25.0": "kernels>=0.17"})
     assert "5.25.0 (override kernels>=0.17)" in md and "4.48.0 (override" not in md

@@ -60,7 +60,7 @@ def mismatch(version: str, model: str = REF_MODEL, *, expected=PASS) -> Record:
 
 
 def verdicts(recs: list[Record]) -> dict[str, tuple[str, str]]:
-    return {r.cell: (r.status, r.why) for r in report.rows(recs)}
+    return {r.cell: (r.status, r.why) for r in judge.rows(recs)}
 
 
 def vid(version: str, model: str = REF_MODEL) -> str:
@@ -96,7 +96,7 @@ def test_same_first_logits_but_a_different_decode_step_fails_naming_the_step():
     steps = [*STEPS[:3], "ff" * 32]
     got = verdicts([ok(REF_VERSION), ok("5.24.0", steps=steps)])
     assert got[vid("5.24.0")] == ("FAIL", "decode step 3 logits differ from the reference cell")
-    row = next(r for r in report.rows([ok(REF_VERSION), ok("5.24.0", steps=steps)]) if r.transformers == "5.24.0")
+    row = next(r for r in judge.rows([ok(REF_VERSION), ok("5.24.0", steps=steps)]) if r.transformers == "5.24.0")
     assert row.bit_identical is True and row.decode_steps.startswith("decode step 3")
 
 
@@ -154,19 +154,19 @@ def test_a_cell_that_could_not_run_is_an_error_even_when_a_failure_was_expected(
 def test_without_a_reference_cell_nothing_passes():
     assert verdicts([ok("5.2.0")])[vid("5.2.0")][0] == "cannot-judge"
     assert verdicts([failed(REF_VERSION), ok("5.2.0")])[vid("5.2.0")][0] == "cannot-judge"
-    assert "cannot-judge" in report.BAD
+    assert "cannot-judge" in judge.BAD
 
 
 def test_each_attention_and_device_is_compared_with_its_own_reference():
     recs = [ok(REF_VERSION, sha="e" * 64), ok(REF_VERSION, sha="f" * 64, attn="sdpa"),
             ok("5.2.0", sha="e" * 64), ok("5.2.0", sha="e" * 64, attn="sdpa")]  # fmt: skip
-    got = {(r.transformers, r.attn): r.status for r in report.rows(recs)}
+    got = {(r.transformers, r.attn): r.status for r in judge.rows(recs)}
     assert got[("5.2.0", "eager")] == "pass" and got[("5.2.0", "sdpa")] == "FAIL"
     gpu = ok(REF_VERSION, torch="cuda")
     gpu.environment["device_name"] = "NVIDIA H100 80GB HBM3"
     cpu = ok(REF_VERSION)
     cpu.environment["device_name"] = "x86_64"  # what capture records on a CPU
-    assert [r.device for r in report.rows([cpu, gpu])] == ["cpu", "cuda: NVIDIA H100 80GB HBM3"]
+    assert [r.device for r in judge.rows([cpu, gpu])] == ["cpu", "cuda: NVIDIA H100 80GB HBM3"]
 
 
 # --- ambiguity --------------------------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def test_reference_choice_does_not_depend_on_file_names_or_order(tmp_path: Path)
         random.Random(i).shuffle(order)
         write_records(tmp_path / f"r{i}", [recs[j] for j in order], [names[j] for j in order])
         loaded = report.load_records(tmp_path / f"r{i}")
-        results.append([(r.cell, r.status) for r in report.rows(loaded.records, loaded.sources)])
+        results.append([(r.cell, r.status) for r in judge.rows(loaded.records, loaded.sources)])
     assert results[0] == results[1]
     got = dict(results[0])
     assert got[vid(REF_VERSION)] == "error"
@@ -262,12 +262,12 @@ def test_matrix_md_and_summary_json_agree(tmp_path: Path):
     assert {r["cell"]: r["status"] for r in summary["rows"]} == summary["verdicts"]
     counts = re.search(r"Counts: (.*)", md)[1]
     assert counts == ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
-    assert bad == sum(summary["counts"].get(k, 0) for k in report.BAD) > 0
+    assert bad == sum(summary["counts"].get(k, 0) for k in judge.BAD) > 0
 
 
 def test_grid_has_one_row_per_release_a_column_per_variant_and_says_missing():
-    table = report.rows([ok(REF_VERSION), failed("5.2.0", "original", expected=XFAIL)])
-    (cells,) = report.grid(table).values()
+    table = judge.rows([ok(REF_VERSION), failed("5.2.0", "original", expected=XFAIL)])
+    (cells,) = judge.grid(table).values()
     assert list(cells) == [REF_VERSION, "5.2.0"]
     assert list(cells["5.2.0"]) == list(VARIANTS)
     assert cells["5.2.0"]["original"] == "expected-fail"
@@ -278,8 +278,8 @@ def test_a_new_variant_in_matrix_models_reaches_the_grid_and_the_plot(monkeypatc
     declared = {**VARIANTS, "brand-new": Variant("brand-new", (), "a new variant")}
     for module in (judge, report_plot):  # rows order by it; the grid's columns and the plot's markers follow it
         monkeypatch.setattr(module, "VARIANTS", declared)
-    table = report.rows([ok(REF_VERSION), ok("5.2.0", "brand-new")])
-    (cells,) = report.grid(table).values()
+    table = judge.rows([ok(REF_VERSION), ok("5.2.0", "brand-new")])
+    (cells,) = judge.grid(table).values()
     assert list(cells[REF_VERSION])[-1] == "brand-new"
     series = {model: pts for model, _, pts in report_plot.paris_series(table)}
     assert set(series) == set(VARIANTS) | {"brand-new"} and series["brand-new"] == [(1, 14.5)]
@@ -287,7 +287,7 @@ def test_a_new_variant_in_matrix_models_reaches_the_grid_and_the_plot(monkeypatc
     fewer = {m: v for m, v in VARIANTS.items() if m != "generated"}
     for module in (judge, report_plot):
         monkeypatch.setattr(module, "VARIANTS", fewer)
-    assert "generated" in report_plot.variants(report.rows([ok(REF_VERSION, "generated")]))
+    assert "generated" in report_plot.variants(judge.rows([ok(REF_VERSION, "generated")]))
 
 
 def test_releases_new_since_the_committed_summary_are_marked(tmp_path: Path):

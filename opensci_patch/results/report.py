@@ -21,14 +21,10 @@ from pathlib import Path
 from opensci_patch._util.errors import OpensciPatchError
 from opensci_patch.measure import records
 from opensci_patch.measure.records import Record, RecordError
-from opensci_patch.results.judge import BAD, Report, broken_decode, grid, rows
+from opensci_patch.results.judge import Report, broken_decode, grid, rows
 from opensci_patch.results.pair import check_results_dir, finish_pair, results_lock, write_run
 from opensci_patch.results.plot import plot, plot_grid, version_key
-from opensci_patch.results.render import markdown_grid, markdown_table, matrix_markdown, summary_json
-
-# the names callers use as report.<name>; rows, grid, BAD, markdown_* and finish_pair live in judge, render, pair
-__all__ = ["BAD", "Loaded", "build", "finish_pair", "grid", "load_records", "markdown_grid", "markdown_table",
-           "read_previous", "rows", "write_report"]  # fmt: skip
+from opensci_patch.results.render import matrix_markdown, summary_json
 
 
 @dataclass
