@@ -15,19 +15,10 @@ from dataclasses import dataclass, field
 
 import libcst as cst
 
-from opensci_patch.rewrite.patches.base import (
-    State,
-    Unrecognised,
-    code,
-    full_name,
-    is_string,
-    require_torch,
-    template,
-    top_functions,
-    top_level_def,
-    walk,
-    with_marker,
-)
+from opensci_patch.rewrite.patches.base import Patch, State, Unrecognised
+from opensci_patch.rewrite.patches.inserts import template, top_level_def, visit_statements, with_marker
+from opensci_patch.rewrite.patches.syntax import code, full_name, is_string, require_torch, top_functions
+from opensci_patch.rewrite.patches.tree_walk import walk
 
 
 @dataclass(frozen=True)
@@ -135,14 +126,19 @@ class GuardedLookup:
             return State.ABSENT
         return State.NEEDED if found.unguarded or not defined else State.DONE
 
+    def as_patch(self, order: int, description: str) -> Patch:
+        """The default patch that guards this lookup (named `self.patch`)."""
+        return Patch(self.patch, order, description, default=True, inspect=self.inspect, rewrite=self.rewrite)
+
     # -- rewriting ---------------------------------------------------------------------------
 
     def rewrite(self, tree: cst.Module) -> cst.Module:
         """Guard every lookup, then define the replacement (torch code) before the first use."""
         require_torch(tree)
-        position = next(i for i, stmt in enumerate(tree.body) if self.scan(stmt).lookups)
-        guard = _Guard(self)  # only on the statements with lookups: the others keep their nodes (and index)
-        tree = tree.with_changes(body=[stmt.visit(guard) if self.scan(stmt).lookups else stmt for stmt in tree.body])
+        lookups = [self.scan(stmt).lookups for stmt in tree.body]
+        position = next(i for i, found in enumerate(lookups) if found)
+        with_lookups = {id(stmt) for stmt, found in zip(tree.body, lookups, strict=True) if found}
+        tree = visit_statements(tree, _Guard(self), lambda stmt: id(stmt) in with_lookups)
         if self.replacement in top_functions(tree):
             return tree
         definition = top_level_def(template(self.definition), 2, self.patch, self.why)

@@ -18,16 +18,10 @@ from __future__ import annotations
 
 import libcst as cst
 
-from opensci_patch.rewrite.patches.base import (
-    Patch,
-    State,
-    Unrecognised,
-    find_all,
-    full_name,
-    method,
-    template,
-    with_marker,
-)
+from opensci_patch.rewrite.patches.base import Patch, State, Unrecognised
+from opensci_patch.rewrite.patches.inserts import template, visit_statements, with_block, with_marker
+from opensci_patch.rewrite.patches.syntax import full_name, method
+from opensci_patch.rewrite.patches.tree_walk import find_all
 
 NAME = "post_init"
 WHY = "transformers 5.x sets all_tied_weights_keys there"
@@ -79,17 +73,17 @@ def inspect(tree: cst.Module) -> State:
 
 
 def rewrite(tree: cst.Module) -> cst.Module:
-    todo = {id(init) for _, init in _targets(tree) if not _calls_post_init(init)}
+    targets = [(cls, init) for cls, init in _targets(tree) if not _calls_post_init(init)]
+    todo, classes = {id(init) for _, init in targets}, {id(cls) for cls, _ in targets}
     call = template("self.post_init()\n")[0]
 
     class Append(cst.CSTTransformer):
         def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef) -> cst.FunctionDef:
             if id(original) not in todo:
                 return updated
-            body = [*updated.body.body, with_marker(call, NAME, WHY)]
-            return updated.with_changes(body=updated.body.with_changes(body=body))
+            return with_block(updated, [*updated.body.body, with_marker(call, NAME, WHY)])
 
-    return tree.visit(Append())
+    return visit_statements(tree, Append(), lambda stmt: id(stmt) in classes)
 
 
 PATCH = Patch(

@@ -15,7 +15,6 @@ release drops it.
 
 from __future__ import annotations
 
-from opensci_patch.rewrite.patches.base import Patch
 from opensci_patch.rewrite.patches.lookup import GuardedLookup
 
 NAME = "rope_default"
@@ -52,11 +51,4 @@ LOOKUP = GuardedLookup(
 )
 
 
-PATCH = Patch(
-    name=NAME,
-    order=50,
-    description="inline the default RoPE init that transformers 5.x dropped from ROPE_INIT_FUNCTIONS",
-    default=True,
-    inspect=LOOKUP.inspect,
-    rewrite=LOOKUP.rewrite,
-)
+PATCH = LOOKUP.as_patch(50, "inline the default RoPE init that transformers 5.x dropped from ROPE_INIT_FUNCTIONS")

@@ -13,7 +13,6 @@ Verifies: every lookup is guarded and the function is defined at module level.
 
 from __future__ import annotations
 
-from opensci_patch.rewrite.patches.base import Patch
 from opensci_patch.rewrite.patches.lookup import GuardedLookup
 
 NAME = "sdpa_gqa"
@@ -55,11 +54,4 @@ LOOKUP = GuardedLookup(
 )
 
 
-PATCH = Patch(
-    name=NAME,
-    order=70,
-    description="route 'sdpa' attention through an inlined 4.48-style SDPA call (no enable_gqa)",
-    default=True,
-    inspect=LOOKUP.inspect,
-    rewrite=LOOKUP.rewrite,
-)
+PATCH = LOOKUP.as_patch(70, "route 'sdpa' attention through an inlined 4.48-style SDPA call (no enable_gqa)")
