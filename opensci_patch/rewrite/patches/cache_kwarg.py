@@ -40,9 +40,9 @@ from collections.abc import Sequence
 import libcst as cst
 
 from opensci_patch.rewrite.patches.base import Patch, State, Unrecognised, combined
-from opensci_patch.rewrite.patches.inserts import marker, parsed, template, visit_statements
+from opensci_patch.rewrite.patches.inserts import marker, parsed, template
 from opensci_patch.rewrite.patches.syntax import code, docstring_offset, is_string
-from opensci_patch.rewrite.patches.tree_walk import find_all, walk
+from opensci_patch.rewrite.patches.tree_walk import find_all, visit_statements, walk
 
 NAME = "cache_kwarg"
 WHY = "transformers 5.24 passes the KV cache as cache="

@@ -23,9 +23,9 @@ from __future__ import annotations
 import libcst as cst
 
 from opensci_patch.rewrite.patches.base import Patch, State, Unrecognised
-from opensci_patch.rewrite.patches.inserts import visit_statements, with_marker
+from opensci_patch.rewrite.patches.inserts import with_marker
 from opensci_patch.rewrite.patches.syntax import code, full_name
-from opensci_patch.rewrite.patches.tree_walk import find_all
+from opensci_patch.rewrite.patches.tree_walk import find_all, visit_statements
 
 NAME = "init_weights"
 WHY = "transformers 5.0/5.1 re-run _init_weights after loading; .data bypasses their guard"

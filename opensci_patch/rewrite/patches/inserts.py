@@ -2,13 +2,14 @@
 edits several patches make (an import line without some names, a method appended to classes).
 
 The inserted code is written as plain Python (a template) and parsed once per process; each use gets
-fresh nodes, as a parse gives, so no node stands twice in a tree.
+nodes no other use got (the parsed ones the first time, copies after), as a parse gives, so no node
+stands twice in a tree.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TypeVar
 
 import libcst as cst
@@ -33,12 +34,23 @@ def with_marker(stmt: cst.BaseStatement, name: str, why: str) -> cst.BaseStateme
 
 def template(text: str) -> list[cst.BaseStatement]:
     """Statements parsed from a code template (the inserted code is written as plain Python)."""
-    return [stmt.deep_clone() for stmt in parsed(text)]  # fresh nodes each time, as a parse gives
+    return _fresh(text, parsed(text))
 
 
 def template_members(text: str) -> list[cst.BaseStatement]:
-    """The body of the template's first statement (the methods of `class _Template: ...`), fresh nodes."""
-    return [stmt.deep_clone() for stmt in parsed(text)[0].body.body]
+    """The body of the template's first statement (the methods of `class _Template: ...`)."""
+    return _fresh(text, parsed(text)[0].body.body)
+
+
+_given: set[str] = set()  # the templates whose parsed nodes a caller already has
+
+
+def _fresh(text: str, stmts: Sequence[cst.BaseStatement]) -> list[cst.BaseStatement]:
+    """`stmts` (of the template `text`) the first time, copies after: nodes no earlier call handed out."""
+    if text in _given:
+        return [stmt.deep_clone() for stmt in stmts]
+    _given.add(text)
+    return list(stmts)
 
 
 @functools.cache
@@ -56,14 +68,6 @@ def template_shape(text: str) -> str:
 def with_block(node: B, stmts: Sequence[cst.BaseStatement]) -> B:
     """The class or function with `stmts` as its body."""
     return node.with_changes(body=node.body.with_changes(body=stmts))
-
-
-def visit_statements(
-    tree: cst.Module, transformer: cst.CSTTransformer, where: Callable[[cst.BaseStatement], object]
-) -> cst.Module:
-    """`tree.visit(transformer)` for a transformer that changes only the top-level statements `where` holds
-    for: the others keep their nodes (libcst would rebuild every one), and so their `tree_walk` index."""
-    return tree.with_changes(body=[stmt.visit(transformer) if where(stmt) else stmt for stmt in tree.body])
 
 
 def top_level_def(stmts: Sequence[cst.BaseStatement], blank_lines: int, name: str, why: str) -> list[cst.BaseStatement]:

@@ -21,10 +21,9 @@ from opensci_patch.rewrite.patches.inserts import (
     drop_imported_names,
     replace_imported_names,
     template,
-    visit_statements,
 )
 from opensci_patch.rewrite.patches.syntax import code, full_name
-from opensci_patch.rewrite.patches.tree_walk import find_all, walk
+from opensci_patch.rewrite.patches.tree_walk import find_all, visit_statements, walk
 
 NAME = "loss_kwargs"
 OLD, NEW = "LossKwargs", "TransformersKwargs"

@@ -19,9 +19,9 @@ from __future__ import annotations
 import libcst as cst
 
 from opensci_patch.rewrite.patches.base import Patch, State, Unrecognised
-from opensci_patch.rewrite.patches.inserts import template, visit_statements, with_block, with_marker
+from opensci_patch.rewrite.patches.inserts import template, with_block, with_marker
 from opensci_patch.rewrite.patches.syntax import full_name, method
-from opensci_patch.rewrite.patches.tree_walk import find_all
+from opensci_patch.rewrite.patches.tree_walk import find_all, visit_statements
 
 NAME = "post_init"
 WHY = "transformers 5.x sets all_tied_weights_keys there"
@@ -73,8 +73,8 @@ def inspect(tree: cst.Module) -> State:
 
 
 def rewrite(tree: cst.Module) -> cst.Module:
-    targets = [(cls, init) for cls, init in _targets(tree) if not _calls_post_init(init)]
-    todo, classes = {id(init) for _, init in targets}, {id(cls) for cls, _ in targets}
+    inits = [init for _, init in _targets(tree) if not _calls_post_init(init)]
+    todo = {id(init) for init in inits}
     call = template("self.post_init()\n")[0]
 
     class Append(cst.CSTTransformer):
@@ -83,7 +83,7 @@ def rewrite(tree: cst.Module) -> cst.Module:
                 return updated
             return with_block(updated, [*updated.body.body, with_marker(call, NAME, WHY)])
 
-    return visit_statements(tree, Append(), lambda stmt: id(stmt) in classes)
+    return visit_statements(tree, Append(), lambda stmt: find_all(stmt, cst.FunctionDef, lambda f: id(f) in todo))
 
 
 PATCH = Patch(

@@ -16,6 +16,7 @@ from __future__ import annotations
 from opensci_patch.rewrite.patches.lookup import GuardedLookup
 
 NAME = "sdpa_gqa"
+WHY = "transformers >= 4.54 passes enable_gqa=True to torch SDPA"
 
 DEFINITION = '''
 def _opensci_sdpa_attention_forward(
@@ -44,13 +45,7 @@ def _opensci_sdpa_attention_forward(
 '''
 
 LOOKUP = GuardedLookup(
-    table="ALL_ATTENTION_FUNCTIONS",
-    literal="sdpa",
-    replacement="_opensci_sdpa_attention_forward",
-    definition=DEFINITION,
-    patch=NAME,
-    why="transformers >= 4.54 passes enable_gqa=True to torch SDPA",
-    methods=("get_interface",),
+    "ALL_ATTENTION_FUNCTIONS", "sdpa", "_opensci_sdpa_attention_forward", DEFINITION, NAME, WHY, ("get_interface",)
 )
 
 

@@ -15,7 +15,7 @@ order is libcst's, without libcst rebuilding every node it passes.
 from __future__ import annotations
 
 import bisect
-import heapq
+import itertools
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +34,7 @@ class _Index:
     def __init__(self) -> None:
         self.entries: dict[int, _Entry] = {}  # id(node) -> its entry
         self.positions: dict[int, tuple[list[cst.CSTNode], dict[type, list[int]]]] = {}  # per pre-order list
+        self.kinds: dict[tuple[int, type], list[type]] = {}  # (id of a positions dict, kind) -> its classes of kind
 
 
 class _Local(threading.local):
@@ -42,7 +43,6 @@ class _Local(threading.local):
 
 _local = _Local()
 _fields: dict[type, tuple[str, ...]] = {}
-_is_kind: dict[tuple[type, type], bool] = {}
 
 
 @contextmanager
@@ -63,7 +63,7 @@ def find_all(node: cst.CSTNode, kind: type[N], where: Callable[[N], bool] = lamb
     index = _local.index or _Index()
     _, nodes, start, end = _entry(index, node)
     by_type = _positions(index, nodes)
-    return [nodes[i] for i in _between(by_type, _kinds(by_type, kind), start, end) if where(nodes[i])]
+    return [nodes[i] for i in _between(by_type, _kinds(index, by_type, kind), start, end) if where(nodes[i])]
 
 
 def walk(node: cst.CSTNode, visitor: cst.CSTVisitor) -> None:
@@ -106,15 +106,59 @@ def walk(node: cst.CSTNode, visitor: cst.CSTVisitor) -> None:
         on_leave(visitor, left)
 
 
-def _kinds(by_type: dict[type, list[int]], kind: type) -> list[type]:
-    """The node classes of `by_type` that are `kind` (`issubclass`, remembered: libcst's are ABCs, slow to ask)."""
-    found = []
-    for t in by_type:
-        known = _is_kind.get((t, kind))
-        if known is None:
-            known = _is_kind[(t, kind)] = issubclass(t, kind)
-        if known:
-            found.append(t)
+def visit_statements(
+    tree: cst.Module, transformer: cst.CSTTransformer, targets: Callable[[cst.BaseStatement], Sequence[cst.CSTNode]]
+) -> cst.Module:
+    """`tree.visit(transformer)` for a transformer that changes a top-level statement only at the nodes
+    `targets(statement)` gives (and at their ancestors, as it leaves them): libcst visits only the paths
+    from each statement to its targets and the targets' subtrees. Every other node stays as it is (libcst
+    would rebuild each one it passes), and so does its index entry, for the next patch."""
+
+    def visited(stmt: cst.BaseStatement) -> cst.BaseStatement:
+        found = targets(stmt)
+        if not found:
+            return stmt
+        toward = _holding(stmt, found)
+        on_visit = transformer.on_visit
+        transformer.on_visit = lambda node: on_visit(node) and id(node) in toward  # called for every node visited
+        try:
+            return stmt.visit(transformer)
+        finally:
+            del transformer.on_visit
+
+    return tree.with_changes(body=[visited(stmt) for stmt in tree.body])
+
+
+def _holding(node: cst.CSTNode, targets: Sequence[cst.CSTNode]) -> set[int]:
+    """ids of the nodes under `node` (itself included) that are one of `targets`, hold one or are inside one."""
+    index = _local.index or _Index()
+    _, nodes, start, end = _entry(index, node)
+    entries, wanted, found = index.entries, {id(t) for t in targets}, set()
+    above: list[tuple[int, cst.CSTNode]] = []  # (end of its subtree, node) for the nodes above the current one
+    inside_to = start  # the end of the target subtree the walk is in
+    for at in range(start, end):
+        current = nodes[at]
+        if at < inside_to:
+            found.add(id(current))
+            continue
+        while above and above[-1][0] <= at:
+            above.pop()
+        _, _, first, last = entries[id(current)]
+        if id(current) in wanted:
+            found.add(id(current))
+            found.update(id(parent) for _, parent in above)
+            inside_to = at + last - first
+        else:
+            above.append((at + last - first, current))
+    return found
+
+
+def _kinds(index: _Index, by_type: dict[type, list[int]], kind: type) -> list[type]:
+    """The node classes of `by_type` that are `kind` (remembered: libcst's classes are ABCs, slow to ask)."""
+    key = (id(by_type), kind)
+    found = index.kinds.get(key)
+    if found is None:
+        found = index.kinds[key] = [t for t in by_type if issubclass(t, kind)]
     return found
 
 
@@ -129,7 +173,7 @@ def _between(by_type: dict[type, list[int]], types: Sequence[type], start: int, 
             runs.append(positions[low:high])
     if len(runs) == 1:
         return runs[0]
-    return list(heapq.merge(*runs)) if runs else ()
+    return sorted(itertools.chain.from_iterable(runs))
 
 
 def _positions(index: _Index, nodes: list[cst.CSTNode]) -> dict[type, list[int]]:

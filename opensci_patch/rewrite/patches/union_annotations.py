@@ -21,9 +21,9 @@ from __future__ import annotations
 import libcst as cst
 
 from opensci_patch.rewrite.patches.base import Patch, State, Unrecognised
-from opensci_patch.rewrite.patches.inserts import MARKER, visit_statements, with_marker
+from opensci_patch.rewrite.patches.inserts import MARKER, with_marker
 from opensci_patch.rewrite.patches.syntax import full_name
-from opensci_patch.rewrite.patches.tree_walk import find_all
+from opensci_patch.rewrite.patches.tree_walk import find_all, visit_statements
 
 NAME = "union_annotations"
 WHY = "transformers 4.57 @auto_docstring cannot read X | Y annotations"
