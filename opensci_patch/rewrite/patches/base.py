@@ -1,4 +1,4 @@
-"""The contract every source patch follows, plus the libcst helpers they share.
+"""The contract every source patch follows, and `apply_all`, which runs the patches on one file.
 
 A patch is data (`name`, `description`, `default`) and two functions over a libcst tree:
 `inspect` says whether the construct is absent, already fixed or still needs fixing, and
@@ -11,10 +11,11 @@ stopping.
 
 `apply_all` (what `hotfix` runs per file) gives the result of `Patch.apply` one patch after another
 from one parse of the file and one re-parse of its output, with `tree_walk.indexed()` on (each subtree
-walked once however many patches ask) and the garbage collector paused (libcst allocates a node per
-token and frees almost none of them while patching: collections found nothing to free and cost a
-sixth of the time); `benchmarks/hotfix_wall.py` measures it. The patches' shared helpers are in
-`syntax` (reading a tree), `inserts` (writing into one) and `tree_walk`.
+walked once however many patches ask) and the cyclic garbage collector paused: libcst allocates an
+object per token and the patches free almost none of them, so its collections found nothing to free
+(about 5% of a hotfix's instructions, more in a long-lived process with a larger heap).
+`benchmarks/hotfix_wall.py` measures it. The patches' shared helpers are in `syntax` (reading a
+tree), `inserts` (writing into one) and `tree_walk` (finding nodes in one).
 """
 
 from __future__ import annotations
