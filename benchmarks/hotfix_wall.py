@@ -6,7 +6,11 @@
 
 The old tree is `git archive OLD` unpacked in a temporary directory (or OLD itself, a directory); both
 trees run the same command (`python -m opensci_patch.cli hotfix SRC --out DST`, this interpreter,
-PYTHONPATH = the tree), old and new interleaved so that other work on the machine weighs on both alike.
+PYTHONPATH = the tree, run in the tree: `python -m` puts the working directory first on sys.path, so from
+another checkout both would run that one), old and new interleaved so that other work on the machine
+weighs on both alike. Each tree's modules are compiled once, by an untimed first run, into the work
+directory (PYTHONPYCACHEPREFIX, whatever PYTHONDONTWRITEBYTECODE says): the timed runs import bytecode,
+as an installed package does, instead of compiling the whole tree each time.
 Per model directory: the median and the fastest of --repeat runs of each, and new/old. The outputs of
 both trees are compared file by file (sha256; the manifest without its `created_utc`), for the default
 patches and with `--with init_weights`: "identical" or the files that differ.
@@ -42,10 +46,15 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "opensci_patch.cli", *args]
 
 
-def _env(tree: Path) -> dict[str, str]:
-    """This environment with `tree` (and nothing else) on PYTHONPATH: that tree's opensci_patch runs."""
+def _env(tree: Path, bytecode: Path | None = None) -> dict[str, str]:
+    """This environment with `tree` (and nothing else) on PYTHONPATH: that tree's opensci_patch runs.
+
+    With `bytecode`, the compiled modules are written and read there (never in the tree)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env["PYTHONPATH"] = str(tree)
+    if bytecode is not None:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(bytecode)
     return env
 
 
@@ -69,8 +78,10 @@ def _digests(out: Path) -> dict[str, str]:
 
 
 def _hotfix(tree: Path, src: Path, out: Path, extra: list[str]) -> float:
+    """One hotfix by `tree` into `out`, its wall time; the tree's bytecode is kept next to `out`."""
     shutil.rmtree(out, ignore_errors=True)
-    return run([*_cli("hotfix", str(src), "--out", str(out)), *extra], env=_env(tree)).check().wall_s
+    env = _env(tree, out.parent / f"bytecode-{out.name}")
+    return run([*_cli("hotfix", str(src), "--out", str(out)), *extra], env=env, cwd=tree).check().wall_s
 
 
 def _differences(trees: dict[str, Path], src: Path, work: Path) -> list[str]:
@@ -88,12 +99,12 @@ def _differences(trees: dict[str, Path], src: Path, work: Path) -> list[str]:
 
 def _models(work: Path, bigckpt_layers: int) -> list[tuple[str, Path]]:
     models = [("shipped", work / "shipped"), ("generated", work / "generated")]
-    run(_cli("fixture", str(models[0][1])), env=_env(REPO)).check()
-    run(_cli("fixture", str(models[1][1]), "--generated"), env=_env(REPO)).check()
+    run(_cli("fixture", str(models[0][1])), env=_env(REPO), cwd=REPO).check()
+    run(_cli("fixture", str(models[1][1]), "--generated"), env=_env(REPO), cwd=REPO).check()
     if bigckpt_layers:
         big = work / "bigckpt"
         cmd = [sys.executable, "-m", "opensci_patch.fixtures.bigckpt", str(big), "--layers", str(bigckpt_layers)]
-        run(cmd, env=_env(REPO)).check()
+        run(cmd, env=_env(REPO), cwd=REPO).check()
         models.append((f"1.7B-shaped, {bigckpt_layers} layers", big))
     return models
 
@@ -126,6 +137,8 @@ def main() -> int:
         old = Path(args.old).resolve() if Path(args.old).is_dir() else _archive(args.old, work / "old-tree")
         trees = {"old": old, "new": REPO}
         models = _models(work / "models", 0 if args.no_bigckpt else args.bigckpt_layers)
+        for name, tree in trees.items():  # untimed: compiles the tree's modules
+            _hotfix(tree, models[0][1], work / f"out-{name}", [])
         head = ("model", "old median", "new median", "new/old", "old min", "new min")
         print(f"{head[0]:<26} {head[1]:>10} {head[2]:>10} {head[3]:>8} {head[4]:>8} {head[5]:>8}  outputs")
         for label, src in models:

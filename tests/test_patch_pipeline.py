@@ -12,7 +12,7 @@ import libcst as cst
 import pytest
 
 from opensci_patch._util.errors import PatchError
-from opensci_patch.rewrite.patches import PATCHES, Patch, State, apply_patches, base, default_patches, select
+from opensci_patch.rewrite.patches import PATCHES, Patch, State, apply_patches, default_patches, select, tree_walk
 
 
 def one_by_one(source: str, patches, filename: str = "<source>"):
@@ -92,7 +92,7 @@ class _All(cst.CSTVisitor):
 
 
 def test_walk_and_find_all_see_the_nodes_libcst_visits_in_its_order(modeling_source: str, patched_source: str):
-    from opensci_patch.rewrite.patches.base import find_all, indexed, walk
+    from opensci_patch.rewrite.patches.tree_walk import find_all, indexed, walk
 
     for source in (modeling_source, patched_source):
         tree = cst.parse_module(source)
@@ -109,7 +109,7 @@ def test_walk_and_find_all_see_the_nodes_libcst_visits_in_its_order(modeling_sou
         assert [(k, id(n)) for k, n in got.calls] == [(k, id(n)) for k, n in expected.calls]
         assert len(expected.calls) > 500
         assert [id(n) for n in inner] == [id(n) for n in find_all(tree.body[-1], cst.Name)]  # outside the index
-        assert base._local.index is None  # nothing kept once indexed() ends
+        assert tree_walk._local.index is None  # nothing kept once indexed() ends
 
 
 def test_threads_patching_at_once_each_get_the_one_by_one_result(modeling_source: str, patched_source: str):

@@ -24,7 +24,7 @@ from patch_sources import class_attribute
 from opensci_patch._util.errors import PatchError
 from opensci_patch.rewrite.patches import State, by_name
 from opensci_patch.rewrite.patches import tied_weights as tw
-from opensci_patch.rewrite.patches.base import method
+from opensci_patch.rewrite.patches.syntax import method
 
 PATCH = by_name("tied_weights")
 GUARD_MARKER = "# opensci-patch: tied_weights (transformers 5.3.0"

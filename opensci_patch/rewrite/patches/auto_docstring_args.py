@@ -23,7 +23,9 @@ import re
 
 import libcst as cst
 
-from opensci_patch.rewrite.patches.base import Patch, State, Unrecognised, docstring_offset, full_name, marker
+from opensci_patch.rewrite.patches.base import Patch, State, Unrecognised
+from opensci_patch.rewrite.patches.inserts import marker, with_block
+from opensci_patch.rewrite.patches.syntax import docstring_offset, full_name
 
 NAME = "auto_docstring_args"
 WHY = "auto_docstring prints [ERROR] for undocumented parameters"
@@ -110,7 +112,7 @@ def _with_entries(func: cst.FunctionDef) -> cst.FunctionDef:
             [cst.Expr(cst.SimpleString(f'r"""\n{_entries(names)}{INDENT}"""'))],
             leading_lines=[marker(NAME, WHY)],
         )
-        return func.with_changes(body=func.body.with_changes(body=[line, *body]))
+        return with_block(func, [line, *body])
     raw = doc.value
     prefix = raw[: raw.index('"""') + 3]
     inner = raw[len(prefix) : -3]
@@ -127,22 +129,16 @@ def _with_entries(func: cst.FunctionDef) -> cst.FunctionDef:
     new_doc = doc.with_changes(value=prefix + inner + '"""')
     first = body[0].with_changes(body=[body[0].body[0].with_changes(value=new_doc)])
     first = first.with_changes(leading_lines=[*first.leading_lines, marker(NAME, WHY)])
-    return func.with_changes(body=func.body.with_changes(body=[first, *body[1:]]))
+    return with_block(func, [first, *body[1:]])
+
+
+def _documented_members(cls: cst.ClassDef) -> cst.ClassDef:
+    decorated = lambda m: isinstance(m, cst.FunctionDef) and any(map(_is_auto_docstring, m.decorators))  # noqa: E731
+    return with_block(cls, [_with_entries(m) if decorated(m) else m for m in cls.body.body])
 
 
 def rewrite(tree: cst.Module) -> cst.Module:
-    body = []
-    for stmt in tree.body:
-        if isinstance(stmt, cst.ClassDef):
-            members = [
-                _with_entries(m)
-                if isinstance(m, cst.FunctionDef) and any(_is_auto_docstring(d) for d in m.decorators)
-                else m
-                for m in stmt.body.body
-            ]
-            stmt = stmt.with_changes(body=stmt.body.with_changes(body=members))
-        body.append(stmt)
-    return tree.with_changes(body=body)
+    return tree.with_changes(body=[_documented_members(s) if isinstance(s, cst.ClassDef) else s for s in tree.body])
 
 
 PATCH = Patch(

@@ -39,18 +39,10 @@ from collections.abc import Sequence
 
 import libcst as cst
 
-from opensci_patch.rewrite.patches.base import (
-    Patch,
-    State,
-    Unrecognised,
-    code,
-    docstring_offset,
-    find_all,
-    is_string,
-    marker,
-    template,
-    walk,
-)
+from opensci_patch.rewrite.patches.base import Patch, State, Unrecognised, combined
+from opensci_patch.rewrite.patches.inserts import marker, parsed, template
+from opensci_patch.rewrite.patches.syntax import code, docstring_offset, is_string
+from opensci_patch.rewrite.patches.tree_walk import find_all, visit_statements, walk
 
 NAME = "cache_kwarg"
 WHY = "transformers 5.24 passes the KV cache as cache="
@@ -64,10 +56,6 @@ if {NEW} is not None:
 """
 
 
-def _bridge() -> cst.BaseStatement:
-    return template(BRIDGE)[0]
-
-
 def _parameters(func: cst.FunctionDef) -> list[cst.Param]:
     p = func.params
     stars = [s for s in (p.star_arg, p.star_kwarg) if isinstance(s, cst.Param)]
@@ -79,7 +67,7 @@ def _param(func: cst.FunctionDef, name: str) -> cst.Param | None:
 
 
 def _is_bridge(stmt: cst.BaseStatement) -> bool:
-    return stmt.with_changes(leading_lines=[]).deep_equals(_bridge())
+    return stmt.with_changes(leading_lines=[]).deep_equals(parsed(BRIDGE)[0])
 
 
 def _body(func: cst.FunctionDef) -> Sequence[cst.BaseStatement]:
@@ -141,10 +129,7 @@ def _state(func: cst.FunctionDef) -> State:
 
 
 def inspect(tree: cst.Module) -> State:
-    states = [_state(func) for func in _targets(tree)]
-    if not states:
-        return State.ABSENT
-    return State.NEEDED if State.NEEDED in states else State.DONE
+    return combined(_state(func) for func in _targets(tree))
 
 
 def _with_cache_parameter(params: cst.Parameters) -> cst.Parameters:
@@ -199,7 +184,7 @@ class _Rewrite(cst.CSTTransformer):
             return updated
         body = list(_body(updated))
         at = docstring_offset(body)
-        bridge = _bridge().with_changes(leading_lines=[marker(NAME, WHY)])
+        bridge = template(BRIDGE)[0].with_changes(leading_lines=[marker(NAME, WHY)])
         body.insert(at, bridge)
         return updated.with_changes(
             params=_with_cache_parameter(updated.params), body=updated.body.with_changes(body=body)
@@ -207,8 +192,7 @@ class _Rewrite(cst.CSTTransformer):
 
 
 def rewrite(tree: cst.Module) -> cst.Module:
-    rewriter = _Rewrite()  # only on the statements holding a target: the others keep their nodes (and index)
-    return tree.with_changes(body=[stmt.visit(rewriter) if _targets(stmt) else stmt for stmt in tree.body])
+    return visit_statements(tree, _Rewrite(), _targets)
 
 
 PATCH = Patch(

@@ -28,16 +28,9 @@ from __future__ import annotations
 
 import libcst as cst
 
-from opensci_patch.rewrite.patches.base import (
-    Patch,
-    State,
-    Unrecognised,
-    append_method,
-    method,
-    method_shape,
-    pretrained_roots,
-    template,
-)
+from opensci_patch.rewrite.patches.base import Patch, State, Unrecognised, combined
+from opensci_patch.rewrite.patches.inserts import append_method, template_members, template_shape
+from opensci_patch.rewrite.patches.syntax import method, method_shape, pretrained_roots
 
 NAME = "hub_kernels"
 WHY = "transformers 5.25 turns hub kernels on by default"
@@ -61,15 +54,11 @@ class _Template:
 '''
 
 
-def _method() -> cst.FunctionDef:
-    return template(METHOD)[0].body.body[0]
-
-
 def _state(cls: cst.ClassDef) -> State:
     own = method(cls, "from_pretrained")
     if own is None:
         return State.NEEDED
-    if method_shape(own) != method_shape(_method()):
+    if method_shape(own) != template_shape(METHOD):
         raise Unrecognised(
             f"{cls.name.value} defines its own from_pretrained; make it pass use_kernels=False where the "
             "caller did not ask for hub kernels (transformers 5.25 turns them on by default)"
@@ -78,15 +67,12 @@ def _state(cls: cst.ClassDef) -> State:
 
 
 def inspect(tree: cst.Module) -> State:
-    states = [_state(cls) for cls in pretrained_roots(tree)]
-    if not states:
-        return State.ABSENT
-    return State.NEEDED if State.NEEDED in states else State.DONE
+    return combined(_state(cls) for cls in pretrained_roots(tree))
 
 
 def rewrite(tree: cst.Module) -> cst.Module:
     needed = [cls for cls in pretrained_roots(tree) if _state(cls) is State.NEEDED]
-    return append_method(tree, needed, _method(), NAME, WHY)
+    return append_method(tree, needed, template_members(METHOD)[0], NAME, WHY)
 
 
 PATCH = Patch(

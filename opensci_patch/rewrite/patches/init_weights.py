@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import libcst as cst
 
-from opensci_patch.rewrite.patches.base import Patch, State, Unrecognised, code, find_all, full_name, with_marker
+from opensci_patch.rewrite.patches.base import Patch, State, Unrecognised
+from opensci_patch.rewrite.patches.inserts import with_marker
+from opensci_patch.rewrite.patches.syntax import code, full_name
+from opensci_patch.rewrite.patches.tree_walk import find_all, visit_statements
 
 NAME = "init_weights"
 WHY = "transformers 5.0/5.1 re-run _init_weights after loading; .data bypasses their guard"
@@ -134,7 +137,7 @@ def rewrite(tree: cst.Module) -> cst.Module:
         headers = _data_uses(func) - sum(_data_uses(line) for line in find_all(func, cst.SimpleStatementLine))
         if headers:
             raise Unrecognised("_init_weights uses .data outside a plain statement")
-    return tree.visit(_Rewrite(_init_prefix(tree)))
+    return visit_statements(tree, _Rewrite(_init_prefix(tree)), _init_methods)
 
 
 PATCH = Patch(

@@ -35,20 +35,17 @@ from __future__ import annotations
 
 import libcst as cst
 
-from opensci_patch.rewrite.patches.base import (
-    Patch,
-    State,
-    Unrecognised,
+from opensci_patch.rewrite.patches.base import Patch, State, Unrecognised
+from opensci_patch.rewrite.patches.inserts import marker, parsed, template, template_members, with_block
+from opensci_patch.rewrite.patches.syntax import (
     docstring_offset,
-    find_all,
     full_name,
     is_string,
-    marker,
     method,
     require_torch,
     self_assignments,
-    template,
 )
+from opensci_patch.rewrite.patches.tree_walk import find_all
 
 NAME = "inv_freq_guard"
 CHECK = "_opensci_check_inv_freq"
@@ -205,7 +202,7 @@ def _starts_with_check(forward: cst.FunctionDef) -> bool:
     return (
         len(body) > start
         and isinstance(body[start], cst.SimpleStatementLine)
-        and body[start].body[0].deep_equals(cst.parse_statement(CHECK_CALL).body[0])
+        and body[start].body[0].deep_equals(parsed(CHECK_CALL)[0].body[0])
     )
 
 
@@ -231,21 +228,21 @@ def _with_check(cls: cst.ClassDef) -> cst.ClassDef:
     members = []
     for member in cls.body.body:
         if isinstance(member, cst.FunctionDef) and member.name.value == "forward" and not _starts_with_check(member):
-            call = cst.parse_statement(CHECK_CALL).with_changes(leading_lines=[marker(NAME, WHY)])
+            call = template(CHECK_CALL)[0].with_changes(leading_lines=[marker(NAME, WHY)])
             body = list(member.body.body)
             at = docstring_offset(body)
-            member = member.with_changes(body=member.body.with_changes(body=[*body[:at], call, *body[at:]]))
+            member = with_block(member, [*body[:at], call, *body[at:]])
         members.append(member)
     if method(cls, CHECK) is None:
-        check = template(CHECK_METHOD)[0].body.body[0]
+        check = template_members(CHECK_METHOD)[0]
         members.append(check.with_changes(leading_lines=[cst.EmptyLine(indent=False)]))
-    return cls.with_changes(body=cls.body.with_changes(body=members))
+    return with_block(cls, members)
 
 
 def _branches(module: str, rotaries: list[str]) -> list[cst.BaseStatement]:
     out = []
     for rotary in rotaries:
-        branch = template(BRANCH.format(module=module, rotary=rotary))[0].body.body[0]
+        branch = template_members(BRANCH.format(module=module, rotary=rotary))[0]
         out.append(branch.with_changes(leading_lines=[marker(NAME, WHY)]))
     return out
 
@@ -254,7 +251,7 @@ def _with_branches(cls: cst.ClassDef, rotaries: list[str]) -> cst.ClassDef:
     members = list(cls.body.body)
     existing = method(cls, "_init_weights")
     if existing is None:
-        added = template(INIT_METHOD)[0].body.body[0]
+        added = template_members(INIT_METHOD)[0]
         members.append(added.with_changes(leading_lines=[cst.EmptyLine(indent=False)]))
     for i, member in enumerate(members):
         if isinstance(member, cst.FunctionDef) and member.name.value == "_init_weights":
@@ -262,8 +259,8 @@ def _with_branches(cls: cst.ClassDef, rotaries: list[str]) -> cst.ClassDef:
             body = list(member.body.body)
             at = docstring_offset(body)
             body[at:at] = _branches(_module_param(member), missing)
-            members[i] = member.with_changes(body=member.body.with_changes(body=body))
-    return cls.with_changes(body=cls.body.with_changes(body=members))
+            members[i] = with_block(member, body)
+    return with_block(cls, members)
 
 
 def rewrite(tree: cst.Module) -> cst.Module:
@@ -271,14 +268,12 @@ def rewrite(tree: cst.Module) -> cst.Module:
     rotaries = {id(c): c for c in rotary_classes(tree)}
     owners = {id(c) for c in init_classes(tree)}
     names = [c.name.value for c in rotaries.values()]
-    body = []
-    for stmt in tree.body:
-        if id(stmt) in rotaries:
-            stmt = _with_check(stmt)
-        if id(stmt) in owners:
-            stmt = _with_branches(stmt, names)
-        body.append(stmt)
-    return tree.with_changes(body=body)
+
+    def fixed(stmt: cst.BaseStatement) -> cst.BaseStatement:
+        stmt = _with_check(stmt) if id(stmt) in rotaries else stmt
+        return _with_branches(stmt, names) if id(stmt) in owners else stmt
+
+    return tree.with_changes(body=[fixed(stmt) for stmt in tree.body])
 
 
 PATCH = Patch(

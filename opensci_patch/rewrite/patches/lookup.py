@@ -15,19 +15,10 @@ from dataclasses import dataclass, field
 
 import libcst as cst
 
-from opensci_patch.rewrite.patches.base import (
-    State,
-    Unrecognised,
-    code,
-    full_name,
-    is_string,
-    require_torch,
-    template,
-    top_functions,
-    top_level_def,
-    walk,
-    with_marker,
-)
+from opensci_patch.rewrite.patches.base import Patch, State, Unrecognised
+from opensci_patch.rewrite.patches.inserts import template, top_level_def, with_marker
+from opensci_patch.rewrite.patches.syntax import code, full_name, is_string, require_torch, top_functions
+from opensci_patch.rewrite.patches.tree_walk import find_all, visit_statements, walk
 
 
 @dataclass(frozen=True)
@@ -78,50 +69,7 @@ class GuardedLookup:
 
     def scan(self, node: cst.CSTNode) -> Found:
         """Lookups in `node`, which of them still need the guard, and uses of the table that are not lookups."""
-        lookup = self
-
-        class Scan(cst.CSTVisitor):
-            def __init__(self) -> None:
-                self.found = Found()
-                self.guarded = _Nodes()
-                self.looked_up = _Nodes()
-                self.uses: list[cst.Name] = []
-
-            def visit_Import(self, node: cst.Import) -> bool:
-                return False
-
-            def visit_ImportFrom(self, node: cst.ImportFrom) -> bool:
-                return False
-
-            def visit_IfExp(self, node: cst.IfExp) -> None:
-                guarded = lookup.guarded_lookup(node)
-                if guarded is not None:
-                    self.guarded.add(guarded)
-
-            def on_lookup(self, node: cst.Subscript | cst.Call) -> None:
-                key = lookup.key_of(node)
-                if key is None:
-                    return
-                self.found.lookups += 1
-                table = node.value if isinstance(node, cst.Subscript) else node.func.value
-                self.looked_up.add(table.attr if isinstance(table, cst.Attribute) else table)
-                if node in self.guarded or (is_string(key) and not is_string(key, lookup.literal)):
-                    return
-                if not (is_string(key) or full_name(key)):
-                    raise Unrecognised(f"`{code(node)}` has a key that is not a name or a literal")
-                self.found.unguarded += 1
-
-            def visit_Subscript(self, node: cst.Subscript) -> None:
-                self.on_lookup(node)
-
-            def visit_Call(self, node: cst.Call) -> None:
-                self.on_lookup(node)
-
-            def visit_Name(self, node: cst.Name) -> None:
-                if node.value == lookup.table:
-                    self.uses.append(node)
-
-        scan = Scan()
+        scan = _Scan(self)
         walk(node, scan)
         scan.found.stray = [code(use) for use in scan.uses if use not in scan.looked_up]
         return scan.found
@@ -135,14 +83,22 @@ class GuardedLookup:
             return State.ABSENT
         return State.NEEDED if found.unguarded or not defined else State.DONE
 
+    def _lookups(self, node: cst.CSTNode) -> list[cst.CSTNode]:
+        """The lookups in `node` (guarded or not): where `_Guard` changes it."""
+        lookups = find_all(node, cst.Subscript, lambda n: self.key_of(n) is not None)
+        return lookups + find_all(node, cst.Call, lambda n: self.key_of(n) is not None)
+
+    def as_patch(self, order: int, description: str) -> Patch:
+        """The default patch that guards this lookup (named `self.patch`)."""
+        return Patch(self.patch, order, description, default=True, inspect=self.inspect, rewrite=self.rewrite)
+
     # -- rewriting ---------------------------------------------------------------------------
 
     def rewrite(self, tree: cst.Module) -> cst.Module:
         """Guard every lookup, then define the replacement (torch code) before the first use."""
         require_torch(tree)
         position = next(i for i, stmt in enumerate(tree.body) if self.scan(stmt).lookups)
-        guard = _Guard(self)  # only on the statements with lookups: the others keep their nodes (and index)
-        tree = tree.with_changes(body=[stmt.visit(guard) if self.scan(stmt).lookups else stmt for stmt in tree.body])
+        tree = visit_statements(tree, _Guard(self), self._lookups)  # the others keep their nodes (and index)
         if self.replacement in top_functions(tree):
             return tree
         definition = top_level_def(template(self.definition), 2, self.patch, self.why)
@@ -154,6 +110,52 @@ class Found:
     lookups: int = 0
     unguarded: int = 0
     stray: list[str] = field(default_factory=list)
+
+
+class _Scan(cst.CSTVisitor):
+    """What `GuardedLookup.scan` counts."""
+
+    def __init__(self, lookup: GuardedLookup) -> None:
+        super().__init__()
+        self.lookup = lookup
+        self.found = Found()
+        self.guarded = _Nodes()
+        self.looked_up = _Nodes()
+        self.uses: list[cst.Name] = []
+
+    def visit_Import(self, node: cst.Import) -> bool:
+        return False
+
+    def visit_ImportFrom(self, node: cst.ImportFrom) -> bool:
+        return False
+
+    def visit_IfExp(self, node: cst.IfExp) -> None:
+        guarded = self.lookup.guarded_lookup(node)
+        if guarded is not None:
+            self.guarded.add(guarded)
+
+    def on_lookup(self, node: cst.Subscript | cst.Call) -> None:
+        key = self.lookup.key_of(node)
+        if key is None:
+            return
+        self.found.lookups += 1
+        table = node.value if isinstance(node, cst.Subscript) else node.func.value
+        self.looked_up.add(table.attr if isinstance(table, cst.Attribute) else table)
+        if node in self.guarded or (is_string(key) and not is_string(key, self.lookup.literal)):
+            return
+        if not (is_string(key) or full_name(key)):
+            raise Unrecognised(f"`{code(node)}` has a key that is not a name or a literal")
+        self.found.unguarded += 1
+
+    def visit_Subscript(self, node: cst.Subscript) -> None:
+        self.on_lookup(node)
+
+    def visit_Call(self, node: cst.Call) -> None:
+        self.on_lookup(node)
+
+    def visit_Name(self, node: cst.Name) -> None:
+        if node.value == self.lookup.table:
+            self.uses.append(node)
 
 
 class _Nodes:

@@ -16,18 +16,14 @@ from __future__ import annotations
 
 import libcst as cst
 
-from opensci_patch.rewrite.patches.base import (
-    Patch,
-    State,
-    Unrecognised,
-    code,
+from opensci_patch.rewrite.patches.base import Patch, State, Unrecognised
+from opensci_patch.rewrite.patches.inserts import (
     drop_imported_names,
-    find_all,
-    full_name,
     replace_imported_names,
     template,
-    walk,
 )
+from opensci_patch.rewrite.patches.syntax import code, full_name
+from opensci_patch.rewrite.patches.tree_walk import find_all, visit_statements, walk
 
 NAME = "loss_kwargs"
 OLD, NEW = "LossKwargs", "TransformersKwargs"
@@ -176,9 +172,8 @@ def rewrite(tree: cst.Module) -> cst.Module:
             guard_needed = False
         elif (kept := drop_imported_names(stmt, NAMES)) is not None:
             body.append(kept)
-    rename = _Rename()  # only on the statements naming either: the others keep their nodes (and index)
-    named = lambda stmt: find_all(stmt, cst.Name, lambda n: n.value in NAMES)  # noqa: E731
-    return tree.with_changes(body=[stmt.visit(rename) if named(stmt) else stmt for stmt in body])
+    tree = tree.with_changes(body=body)
+    return visit_statements(tree, _Rename(), lambda stmt: find_all(stmt, cst.Name, lambda n: n.value in NAMES))
 
 
 PATCH = Patch(

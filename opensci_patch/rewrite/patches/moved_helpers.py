@@ -53,25 +53,19 @@ from __future__ import annotations
 
 import libcst as cst
 
-from opensci_patch.rewrite.patches.base import (
-    Patch,
-    State,
-    Unrecognised,
-    code,
-    find_all,
-    full_name,
+from opensci_patch.rewrite.patches.attn_mask_stand_ins import ATTN_MASK_NAMES, ATTN_MASK_UTILS
+from opensci_patch.rewrite.patches.base import Patch, State, Unrecognised
+from opensci_patch.rewrite.patches.inserts import (
     marker,
+    parsed,
     replace_imported_names,
-    require_torch,
     template,
     top_level_def,
-    walk,
+    with_block,
 )
 from opensci_patch.rewrite.patches.stand_ins import (
     ADAPTER,
     ADAPTER_DEF,
-    ATTN_MASK_NAMES,
-    ATTN_MASK_UTILS,
     CACHE,
     CACHE_CHECK,
     CACHE_DEF,
@@ -80,6 +74,8 @@ from opensci_patch.rewrite.patches.stand_ins import (
     OLD_ADAPTER_DEFS,
     STAND_INS,
 )
+from opensci_patch.rewrite.patches.syntax import code, full_name, require_torch
+from opensci_patch.rewrite.patches.tree_walk import find_all, walk
 
 NAME = "moved_helpers"
 WHY_IMPORT = "a generated file's helper, missing or moved in some transformers release"
@@ -211,9 +207,9 @@ def _adapter_current(stmt: cst.BaseStatement) -> bool | None:
     if not (isinstance(stmt, cst.FunctionDef) and stmt.name.value == ADAPTER):
         return None
     bare = stmt.with_changes(leading_lines=[])
-    if bare.deep_equals(template(ADAPTER_DEF)[0]):
+    if bare.deep_equals(parsed(ADAPTER_DEF)[0]):
         return True
-    if any(bare.deep_equals(template(old)[0]) for old in OLD_ADAPTER_DEFS):
+    if any(bare.deep_equals(parsed(old)[0]) for old in OLD_ADAPTER_DEFS):
         return False
     raise Unrecognised(f"`{ADAPTER}` is not the adapter this patch writes (edited?)")
 
@@ -267,7 +263,7 @@ def _with_config_class(cls: cst.ClassDef) -> cst.ClassDef:
     )
     line = template(f"config_class = {config}\n")[0].with_changes(leading_lines=[marker(NAME, WHY_CONFIG)])
     body.insert(at + 1, line)
-    return cls.with_changes(body=cls.body.with_changes(body=body))
+    return with_block(cls, body)
 
 
 def rewrite(tree: cst.Module) -> cst.Module:

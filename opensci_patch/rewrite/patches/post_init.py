@@ -18,16 +18,10 @@ from __future__ import annotations
 
 import libcst as cst
 
-from opensci_patch.rewrite.patches.base import (
-    Patch,
-    State,
-    Unrecognised,
-    find_all,
-    full_name,
-    method,
-    template,
-    with_marker,
-)
+from opensci_patch.rewrite.patches.base import Patch, State, Unrecognised
+from opensci_patch.rewrite.patches.inserts import template, with_block, with_marker
+from opensci_patch.rewrite.patches.syntax import full_name, method
+from opensci_patch.rewrite.patches.tree_walk import find_all, visit_statements
 
 NAME = "post_init"
 WHY = "transformers 5.x sets all_tied_weights_keys there"
@@ -79,17 +73,17 @@ def inspect(tree: cst.Module) -> State:
 
 
 def rewrite(tree: cst.Module) -> cst.Module:
-    todo = {id(init) for _, init in _targets(tree) if not _calls_post_init(init)}
+    inits = [init for _, init in _targets(tree) if not _calls_post_init(init)]
+    todo = {id(init) for init in inits}
     call = template("self.post_init()\n")[0]
 
     class Append(cst.CSTTransformer):
         def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef) -> cst.FunctionDef:
             if id(original) not in todo:
                 return updated
-            body = [*updated.body.body, with_marker(call, NAME, WHY)]
-            return updated.with_changes(body=updated.body.with_changes(body=body))
+            return with_block(updated, [*updated.body.body, with_marker(call, NAME, WHY)])
 
-    return tree.visit(Append())
+    return visit_statements(tree, Append(), lambda stmt: find_all(stmt, cst.FunctionDef, lambda f: id(f) in todo))
 
 
 PATCH = Patch(

@@ -26,18 +26,10 @@ from __future__ import annotations
 
 import libcst as cst
 
-from opensci_patch.rewrite.patches.base import (
-    Patch,
-    State,
-    Unrecognised,
-    append_method,
-    find_all,
-    full_name,
-    method,
-    method_shape,
-    pretrained_roots,
-    template,
-)
+from opensci_patch.rewrite.patches.base import Patch, State, Unrecognised
+from opensci_patch.rewrite.patches.inserts import append_method, template_members, template_shape
+from opensci_patch.rewrite.patches.syntax import full_name, method, method_shape, pretrained_roots
+from opensci_patch.rewrite.patches.tree_walk import find_all
 
 NAME = "remote_code"
 BASE_CONFIGS = ("PretrainedConfig", "PreTrainedConfig", "GenerationConfig")
@@ -49,10 +41,6 @@ class _Template:
         """Loaded from a checkpoint's code, also when its config class is the library's."""
         return True
 '''
-
-
-def _override() -> cst.FunctionDef:
-    return template(METHOD)[0].body.body[0]
 
 
 def library_configs(tree: cst.Module) -> list[str]:
@@ -90,14 +78,14 @@ def inspect(tree: cst.Module) -> State:
         own = method(cls, "is_remote_code")
         if own is None:
             done = False
-        elif method_shape(own) != method_shape(_override()):
+        elif method_shape(own) != template_shape(METHOD):
             raise Unrecognised(f"{cls.name.value} defines its own is_remote_code; make it return True")
     return State.DONE if done else State.NEEDED
 
 
 def rewrite(tree: cst.Module) -> cst.Module:
     missing = [cls for cls in pretrained_roots(tree) if method(cls, "is_remote_code") is None]
-    return append_method(tree, missing, _override(), NAME, WHY)
+    return append_method(tree, missing, template_members(METHOD)[0], NAME, WHY)
 
 
 PATCH = Patch(

@@ -15,10 +15,10 @@ release drops it.
 
 from __future__ import annotations
 
-from opensci_patch.rewrite.patches.base import Patch
 from opensci_patch.rewrite.patches.lookup import GuardedLookup
 
 NAME = "rope_default"
+WHY = 'transformers 5.x has no ROPE_INIT_FUNCTIONS["default"]'
 
 DEFINITION = '''
 def _opensci_default_rope_init(config, device=None, seq_len=None, **rope_kwargs):
@@ -42,21 +42,7 @@ def _opensci_default_rope_init(config, device=None, seq_len=None, **rope_kwargs)
     return inv_freq, 1.0
 '''
 
-LOOKUP = GuardedLookup(
-    table="ROPE_INIT_FUNCTIONS",
-    literal="default",
-    replacement="_opensci_default_rope_init",
-    definition=DEFINITION,
-    patch=NAME,
-    why='transformers 5.x has no ROPE_INIT_FUNCTIONS["default"]',
-)
+LOOKUP = GuardedLookup("ROPE_INIT_FUNCTIONS", "default", "_opensci_default_rope_init", DEFINITION, NAME, WHY)
 
 
-PATCH = Patch(
-    name=NAME,
-    order=50,
-    description="inline the default RoPE init that transformers 5.x dropped from ROPE_INIT_FUNCTIONS",
-    default=True,
-    inspect=LOOKUP.inspect,
-    rewrite=LOOKUP.rewrite,
-)
+PATCH = LOOKUP.as_patch(50, "inline the default RoPE init that transformers 5.x dropped from ROPE_INIT_FUNCTIONS")

@@ -29,19 +29,10 @@ from __future__ import annotations
 
 import libcst as cst
 
-from opensci_patch.rewrite.patches.base import (
-    Patch,
-    State,
-    Unrecognised,
-    code,
-    find_all,
-    full_name,
-    is_string,
-    template,
-    top_functions,
-    top_level_def,
-    with_marker,
-)
+from opensci_patch.rewrite.patches.base import Patch, State, Unrecognised
+from opensci_patch.rewrite.patches.inserts import template, top_level_def, with_marker
+from opensci_patch.rewrite.patches.syntax import code, full_name, is_string, top_functions
+from opensci_patch.rewrite.patches.tree_walk import find_all, visit_statements
 
 NAME = "rope_theta"
 HELPER = "_opensci_rope_theta"
@@ -138,8 +129,9 @@ class _Wrap(cst.CSTTransformer):
 
 
 def rewrite(tree: cst.Module) -> cst.Module:
-    position = next((i for i, stmt in enumerate(tree.body) if _reads(stmt)), len(tree.body))
-    tree = tree.visit(_Wrap(_reads(tree)))
+    reads = {id(stmt): _reads(stmt) for stmt in tree.body}
+    position = next((i for i, stmt in enumerate(tree.body) if reads[id(stmt)]), len(tree.body))
+    tree = visit_statements(tree, _Wrap([a for found in reads.values() for a in found]), lambda s: reads[id(s)])
     if HELPER in top_functions(tree):
         return tree
     definition = top_level_def(template(DEFINITION), 2, NAME, WHY)

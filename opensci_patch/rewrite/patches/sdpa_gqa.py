@@ -13,10 +13,10 @@ Verifies: every lookup is guarded and the function is defined at module level.
 
 from __future__ import annotations
 
-from opensci_patch.rewrite.patches.base import Patch
 from opensci_patch.rewrite.patches.lookup import GuardedLookup
 
 NAME = "sdpa_gqa"
+WHY = "transformers >= 4.54 passes enable_gqa=True to torch SDPA"
 
 DEFINITION = '''
 def _opensci_sdpa_attention_forward(
@@ -45,21 +45,8 @@ def _opensci_sdpa_attention_forward(
 '''
 
 LOOKUP = GuardedLookup(
-    table="ALL_ATTENTION_FUNCTIONS",
-    literal="sdpa",
-    replacement="_opensci_sdpa_attention_forward",
-    definition=DEFINITION,
-    patch=NAME,
-    why="transformers >= 4.54 passes enable_gqa=True to torch SDPA",
-    methods=("get_interface",),
+    "ALL_ATTENTION_FUNCTIONS", "sdpa", "_opensci_sdpa_attention_forward", DEFINITION, NAME, WHY, ("get_interface",)
 )
 
 
-PATCH = Patch(
-    name=NAME,
-    order=70,
-    description="route 'sdpa' attention through an inlined 4.48-style SDPA call (no enable_gqa)",
-    default=True,
-    inspect=LOOKUP.inspect,
-    rewrite=LOOKUP.rewrite,
-)
+PATCH = LOOKUP.as_patch(70, "route 'sdpa' attention through an inlined 4.48-style SDPA call (no enable_gqa)")

@@ -31,25 +31,19 @@ here (a different method of that name is refused: it may not keep the tie).
 
 from __future__ import annotations
 
-import ast
 import json
 
 import libcst as cst
 
-from opensci_patch.rewrite.patches.base import (
-    Patch,
-    State,
-    Unrecognised,
-    code,
-    docstring_offset,
-    full_name,
-    is_string,
-    method,
-    self_assignments,
-    template,
+from opensci_patch.rewrite.patches.base import Patch, State, Unrecognised
+from opensci_patch.rewrite.patches.inserts import (
+    template_members,
+    template_shape,
     top_level_def,
+    with_block,
     with_marker,
 )
+from opensci_patch.rewrite.patches.syntax import code, full_name, is_string, method, method_shape, self_assignments
 
 NAME = "tied_weights"
 ATTRIBUTE = "_tied_weights_keys"
@@ -146,19 +140,7 @@ def _missing_accessors(cls: cst.ClassDef, value: cst.Dict) -> list[cst.FunctionD
     if not (target.endswith(".weight") and source.endswith(".weight")):
         return []
     text = ACCESSORS.format(target=target[: -len(".weight")], source=source[: -len(".weight")])
-    methods = template(text)[0].body.body
-    return [m for m in methods if method(cls, m.name.value) is None]
-
-
-def _guard() -> cst.FunctionDef:
-    return template(GUARD)[0].body.body[0]
-
-
-def _shape(func: cst.FunctionDef) -> str:
-    """The method's syntax tree without its docstring: comments, layout and wording do not count."""
-    body = func.body.body
-    func = func.with_changes(leading_lines=[], body=func.body.with_changes(body=body[docstring_offset(body) :]))
-    return ast.dump(ast.parse(code(func)))
+    return [m for m in template_members(text) if method(cls, m.name.value) is None]
 
 
 def _needs_guard(cls: cst.ClassDef, value: cst.Dict) -> bool:
@@ -168,7 +150,7 @@ def _needs_guard(cls: cst.ClassDef, value: cst.Dict) -> bool:
     own = method(cls, GUARD_NAME)
     if own is None:
         return True
-    if _shape(own) != _shape(_guard()):
+    if method_shape(own) != template_shape(GUARD):
         raise Unrecognised(
             f"{cls.name.value} defines its own {GUARD_NAME}, which may drop the tie on transformers 5.3.0; "
             "make it call super() and put the missing tied keys back into loading_info.missing_keys"
@@ -213,14 +195,12 @@ def _embeddings(cls: cst.ClassDef) -> list[str]:
 
 
 def rewrite(tree: cst.Module) -> cst.Module:
-    body = []
-    for stmt in tree.body:
-        if isinstance(stmt, cst.ClassDef):
-            members = [_rewrite_member(tree, stmt, member) for member in stmt.body.body]
-            stmt = stmt.with_changes(body=stmt.body.with_changes(body=members))
-            stmt = _with_methods(stmt)
-        body.append(stmt)
-    return tree.with_changes(body=body)
+    def fixed(stmt: cst.BaseStatement) -> cst.BaseStatement:
+        if not isinstance(stmt, cst.ClassDef):
+            return stmt
+        return _with_methods(with_block(stmt, [_rewrite_member(tree, stmt, member) for member in stmt.body.body]))
+
+    return tree.with_changes(body=[fixed(stmt) for stmt in tree.body])
 
 
 def _rewrite_member(tree: cst.Module, cls: cst.ClassDef, member: cst.BaseStatement) -> cst.BaseStatement:
@@ -251,10 +231,10 @@ def _with_methods(cls: cst.ClassDef) -> cst.ClassDef:
         spaced = [m.with_changes(leading_lines=[cst.EmptyLine(indent=False)]) for m in accessors]
         added += top_level_def(spaced, 1, NAME, WHY_ACCESSORS)
     if any(_needs_guard(c, value) for c, value in declared):
-        added += top_level_def([_guard()], 1, NAME, WHY_GUARD)
+        added += top_level_def(template_members(GUARD), 1, NAME, WHY_GUARD)
     if not added:
         return cls
-    return cls.with_changes(body=cls.body.with_changes(body=[*cls.body.body, *added]))
+    return with_block(cls, [*cls.body.body, *added])
 
 
 def _literal(text: str) -> cst.SimpleString:

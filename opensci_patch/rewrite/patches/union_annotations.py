@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import libcst as cst
 
-from opensci_patch.rewrite.patches.base import MARKER, Patch, State, Unrecognised, find_all, full_name, with_marker
+from opensci_patch.rewrite.patches.base import Patch, State, Unrecognised
+from opensci_patch.rewrite.patches.inserts import MARKER, with_marker
+from opensci_patch.rewrite.patches.syntax import full_name
+from opensci_patch.rewrite.patches.tree_walk import find_all, visit_statements
 
 NAME = "union_annotations"
 WHY = "transformers 4.57 @auto_docstring cannot read X | Y annotations"
@@ -101,7 +104,7 @@ class _Rewrite(cst.CSTTransformer):
 
 
 def rewrite(tree: cst.Module) -> cst.Module:
-    tree = tree.visit(_Rewrite())
+    tree = visit_statements(tree, _Rewrite(), _unions)
     body = list(tree.body)
     at = _union_import(tree)
     if at is not None:  # the marker goes on the import the rewritten annotations use
