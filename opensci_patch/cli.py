@@ -394,13 +394,22 @@ SUBCOMMANDS = (
 )  # fmt: skip
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; given the `argv` it will parse, only the chosen subcommand gets its arguments.
+
+    Every subcommand keeps its --help line, so the top-level usage and help are the same either way; what is
+    skipped is the others' argument setup, of which diagnose's and bigckpt's import their packages (0.1 s of
+    every `hotfix`). No recognisable subcommand (no arguments, --help, a typo): all of them, as before.
+    """
+    chosen = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
+    every = chosen not in {name for name, *_ in SUBCOMMANDS}
     ap = argparse.ArgumentParser(prog="opensci-patch", description=__doc__.splitlines()[0])
     ap.add_argument("--version", action="version", version=f"opensci-patch {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     for name, help_line, add_arguments, run in SUBCOMMANDS:
         p = sub.add_parser(name, help=help_line)
-        add_arguments(p)
+        if every or name == chosen:
+            add_arguments(p)
         p.set_defaults(func=run)
     return ap
 
@@ -417,7 +426,8 @@ def _on_sigterm(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     import signal
     import threading
 

@@ -180,3 +180,37 @@ def test_capture_of_a_config_without_num_hidden_layers_is_no_traceback(cli, mode
     proc = cli("capture", str(model_dir), "--out", str(tmp_path / "r.json"), "--max-new-tokens", "1")
     assert "Traceback" not in proc.stderr and proc.returncode in (0, 1, 2), proc.stderr
     assert len(proc.stderr.strip().splitlines()) <= 2
+
+
+def _subparser(parser, name: str):
+    import argparse
+
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return action.choices[name]
+
+
+def test_a_parser_built_for_one_subcommand_parses_and_helps_like_the_whole_one():
+    from opensci_patch.cli import SUBCOMMANDS, build_parser
+
+    whole = build_parser()
+    for name, *_ in SUBCOMMANDS:
+        lean = build_parser([name])
+        assert _subparser(lean, name).format_help() == _subparser(whole, name).format_help(), name
+        assert lean.format_help() == whole.format_help()
+    for argv in (["hotfix", "src", "--out", "dst", "--with", "init_weights"], ["capture", "m", "--quiet"],
+                 ["report", "--records", "r"], ["diagnose", "4.48.0:patched", "5.2.0:patched"]):  # fmt: skip
+        assert vars(build_parser(argv).parse_args(argv)) == vars(whole.parse_args(argv)), argv
+
+
+@pytest.mark.parametrize("argv, imports_diagnose", [(["hotfix", "src", "--out", "dst"], False), (None, True)])
+def test_hotfix_does_not_set_up_diagnose_arguments(argv, imports_diagnose):
+    """diagnose's arguments import its package: 0.1 s a hotfix does not need (the whole parser does import it)."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import sys; from opensci_patch import cli; cli.build_parser({argv!r}); "
+        "print('opensci_patch.diagnose' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.strip() == str(imports_diagnose)
