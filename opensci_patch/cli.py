@@ -395,12 +395,8 @@ SUBCOMMANDS = (
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    """The whole parser; given the `argv` it will parse, only the chosen subcommand gets its arguments.
-
-    Every subcommand keeps its --help line, so the top-level usage and help are the same either way; what is
-    skipped is the others' argument setup, of which diagnose's and bigckpt's import their packages (0.1 s of
-    every `hotfix`). No recognisable subcommand (no arguments, --help, a typo): all of them, as before.
-    """
+    """Given the `argv` it will parse, only the chosen subcommand gets its arguments (diagnose's import its package:
+    0.1 s of every hotfix); all keep their --help lines. No recognisable subcommand: every one, as before."""
     chosen = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
     every = chosen not in {name for name, *_ in SUBCOMMANDS}
     ap = argparse.ArgumentParser(prog="opensci-patch", description=__doc__.splitlines()[0])
