@@ -90,9 +90,12 @@ def test_the_shipped_reference_is_what_448_gives_today(tmp_path, reference):
     fixed = tmp_path / "opensci-tiny_fixed"
     hotfix(FIXTURE_DIR, fixed, log=lambda *a: None)
     _, fresh = capture("4.48.0", fixed, tmp_path / "r.json")
-    assert fresh["logits_sha256"] == reference.logits_sha256
+    # What the demo promises (verdict.same_tokens_within): the same 20 tokens and top-10, logits within 1e-4.
+    # Not bit identity: the record was made on another CPU, and an AMD EPYC here rounds the same 4.48.0 forward
+    # differently (logits_sha256 2c578f.. vs e5aa2d.., from this tree and from the tree before issue 18 alike).
+    match, line = demo.compare(load(tmp_path / "r.json"), reference)
+    assert match, line
     assert tuple(fresh["generation"]["ids"]) == reference.generation.ids
-    assert tuple(fresh["generation"]["step_logits_sha256"]) == reference.generation.step_logits_sha256
 
 
 def test_the_demo_says_when_the_index_has_a_newer_release_and_what_to_run():
