@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -107,7 +106,7 @@ def hotfix_cache_dir(root: Path | None, source: Path, variant: str) -> Path:
 
 def _keep_in_cache(out: Path, cached: Path) -> None:
     """Copy a finished hotfix output into the cache (temp + rename: whole or absent; a lost race is fine)."""
-    tmp = cached.parent / f".{cached.name}.tmp-{os.getpid()}-{threading.get_ident()}"
+    tmp = fs.sibling(cached, "tmp")
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(out, tmp)
