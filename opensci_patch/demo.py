@@ -84,10 +84,9 @@ def run(workdir: Path | None, log=print) -> int:
 def newer_release_note(fetch=None) -> list[str]:
     """Two lines when the package index has a final transformers newer than the installed one, else none.
 
-    pip installs the newest release whose dependency pins the index can meet: on this project's index that was
-    5.24.0 while 5.25.0 (kernels>=0.19.1, which the index lacks) was out. The per-release env of `cell` can
-    still test it, with the committed overrides. Offline (index unreachable) this says nothing and waits 5 s
-    at most."""
+    pip keeps an installed transformers, and installs only a release whose dependency pins the index can meet:
+    the per-release env of `cell` tests the newest one anyway, with the committed overrides where that release
+    needs one (none today). Offline (index unreachable) this says nothing and waits 5 s at most."""
     from importlib import metadata
 
     from packaging.version import Version
@@ -102,10 +101,11 @@ def newer_release_note(fetch=None) -> list[str]:
     newest = max(finals, default=None)
     if newest is None or newest <= installed:
         return []
-    path = overrides.COMMITTED if overrides.COMMITTED.is_file() else Path("OVERRIDES-FILE")
+    committed = overrides.COMMITTED
+    needed = committed.is_file() and overrides.for_release(overrides.load(committed), str(newest))
+    lift = f" --overrides {committed}" if needed else ""
     return [
-        f"note: the package index has transformers {newest}, newer than the installed {installed} (pip installs the "
-        "newest release whose dependency pins the index can meet)",
-        f"note: to test {newest}: opensci-patch cell --transformers 4.48.0 --transformers {newest} "
-        f"--overrides {path} && opensci-patch report",
+        f"note: the package index has transformers {newest}, newer than the installed {installed}",
+        f"note: to test {newest}: opensci-patch cell --transformers 4.48.0 --transformers {newest}{lift} "
+        "&& opensci-patch report",
     ]

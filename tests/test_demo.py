@@ -98,20 +98,26 @@ def test_the_shipped_reference_is_what_448_gives_today(tmp_path, reference):
     assert tuple(fresh["generation"]["ids"]) == reference.generation.ids
 
 
-def test_the_demo_says_when_the_index_has_a_newer_release_and_what_to_run():
+def test_the_demo_says_when_the_index_has_a_newer_release_and_what_to_run(tmp_path, monkeypatch):
     from importlib import metadata
 
     from packaging.version import Version
 
-    from opensci_patch.matrix import releases
+    from opensci_patch.matrix import overrides, releases
 
     installed = Version(metadata.version("transformers"))
     newer = Version(f"{installed.major}.{installed.minor + 1}.0")
     lines = demo.newer_release_note(fetch=lambda: [installed, newer, Version(f"{newer}rc1")])
     assert len(lines) == 2
     assert f"transformers {newer}, newer than the installed {installed}" in lines[0]
-    assert f"opensci-patch cell --transformers 4.48.0 --transformers {newer} --overrides " in lines[1]
+    assert lines[1].endswith(f"opensci-patch cell --transformers 4.48.0 --transformers {newer} && opensci-patch report")
     assert demo.newer_release_note(fetch=lambda: [installed]) == []
+    # the overrides file is named only where it lifts a pin of that release
+    lifting = tmp_path / "overrides.txt"
+    lifting.write_text(f"=={newer}: kernels>=0.17\n")
+    monkeypatch.setattr(overrides, "COMMITTED", lifting)
+    lines = demo.newer_release_note(fetch=lambda: [installed, newer])
+    assert f"--transformers {newer} --overrides {lifting} && opensci-patch report" in lines[1]
 
     def offline():
         raise releases.IndexUnreachable("cannot read the index")

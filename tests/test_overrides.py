@@ -1,4 +1,4 @@
-"""Dependency overrides for releases whose pins the index cannot meet (transformers 5.25.0 and kernels 0.19).
+"""Dependency overrides for releases whose pins the index cannot meet (as 5.25.0's kernels pin, until kernels 0.19.1).
 
 The file format and per-range selection, how an env is built and keyed with overrides (uv `--override`, the pip
 fallback), the one-line error for an unmet pin, and the overrides in the record and the report.
@@ -15,7 +15,7 @@ from test_envs import VERSION, fake_installer, needs_torch  # noqa: F401  (fixtu
 
 from opensci_patch._util import fs, locations, procs
 from opensci_patch._util.errors import EnvironmentSetupError
-from opensci_patch.matrix import envs, overrides, venv
+from opensci_patch.matrix import envs, overrides, spec, venv
 from opensci_patch.measure import records
 from opensci_patch.results import judge, render
 
@@ -43,12 +43,11 @@ REQUIRES_525 = [
 ]
 
 
-def test_the_committed_file_lifts_the_kernels_pin_for_5_25_only():
+def test_the_committed_file_parses_and_lifts_no_pin_today():
+    """Every pinned release installs with its own pins on today's index (5.25.0 with kernels 0.19.1)."""
     found = overrides.load(overrides.COMMITTED)
-    assert overrides.for_release(found, "5.25.0") == ["kernels>=0.17"]
-    assert overrides.for_release(found, "5.25.3") == ["kernels>=0.17"]
-    for other in ("4.48.0", "5.24.0", "5.26.0"):
-        assert overrides.for_release(found, other) == []
+    for release in (*spec.TRANSFORMERS_VERSIONS, "5.25.3", "5.26.0"):
+        assert overrides.for_release(found, release) == []
 
 
 def test_ranges_comments_and_the_optional_word_transformers():

@@ -32,20 +32,23 @@ FILES = [
     ("transformers-5.10.4-py3-none-any.whl", False),
     ("transformers-5.11.0rc1-py3-none-any.whl", False),
 ]
+# another project's page (wheel names use `_` where the project name has `-`)
+HUB_FILES = [("huggingface_hub-2.4.0-py3-none-any.whl", False), ("huggingface_hub-2.3.0.tar.gz", False)]
 
 
 class _Index(http.server.BaseHTTPRequestHandler):
     mode = "json"
 
     def do_GET(self):  # noqa: N802 - http.server's naming
-        if self.path.rstrip("/") != "/simple/transformers":
+        files = {"/simple/transformers": FILES, "/simple/huggingface-hub": HUB_FILES}.get(self.path.rstrip("/"))
+        if files is None:
             self.send_error(404)
             return
         if self.mode == "json":
-            body = json.dumps({"files": [{"filename": f, "yanked": y} for f, y in FILES]}).encode()
+            body = json.dumps({"files": [{"filename": f, "yanked": y} for f, y in files]}).encode()
             kind = "application/vnd.pypi.simple.v1+json"
         else:
-            anchors = "".join(f'<a href="../../f/{f}"{" data-yanked=" if y else ""}>{f}</a><br/>' for f, y in FILES)
+            anchors = "".join(f'<a href="../../f/{f}"{" data-yanked=" if y else ""}>{f}</a><br/>' for f, y in files)
             body = f"<html><body>{anchors}</body></html>".encode()
             kind = "text/html"
         self.send_response(200)
@@ -81,6 +84,12 @@ def test_index_versions_skip_yanked_and_read_both_page_formats(fake_index):
     found = releases.index_versions()
     assert Version("5.3.1") not in found
     assert {Version("4.48.3"), Version("5.10.4"), Version("5.11.0rc1")} <= set(found)
+
+
+def test_index_versions_of_another_project_match_its_normalised_file_names(fake_index):
+    assert releases.index_versions(project="huggingface-hub") == [Version("2.3.0"), Version("2.4.0")]
+    with pytest.raises(releases.IndexUnreachable):
+        releases.index_versions(project="kernels")  # not on this index
 
 
 def test_sweep_is_pinned_plus_latest_patch_of_every_minor_from_448(fake_index):

@@ -39,8 +39,12 @@ PYPI_SIMPLE = "https://pypi.org/simple"
 INDEX_VARIABLES = ("OPENSCI_PATCH_INDEX_URL", "PIP_INDEX_URL", "UV_DEFAULT_INDEX", "UV_INDEX_URL")
 OLDEST_SUPPORTED = Version(defaults.OLDEST_SUPPORTED)
 PROJECT = "transformers"
-# the file names of a project page: transformers-5.24.0-py3-none-any.whl, transformers-5.24.0.tar.gz
-_FILE = re.compile(rf"^{PROJECT}-([^-]+?)(?:-[^-]+-[^-]+-[^-]+\.whl|\.tar\.gz|\.zip)$", re.IGNORECASE)
+
+
+def _file_pattern(project: str) -> re.Pattern[str]:
+    """The file names of a project page: transformers-5.24.0-py3-none-any.whl, transformers-5.24.0.tar.gz."""
+    name = "[-_.]+".join(map(re.escape, re.split(r"[-_.]+", project)))  # PEP 503: huggingface-hub ~ huggingface_hub
+    return re.compile(rf"^{name}-([^-]+?)(?:-[^-]+-[^-]+-[^-]+\.whl|\.tar\.gz|\.zip)$", re.IGNORECASE)
 
 
 class IndexUnreachable(OpensciPatchError):
@@ -75,9 +79,9 @@ class _Anchors(html.parser.HTMLParser):
             self._yanked = None
 
 
-def _project_files(url: str, timeout: float) -> list[tuple[str, bool]]:
+def _project_files(url: str, timeout: float, project: str = PROJECT) -> list[tuple[str, bool]]:
     request = urllib.request.Request(
-        f"{url}/{PROJECT}/",
+        f"{url}/{project}/",
         headers={"Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"},
     )
     try:
@@ -85,24 +89,25 @@ def _project_files(url: str, timeout: float) -> list[tuple[str, bool]]:
             kind = resp.headers.get("Content-Type", "")
             body = resp.read().decode("utf-8", errors="replace")
     except (OSError, ValueError) as exc:  # URLError, timeouts, HTTP errors, a malformed URL
-        raise IndexUnreachable(f"cannot read {url}/{PROJECT}/ ({exc})") from None
+        raise IndexUnreachable(f"cannot read {url}/{project}/ ({exc})") from None
     if "json" in kind:
         try:
             files = json.loads(body)["files"]
             return [(f["filename"], bool(f.get("yanked"))) for f in files]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise IndexUnreachable(f"{url}/{PROJECT}/ is not a simple-API page ({exc})") from None
+            raise IndexUnreachable(f"{url}/{project}/ is not a simple-API page ({exc})") from None
     parser = _Anchors()
     parser.feed(body)
     return parser.files
 
 
-def index_versions(timeout: float = 20) -> list[Version]:
-    """Every release of transformers on the index that has a non-yanked file, oldest first."""
+def index_versions(timeout: float = 20, project: str = PROJECT) -> list[Version]:
+    """Every release of `project` (transformers unless named) on the index that has a non-yanked file, oldest first."""
     url = index_url()
     found: set[Version] = set()
-    for name, yanked in _project_files(url, timeout):
-        m = _FILE.match(name)
+    pattern = _file_pattern(project)
+    for name, yanked in _project_files(url, timeout, project):
+        m = pattern.match(name)
         if m is None or yanked:
             continue
         try:
@@ -110,7 +115,7 @@ def index_versions(timeout: float = 20) -> list[Version]:
         except InvalidVersion:
             continue
     if not found:
-        raise IndexUnreachable(f"{url}/{PROJECT}/ lists no {PROJECT} release")
+        raise IndexUnreachable(f"{url}/{project}/ lists no {project} release")
     return sorted(found)
 
 
@@ -239,9 +244,9 @@ def _built(version: str, root) -> bool:
 def _wheel_releases(directory: str) -> set[str]:
     from pathlib import Path
 
-    found = set()
+    found, pattern = set(), _file_pattern(PROJECT)
     for p in Path(directory).expanduser().glob(f"{PROJECT}-*"):
-        m = _FILE.match(p.name)
+        m = pattern.match(p.name)
         try:
             if m:
                 found.add(_padded(Version(m[1])))
