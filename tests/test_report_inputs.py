@@ -1,0 +1,65 @@
+"""What `report` reads: record files that are not files, too deep or too big, two records of one cell, and a
+--results that is the records directory. Each is a problem line or one line and exit 2, never a hang or a crash."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_report import REF_VERSION, ok, run_report, write_records
+
+from opensci_patch.measure import records
+
+
+def _cli_report(records_dir: Path, results: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    def limit_memory():  # a reader of /dev/zero stops at 3 GB instead of taking the machine's memory
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+    cmd = [sys.executable, "-m", "opensci_patch.cli", "report", "--records", str(records_dir)]
+    cmd += ["--results", str(results)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=limit_memory)
+
+
+# --- record files that are not regular files, or too deep, or too big --------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link to /dev/zero"])
+def test_a_record_that_is_a_fifo_or_a_device_is_a_problem_not_read(tmp_path: Path, kind: str):
+    recs = write_records(tmp_path / "records", [ok(REF_VERSION)])
+    if kind == "fifo":
+        os.mkfifo(recs / "zz.json")
+    else:
+        (recs / "zz.json").symlink_to("/dev/zero")
+    try:
+        proc = _cli_report(recs, tmp_path / "results", timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"report blocked on a records *.json that is a {kind}")
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "MemoryError" not in proc.stderr
+    problems = json.loads((tmp_path / "results" / "summary.json").read_text())["problems"]
+    assert len(problems) == 1 and "zz.json" in problems[0] and "not a regular file" in problems[0]
+
+
+def test_a_record_larger_than_the_bound_is_refused_without_reading_it(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(records, "MAX_RECORD_BYTES", 4096)
+    big = tmp_path / "big.json"
+    big.write_text(records.Record().to_json()[:-2] + " " * 5000 + "}\n")  # a valid record, padded past the bound
+    with pytest.raises(records.RecordError, match=r"big.json: larger than 4096 bytes"):
+        records.load(big)
+
+
+def test_a_deeply_nested_json_record_is_a_problem_not_a_crash(tmp_path: Path):
+    recs = write_records(tmp_path / "records", [ok(REF_VERSION)])
+    n = 200_000
+    (recs / "deep.json").write_text("[" * n + "]" * n)
+    (recs / "deep-field.json").write_text('{"schema_version": 2, "settings": ' + "[" * n + "]" * n + "}")
+    bad, md, summary = run_report(tmp_path)
+    assert bad == 2
+    assert sorted(Path(p.split(":")[0]).name for p in summary["problems"]) == ["deep-field.json", "deep.json"]
+    assert all("nested too deeply" in p for p in summary["problems"]) and "deep.json" in md
