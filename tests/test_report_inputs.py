@@ -7,12 +7,14 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from test_report import REF_VERSION, ok, run_report, write_records
+from test_report import REF_VERSION, STEPS, ok, run_report, write_records
 
 from opensci_patch.measure import records
+from opensci_patch.results import report
 
 
 def _cli_report(records_dir: Path, results: Path, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -63,3 +65,40 @@ def test_a_deeply_nested_json_record_is_a_problem_not_a_crash(tmp_path: Path):
     assert bad == 2
     assert sorted(Path(p.split(":")[0]).name for p in summary["problems"]) == ["deep-field.json", "deep.json"]
     assert all("nested too deeply" in p for p in summary["problems"]) and "deep.json" in md
+
+
+# --- two records of one cell ---------------------------------------------------------------------------------
+
+
+def _reference_claimed_twice() -> list:
+    """The real reference cell, a second record of the same cell (another id string, other hashes) and a 5.25.0
+    cell that agrees with the second one: whichever reference won, the 5.25.0 verdict would follow it."""
+    other = ["ff" * 32] * len(STEPS)
+    fake = ok(REF_VERSION, sha="f" * 64, steps=other)
+    fake.cell = replace(fake.cell, id=fake.cell.id + "-copy")
+    return [ok(REF_VERSION), fake, ok("5.25.0", sha="f" * 64, steps=other)]
+
+
+def test_two_records_of_one_cell_are_a_duplicate_whatever_their_id_and_file_names(tmp_path: Path):
+    ref, fake, later = _reference_claimed_twice()
+    got = []
+    for names in (["a.json", "z.json", "m.json"], ["z.json", "a.json", "m.json"]):
+        d = tmp_path / names[0]
+        write_records(d / "records", [ref, fake, later], names)
+        bad, _, summary = run_report(d)
+        got.append(summary["verdicts"][later.cell.id])
+        assert bad >= 2  # the duplicate problem, and no pass for 5.25.0
+        (dup,) = [p for p in summary["problems"] if "records for this cell" in p]
+        assert "a.json" in dup and "z.json" in dup
+    assert got[0] == got[1] == "cannot-judge"  # no trusted reference: neither pass nor FAIL, in both namings
+
+
+def test_a_duplicate_reference_never_leaks_its_environment_into_the_row(tmp_path: Path):
+    """The shown row of an ambiguous cell is the same whichever file sorts first (only the cell's own fields)."""
+    ref, fake, _ = _reference_claimed_twice()
+    fake.environment = {**fake.environment, "torch": "9.9.9", "overrides": ["kernels>=0.17"]}
+    rows = []
+    for names in (["a.json", "z.json"], ["z.json", "a.json"]):
+        loaded = report.load_records(write_records(tmp_path / names[0], [ref, fake], names))
+        rows.append(report.build(loaded, None).table)
+    assert rows[0] == rows[1] and len(rows[0]) == 1 and rows[0][0].status == "error"
