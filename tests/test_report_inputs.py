@@ -102,3 +102,33 @@ def test_a_duplicate_reference_never_leaks_its_environment_into_the_row(tmp_path
         loaded = report.load_records(write_records(tmp_path / names[0], [ref, fake], names))
         rows.append(report.build(loaded, None).table)
     assert rows[0] == rows[1] and len(rows[0]) == 1 and rows[0][0].status == "error"
+
+
+# --- --results equal to --records ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alias", ["same", "link"])
+def test_results_that_is_the_records_directory_is_refused_up_front(tmp_path: Path, alias: str):
+    recs = write_records(tmp_path / "records", [ok(REF_VERSION)])
+    results = recs
+    if alias == "link":
+        results = tmp_path / "link"
+        results.symlink_to(recs)
+    proc = _cli_report(recs, results)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "--results" in line and "--records" in line
+    assert sorted(p.name for p in recs.iterdir()) == [f"{ok(REF_VERSION).cell.id}.json"]  # nothing written
+
+
+def test_a_previous_summary_that_is_a_fifo_is_refused_not_opened(tmp_path: Path):
+    recs = write_records(tmp_path / "records", [ok(REF_VERSION)])
+    (tmp_path / "results").mkdir()
+    os.mkfifo(tmp_path / "results" / "summary.json")
+    try:
+        proc = _cli_report(recs, tmp_path / "results", timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("report blocked on a summary.json that is a FIFO")
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "summary.json: not a regular file" in line

@@ -18,7 +18,7 @@ import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from opensci_patch._util.errors import OpensciPatchError
+from opensci_patch._util.errors import DestinationError, OpensciPatchError
 from opensci_patch.measure import records
 from opensci_patch.measure.records import Record, RecordError
 from opensci_patch.results.judge import Report, broken_decode, grid, rows
@@ -82,6 +82,8 @@ def read_previous(summary_path: Path) -> dict | None:
     if not summary_path.exists():
         return None
     todo = "restore it (git checkout -- results/summary.json) or delete it"
+    if not summary_path.is_file():  # never opened: a FIFO would block
+        raise OpensciPatchError(f"{summary_path}: not a regular file; {todo}")
     try:
         data = json.loads(summary_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -103,6 +105,11 @@ def write_report(
 ) -> int:
     """Write matrix.md, summary.json and the pictures; return the number of bad cells plus refused files."""
     results_dir = Path(results_dir)
+    if results_dir.resolve() == Path(records_dir).resolve():
+        raise DestinationError(
+            f"{results_dir}: --results is the --records directory (its summary.json would be read as a record); "
+            "pass another --results"
+        )
     check_results_dir(results_dir)
     summary_path = results_dir / "summary.json"
     with results_lock(results_dir):
