@@ -2,7 +2,7 @@
 
 The jobs, one module each: `judge` gives each cell its verdict against what it declared and its reference
 cell (the rules are listed there) and makes the rows; `render` writes matrix.md and summary.json from one
-`Report` value, so they cannot disagree; `pair` writes the two into the results directory as one pair;
+`Report` value, so they cannot disagree; `pair` writes the two into the results directory with one run id;
 `plot` draws the pictures. This module reads the inputs and runs them in order.
 
 The report refuses ambiguity rather than guessing: records are read only through `records.load`;
@@ -22,7 +22,7 @@ from opensci_patch._util.errors import DestinationError, OpensciPatchError
 from opensci_patch.measure import records
 from opensci_patch.measure.records import Record, RecordError
 from opensci_patch.results.judge import Report, broken_decode, grid, rows
-from opensci_patch.results.pair import check_results_dir, finish_pair, results_lock, write_run
+from opensci_patch.results.pair import check_pair, check_results_dir, write_run
 from opensci_patch.results.plot import plot, plot_grid, version_key
 from opensci_patch.results.render import matrix_markdown, summary_json
 
@@ -112,8 +112,9 @@ def write_report(
         )
     check_results_dir(results_dir)
     summary_path = results_dir / "summary.json"
-    with results_lock(results_dir):
-        finish_pair(results_dir)  # a killed earlier run: completed or cleaned up before anything is read
+    mixed = check_pair(results_dir)
+    if mixed:
+        log(mixed)
     previous = read_previous(summary_path)
     loaded = load_records(records_dir)
     if not loaded.records and not loaded.problems:
