@@ -314,55 +314,6 @@ def test_bisect_and_diagnose_with_an_unknown_release_are_exit_2_before_any_work(
         assert len(err) == 1 and "5.99.0" in err[0] and "no such" in err[0], (argv, err)
 
 
-# --- (7) silently wrong: matrix.md and summary.json of different runs after a kill between the writes ------------
-
-
-def _run_ids(results: Path) -> tuple[str | None, str | None]:
-    import json
-    import re
-
-    md = re.search(r"Report run `([^`]+)`", (results / "matrix.md").read_text())
-    return (md[1] if md else None), json.loads((results / "summary.json").read_text()).get("run_id")
-
-
-@pytest.mark.parametrize("point", ["report.temps", "report.renamed-one"])
-def test_a_report_killed_between_its_writes_never_leaves_a_pair_of_two_runs(tmp_path: Path, point: str):
-    import subprocess
-    import sys
-
-    import test_report as tr
-
-    from opensci_patch._util import faults
-    from opensci_patch._util.procs import child_env
-
-    recs, results = tmp_path / "records", tmp_path / "results"
-    tr.write_records(recs, [tr.ok(tr.REF_VERSION), tr.ok("5.2.0")])
-
-    def report(fault: str | None = None):
-        env = child_env({faults.FAULT_VAR: fault} if fault else {})
-        cmd = [sys.executable, "-m", "opensci_patch.cli", "report", "--records", str(recs), "--results", str(results)]
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-
-    assert report().returncode == 0
-    first = _run_ids(results)
-    assert first[0] is not None and first[0] == first[1]
-    tr.write_records(recs, [tr.ok("5.3.0")])  # the next run has more to say
-    killed = report(f"{point}:SIGKILL")
-    assert killed.returncode == -9, killed.stderr
-    if point == "report.temps":  # killed before its journal: the previous pair, whole
-        assert _run_ids(results) == first
-    else:  # killed between its renames: the journal completes the killed run's pair, as the next run does first
-        from opensci_patch.results import pair
-
-        pair.finish_pair(results)
-        killed_pair = _run_ids(results)
-        assert killed_pair[0] == killed_pair[1] != first[0]
-    assert report().returncode == 0  # finishes (or drops) the killed run's writes first
-    again = _run_ids(results)
-    assert again[0] == again[1] and again != first
-    assert sorted(p.name for p in results.iterdir() if p.name.startswith(".")) == [".report.lock"]  # no leftovers
-
-
 # --- leftovers: SIGTERM is handled as Ctrl-C -------------------------------------------------------------------
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
+import stat
 import traceback
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -242,17 +244,38 @@ def _check_types(path: Path, data: dict) -> None:
         raise _fail(path, "status 'ok' without logits_sha256")
 
 
+MAX_RECORD_BYTES = 256 << 20  # a record is kilobytes; 100 MB ones (a huge warnings list) still load
+
+
+def _read_bounded(path: Path) -> str:
+    """The text of a regular file of at most `MAX_RECORD_BYTES`; anything else (a FIFO, a device or a link to
+    one, a directory) is refused before it is opened for reading, so it can neither block nor fill memory."""
+    not_regular = _fail(path, "not a regular file (a FIFO, a device, a directory or a link to one)", "remove it")
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise not_regular
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # made a FIFO since the stat: no block
+        with os.fdopen(fd, "rb") as fh:
+            info = os.fstat(fh.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise not_regular
+            data = fh.read(MAX_RECORD_BYTES + 1) if info.st_size <= MAX_RECORD_BYTES else b""
+        if info.st_size > MAX_RECORD_BYTES or len(data) > MAX_RECORD_BYTES:
+            raise _fail(path, f"larger than {MAX_RECORD_BYTES} bytes, not a record", "remove it")
+        return data.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _fail(path, f"cannot read ({getattr(exc, 'strerror', None) or exc})", "check the path") from None
+
+
 def load(path: Path | str) -> Record:
     """Read one record, or raise `RecordError` with one line naming the file and what to do.
 
-    Refused: unreadable files, invalid or truncated JSON, a missing or unknown schema_version,
+    Refused: what is not a regular file (read: a FIFO, a device, a link to one), a file over `MAX_RECORD_BYTES`,
+    unreadable files, invalid, truncated or too deeply nested JSON, a missing or unknown schema_version,
     missing or unknown fields, wrong field types, and statuses whose promised fields are absent.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise _fail(path, f"cannot read ({getattr(exc, 'strerror', None) or exc})", "check the path") from None
+    text = _read_bounded(path)
     if not text.strip():
         raise _fail(path, "empty file (the writer was killed?)")
     try:
@@ -262,6 +285,8 @@ def load(path: Path | str) -> Record:
         cut = exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated string")
         what = "truncated JSON" if cut else f"invalid JSON ({exc.msg}, line {exc.lineno})"
         raise _fail(path, what) from None
+    except RecursionError:
+        raise _fail(path, "JSON nested too deeply to be a record") from None
     if not isinstance(data, dict):
         raise _fail(path, f"a JSON {type(data).__name__}, not a record object")
     version = data.get("schema_version")
@@ -285,3 +310,5 @@ def load(path: Path | str) -> Record:
         return Record.from_dict(data)
     except (ValueError, TypeError) as exc:
         raise _fail(path, one_line(str(exc))) from None
+    except RecursionError:
+        raise _fail(path, "JSON nested too deeply to be a record") from None

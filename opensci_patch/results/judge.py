@@ -8,7 +8,7 @@
 - XPASS: expected to fail but passed: upstream changed, the expectation must be updated;
 - cannot-judge: ran to the end, but there is no reference cell (that ran ok) to compare it with;
 - error: the cell could not run (environment install, crash, hotfix failure), never finished
-  (its placeholder record says "running"), or is ambiguous (two records for one cell id).
+  (its placeholder record says "running"), or is ambiguous (two records of one cell, by its fields).
 
 The reference cell of a group is its one finished `matrix.REFERENCE` record: unique by construction,
 so never chosen by file-name order. The rows, the grid and the problems make one `Report` value, which
@@ -33,18 +33,32 @@ def _group(rec: Record) -> tuple:
     return rec.cell.group
 
 
-def _ambiguous(recs: list[Record], sources: list[str] | None) -> dict[str, str]:
-    """cell id -> why it cannot be trusted: several records for it, or its run never finished."""
-    names: dict[str, list[str]] = {}
-    for i, r in enumerate(recs):
-        names.setdefault(r.cell_id, []).append(sources[i] if sources else f"record {i + 1}")
-    out = {cid: f"{len(n)} records for this cell ({', '.join(sorted(n))}); keep one" for cid, n in names.items()}
-    out = {cid: why for cid, why in out.items() if len(names[cid]) > 1}
+def cell_key(rec: Record) -> tuple:
+    """The cell a record is of, by its fields (release, torch build, device, dtype, attention, variant): two
+    records of one cell are duplicates whatever their `cell.id` strings say."""
+    c = rec.cell
+    return (c.transformers, c.torch, c.device, c.dtype, c.attn, c.model)
+
+
+def _ambiguous(recs: list[Record], sources: list[str] | None) -> dict[tuple, str]:
+    """cell (`cell_key`) -> why it cannot be trusted: several records for it (by its fields, or several cells
+    claiming one id), or its run never finished, or it ran another release. Independent of the records' order."""
+    out: dict[tuple, str] = {}
+    for key in (cell_key, lambda r: r.cell_id):
+        claims: dict = {}
+        for i, r in enumerate(recs):
+            claims.setdefault(key(r), []).append(sources[i] if sources else f"record {i + 1}")
+        for r in recs:
+            names = sorted(claims[key(r)])
+            if len(names) > 1:
+                out.setdefault(cell_key(r), f"{len(names)} records for this cell ({', '.join(names)}); keep one")
     for r in recs:
-        if r.cell_id not in out and r.status == records.RUNNING:
-            out[r.cell_id] = "never finished (its record still says 'running': killed or still running); re-run it"
-        elif r.cell_id not in out and not _same_release(r.environment.get("transformers"), r.cell.transformers):
-            out[r.cell_id] = (
+        if cell_key(r) in out:
+            continue
+        if r.status == records.RUNNING:
+            out[cell_key(r)] = "never finished (its record still says 'running': killed or still running); re-run it"
+        elif not _same_release(r.environment.get("transformers"), r.cell.transformers):
+            out[cell_key(r)] = (
                 f"the record ran transformers {r.environment.get('transformers')!r}, its cell is "
                 f"{r.cell.transformers}: not this cell's result; re-run it"
             )
@@ -60,7 +74,7 @@ def _same_release(ran, declared) -> bool:
         return False
 
 
-def references(recs: list[Record], ambiguous: dict[str, str] | None = None) -> dict[tuple, Record]:
+def references(recs: list[Record], ambiguous: dict[tuple, str] | None = None) -> dict[tuple, Record]:
     """The reference record per group: the one finished, unambiguous `REFERENCE` cell with status ok.
 
     Keyed by group, and by (group, variant) for a variant compared with its own reference-release
@@ -70,7 +84,7 @@ def references(recs: list[Record], ambiguous: dict[str, str] | None = None) -> d
     out = {}
     for r in recs:
         c = r.cell
-        if c.transformers != REFERENCE[0] or r.status != records.OK or r.cell_id in ambiguous:
+        if c.transformers != REFERENCE[0] or r.status != records.OK or cell_key(r) in ambiguous:
             continue
         if c.model == REFERENCE[1]:
             out[_group(r)] = r
@@ -172,12 +186,13 @@ def _row(r: Record, ref: Record | None, verdict_why: tuple[str, str], trusted: b
     t = r.target if trusted else None
     gen = r.generation.text if trusted and r.generation else None
     c = r.cell
+    env = r.environment if trusted else {}  # an untrusted row shows the cell's own fields only
     return Row(
         cell=c.id,
         transformers=c.transformers,
-        torch=r.environment.get("torch", c.torch),
+        torch=env.get("torch", c.torch),
         build=c.torch,
-        device=_device(r),
+        device=_device(c, env),
         dtype=c.dtype,
         attn=c.attn,
         model=c.model,
@@ -193,17 +208,18 @@ def _row(r: Record, ref: Record | None, verdict_why: tuple[str, str], trusted: b
         fp64_ref_diff=r.reference.max_abs_diff if trusted and r.reference else None,
         greedy=(gen[:40] + "...") if gen and len(gen) > 40 else gen,
         why=why,
-        overrides=tuple(r.environment.get("overrides") or ()),
+        overrides=tuple(env.get("overrides") or ()),
         ambiguous=not trusted,
     )
 
 
 def rows(recs: list[Record], sources: list[str] | None = None) -> list[Row]:
-    """One row per cell id, sorted by release, build, dtype, attention and variant order in `VARIANTS`."""
+    """One row per cell (`cell_key`), sorted by release, build, dtype, attention and variant order in `VARIANTS`;
+    of several records of one cell (an error row showing only the cell's fields), the one with the least id."""
     ambiguous = _ambiguous(recs, sources)
     refs = references(recs, ambiguous)
     order = {m: i for i, m in enumerate(VARIANTS)}
-    seen: set[str] = set()
+    seen: set[tuple] = set()
     out = []
     for r in sorted(
         recs,
@@ -213,23 +229,23 @@ def rows(recs: list[Record], sources: list[str] | None = None) -> list[Row]:
             r.cell.dtype,
             r.cell.attn,
             order.get(r.cell.model, len(order)),
-            r.cell.model,
+            cell_key(r),
+            r.cell.id,
         ),
     ):
-        if r.cell_id in seen:
+        if cell_key(r) in seen:
             continue
-        seen.add(r.cell_id)
+        seen.add(cell_key(r))
         ref = reference_of(refs, r)
-        trusted = r.cell_id not in ambiguous
-        out.append(_row(r, ref, verdict(r, ref) if trusted else ("error", ambiguous[r.cell_id]), trusted))
+        trusted = cell_key(r) not in ambiguous
+        out.append(_row(r, ref, verdict(r, ref) if trusted else ("error", ambiguous[cell_key(r)]), trusted))
     return out
 
 
-def _device(rec: Record) -> str:
+def _device(cell: records.CellInfo, environment: dict) -> str:
     """'cpu', or the GPU's name as the capture saw it (e.g. 'cuda: NVIDIA H100 80GB HBM3')."""
-    device = rec.cell.device
-    name = rec.environment.get("device_name")
-    return f"{device}: {name}" if device != "cpu" and name else device
+    name = environment.get("device_name")
+    return f"{cell.device}: {name}" if cell.device != "cpu" and name else cell.device
 
 
 def group_name(r: Row) -> str:

@@ -1,15 +1,16 @@
-"""matrix.md and summary.json written into the results directory as one pair, also when a run is killed.
+"""matrix.md and summary.json written into the results directory, each whole, both with one run id.
 
-The directory is checked before anything is computed; one report at a time writes into it; both files carry
-one run id, and go through temp files, a journal and renames (`write_pair`, `finish_pair`).
+The directory is checked before anything is computed; one report at a time writes into it. No journal: both
+files are regenerable from the records, so a report killed between its two writes leaves two run ids, which
+the next report tells (`check_pair`) and replaces. Nothing found in the results directory is ever renamed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -32,73 +33,41 @@ def check_results_dir(results_dir: Path) -> None:
         raise DestinationError(f"{results_dir}: not writable; pass a writable --results")
 
 
-JOURNAL = ".report-pending.json"  # the renames a report run has still to make: present = unfinished
-
-
-@contextlib.contextmanager
-def results_lock(results_dir: Path):
-    """One report at a time writes into a results directory (fcntl lock on `.report.lock`)."""
+def _run_id_of(path: Path) -> str | None:
+    """The run id a written matrix.md or summary.json carries (None: absent, not a regular file, or not ours)."""
     try:
-        import fcntl
-    except ImportError:  # Windows: no cross-process lock
-        yield
-        return
-    with open(results_dir / ".report.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+        if not path.is_file():  # never opened: a FIFO would block
+            return None
+        if path.suffix == ".json":
+            found = json.loads(path.read_text(encoding="utf-8")).get("run_id")
+            return found if isinstance(found, str) else None
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            m = re.search(r"^Report run `([^`\n]+)`", fh.read(1 << 16), re.M)  # in the second paragraph
+        return m[1] if m else None
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
 
 
-def write_pair(results_dir: Path, files: dict[str, str | dict]) -> None:
-    """Write matrix.md and summary.json so that they are always of one run, also after a kill.
-
-    Both go to temp files first; a journal naming the renames is written (atomically) before the first
-    rename and removed after the last, so a run killed between the two renames is finished by the next
-    one (`finish_pair`), and temp files of a run killed before its journal are removed by it.
-    """
-    with results_lock(results_dir):
-        finish_pair(results_dir)
-        renames = []
-        try:
-            for name, content in files.items():
-                tmp = results_dir / f".{name}.{os.getpid()}-{secrets.token_hex(3)}.tmp"
-                fs.write_atomic(tmp, content)
-                renames.append([tmp.name, name])
-            fault_point("report.temps")
-            fs.write_atomic(results_dir / JOURNAL, {"renames": renames})
-        except BaseException:
-            for tmp, _ in renames:
-                (results_dir / tmp).unlink(missing_ok=True)
-            raise
-        finish_pair(results_dir, between=lambda: fault_point("report.renamed-one"))
-
-
-def finish_pair(results_dir: Path, between=lambda: None) -> None:
-    """Make the renames a journal names (a killed run's, or this run's), then drop the journal and any
-    temp file of ours that no journal names (a run killed before it wrote its journal). Hold `results_lock`."""
-    journal = results_dir / JOURNAL
-    try:
-        renames = json.loads(journal.read_text())["renames"]
-    except FileNotFoundError:
-        renames = []
-    except (OSError, ValueError, KeyError, TypeError):
-        renames = []  # a torn journal cannot be: it is written atomically; treat it as none
-    for i, (tmp, name) in enumerate(renames):
-        if (results_dir / tmp).is_file():
-            os.replace(results_dir / tmp, results_dir / name)
-        if i == 0:
-            between()
-    journal.unlink(missing_ok=True)
-    for name in ("matrix.md", "summary.json", JOURNAL):  # ours (.NAME.*.tmp) and write_atomic's of ours
-        for leftover in [*results_dir.glob(f".{name}.*.tmp"), *results_dir.glob(f"..{name}.*.tmp")]:
-            leftover.unlink(missing_ok=True)
+def check_pair(results_dir: Path) -> str | None:
+    """One line when matrix.md and summary.json carry different run ids (a report killed between its two
+    writes, or a file edited by hand): both are of the last whole run only when they agree."""
+    md, summary = _run_id_of(results_dir / "matrix.md"), _run_id_of(results_dir / "summary.json")
+    if md is None or summary is None or md == summary:
+        return None
+    return (
+        f"{results_dir}: matrix.md (run {md}) and summary.json (run {summary}) are of two different report runs "
+        "(one was killed between its writes?); this report compares with summary.json and writes both"
+    )
 
 
 def write_run(results_dir: Path, markdown: str, summary: dict) -> None:
-    """`write_pair` of matrix.md and summary.json stamped with one run id (time, pid, random): a pair of two
-    runs would show as two ids (matrix.md's second paragraph, summary.json's "run_id")."""
+    """matrix.md and summary.json stamped with one run id (time, pid, random), each written whole
+    (`fs.write_atomic`), one report at a time (a lock file in the results dir): matrix.md first, summary.json,
+    what the next report compares with, last. A run killed between the two leaves two run ids (matrix.md's
+    second paragraph, summary.json's "run_id"), which `check_pair` tells."""
     run_id = f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}"
     markdown = markdown.replace("\n\n", f"\n\nReport run `{run_id}` (the same in summary.json).\n\n", 1)
-    write_pair(results_dir, {"matrix.md": markdown, "summary.json": {**summary, "run_id": run_id}})
+    with fs.locked(results_dir / ".report.lock"):
+        fs.write_atomic(results_dir / "matrix.md", markdown)
+        fault_point("report.between")
+        fs.write_atomic(results_dir / "summary.json", {**summary, "run_id": run_id})

@@ -12,6 +12,17 @@ from opensci_patch.results.judge import BAD, Report, Row, group_name
 from opensci_patch.results.plot import version_key
 
 
+def md_text(value) -> str:
+    """A value from a record (or a file name, or the previous summary) as inert markdown text on one line: the
+    one escaping of everything matrix.md shows that the tool did not write itself. Lines are joined with spaces
+    (a message can start no heading, list item or section), `\\` and `|` are backslash-escaped (no cell or
+    column of its own making), `&` and `<` become entities (no HTML), and a leading `#` is escaped."""
+    text = " ".join(part for part in (line.strip() for line in str(value).splitlines()) if part)
+    text = text.replace("\\", "\\\\").replace("|", "\\|")
+    text = text.replace("&", "&amp;").replace("<", "&lt;")
+    return "\\" + text if text.startswith("#") else text
+
+
 def _fmt(x, spec: str) -> str:
     if x is None:
         return "-"
@@ -40,17 +51,13 @@ DETAIL_COLUMNS = (
     ("max abs diff vs fp64 ref", lambda r: _fmt(r.fp64_ref_diff, ".2e")),
     ("greedy completion", lambda r: repr(r.greedy) if r.greedy else "-"),
     ("overrides", lambda r: ", ".join(r.overrides) or "-"),
-    ("note", lambda r: _cell_text(r.why[:160])),
+    ("note", lambda r: r.why[:160]),
 )
 
 
 def markdown_table(table: list[Row]) -> str:
-    body = [[show(r) for _, show in DETAIL_COLUMNS] for r in table]
+    body = [[md_text(show(r)) for _, show in DETAIL_COLUMNS] for r in table]
     return tabulate(body, headers=[h for h, _ in DETAIL_COLUMNS], tablefmt="github")
-
-
-def _cell_text(text: str) -> str:
-    return text.replace("|", "/").replace("\n", " ")
 
 
 def markdown_grid(cells: dict[str, dict[str, str]], new: set[str], overrides: dict[str, str] | None = None) -> str:
@@ -62,8 +69,8 @@ def markdown_grid(cells: dict[str, dict[str, str]], new: set[str], overrides: di
     def label(v: str) -> str:
         return (f"{v} (new)" if v in new else v) + (f" (override {overrides[v]})" if v in overrides else "")
 
-    body = [[label(v), *(cells[v][c] for c in cols)] for v in cells]
-    return tabulate(body, headers=["transformers", *cols], tablefmt="github")
+    body = [[md_text(label(v)), *(md_text(cells[v][c]) for c in cols)] for v in cells]
+    return tabulate(body, headers=["transformers", *(md_text(c) for c in cols)], tablefmt="github")
 
 
 def changes(table: list[Row], previous: dict[str, str]) -> list[str]:
@@ -73,7 +80,7 @@ def changes(table: list[Row], previous: dict[str, str]) -> list[str]:
         old = previous.get(r.cell)
         if old is None or old == r.status:
             continue
-        line = f"- `{r.cell}`: {old} -> **{r.status}** {r.why}"
+        line = f"- `{md_text(r.cell)}`: {md_text(old)} -> **{md_text(r.status)}** {md_text(r.why)}"
         (broken if r.status in BAD else fixed if old in BAD else other).append(line)
     out = []
     if broken:
@@ -125,10 +132,10 @@ def matrix_markdown(rep: Report, *, title: str, date: str, machine: str, grid_pn
     if rep.previous is None:
         lines += ["New releases: none marked (no previous summary.json to compare with).", ""]
     elif rep.new_releases:
-        lines += [f"New releases since the last summary: {', '.join(rep.new_releases)} (marked `(new)`).", ""]
+        lines += [f"New releases since the last summary: {md_text(', '.join(rep.new_releases))} (marked `(new)`).", ""]
     for name, cells in rep.grid.items():
         if len(rep.grid) > 1:
-            lines += [f"### {name}", ""]
+            lines += [f"Torch build, device, dtype and attention: {md_text(name)}", ""]  # a record's text: no heading
         overridden: dict[str, str] = {}
         for r in rep.table:
             if r.overrides and group_name(r) == name:
@@ -140,7 +147,7 @@ def matrix_markdown(rep: Report, *, title: str, date: str, machine: str, grid_pn
     else:
         lines += ["(No grid picture: matplotlib is not installed; `pip install opensci-patch[plot]`.)", ""]
     if rep.problem_lines():
-        lines += ["## Problems (exit status 1)", "", *(f"- {_cell_text(p)}" for p in rep.problem_lines()), ""]
+        lines += ["## Problems (exit status 1)", "", *(f"- {md_text(p)}" for p in rep.problem_lines()), ""]
     moved = changes(rep.table, rep.previous or {})
     if moved:
         lines += ["## Changes since the last report", "", *moved, ""]

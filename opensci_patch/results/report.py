@@ -2,7 +2,7 @@
 
 The jobs, one module each: `judge` gives each cell its verdict against what it declared and its reference
 cell (the rules are listed there) and makes the rows; `render` writes matrix.md and summary.json from one
-`Report` value, so they cannot disagree; `pair` writes the two into the results directory as one pair;
+`Report` value, so they cannot disagree; `pair` writes the two into the results directory with one run id;
 `plot` draws the pictures. This module reads the inputs and runs them in order.
 
 The report refuses ambiguity rather than guessing: records are read only through `records.load`;
@@ -18,11 +18,11 @@ import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from opensci_patch._util.errors import OpensciPatchError
+from opensci_patch._util.errors import DestinationError, OpensciPatchError
 from opensci_patch.measure import records
 from opensci_patch.measure.records import Record, RecordError
 from opensci_patch.results.judge import Report, broken_decode, grid, rows
-from opensci_patch.results.pair import check_results_dir, finish_pair, results_lock, write_run
+from opensci_patch.results.pair import check_pair, check_results_dir, write_run
 from opensci_patch.results.plot import plot, plot_grid, version_key
 from opensci_patch.results.render import matrix_markdown, summary_json
 
@@ -82,6 +82,8 @@ def read_previous(summary_path: Path) -> dict | None:
     if not summary_path.exists():
         return None
     todo = "restore it (git checkout -- results/summary.json) or delete it"
+    if not summary_path.is_file():  # never opened: a FIFO would block
+        raise OpensciPatchError(f"{summary_path}: not a regular file; {todo}")
     try:
         data = json.loads(summary_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -103,10 +105,16 @@ def write_report(
 ) -> int:
     """Write matrix.md, summary.json and the pictures; return the number of bad cells plus refused files."""
     results_dir = Path(results_dir)
+    if results_dir.resolve() == Path(records_dir).resolve():
+        raise DestinationError(
+            f"{results_dir}: --results is the --records directory (its summary.json would be read as a record); "
+            "pass another --results"
+        )
     check_results_dir(results_dir)
     summary_path = results_dir / "summary.json"
-    with results_lock(results_dir):
-        finish_pair(results_dir)  # a killed earlier run: completed or cleaned up before anything is read
+    mixed = check_pair(results_dir)
+    if mixed:
+        log(mixed)
     previous = read_previous(summary_path)
     loaded = load_records(records_dir)
     if not loaded.records and not loaded.problems:
