@@ -17,8 +17,16 @@ from opensci_patch._util.errors import OpensciPatchError
 from opensci_patch.matrix import runner
 from opensci_patch.matrix.spec import SHIPPED, Cell, expectation
 from opensci_patch.measure import records
-from opensci_patch.measure.records import CellInfo, Expected, Fp64Reference, Generation, KVCheck, Record, Target
-from opensci_patch.measure.records import TopToken
+from opensci_patch.measure.records import (
+    CellInfo,
+    Expected,
+    Fp64Reference,
+    Generation,
+    KVCheck,
+    Record,
+    Target,
+    TopToken,
+)
 from opensci_patch.results import judge, report
 
 REPO = Path(__file__).resolve().parents[1]

@@ -160,7 +160,7 @@ class Expectation:
 
     outcome "xfail": a rule of EXPECTED_FAILURES covers the cell. Its failure is expected-fail only when it
     shows the rule's signature (`error`: a regex searched in the record's "Type: message" line; `symptom`
-    "wrong-logits": it ran but its logits are not the reference's); any other failure is the cell's own.
+    "wrong-logits": it loaded and ran but its logits are wrong, `results.judge`); any other failure is its own.
     strict: the rule names this cell's checkpoint (ours): a pass is XPASS, another failure FAIL. A user's
     checkpoint (`cell --model`) is never strict: a pass is a pass. promised: `Variant.promised`, or ours.
     """

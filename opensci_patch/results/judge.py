@@ -66,7 +66,8 @@ def _same_release(ran, declared) -> bool:
 
 def _shows(rec: Record) -> bool:
     """The failure shows its rule's signature: the error pattern in "Type: message", or the measured symptom
-    (it ran, its logits are not the reference's, and off the fp64 forward by more than the dtype's noise)."""
+    (it loaded and ran: its logits are not the reference's, or its KV decode disagrees with no-cache, or they
+    are not finite; and, where the record has the fp64 forward, off it by more than the dtype's noise)."""
     exp = rec.expected
     if exp.error is None and exp.symptom is None:  # a record from before signatures: any failure, as then
         return True
@@ -75,7 +76,8 @@ def _shows(rec: Record) -> bool:
         return True
     gap = rec.reference.max_abs_diff if rec.reference else None
     off = gap is None or gap > TOLERANCE.get(rec.cell.dtype, 1e-2)
-    return exp.symptom == WRONG_LOGITS and rec.status == records.OK and off
+    wrong = (records.OK, records.Status.GENERATE_MISMATCH, records.Status.NONFINITE_LOGITS)  # it ran, wrongly
+    return exp.symptom == WRONG_LOGITS and rec.status in wrong and off
 
 
 def verdict(rec: Record, ref: Reference | None) -> tuple[str, str]:
