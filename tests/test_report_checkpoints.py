@@ -178,6 +178,19 @@ def test_the_same_failure_on_every_release_is_one_problem_line_that_says_try_sdp
     assert rep.bad > 0
 
 
+def test_an_import_error_naming_each_releases_own_file_is_still_the_same_failure():
+    def missing(v: str) -> Record:
+        where = f"/envs/tf{v}-cpu-py3.11/lib/python3.11/site-packages/transformers/utils/__init__.py"
+        message = f"cannot import name 'Gone' from 'transformers.utils' ({where})"
+        return broke(cell(v, "patched", "old"), "ImportError", message)
+
+    same = [p for p in built([missing(v) for v in RELEASES]).problem_lines() if "fails the same way" in p]
+    assert same == [
+        "old, patched (cpu torch, cpu, float32, eager): fails the same way on every release: "
+        "load-error: ImportError: cannot import name 'Gone' from 'transformers.utils'; try --attn sdpa"
+    ]
+
+
 def test_with_sdpa_cells_that_run_the_eager_failure_is_a_note_and_sdpa_is_judged(tmp_path: Path):
     eager = [broke(cell(v, "patched", "llama32"), "KeyError", "'eager'") for v in RELEASES]
     sdpa = [ran(cell(v, "patched", "llama32", attn="sdpa")) for v in RELEASES]

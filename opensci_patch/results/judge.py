@@ -235,7 +235,7 @@ def same_everywhere(table: list[Row]) -> tuple[list[Row], list[str], list[str]]:
     lines: dict[tuple, list[str]] = {}  # (checkpoint, group, error, judged under sdpa) -> variants
     changed: dict[str, Row] = {}
     for (checkpoint, build, device, dtype, attn, model), members in series.items():
-        errors = {r.error for r in members}
+        errors = {r.error and re.sub(r" \(/[^()]*\)", "", r.error) for r in members}  # each release's env path
         if len(members) < 2 or any(r.status != "FAIL" for r in members) or len(errors) != 1 or None in errors:
             continue
         (error,) = errors
@@ -253,10 +253,10 @@ def same_everywhere(table: list[Row]) -> tuple[list[Row], list[str], list[str]]:
         lines.setdefault((checkpoint, group, error, sdpa), []).append(model)
         for r in members:
             if sdpa:
-                changed[r.cell] = replace(r, status="expected-fail", why=f"{error} (fails so on every release "
+                changed[r.cell] = replace(r, status="expected-fail", why=f"{r.error} (fails so on every release "
                                           "under eager; runs under sdpa: judged there)")  # fmt: skip
             else:
-                changed[r.cell] = replace(r, why=f"{error} (the same on every release: see Problems)")
+                changed[r.cell] = replace(r, why=f"{r.error} (the same on every release: see Problems)")
     problems, notes = [], []
     for (checkpoint, group, error, sdpa), models in lines.items():
         head = f"{checkpoint_name(checkpoint)}, {', '.join(models)} ({group}): fails the same way on every release"
