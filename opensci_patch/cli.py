@@ -166,27 +166,23 @@ def cmd_cell(args) -> int:
 
         overrides.load(args.overrides)
         os.environ[overrides.VAR] = str(args.overrides.absolute())
-    source = args.model or FIXTURE_DIR
-    variants = args.variant or list(matrix.VARIANTS)
-    if args.model:
-        from opensci_patch.measure.input_checks import validate_model_dir
+    from opensci_patch.matrix.runner import checkpoint_dirs, main_cells
 
-        validate_model_dir(args.model)
-        own = {name for name, v in matrix.VARIANTS.items() if v.own_checkpoint}
-        if args.variant and set(args.variant) & own:
-            named = ", ".join(sorted(set(args.variant) & own))
-            raise OpensciPatchError(f"--variant {named} runs its own checkpoint; drop --model")
-        variants = [m for m in variants if m not in own]
+    dirs = checkpoint_dirs(args.model) if args.model else {matrix.SHIPPED: FIXTURE_DIR}
+    own = {name for name, v in matrix.VARIANTS.items() if v.own_checkpoint} if args.model else set()
+    if set(args.variant or ()) & own:
+        raise OpensciPatchError(f"--variant {', '.join(sorted(set(args.variant) & own))} runs its own checkpoint; "
+                                "drop --model")  # fmt: skip
+    variants = [m for m in args.variant or matrix.VARIANTS if m not in own]
     cells = [
-        matrix.Cell(v, args.torch, m, dtype, attn)
+        matrix.Cell(v, args.torch, m, dtype, attn, checkpoint)
+        for checkpoint in dirs
         for v in versions
         for dtype in args.dtype or ["float32"]
         for attn in args.attn or ["eager"]
         for m in variants
     ]
-    from opensci_patch.matrix.runner import main_cells
-
-    broken = main_cells(cells, source, args.records, log=lambda m: print(m, flush=True), jobs=args.jobs)
+    broken = main_cells(cells, dirs, args.records, log=lambda m: print(m, flush=True), jobs=args.jobs)
     if broken:
         _err(f"{broken} of {len(cells)} cell(s) could not run (env-error, crash or hotfix-error): see {args.records}")
         return 1
@@ -209,7 +205,7 @@ def parse_jobs(value: str) -> int:
 def cmd_report(args) -> int:
     from opensci_patch.results.report import write_report
 
-    bad = write_report(args.records, args.results, machine=args.machine)
+    bad = write_report(args.records, args.results, machine=args.machine, reference_release=args.reference_release)
     if bad:
         where = args.results / "matrix.md"
         _err(f"{bad} cell(s) FAIL, XPASS, error or cannot-judge, or record file(s) refused: see {where}")
@@ -335,7 +331,8 @@ def _cell_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", action="append", choices=DTYPES, help="dtypes to run (repeatable; default float32)")
     p.add_argument("--attn", action="append", choices=ATTENTION,
         help="attention implementations to run (repeatable; default eager)")  # fmt: skip
-    p.add_argument("--model", type=Path, default=None, help="checkpoint dir (default: the shipped fixture)")
+    p.add_argument("--model", type=Path, action="append", metavar="DIR",
+        help="checkpoint dir, repeatable: each its own columns (default: the shipped fixture)")  # fmt: skip
     p.add_argument("--records", type=Path, default=Path("records"))
     p.add_argument("--overrides", type=Path, default=None, metavar="FILE",
         help="dependency overrides per release range, for pins the index cannot meet (e.g. "
@@ -373,6 +370,8 @@ def _report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--records", type=Path, default=Path("records"))
     p.add_argument("--results", type=Path, default=Path("results"))
     p.add_argument("--machine", default=None, help="machine description for the report header")
+    p.add_argument("--reference-release", metavar="VERSION", help="the release every cell is compared with "
+        "(default: per checkpoint, the oldest where its reference variant runs)")  # fmt: skip
 
 
 # (name, --help line, its arguments, what runs it), in the order --help lists them

@@ -158,6 +158,6 @@ def test_bisect_lists_releases_from_the_configured_index(monkeypatch):
     asked: list[str] = []
     files = [("transformers-5.0.0.tar.gz", False), ("transformers-4.48.0-py3-none-any.whl", False),
              ("transformers-5.1.0rc1-py3-none-any.whl", False), ("transformers-4.49.0.tar.gz", True)]  # fmt: skip
-    monkeypatch.setattr(releases, "_project_files", lambda url, timeout: asked.append(url) or files)
+    monkeypatch.setattr(releases, "_project_files", lambda url, timeout, project: asked.append(url) or files)
     assert bisect_mod.released_versions() == ["4.48.0", "5.0.0"]  # no pre-release, nothing only yanked
     assert asked == ["https://mirror.example/simple"]

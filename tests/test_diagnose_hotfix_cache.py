@@ -77,7 +77,7 @@ def test_diagnose_reuses_what_a_sweep_hotfixed(prepare_only, tmp_path: Path):
     """The sweep (`runner.hotfix_variants`) and diagnose go through one cache front door, `runner.hotfix_once`."""
     root = tmp_path / "env-root"
     sweep = runner._Run(tmp_path / "records", tmp_path, root, 300, lambda *a: None, runner._Progress(2, print))
-    runner.hotfix_variants(sweep, [c.model for c in PAIR], FIXTURE_DIR, [("5.24.0", "cpu")])
+    runner.hotfix_variants(sweep, [(c.checkpoint, c.model) for c in PAIR], {"": FIXTURE_DIR}, [("5.24.0", "cpu")])
     assert len(prepare_only["hotfixes"]) == 2 and all(isinstance(m, Path) for m in sweep.models.values())
     prepare_only["hotfixes"].clear()
     dg.diagnose(*PAIR, None, tmp_path / "diag", env_root=root, log=lambda *a: None)

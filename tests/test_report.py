@@ -126,7 +126,7 @@ def test_generate_mismatch_is_fail_with_its_detail_or_expected_fail_when_declare
     got = verdicts([ok(REF_VERSION), mismatch("5.24.0"), mismatch("5.23.0", expected=XFAIL)])
     status, why = got[vid("5.24.0")]
     assert status == "FAIL" and why.startswith("generate-mismatch: step 1: cached logits differ")
-    assert got[vid("5.23.0")] == ("expected-fail", XFAIL.reason)
+    assert got[vid("5.23.0")] == ("expected-fail", f"{why} ({XFAIL.reason})")
 
 
 def test_nonfinite_logits_and_model_errors_fail_when_expected_to_pass():
@@ -141,7 +141,7 @@ def test_declared_expectation_in_the_record_decides_between_expected_fail_fail_p
     same = [ok(REF_VERSION), ok("5.2.0", expected=XFAIL), failed("5.23.0", expected=XFAIL)]
     got = verdicts(same)
     assert got[vid("5.2.0")][0] == "XPASS" and XFAIL.reason in got[vid("5.2.0")][1]
-    assert got[vid("5.23.0")] == ("expected-fail", XFAIL.reason)
+    assert got[vid("5.23.0")] == ("expected-fail", f"load-error: ImportError: cannot import name 'X' ({XFAIL.reason})")
     flipped = [ok(REF_VERSION), ok("5.2.0", expected=PASS), failed("5.23.0", expected=PASS)]
     assert [verdicts(flipped)[vid(v)][0] for v in ("5.2.0", "5.23.0")] == ["pass", "FAIL"]
 
@@ -152,8 +152,11 @@ def test_a_cell_that_could_not_run_is_an_error_even_when_a_failure_was_expected(
 
 
 def test_without_a_reference_cell_nothing_passes():
-    assert verdicts([ok("5.2.0")])[vid("5.2.0")][0] == "cannot-judge"
-    assert verdicts([failed(REF_VERSION), ok("5.2.0")])[vid("5.2.0")][0] == "cannot-judge"
+    """No release where the reference variant ran ok, or none on the release --reference-release names."""
+    init = "patched+init"
+    assert verdicts([failed(REF_VERSION), ok("5.2.0", init)])[vid("5.2.0", init)][0] == "cannot-judge"
+    table = judge.rows([failed(REF_VERSION), ok("5.2.0")], release=REF_VERSION)
+    assert {r.transformers: r.status for r in table} == {REF_VERSION: "FAIL", "5.2.0": "cannot-judge"}
     assert "cannot-judge" in judge.BAD
 
 
@@ -287,7 +290,7 @@ def test_a_new_variant_in_matrix_models_reaches_the_grid_and_the_plot(monkeypatc
     fewer = {m: v for m, v in VARIANTS.items() if m != "generated"}
     for module in (judge, report_plot):
         monkeypatch.setattr(module, "VARIANTS", fewer)
-    assert "generated" in report_plot.variants(judge.rows([ok(REF_VERSION, "generated")]))
+    assert "generated" in report_plot.columns(judge.rows([ok(REF_VERSION, "generated")]))
 
 
 def test_releases_new_since_the_committed_summary_are_marked(tmp_path: Path):
@@ -405,10 +408,13 @@ def test_a_decode_broken_on_the_reference_release_too_is_one_line_naming_the_fir
     lines = [p for p in rep.problem_lines() if "own decode" in p]
     assert lines == [
         f"{REF_MODEL} (cpu, cpu, float32, eager): the model's own decode is broken on every release, including the "
-        f"reference (transformers {REF_VERSION}): step 1: cached logits differ by 3.2 from the no-cache recomputation"
+        f"oldest release (transformers {REF_VERSION}): step 1: cached logits differ by 3.2 from the no-cache "
+        "recomputation"
     ]
     fewer = [mismatch(REF_VERSION), ok("5.2.0")]
     rep = report.build(report.Loaded(records=fewer, sources=[f"{r.cell_id}.json" for r in fewer]), None)
+    assert any("broken on 1 of 2 releases, including the oldest release" in p for p in rep.problem_lines())
+    rep = report.build(report.Loaded(records=fewer, sources=["a", "b"]), None, reference_release=REF_VERSION)
     assert any("broken on 1 of 2 releases, including the reference" in p for p in rep.problem_lines())
     ok_ref = [ok(REF_VERSION), mismatch("5.2.0")]
     assert not report.build(report.Loaded(records=ok_ref, sources=["a", "b"]), None).problem_lines()

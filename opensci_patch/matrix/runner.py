@@ -151,7 +151,8 @@ class _Run:
     timeout: float
     log: Log
     progress: _Progress
-    models: dict[str, Path | _NoModel] = field(default_factory=dict)  # variant -> model dir, or why not
+    # (checkpoint label, variant) -> model dir, or why there is none
+    models: dict[tuple[str, str], Path | _NoModel] = field(default_factory=dict)
     envs: dict[tuple[str, str], object] = field(default_factory=dict)  # (release, build) -> Env or the error
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -177,7 +178,7 @@ class _Run:
 
 def run_cells(
     cells: list[Cell],
-    model_dir: Path,
+    model_dir: Path | dict[str, Path],
     records: Path,
     *,
     env_root: Path | None = None,
@@ -185,7 +186,9 @@ def run_cells(
     timeout: float = 900,
     log: Log = print,
 ) -> int:
-    """Run cells, `jobs` releases at a time; one record per cell, one progress line per cell. Returns the count."""
+    """Run cells, `jobs` releases at a time; one record per cell, one progress line per cell. Returns the count.
+
+    `model_dir`: the checkpoint dir of every cell, or {checkpoint label: dir} for the cells' `Cell.checkpoint`."""
     records.mkdir(parents=True, exist_ok=True)
     for cell in cells:  # a killed run leaves "running", never the previous run's result
         fs.write_atomic(records / f"{cell.id}.json", rec_io.running_record(cell, expected=asdict(expectation(cell))))
@@ -194,10 +197,11 @@ def run_cells(
     for cell in cells:
         groups.setdefault((cell.transformers, cell.torch), []).append(cell)
     progress = _Progress(len(cells), log)
+    dirs = model_dir if isinstance(model_dir, dict) else {c.checkpoint: model_dir for c in cells}
     with tempfile.TemporaryDirectory(prefix="opensci-run-") as tmp:
         run = _Run(records, Path(tmp), env_root, timeout, log, progress)
-        variants = list(dict.fromkeys(c.model for c in cells))
-        hotfix_variants(run, variants, model_dir, list(groups))
+        wanted = list(dict.fromkeys((c.checkpoint, c.model) for c in cells))
+        hotfix_variants(run, wanted, dirs, list(groups))
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             for f in [pool.submit(run_release, run, group) for group in groups.values()]:
                 f.result()
@@ -218,25 +222,28 @@ class _NoModel:
         return rec_io.error_record(cell, self.status, self.type, self.message, self.log)
 
 
-def hotfix_variants(run: _Run, variants: list[str], model_dir: Path, releases: list[tuple[str, str]]) -> None:
-    """Fill `run.models`: each variant's model dir, hotfixed once for the whole run (or why there is none)."""
+def hotfix_variants(
+    run: _Run, wanted: list[tuple[str, str]], dirs: dict[str, Path], releases: list[tuple[str, str]]
+) -> None:
+    """Fill `run.models`: each (checkpoint, variant)'s model dir, hotfixed once for the whole run (or why not)."""
     from opensci_patch._util.errors import EnvironmentSetupError
 
-    sources: dict[str, Path] = {}
-    for name in variants:
-        source = model_dir
+    sources: dict[tuple[str, str], Path] = {}
+    for key in wanted:
+        name = key[1]
+        source = dirs[key[0]]
         if VARIANTS[name].own_checkpoint:
             from opensci_patch.fixtures.own import ensure_checkpoint
 
             try:
                 source = ensure_checkpoint(VARIANTS[name].checkpoint, run.env_root, log=lambda m: run.log(f"    {m}"))
             except EnvironmentSetupError as exc:
-                run.models[name] = _NoModel("env-error", "EnvironmentSetupError", str(exc), str(exc))
+                run.models[key] = _NoModel("env-error", "EnvironmentSetupError", str(exc), str(exc))
                 continue
         if VARIANTS[name].hotfix is None:
-            run.models[name] = source
+            run.models[key] = source
         else:
-            sources[name] = source
+            sources[key] = source
     no_env: list[str] = []  # why there is no env to hotfix in, once the misses needed one
 
     def hotfix_in_first_env(steps: list[HotfixStep]) -> dict[int, StepResult]:
@@ -251,16 +258,17 @@ def hotfix_variants(run: _Run, variants: list[str], model_dir: Path, releases: l
         results, failed = _run_with_fallback(run, env, steps, lambda _r: None)
         return results | {i: StepResult(i, -1, "\n".join(why[1:])) for i, why in failed.items()}
 
-    made = hotfix_once(list(sources.items()), run.env_root, run.tmp, hotfix_in_first_env, lambda m: run.log(f"    {m}"))
-    for name, source in sources.items():
-        got = made[(name, source)]
+    pairs = [(key[1], src) for key, src in sources.items()]
+    made = hotfix_once(pairs, run.env_root, run.tmp, hotfix_in_first_env, lambda m: run.log(f"    {m}"))
+    for key, source in sources.items():
+        got = made[(key[1], source)]
         if isinstance(got, Path):
-            run.models[name] = got
+            run.models[key] = got
         elif no_env:
-            run.models[name] = _NoModel("env-error", "EnvironmentSetupError", no_env[0], no_env[0])
+            run.models[key] = _NoModel("env-error", "EnvironmentSetupError", no_env[0], no_env[0])
         else:
             err = got.stderr if got else "the hotfix process died\n"
-            run.models[name] = _NoModel("hotfix-error", "HotfixFailed", procs.tail(err, 1) or "hotfix failed", err)
+            run.models[key] = _NoModel("hotfix-error", "HotfixFailed", procs.tail(err, 1) or "hotfix failed", err)
 
 
 def hotfix_once(
@@ -358,7 +366,7 @@ def run_release(run: _Run, cells: list[Cell]) -> None:
         return
     steps: list[CaptureStep] = []
     for cell in cells:
-        model = run.models.get(cell.model)
+        model = run.models.get((cell.checkpoint, cell.model))
         if isinstance(model, _NoModel):  # hotfix or generated checkpoint failed: that variant's cells say so
             run.write(cell, model.record(cell), time.monotonic() - start)
             continue
@@ -380,11 +388,31 @@ def run_release(run: _Run, cells: list[Cell]) -> None:
         run.write(cell, rec_io.error_record(cell, "crash", exc_type, message, log_text), time.monotonic() - start)
 
 
-def main_cells(cells: list[Cell], model_dir: Path, records: Path, log=print, *, jobs: int = 1) -> int:
+def main_cells(cells: list[Cell], model_dir: Path | dict[str, Path], records: Path, log=print, *, jobs: int = 1) -> int:
     """Run cells (`jobs` releases at a time) with one progress line per cell; returns the number of cells that
     could not run (a run error, never finished, or no readable record): the CLI's exit status is 1 if any."""
     run_cells(cells, model_dir, records, jobs=jobs, log=log)
     return len(could_not_run(cells, records))
+
+
+def checkpoint_dirs(models: list[Path]) -> dict[str, Path]:
+    """`cell --model DIR ...`: {checkpoint label: dir}, each dir checked (exit 2 when unusable); two dirs with
+    one label (one basename) are refused, as their records and remote-code modules would collide."""
+    from opensci_patch._util.errors import OpensciPatchError
+    from opensci_patch.matrix.spec import checkpoint_label
+    from opensci_patch.measure.input_checks import validate_model_dir
+
+    out: dict[str, Path] = {}
+    for model in dict.fromkeys(Path(m).absolute() for m in models):
+        validate_model_dir(model)
+        label = checkpoint_label(model)
+        if label in out:
+            raise OpensciPatchError(
+                f"--model {out[label]} and --model {model} have one name ({label!r}): their records would "
+                "collide; copy one to a directory of another name"
+            )
+        out[label] = model
+    return out
 
 
 def could_not_run(cells: list[Cell], records: Path) -> list[str]:

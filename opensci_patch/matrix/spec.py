@@ -38,7 +38,10 @@ class Variant:
     own_checkpoint: bool = False  # runs its own checkpoint (not --model / the matrix's checkpoint)
     marker: str = "o"  # matplotlib marker in the report's plot
     checkpoint: str = "generated"  # with own_checkpoint: which one (fixtures.own.ensure_checkpoint)
-    reference: str = "patched"  # the variant whose REFERENCE-release cell this one is compared with
+    reference: str = "patched"  # the variant whose reference-release cell this one is compared with
+    # promised: the variant must pass on any checkpoint (the patched ones). Unpatched variants (original,
+    # structural) show what happens without the fix: on a user's checkpoint their failure is a result, not a FAIL.
+    promised: bool = True
 
 
 # "structural" is what a naive fix does (the three load errors only): it shows the silent RoPE breakage on 5.x.
@@ -46,12 +49,13 @@ STRUCTURAL = ("loss_kwargs", "rope_default", "tied_weights")
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
-        Variant("original", None, "the files as shipped", marker="x"),
+        Variant("original", None, "the files as shipped", marker="x", promised=False),
         Variant(
             "structural",
             tuple(a for p in STRUCTURAL for a in ("--only", p)),
             "only the three load fixes (a naive fix)",
             marker="s",
+            promised=False,
         ),
         Variant("patched", (), "the default patches", marker="o"),
         Variant("patched+init", ("--with", "init_weights"), "the default patches plus init_weights", marker="^"),
@@ -83,7 +87,18 @@ VARIANTS: dict[str, Variant] = {
         ),
     )
 }
-REFERENCE = ("4.48.0", "patched")  # compared against, per torch build / device / dtype / attention
+# The shipped checkpoint's declared reference cell (release, variant): CI always keeps this release. The report
+# compares each checkpoint with its reference variant on the oldest release where that runs ok (`report
+# --reference-release` names another), per torch build / device / dtype / attention.
+REFERENCE = ("4.48.0", "patched")
+# The checkpoint label of this project's own cells (the shipped fixture and the own-checkpoint variants); a
+# `cell --model DIR` checkpoint is labelled by its directory name (`checkpoint_label`).
+SHIPPED = ""
+
+
+def checkpoint_label(path: Path) -> str:
+    """The label of a `--model DIR` checkpoint in cell ids, record names and the report's columns."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).absolute().name) or "model"
 
 
 @dataclass(frozen=True)
@@ -93,17 +108,20 @@ class Cell:
     model: str = "patched"
     dtype: str = "float32"
     attn: str = "eager"
+    checkpoint: str = SHIPPED  # which checkpoint: SHIPPED (ours) or a `--model` dir's label
 
     @classmethod
     def parse(cls, spec: str, *, torch_build: str = DEFAULT_TORCH_BUILD) -> Cell:
-        """A cell from the command line: a matrix cell id (tf5.2.0-cpu-patched-float32-eager) or
+        """A cell from the command line: a matrix cell id (tf5.2.0-cpu-patched-float32-eager[@checkpoint]) or
         VERSION[:FIELD...] where each field is a model variant, torch build, dtype or attention
         (their value sets do not overlap), e.g. 5.2.0:structural or 4.57.6:patched:bfloat16:sdpa."""
         from opensci_patch._util.errors import OpensciPatchError
 
-        m = re.fullmatch(r"tf([^-]+)-([^-]+)-([^-]+)-([^-]+)-([^-]+)", spec)
+        m = re.fullmatch(r"tf([^-]+)-([^-]+)-([^-]+)-([^-@]+)-([^-@]+)(?:@(.+))?", spec)
         if m:
             fields = {"transformers": m[1], "torch": m[2], "model": m[3], "dtype": m[4], "attn": m[5]}
+            if m[6]:
+                fields["checkpoint"] = m[6]
         else:
             version, *rest = spec.split(":")
             fields = {"transformers": version, "torch": torch_build, "model": "patched"}
@@ -131,27 +149,52 @@ class Cell:
 
     @property
     def id(self) -> str:
-        return f"tf{self.transformers}-{self.torch}-{self.model}-{self.dtype}-{self.attn}"
+        """Also the record's file name: a `--model` checkpoint's cells carry its label, so none collide."""
+        at = f"@{self.checkpoint}" if self.checkpoint != SHIPPED else ""
+        return f"tf{self.transformers}-{self.torch}-{self.model}-{self.dtype}-{self.attn}{at}"
 
 
 @dataclass(frozen=True)
 class Expectation:
-    outcome: str  # "pass" or "xfail" (strict: an unexpected pass is reported as a failure)
+    """What a cell declares when it runs; the report judges its record against it (`results.judge.verdict`).
+
+    outcome "xfail": a rule of EXPECTED_FAILURES covers the cell. Its failure is expected-fail only when it
+    shows the rule's signature (`error`: a regex searched in the record's "Type: message" line; `symptom`
+    "wrong-logits": it loaded and ran but its logits are wrong, `results.judge`); any other failure is its own.
+    strict: the rule names this cell's checkpoint (ours): a pass is XPASS, another failure FAIL. A user's
+    checkpoint (`cell --model`) is never strict: a pass is a pass. promised: `Variant.promised`, or ours.
+    """
+
+    outcome: str  # "pass" or "xfail"
     reason: str = ""
+    error: str | None = None
+    symptom: str | None = None
+    strict: bool = True
+    promised: bool = True
+
+
+# A rule's measured symptom: the cell ran, but its logits are not the reference cell's (wiped weights, wrong RoPE).
+WRONG_LOGITS = "wrong-logits"
 
 
 @dataclass(frozen=True)
 class Rule:
-    """A declared expected failure: `variants` on releases in [since, before) fail for `reason`.
+    """A declared expected failure: `variants` on releases in [since, before) fail for `reason`, showing the
+    signature (`error` regex on the record's "Type: message", or `symptom`; see `Expectation`).
 
     Ranges, not lists of releases: a release nobody typed in (the sweep, last night's release) gets
     the right expectation with no edit. Each rule is a measured upstream behaviour (docs/upstream.md).
+    It is strict (XPASS when the cell passes) only on the `checkpoints` it names; on any other
+    checkpoint it only explains a failure that shows its signature.
     """
 
     variants: tuple[str, ...]
     reason: str
     since: str | None = None  # inclusive
     before: str | None = None  # exclusive
+    error: str | None = None
+    symptom: str | None = None
+    checkpoints: tuple[str, ...] = (SHIPPED,)
 
     def matches(self, cell: Cell) -> bool:
         from packaging.version import Version  # nox depends on packaging: still importable by the noxfile
@@ -165,13 +208,24 @@ class Rule:
 
 
 EXPECTED_FAILURES: tuple[Rule, ...] = (
-    Rule(("original",), "original code: ImportError of TransformersKwargs (added in 4.54)", before="4.54"),
-    Rule(("original",), "original code: ImportError of LossKwargs (removed in 4.54)", since="4.54"),
+    Rule(
+        ("original",),
+        "original code: ImportError of TransformersKwargs (added in 4.54)",
+        before="4.54",
+        error=r"ImportError: .*\bTransformersKwargs\b",
+    ),
+    Rule(
+        ("original",),
+        "original code: ImportError of LossKwargs (removed in 4.54)",
+        since="4.54",
+        error=r"ImportError: .*\bLossKwargs\b",
+    ),
     Rule(
         ("structural",),
         "structural fixes only: 5.x leaves the non-persistent inv_freq uninitialised after loading, "
         "so RoPE is wrong at positions > 0",
         since="5.0",
+        symptom=WRONG_LOGITS,
     ),
     Rule(
         ("patched",),
@@ -180,27 +234,34 @@ EXPECTED_FAILURES: tuple[Rule, ...] = (
         "(fixed in 5.2; opt-in patch init_weights repairs it)",
         since="5.0",
         before="5.2",
+        symptom=WRONG_LOGITS,
     ),
     Rule(
         ("llama-research",),
         "upstream 5.0/5.1, as for patched: the file's `.data.normal_()` _init_weights wipes the loaded weights",
         since="5.0",
         before="5.2",
+        symptom=WRONG_LOGITS,
     ),
     Rule(
         ("qwen3-modular",),
         "the model code imports transformers.models.qwen3, which transformers has only from 4.51.0 on",
         before="4.51",
+        error=r"qwen3",
     ),
 )
 
 
 def expectation(cell: Cell) -> Expectation:
-    """What the cell must do: the first matching rule of EXPECTED_FAILURES (strict xfail), else pass."""
+    """What the cell must do: the first rule of EXPECTED_FAILURES that covers it (strict on the checkpoints
+    it names, an explanation elsewhere), else pass."""
+    ours = cell.checkpoint == SHIPPED
+    promised = ours or VARIANTS[cell.model].promised
     for rule in EXPECTED_FAILURES:
         if rule.matches(cell):
-            return Expectation("xfail", rule.reason)
-    return Expectation("pass")
+            strict = cell.checkpoint in rule.checkpoints
+            return Expectation("xfail", rule.reason, rule.error, rule.symptom, strict, promised)
+    return Expectation("pass", strict=ours, promised=promised)
 
 
 def releases_from_env() -> list[str]:

@@ -1,13 +1,14 @@
 """The parts of a cell record (`records.Record`): its status and frozen dataclasses for its JSON objects.
 
 Standard library only, like `records`. Each part's `to_dict` is the JSON object on disk and its
-`from_dict` reads one back, refusing missing or unknown keys; lists on disk are tuples here.
+`from_dict` reads one back, refusing missing or unknown keys (a field with a default may be missing: records
+written before it was added read as its default); lists on disk are tuples here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 try:
@@ -53,7 +54,8 @@ class _Part:
     @classmethod
     def from_dict(cls, data: Any):
         names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
-        if not isinstance(data, dict) or set(data) != set(names):
+        required = {f.name for f in fields(cls) if f.default is MISSING}  # type: ignore[arg-type]
+        if not isinstance(data, dict) or not required <= set(data) <= set(names):
             got = sorted(data) if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"{cls.__name__} needs {', '.join(names)}, got {got}")
         return cls(**data)
@@ -153,6 +155,7 @@ class CellInfo(_Part):
     attn: str
     id: str
     device: str
+    checkpoint: str = ""  # "" ours (matrix.SHIPPED); else the `cell --model DIR` label (absent before it existed)
 
     @property
     def group(self) -> tuple[str, str, str, str]:
@@ -162,10 +165,16 @@ class CellInfo(_Part):
 
 @dataclass(frozen=True)
 class Expected(_Part):
-    """What a matrix cell declared (`matrix.Expectation`): "pass" or "xfail" (strict), and why."""
+    """What a matrix cell declared (`matrix.Expectation`): "pass" or "xfail", why, the failure's signature
+    (`error` regex, `symptom`), whether it is strict and whether the variant is promised to pass. Records
+    from before the signature read as the old rule: any failure matches, strict, promised."""
 
     outcome: str
     reason: str
+    error: str | None = None
+    symptom: str | None = None
+    strict: bool = True
+    promised: bool = True
 
 
 # field -> how its JSON value is read (the parts), for `Record.from_dict`

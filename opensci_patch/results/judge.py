@@ -1,29 +1,33 @@
 """Records -> rows: each cell judged against what it declared (`matrix.expectation`) and its reference cell.
 
-- pass: expected to pass, ran, and its first logits, every decode step's logits and its greedy
-  tokens are bit-identical to the reference cell's (same torch build, device, dtype, attention);
-- expected-fail: expected to fail (strict xfail) and failed;
+- pass: ran, and its first logits, every decode step's logits and its greedy tokens are bit-identical
+  to the reference cell's (same checkpoint, torch build, device, dtype, attention; `reference`);
+- expected-fail: failed as a rule declared, showing the rule's signature (its error or its measured
+  symptom); or, on a user's checkpoint (`cell --model`), failed where nothing was promised: unpatched
+  code, or a release older than the oldest that runs the model. The note starts with the record's own error;
 - FAIL: expected to pass and did not (model error, KV-cache self-check failed, wrong answer, or not
-  bit-identical: the first differing decode step is named);
-- XPASS: expected to fail but passed: upstream changed, the expectation must be updated;
+  bit-identical: the first differing decode step is named), or failed otherwise than declared;
+- XPASS: declared to fail on this checkpoint (a rule naming it: ours) but passed: upstream changed;
 - cannot-judge: ran to the end, but there is no reference cell (that ran ok) to compare it with;
 - error: the cell could not run (environment install, crash, hotfix failure), never finished
   (its placeholder record says "running"), or is ambiguous (two records of one cell, by its fields).
 
-The reference cell of a group is its one finished `matrix.REFERENCE` record: unique by construction,
-so never chosen by file-name order. The rows, the grid and the problems make one `Report` value, which
-`render` turns into matrix.md and summary.json, so the two cannot disagree.
+The reference cell (`reference.choose`) is never chosen by file-name order. A failure identical on every
+release of a checkpoint is said once (`same_everywhere`). The rows, the grid and the problems make one
+`Report` value, which `render` turns into matrix.md and summary.json, so the two cannot disagree.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, field, replace
 
-from opensci_patch.matrix.spec import REFERENCE, VARIANTS
+from opensci_patch.matrix.spec import SHIPPED, VARIANTS, WRONG_LOGITS
 from opensci_patch.measure import records
 from opensci_patch.measure.records import Record
-from opensci_patch.results.plot import MISSING, variants, version_key
-from opensci_patch.results.verdict import bit_identical, failure, first_step_difference, shown_values_differ
+from opensci_patch.results.plot import MISSING, columns, version_key
+from opensci_patch.results.reference import Reference, before_reference, cell_key, checkpoint_name, choose, key_of
+from opensci_patch.results.verdict import TOLERANCE, bit_identical, failure, first_step_difference, shown_values_differ
 
 BAD = ("FAIL", "XPASS", "error", "cannot-judge")
 VERDICTS = ("pass", "expected-fail", "FAIL", "XPASS", "error", "cannot-judge")
@@ -31,13 +35,6 @@ VERDICTS = ("pass", "expected-fail", "FAIL", "XPASS", "error", "cannot-judge")
 
 def _group(rec: Record) -> tuple:
     return rec.cell.group
-
-
-def cell_key(rec: Record) -> tuple:
-    """The cell a record is of, by its fields (release, torch build, device, dtype, attention, variant): two
-    records of one cell are duplicates whatever their `cell.id` strings say."""
-    c = rec.cell
-    return (c.transformers, c.torch, c.device, c.dtype, c.attn, c.model)
 
 
 def _ambiguous(recs: list[Record], sources: list[str] | None) -> dict[tuple, str]:
@@ -74,66 +71,41 @@ def _same_release(ran, declared) -> bool:
         return False
 
 
-def references(recs: list[Record], ambiguous: dict[tuple, str] | None = None) -> dict[tuple, Record]:
-    """The reference record per group: the one finished, unambiguous `REFERENCE` cell with status ok.
-
-    Keyed by group, and by (group, variant) for a variant compared with its own reference-release
-    cell (`Variant.reference`, e.g. a checkpoint with weights of its own)."""
-    ambiguous = _ambiguous(recs, None) if ambiguous is None else ambiguous
-    own = {v.reference for v in VARIANTS.values()} - {REFERENCE[1]}
-    out = {}
-    for r in recs:
-        c = r.cell
-        if c.transformers != REFERENCE[0] or r.status != records.OK or cell_key(r) in ambiguous:
-            continue
-        if c.model == REFERENCE[1]:
-            out[_group(r)] = r
-        elif c.model in own:
-            out[(_group(r), c.model)] = r
-    return out
+def _shows(rec: Record) -> bool:
+    """The failure shows its rule's signature: the error pattern in "Type: message", or the measured symptom
+    (it loaded and ran: its logits are not the reference's, or its KV decode disagrees with no-cache, or they
+    are not finite; and, where the record has the fp64 forward, off it by more than the dtype's noise)."""
+    exp = rec.expected
+    if exp.error is None and exp.symptom is None:  # a record from before signatures: any failure, as then
+        return True
+    err = rec.error
+    if exp.error is not None and err is not None and re.search(exp.error, f"{err.type}: {err.message}"):
+        return True
+    gap = rec.reference.max_abs_diff if rec.reference else None
+    off = gap is None or gap > TOLERANCE.get(rec.cell.dtype, 1e-2)
+    wrong = (records.OK, records.Status.GENERATE_MISMATCH, records.Status.NONFINITE_LOGITS)  # it ran, wrongly
+    return exp.symptom == WRONG_LOGITS and rec.status in wrong and off
 
 
-def reference_of(refs: dict[tuple, Record], rec: Record) -> Record | None:
-    """The record `rec` is compared with: its group's reference cell, or its variant's own one."""
-    variant = VARIANTS.get(rec.cell.model)
-    if variant is not None and variant.reference != REFERENCE[1]:
-        return refs.get((_group(rec), variant.reference))
-    return refs.get(_group(rec))
-
-
-def broken_decode(recs: list[Record]) -> list[str]:
-    """One line per reference cell (of a group, or of a variant's own) that failed the KV-cache self-check.
-
-    The reference release decoding wrongly is the model's own bug (e.g. its cache update commented
-    out), not a release's: it is said once, with the first bad step, next to the variant's FAILs.
-    """
-    own = {REFERENCE[1]} | {v.reference for v in VARIANTS.values()}
-    out = []
-    for ref in recs:
-        c = ref.cell
-        if c.transformers != REFERENCE[0] or c.model not in own or ref.status != records.Status.GENERATE_MISMATCH:
-            continue
-        same = [r for r in recs if _group(r) == _group(ref) and r.cell.model == c.model]
-        bad = sum(r.status == records.Status.GENERATE_MISMATCH for r in same)
-        where = "on every release" if bad == len(same) else f"on {bad} of {len(same)} releases"
-        detail = (ref.generation.kv_check.detail if ref.generation else "") or (ref.error.message if ref.error else "")
-        out.append(
-            f"{c.model} ({', '.join(_group(ref))}): the model's own decode is broken {where}, "
-            f"including the reference (transformers {REFERENCE[0]}): {detail}"
-        )
-    return out
-
-
-def verdict(rec: Record, ref: Record | None) -> tuple[str, str]:
+def verdict(rec: Record, ref: Reference | None) -> tuple[str, str]:
     if rec.status.no_evidence:
         return "error", failure(rec)
-    if rec.status == records.OK and ref is None:  # ran, but nothing to compare with: neither pass nor FAIL
-        return "cannot-judge", f"no reference cell ({' '.join(REFERENCE)}, same build, dtype and attention) that ran ok"
-    ok, why = bit_identical(rec, ref)
-    if rec.expected.outcome == "xfail":
-        reason = rec.expected.reason
-        return ("XPASS", "expected to fail but passed: " + reason) if ok else ("expected-fail", reason)
-    return ("pass", "") if ok else ("FAIL", why)
+    if rec.status == records.OK and (ref is None or ref.record is None):  # ran, nothing to compare with
+        return "cannot-judge", "no reference cell that ran ok" + (f" ({ref.line})" if ref else "")
+    exp = rec.expected
+    ok, why = bit_identical(rec, ref.record if ref else None)  # why: the record's own error, or what differs
+    if ok:
+        strict = exp.outcome == "xfail" and exp.strict
+        return ("XPASS", "expected to fail but passed: " + exp.reason) if strict else ("pass", "")
+    if exp.outcome == "xfail" and _shows(rec):
+        return "expected-fail", f"{why} ({exp.reason})"
+    if not exp.strict and rec.status != records.OK and before_reference(rec, ref):
+        return "expected-fail", f"{why} (older than transformers {ref.release}, the reference release)"
+    if not exp.promised:
+        return "expected-fail", f"{why} (unpatched code: nothing promised on this checkpoint)"
+    if exp.outcome == "xfail":
+        return "FAIL", f"{why} (not the declared failure: {exp.reason})"
+    return "FAIL", why
 
 
 def _top10_diff(rec: Record, ref: Record | None) -> float | None:
@@ -176,6 +148,13 @@ class Row:
     why: str
     overrides: tuple[str, ...]
     ambiguous: bool
+    checkpoint: str = SHIPPED  # "" ours; else the `cell --model` label
+    error: str | None = None  # the record's own first error line, when it did not run ok
+
+    @property
+    def column(self) -> str:
+        """The grid's column: the variant for ours, "checkpoint/variant" for a `cell --model` checkpoint."""
+        return self.model if self.checkpoint == SHIPPED else f"{self.checkpoint}/{self.model}"
 
     def to_dict(self) -> dict:
         return {**asdict(self), "overrides": list(self.overrides)}
@@ -210,20 +189,31 @@ def _row(r: Record, ref: Record | None, verdict_why: tuple[str, str], trusted: b
         why=why,
         overrides=tuple(env.get("overrides") or ()),
         ambiguous=not trusted,
+        checkpoint=c.checkpoint,
+        error=failure(r) if r.status != records.OK else None,
     )
 
 
-def rows(recs: list[Record], sources: list[str] | None = None) -> list[Row]:
-    """One row per cell (`cell_key`), sorted by release, build, dtype, attention and variant order in `VARIANTS`;
-    of several records of one cell (an error row showing only the cell's fields), the one with the least id."""
+def rows(recs: list[Record], sources: list[str] | None = None, release: str | None = None) -> list[Row]:
+    """One row per cell id (`judged`'s rows)."""
+    return judged(recs, sources, release)[0]
+
+
+def judged(
+    recs: list[Record], sources: list[str] | None = None, release: str | None = None
+) -> tuple[list[Row], dict[tuple, Reference]]:
+    """One row per cell (`cell_key`; of several records of one cell, an error row showing only the cell's fields,
+    the one with the least id), sorted by checkpoint, release, build, dtype, attention and variant order in
+    `VARIANTS`, each judged against its reference (`release`: `report --reference-release`); and the references."""
     ambiguous = _ambiguous(recs, sources)
-    refs = references(recs, ambiguous)
+    refs = choose(recs, ambiguous, release)
     order = {m: i for i, m in enumerate(VARIANTS)}
     seen: set[tuple] = set()
     out = []
     for r in sorted(
         recs,
         key=lambda r: (
+            r.cell.checkpoint,
             version_key(r.cell.transformers),
             r.cell.torch,
             r.cell.dtype,
@@ -236,10 +226,56 @@ def rows(recs: list[Record], sources: list[str] | None = None) -> list[Row]:
         if cell_key(r) in seen:
             continue
         seen.add(cell_key(r))
-        ref = reference_of(refs, r)
+        ref = refs.get(key_of(r))
         trusted = cell_key(r) not in ambiguous
-        out.append(_row(r, ref, verdict(r, ref) if trusted else ("error", ambiguous[cell_key(r)]), trusted))
-    return out
+        row_ref = ref.record if ref else None
+        out.append(_row(r, row_ref, verdict(r, ref) if trusted else ("error", ambiguous[cell_key(r)]), trusted))
+    return out, refs
+
+
+def same_everywhere(table: list[Row]) -> tuple[list[Row], list[str], list[str]]:
+    """A failure identical on every release (two or more) of a (checkpoint, group, variant), the reference
+    release included, said once: (the rows with their notes pointing at it, problem lines, notes).
+
+    A user's checkpoint that fails so under eager but has sdpa cells that run is judged under sdpa: its eager
+    cells become expected-fail and the line is a note; without sdpa cells the problem line says to try it."""
+    series: dict[tuple, list[Row]] = {}
+    for r in table:
+        series.setdefault((r.checkpoint, r.build, r.device, r.dtype, r.attn, r.model), []).append(r)
+    lines: dict[tuple, list[str]] = {}  # (checkpoint, group, error, judged under sdpa) -> variants
+    changed: dict[str, Row] = {}
+    for (checkpoint, build, device, dtype, attn, model), members in series.items():
+        errors = {r.error and re.sub(r" \(/[^()]*\)", "", r.error) for r in members}  # each release's env path
+        if len(members) < 2 or any(r.status != "FAIL" for r in members) or len(errors) != 1 or None in errors:
+            continue
+        (error,) = errors
+        sdpa = (
+            attn == "eager"
+            and checkpoint != SHIPPED
+            and error.startswith("load-error")
+            and any(
+                (o.checkpoint, o.build, o.device, o.dtype, o.attn, o.model, o.status)
+                == (checkpoint, build, device, dtype, "sdpa", model, "pass")
+                for o in table
+            )
+        )
+        group = f"{build} torch, {members[0].device}, {dtype}, {attn}"
+        lines.setdefault((checkpoint, group, error, sdpa), []).append(model)
+        for r in members:
+            if sdpa:
+                changed[r.cell] = replace(r, status="expected-fail", why=f"{r.error} (fails so on every release "
+                                          "under eager; runs under sdpa: judged there)")  # fmt: skip
+            else:
+                changed[r.cell] = replace(r, why=f"{r.error} (the same on every release: see Problems)")
+    problems, notes = [], []
+    for (checkpoint, group, error, sdpa), models in lines.items():
+        head = f"{checkpoint_name(checkpoint)}, {', '.join(models)} ({group}): fails the same way on every release"
+        if sdpa:
+            notes.append(f"{head} under eager: {error}; runs under sdpa, judged there")
+        else:
+            try_sdpa = "; try --attn sdpa" if group.endswith("eager") and error.startswith("load-error") else ""
+            problems.append(f"{head}: {error}{try_sdpa}")
+    return [changed.get(r.cell, r) for r in table], problems, notes
 
 
 def _device(cell: records.CellInfo, environment: dict) -> str:
@@ -253,8 +289,8 @@ def group_name(r: Row) -> str:
 
 
 def grid(table: list[Row]) -> dict[str, dict[str, dict[str, str]]]:
-    """group ('cpu torch, cpu, float32, eager') -> release -> variant -> verdict or 'missing'."""
-    cols = variants(table)
+    """group ('cpu torch, cpu, float32, eager') -> release -> column (`Row.column`) -> verdict or 'missing'."""
+    cols = columns(table)
     out: dict[str, dict[str, dict[str, str]]] = {}
     for r in table:
         out.setdefault(group_name(r), {})
@@ -263,7 +299,7 @@ def grid(table: list[Row]) -> dict[str, dict[str, dict[str, str]]]:
         releases = sorted({r.transformers for r in members}, key=version_key)
         out[name] = {v: dict.fromkeys(cols, MISSING) for v in releases}
         for r in members:
-            out[name][r.transformers][r.model] = r.status
+            out[name][r.transformers][r.column] = r.status
     return out
 
 
@@ -277,6 +313,8 @@ class Report:
     new_releases: list[str]
     previous: dict[str, str] | None  # the verdicts of the summary.json found before writing, None if none
     n_records: int
+    references: list[str] = field(default_factory=list)  # which reference release each checkpoint used, and why
+    notes: list[str] = field(default_factory=list)  # said once, not a problem (e.g. judged under sdpa)
 
     @property
     def counts(self) -> dict[str, int]:

@@ -36,10 +36,14 @@ def version_key(v: str) -> tuple:
         return (1, Version("0"), v)
 
 
-def variants(table: list) -> list[str]:
-    """The grid's columns: every variant of `matrix.VARIANTS`, then any other variant a record names."""
-    extra = sorted({r.model for r in table} - set(VARIANTS))
-    return [*VARIANTS, *extra]
+def columns(table: list) -> list[str]:
+    """The grid's columns (`Row.column`): ours first, every variant of `matrix.VARIANTS` then any other a record
+    names; then each `cell --model` checkpoint's variants ("checkpoint/variant"), in `VARIANTS` order."""
+    order = {m: i for i, m in enumerate(VARIANTS)}
+    ours = {r.model for r in table if not r.checkpoint}
+    out = [*VARIANTS, *sorted(ours - set(VARIANTS))] if ours else []
+    theirs = {(r.checkpoint, r.model): r.column for r in table if r.checkpoint}
+    return out + [theirs[k] for k in sorted(theirs, key=lambda k: (k[0], order.get(k[1], len(order)), k[1]))]
 
 
 def _pyplot():
@@ -61,20 +65,23 @@ def _png(fig, plt) -> bytes:
 
 
 def paris_series(table: list) -> list[tuple[str, str, list[tuple[int, float]]]]:
-    """(variant, marker, [(release index, " Paris" logit)]) for every variant, CPU cells only."""
+    """(column, marker, [(release index, " Paris" logit)]) for every grid column, CPU cells only."""
     versions = sorted({r.transformers for r in table}, key=version_key)
     marker_cycle = "v<>pP*hH"  # for variants a record names but `VARIANTS` does not declare
+    model_of = {r.column: r.model for r in table}
     return [
         (
-            model,
-            VARIANTS[model].marker if model in VARIANTS else marker_cycle[i % len(marker_cycle)],
+            column,
+            VARIANTS[model_of.get(column, column)].marker
+            if model_of.get(column, column) in VARIANTS
+            else marker_cycle[i % len(marker_cycle)],
             [
                 (versions.index(r.transformers), r.paris_logit)
                 for r in table
-                if r.model == model and r.paris_logit is not None and r.device == "cpu"
+                if r.column == column and r.paris_logit is not None and r.device == "cpu"
             ],
         )
-        for i, model in enumerate(variants(table))
+        for i, column in enumerate(columns(table))
     ]
 
 

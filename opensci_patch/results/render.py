@@ -40,7 +40,7 @@ DETAIL_COLUMNS = (
     ("device", lambda r: r.device),
     ("dtype", lambda r: r.dtype),
     ("attn", lambda r: r.attn),
-    ("model", lambda r: r.model),
+    ("model", lambda r: r.column),
     ("status", lambda r: r.status),
     ('" Paris" logit', lambda r: _fmt(r.paris_logit, ".4f")),
     ("rank", lambda r: _fmt(r.rank, "d")),
@@ -108,6 +108,8 @@ def summary_json(rep: Report, date: str, machine: str) -> dict:
             "generated": date,
             "machine": machine,
             "reference": list(REFERENCE),
+            "references": rep.references,
+            "notes": rep.notes,
             "counts": rep.counts,
             "problems": rep.problem_lines(),
             "releases": sorted({r.transformers for r in rep.table}, key=version_key),
@@ -148,14 +150,19 @@ def matrix_markdown(rep: Report, *, title: str, date: str, machine: str, grid_pn
         lines += ["(No grid picture: matplotlib is not installed; `pip install opensci-patch[plot]`.)", ""]
     if rep.problem_lines():
         lines += ["## Problems (exit status 1)", "", *(f"- {md_text(p)}" for p in rep.problem_lines()), ""]
+    if rep.notes:
+        lines += ["## Notes", "", *(f"- {md_text(n)}" for n in rep.notes), ""]
     moved = changes(rep.table, rep.previous or {})
     if moved:
         lines += ["## Changes since the last report", "", *moved, ""]
     lines += [
         "## Detail",
         "",
-        f"Reference cell: transformers {' '.join(REFERENCE)} (same torch build, device, dtype, attention); "
-        "decode step 0 is generate's prompt forward (compared as the first logits).",
+        "Each cell is compared with its reference cell: the same checkpoint and reference variant, torch build, "
+        "device, dtype and attention, on the reference release below; decode step 0 is generate's prompt forward "
+        "(compared as the first logits).",
+        "",
+        *(f"- {md_text(line)}" for line in rep.references),
         "",
         markdown_table(rep.table),
         "",

@@ -21,9 +21,10 @@ from pathlib import Path
 from opensci_patch._util.errors import DestinationError, OpensciPatchError
 from opensci_patch.measure import records
 from opensci_patch.measure.records import Record, RecordError
-from opensci_patch.results.judge import Report, broken_decode, grid, rows
+from opensci_patch.results.judge import Report, grid, judged, same_everywhere
 from opensci_patch.results.pair import check_pair, check_results_dir, write_run
 from opensci_patch.results.plot import plot, plot_grid, version_key
+from opensci_patch.results.reference import broken_decode
 from opensci_patch.results.render import matrix_markdown, summary_json
 
 
@@ -59,18 +60,22 @@ def load_records(records_dir: Path) -> Loaded:
     return out
 
 
-def build(loaded: Loaded, previous: dict | None) -> Report:
-    """The report of what was loaded, against the previous summary (for new releases and moved verdicts)."""
-    table = rows(loaded.records, loaded.sources)
+def build(loaded: Loaded, previous: dict | None, reference_release: str | None = None) -> Report:
+    """The report of what was loaded, against the previous summary (for new releases and moved verdicts);
+    every cell compared with `reference_release`'s, or by default with the oldest release where its reference runs."""
+    table, refs = judged(loaded.records, loaded.sources, reference_release)
+    table, same, notes = same_everywhere(table)
     releases = sorted({r.transformers for r in table}, key=version_key)
     new = [v for v in releases if v not in set(previous["releases"])] if previous is not None else []
     return Report(
         table=table,
-        problems=[*loaded.problems, *broken_decode(loaded.records)],
+        problems=[*loaded.problems, *broken_decode(loaded.records, refs, reference_release), *same],
         grid=grid(table),
         new_releases=new,
         previous=previous["verdicts"] if previous is not None else None,
         n_records=len(loaded.records) + len(loaded.problems),
+        references=[ref.line for ref in refs.values()],
+        notes=notes,
     )
 
 
@@ -101,9 +106,18 @@ def read_previous(summary_path: Path) -> dict | None:
 
 
 def write_report(
-    records_dir: Path, results_dir: Path, *, title: str = "Cross-version matrix", machine: str | None = None, log=print
+    records_dir: Path,
+    results_dir: Path,
+    *,
+    title: str = "Cross-version matrix",
+    machine: str | None = None,
+    log=print,
+    reference_release: str | None = None,
 ) -> int:
-    """Write matrix.md, summary.json and the pictures; return the number of bad cells plus refused files."""
+    """Write matrix.md, summary.json and the pictures; return the number of bad cells plus refused files.
+
+    `reference_release` (`report --reference-release`): the release every cell is compared with; one no
+    record ran is refused (exit 2)."""
     results_dir = Path(results_dir)
     if results_dir.resolve() == Path(records_dir).resolve():
         raise DestinationError(
@@ -119,7 +133,17 @@ def write_report(
     loaded = load_records(records_dir)
     if not loaded.records and not loaded.problems:
         raise OpensciPatchError(f"{records_dir}: no cell records; run `nox -s matrix` first")
-    rep = build(loaded, previous)
+    if reference_release is not None:
+        from opensci_patch.matrix.releases import canonical
+
+        reference_release = canonical(reference_release, what="--reference-release", pre=True)
+        ran = sorted({r.cell.transformers for r in loaded.records}, key=version_key)
+        if reference_release not in ran:
+            raise OpensciPatchError(
+                f"--reference-release {reference_release}: no cell record of that release in {records_dir} "
+                f"(there are: {', '.join(ran) or 'none'})"
+            )
+    rep = build(loaded, previous, reference_release)
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine = machine or f"{platform.machine()}, {platform.platform()}, python {platform.python_version()}"
     grid_png = plot_grid(rep.grid, set(rep.new_releases), results_dir / "matrix_grid.png") if rep.grid else False
