@@ -20,7 +20,8 @@ written last, after a successful install and a check that ``import torch`` and
 ``$XDG_CACHE_HOME/opensci-patch/envs`` (``~/.cache/opensci-patch/envs``). A directory without a
 marker is a half-made env (Ctrl-C, a killed driver, a crash) and is removed and rebuilt, but only
 when it is ours (``.opensci-patch-env`` written first, or our ``.pth``). Removal first renames the
-directory aside (``.trash-<name>-<pid>-<hex>``, swept by later builds), so an installer that outlived
+directory aside (``.trash-<name>-<pid>-<hex>`` with a mark in it; later builds sweep only such marked
+trash of dead pids, never another ``.trash-*``), so an installer that outlived
 a killed driver and still writes into it can neither make the removal fail nor leave a directory
 that no longer looks like ours; on Linux installer children also get ``PR_SET_PDEATHSIG`` and die
 with the driver. Creation is serialised per env with ``fcntl.flock`` on ``<root>/<name>.lock``

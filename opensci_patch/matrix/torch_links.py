@@ -42,7 +42,6 @@ import re
 import shutil
 import sys
 import time
-from glob import escape as glob_escape
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -56,6 +55,7 @@ from opensci_patch.matrix.venv import SCHEMA, Log
 
 TORCH_INDEX_VAR = "OPENSCI_PATCH_TORCH_INDEX_URL"
 FARM_MANIFEST = "opensci-patch-torch.json"
+TMP_MARK = ".opensci-patch-tmp"  # in a link directory being written: ours, swept once its pid is gone
 
 
 def ensure_system_torch_dir(root: Path | None = None, *, log: Log = print) -> Path:
@@ -145,13 +145,10 @@ def _ensure_farm(root: Path, torch, kind: str, log: Log) -> Path:
         if (farm / FARM_MANIFEST).exists() and (farm / "torch").exists():
             return farm
         dists, missing = _requirement_closure(torch, [where] if kind == "layer" else None)
-        for old in root.glob(f".tmp-{glob_escape(farm.name)}-*"):  # of killed runs (we hold the lock)
-            if old.name.rpartition("-")[2].isdigit() and not procs.pid_alive(int(old.name.rpartition("-")[2])):
+        for old in fs.dead_siblings(farm, ["tmp"])["tmp"]:  # of killed runs (we hold the lock)
+            if (old / TMP_MARK).is_file():
                 shutil.rmtree(old, ignore_errors=True)
-        tmp = root / f".tmp-{farm.name}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        fs.claim_dir(tmp)
+        tmp = fs.claim_dir(fs.sibling(farm, "tmp"), TMP_MARK)
         try:
             linked = {d.metadata["Name"]: _link_distribution(d, tmp) for d in dists}
             (tmp / FARM_MANIFEST).write_text(
