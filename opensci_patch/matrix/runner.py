@@ -31,6 +31,7 @@ import hashlib
 import json
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -113,6 +114,26 @@ def _keep_in_cache(out: Path, cached: Path) -> None:
         fs.publish_dir(tmp, cached)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _intact(cached: Path) -> bool:
+    """Whether a cached hotfix output still matches its manifest's sha256s (the env root may be shared, and its
+    files are run as model code); one that does not is said on stderr and removed, so it is made again."""
+    from opensci_patch.rewrite.hashed_copy import mismatches
+
+    problems = mismatches(cached)
+    if not problems:
+        return True
+    more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+    print(f"opensci-patch: warning: the cached hotfix output {cached} does not match its manifest "
+          f"({problems[0]}{more}); hotfixing again", file=sys.stderr)  # fmt: skip
+    aside = fs.sibling(cached, "bad")
+    try:
+        cached.rename(aside)
+    except OSError:
+        return False  # another run moved it first
+    fs.remove_tree(aside, [MANIFEST])
+    return False
 
 
 def hotfix_dir(tmp: Path, source: Path, variant: str) -> Path:
@@ -282,7 +303,7 @@ def hotfix_once(
     misses = []
     for variant, source in dict.fromkeys(wanted):
         cached = hotfix_cache_dir(env_root, source, variant)
-        if (cached / MANIFEST).is_file():
+        if (cached / MANIFEST).is_file() and _intact(cached):
             log(f"{variant}: hotfix output reused from {cached.parent}")
             made[(variant, source)] = cached
         else:
