@@ -207,6 +207,9 @@ def run_cells(
     log: Log = print,
 ) -> int:
     """Run cells, `jobs` releases at a time; one record per cell, one progress line per cell. Returns the count."""
+    from opensci_patch.matrix.venv import check_settings
+
+    check_settings(env_root)  # a bad env root or variable: one line, before any record says "running"
     records.mkdir(parents=True, exist_ok=True)
     for cell in cells:  # a killed run leaves "running", never the previous run's result
         fs.write_atomic(records / f"{cell.id}.json", rec_io.running_record(cell, expected=asdict(expectation(cell))))
