@@ -90,6 +90,28 @@ def sweep_trash(root: Path) -> None:
             _remove_trash(trash)
 
 
+TEMP_MARK = ".opensci-patch-temp"  # in each `temp_dir`: ours, so that a later run may sweep it once its pid is gone
+
+
+@contextmanager
+def temp_dir(prefix: str) -> Iterator[Path]:
+    """A private temp dir `$TMPDIR/<prefix>-<pid>-<hex>` (`stamped`), marked as ours and removed at the end.
+
+    A SIGKILL leaves it behind, so first the ones of dead runs with this prefix are removed: only those that hold
+    `TEMP_MARK`, belong to this user and whose pid is gone, never anything else in the temp directory."""
+    parent, uid = Path(tempfile.gettempdir()), os.getuid() if hasattr(os, "getuid") else None
+    for old in dead_stamped(parent, re.escape(prefix)):
+        if (old / TEMP_MARK).is_file() and uid in (None, old.stat().st_uid):
+            remove_tree(old, [TEMP_MARK])
+    path = stamped(parent, prefix)
+    path.mkdir(mode=0o700)
+    try:
+        (path / TEMP_MARK).write_text(f"made by opensci-patch (pid {os.getpid()}); safe to delete once it is gone\n")
+        yield path
+    finally:
+        remove_tree(path, [TEMP_MARK])
+
+
 @contextmanager
 def locked(lock_path: Path) -> Iterator[None]:
     try:

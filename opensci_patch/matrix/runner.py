@@ -32,7 +32,6 @@ import json
 import re
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -218,8 +217,8 @@ def run_cells(
     for cell in cells:
         groups.setdefault((cell.transformers, cell.torch), []).append(cell)
     progress = _Progress(len(cells), log)
-    with tempfile.TemporaryDirectory(prefix="opensci-run-") as tmp:
-        run = _Run(records, Path(tmp), env_root, timeout, log, progress)
+    with fs.temp_dir("opensci-run") as tmp:  # also removes those of killed runs (a SIGKILLed driver)
+        run = _Run(records, tmp, env_root, timeout, log, progress)
         variants = list(dict.fromkeys(c.model for c in cells))
         hotfix_variants(run, variants, model_dir, list(groups))
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
