@@ -81,3 +81,14 @@ def test_a_sigkilled_run_leaves_its_temp_dirs_and_the_next_cell_run_removes_them
 
     runner.run_cells([], FIXTURE_DIR, tmp_path / "records", env_root=tmp_path / "envs", log=lambda m: None)
     assert list(tmpdir_here.iterdir()) == []
+
+
+def test_a_capture_removes_the_modules_cache_a_killed_capture_left(tmpdir_here: Path):
+    from opensci_patch.measure.isolation import isolated_hf_cache
+
+    left = tmpdir_here / f"opensci-hf-modules-{_dead_pid()}-0123abcd"
+    (left / "transformers_modules").mkdir(parents=True)
+    (left / fs.TEMP_MARK).write_text("")
+    with isolated_hf_cache() as modules:
+        assert not left.exists() and modules.parent == tmpdir_here
+    assert list(tmpdir_here.iterdir()) == []
