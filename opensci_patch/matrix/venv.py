@@ -25,7 +25,8 @@ SRC_PTH = "_opensci_patch_src.pth"
 Log = Callable[[str], None]
 PIN_VAR = "OPENSCI_PATCH_TORCH_PIN"  # read once, into `defaults.TORCH_PIN`
 TORCH_INDEX_VAR = "OPENSCI_PATCH_TORCH_INDEX_URL"
-_PIN = re.compile(r"\d+(\.\d+)*((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?")  # a public release: no path, no marker
+# a release (a local label for a CUDA build): nothing that is a path, a marker or an installer option
+_PIN = re.compile(r"\d+(\.\d+)*((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?(\+[a-z0-9]+(\.[a-z0-9]+)*)?")
 
 
 def check_settings(root: Path | None = None) -> Path:
