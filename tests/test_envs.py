@@ -478,3 +478,19 @@ def test_cpu_envs_link_one_shared_torch_layer_installed_once(tmp_path):
     messages.clear()
     layer = torch_links.ensure_torch_layer("cpu", tmp_path, log=messages.append)
     assert layer.version.startswith(envs.TORCH_PIN) and not any("creating" in m for m in messages)
+
+
+@needs_torch
+def test_link_dir_build_sweeps_only_its_own_temp_dirs_of_dead_runs(tmp_path):
+    farm = ensure_system_torch_dir(tmp_path, log=lambda msg: None)
+    shutil.rmtree(farm)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)
+    ours = tmp_path / f".{farm.name}.tmp-{dead}-0123abcd"
+    ours.mkdir()
+    (ours / torch_links.TMP_MARK).write_text("")
+    unmarked = tmp_path / f".{farm.name}.tmp-{dead}-89abcdef"  # named like ours, but not marked: someone else's
+    unmarked.mkdir()
+    assert ensure_system_torch_dir(tmp_path, log=lambda msg: None) == farm and (farm / "torch").exists()
+    assert not ours.exists() and unmarked.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [unmarked.name]

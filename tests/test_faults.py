@@ -193,7 +193,7 @@ def test_killed_env_build_is_rebuilt_by_the_next_run_and_leaves_nothing(tmp_path
     assert json.loads(again.stdout.splitlines()[-1]) == {"reused": False}, what
     marker = json.loads((path / locations.MARKER).read_text())
     assert (marker["transformers"], marker["torch_build"]) == (VERSION, "system"), what
-    leftovers = [p.name for p in root.iterdir() if p.name.startswith((".trash-", ".tmp-"))]
+    leftovers = [p.name for p in root.iterdir() if p.name.startswith((".trash-", ".tmp-", "._torch-"))]
     assert leftovers == [], what
     assert json.loads(_build_env(root).stdout.splitlines()[-1]) == {"reused": True}, what
 

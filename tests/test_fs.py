@@ -145,3 +145,39 @@ def test_remove_tree_removes_the_marks_last_and_ignores_a_missing_dir(tmp_path: 
     assert removed == ["a", "manifest", MARK] and not path.exists()
     fs.remove_tree(path)  # already gone: nothing to do
     assert not path.exists()
+
+
+def test_sweep_trash_removes_only_marked_trash_of_dead_runs(tmp_path: Path):
+    """A user's `.trash-*` folder is never deleted: only `.trash-<name>-<pid>-<hex>` with our mark and a dead pid."""
+    dead, outside = _dead_pid(), _dir(tmp_path.parent / f"{tmp_path.name}-outside", **{fs.TRASH_MARK: ""})
+    root = _dir(tmp_path / "envs")
+    notes = _dir(root / ".trash-my-notes", **{"keep.txt": "user data"})
+    named_like_ours = _dir(root / f".trash-x-{dead}-0123abcd", **{"keep.txt": "user data"})
+    live = _dir(root / f".trash-y-{os.getpid()}-0123abcd", **{fs.TRASH_MARK: ""})
+    (root / f".trash-z-{dead}-89abcdef").symlink_to(outside)
+    ours = _dir(root / f".trash-tf4.48.0-cpu-py3.13-{dead}-4567abcd", a="1", **{fs.TRASH_MARK: ""})
+    (ours / "sub").mkdir()
+    fs.sweep_trash(root)
+    assert not ours.exists()
+    assert _files(notes) == {"keep.txt": "user data"} and _files(named_like_ours) == {"keep.txt": "user data"}
+    assert live.is_dir() and _files(outside) == {fs.TRASH_MARK: ""}
+    assert sorted(p.name for p in root.iterdir()) == sorted([notes.name, named_like_ours.name, live.name,
+                                                             f".trash-z-{dead}-89abcdef"])  # fmt: skip
+
+
+def test_discard_leaves_what_it_cannot_remove_marked_for_a_later_sweep(tmp_path: Path, monkeypatch):
+    """An installer that outlived its driver keeps writing: the trash stays, marked and named with our pid."""
+    env = _dir(tmp_path / "env", a="1")
+    (env / "sub").mkdir()
+    (env / "sub" / "b").write_text("2")
+    monkeypatch.setattr(fs.shutil, "rmtree", lambda *a, **k: None)  # the orphan wins the race
+    fs.discard(env, tmp_path)
+    assert not env.exists()
+    (trash,) = tmp_path.iterdir()
+    assert trash.name.startswith(".trash-env-") and (trash / fs.TRASH_MARK).is_file()
+    monkeypatch.undo()
+    fs.sweep_trash(tmp_path)
+    assert trash.exists()  # our own pid is alive: a live run's trash is not swept
+    monkeypatch.setattr(fs, "pid_alive", lambda pid: False)
+    fs.sweep_trash(tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -7,6 +7,8 @@ fallback), the one-line error for an unmet pin, and the overrides in the record 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -202,3 +204,83 @@ def test_the_report_shows_the_overrides_next_to_the_cell():
     cells = next(iter(grid.values()))
     md = render.markdown_grid(cells, set(), {"5.25.0": "kernels>=0.17"})
     assert "5.25.0 (override kernels>=0.17)" in md and "4.48.0 (override" not in md
+
+
+def _tiny_wheel(where: Path) -> Path:
+    """A one-module wheel, built here: what an overrides line may pin by URL and hash."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {
+        "tinypkg/__init__.py": b"X = 1\n",
+        "tinypkg-0.1.dist-info/METADATA": b"Metadata-Version: 2.1\nName: tinypkg\nVersion: 0.1\n",
+        "tinypkg-0.1.dist-info/WHEEL": b"Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    digest = lambda data: base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()  # noqa: E731
+    record = "".join(f"{k},sha256={digest(v)},{len(v)}\n" for k, v in files.items())
+    record += "tinypkg-0.1.dist-info/RECORD,,\n"
+    wheel = where / "tinypkg-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, data in {**files, "tinypkg-0.1.dist-info/RECORD": record.encode()}.items():
+            z.writestr(name, data)
+    return wheel
+
+
+WRONG = "0" * 64
+
+
+def test_a_hash_fragment_in_a_url_requirement_is_kept_and_only_a_spaced_hash_is_a_comment(tmp_path):
+    url = f"file://{tmp_path}/tinypkg-0.1-py3-none-any.whl#sha256={WRONG}"
+    found = overrides.parse(f">=4.48,<4.49: tinypkg @ {url}  # pinned by hash\n#>=4.48: x\n")
+    (requirement,) = overrides.for_release(found, "4.48.0")
+    assert requirement.endswith(f"#sha256={WRONG}") and "pinned" not in requirement
+
+
+@needs_torch
+def test_an_override_pinned_by_hash_reaches_the_installer_which_refuses_a_wrong_wheel(
+    tmp_path,
+    fake_installer,  # noqa: F811
+):
+    """The hash survives parse, env name and `--override` listing; uv then refuses the wheel (hash mismatch)."""
+    wheel = _tiny_wheel(tmp_path)
+    (tmp_path / "ov.txt").write_text(f"=={VERSION}: tinypkg @ {wheel.as_uri()}#sha256={WRONG}\n")
+    pinned = overrides.for_release(overrides.load(tmp_path / "ov.txt"), VERSION)
+    envs.ensure_env(VERSION, "system", root=tmp_path / "envs", log=lambda m: None, overrides=pinned)
+    install = next(cmd for cmd in fake_installer if "--override" in cmd)
+    listing = Path(install[install.index("--override") + 1])
+    assert listing.read_text().strip().endswith(f"#sha256={WRONG}")
+    uv = procs.find_uv()
+    if uv is None:
+        return  # the listing is checked above; uv's own refusal needs uv
+    run = lambda *a: subprocess.run([uv, *a], capture_output=True, text=True, timeout=120)  # noqa: E731
+    assert run("venv", "-q", "--offline", "--python", sys.executable, str(tmp_path / "v")).returncode == 0
+    target = str(venv.venv_python(tmp_path / "v"))
+    proc = run("pip", "install", "--offline", "--python", target, "--override", str(listing), "tinypkg")
+    assert proc.returncode != 0 and "Hash mismatch" in proc.stderr
+    assert not list(venv.site_packages(tmp_path / "v").glob("tinypkg*"))
+
+
+def _load_in_child(path: Path) -> subprocess.CompletedProcess[str]:
+    code = "import sys; from opensci_patch.matrix import overrides; overrides.load(sys.argv[1])"
+    env = procs.child_env()
+    return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60, env=env)
+
+
+@pytest.mark.parametrize("what", ["device", "fifo", "huge"])
+def test_an_overrides_file_that_is_not_a_small_regular_file_is_refused_at_once(tmp_path, what):
+    """/dev/zero read until memory ran out; a FIFO blocked for ever."""
+    path = tmp_path / "ov.txt"
+    if what == "device":
+        path = Path("/dev/zero")
+    elif what == "fifo":
+        os.mkfifo(path)
+    else:
+        path.write_text("# a comment line\n" * 100_000)
+    try:
+        proc = _load_in_child(path)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"overrides.load({path}) blocked")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith("opensci_patch.matrix.overrides.OverridesError"), proc.stderr[-500:]
+    assert ("larger than" if what == "huge" else "not a regular file") in last

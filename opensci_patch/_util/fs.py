@@ -40,25 +40,76 @@ def claim_dir(path: Path, mark: str | None = None, text: str = "") -> Path:
     return path
 
 
-def discard(path: Path, root: Path) -> None:
-    """Remove a directory of ours: rename it aside first (atomic), then delete it, ignoring errors.
+TRASH_MARK = ".opensci-patch-trash"  # written into a directory of ours before `discard` renames it to the trash
 
-    An installer that outlived a killed driver may still write into it, so `rmtree` can fail with
-    "Directory not empty"; renamed aside, that failure no longer matters (a later build sweeps the
-    rest) and the env path is free at once.
+
+def discard(path: Path, root: Path) -> None:
+    """Remove a directory of ours: mark it as trash, rename it aside (atomic), then delete it, ignoring errors.
+
+    An installer that outlived a killed driver may still write into it, so the removal can fail with
+    "Directory not empty"; renamed aside, that failure no longer matters (the env path is free at once) and
+    what is left keeps its mark and its name `.trash-<name>-<pid>-<hex>` (`stamped`), by which a later
+    `sweep_trash` recognises it as ours.
     """
-    trash = root / f".trash-{path.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    trash = stamped(root, f".trash-{path.name}")
+    try:
+        (path / TRASH_MARK).write_text(f"removed by opensci-patch (pid {os.getpid()}); safe to delete\n")
+    except FileNotFoundError:
+        return
+    except OSError:
+        pass  # e.g. full disk: unmarked, a leftover is never swept, but the removal goes on
     try:
         path.rename(trash)
     except FileNotFoundError:
         return
-    shutil.rmtree(trash, ignore_errors=True)
+    _remove_trash(trash)
+
+
+def _remove_trash(trash: Path) -> None:
+    """Delete `trash`; its mark goes only with the last of the rest, so what cannot be removed stays ours."""
+    try:
+        for child in trash.iterdir():
+            if child.name == TRASH_MARK:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+        if [child.name for child in trash.iterdir()] in ([], [TRASH_MARK]):
+            (trash / TRASH_MARK).unlink(missing_ok=True)
+            trash.rmdir()
+    except OSError:
+        pass
 
 
 def sweep_trash(root: Path) -> None:
-    for trash in root.glob(".trash-*"):
-        if trash.is_dir() and not trash.is_symlink():
-            shutil.rmtree(trash, ignore_errors=True)
+    """Delete what earlier `discard`s could not: only directories named `.trash-<name>-<pid>-<hex>` that hold
+    `TRASH_MARK` and whose pid is gone. Anything else (a user's `.trash-notes/`) is never touched."""
+    for trash in dead_stamped(root, r"\.trash-.+"):
+        if (trash / TRASH_MARK).is_file():
+            _remove_trash(trash)
+
+
+TEMP_MARK = ".opensci-patch-temp"  # in each `temp_dir`: ours, so that a later run may sweep it once its pid is gone
+
+
+@contextmanager
+def temp_dir(prefix: str) -> Iterator[Path]:
+    """A private temp dir `$TMPDIR/<prefix>-<pid>-<hex>` (`stamped`), marked as ours and removed at the end.
+
+    A SIGKILL leaves it behind, so first the ones of dead runs with this prefix are removed: only those that hold
+    `TEMP_MARK`, belong to this user and whose pid is gone, never anything else in the temp directory."""
+    parent, uid = Path(tempfile.gettempdir()), os.getuid() if hasattr(os, "getuid") else None
+    for old in dead_stamped(parent, re.escape(prefix)):
+        if (old / TEMP_MARK).is_file() and uid in (None, old.stat().st_uid):
+            remove_tree(old, [TEMP_MARK])
+    path = stamped(parent, prefix)
+    path.mkdir(mode=0o700)
+    try:
+        (path / TEMP_MARK).write_text(f"made by opensci-patch (pid {os.getpid()}); safe to delete once it is gone\n")
+        yield path
+    finally:
+        remove_tree(path, [TEMP_MARK])
 
 
 @contextmanager
@@ -120,22 +171,43 @@ def write_atomic(path: Path | str, content: str | bytes | dict | list | Any) -> 
 # --- a finished directory into place: build in a hidden sibling, then rename -------------------------------------
 
 
+def stamped(parent: Path, prefix: str) -> Path:
+    """A fresh name in `parent`, `<prefix>-<pid>-<hex>`: with our pid, so that a later run can tell the leftovers of
+    a killed run (`dead_stamped`) from those of a live one, and a random part, so that no two names clash."""
+    return parent / f"{prefix}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def dead_stamped(parent: Path, prefix: str) -> list[Path]:
+    """The `stamped(parent, ...)` directories (not links) whose prefix matches the regex `prefix` and whose pid is
+    gone on this host: what killed runs left. Whether one is really ours is for the caller to check (a marker, a
+    manifest) before touching it."""
+    pattern = re.compile(rf"(?:{prefix})-(?P<pid>\d+)-[0-9a-f]{{8}}")
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return []
+    return [
+        path
+        for path in entries
+        if (match := pattern.fullmatch(path.name))
+        and not path.is_symlink()
+        and path.is_dir()
+        and not pid_alive(int(match["pid"]))
+    ]
+
+
 def sibling(dst: Path, tag: str) -> Path:
-    """A fresh hidden name next to `dst`, `.<dst>.<tag>-<pid>-<hex>`: hidden so nobody takes it for `dst`, in
-    `dst`'s directory so the final rename stays on one file system (atomic), with our pid so that a later run
-    can tell the leftovers of a killed run (`dead_siblings`) from those of a live one."""
-    return dst.parent / f".{dst.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
+    """A fresh hidden name next to `dst`, `.<dst>.<tag>-<pid>-<hex>` (`stamped`): hidden so nobody takes it for
+    `dst`, in `dst`'s directory so the final rename stays on one file system (atomic)."""
+    return stamped(dst.parent, f".{dst.name}.{tag}")
 
 
 def dead_siblings(dst: Path, tags: Iterable[str]) -> dict[str, list[Path]]:
-    """Per tag, the `sibling(dst, tag)` directories (not links) whose pid is gone on this host: what killed runs
-    left. Whether one is really ours is for the caller to check (a marker, a manifest) before touching it."""
-    pattern = re.compile(rf"\.{re.escape(dst.name)}\.({'|'.join(map(re.escape, tags))})-(\d+)-[0-9a-f]{{8}}")
+    """Per tag, the `sibling(dst, tag)` directories (not links) whose pid is gone on this host (`dead_stamped`)."""
     found: dict[str, list[Path]] = {tag: [] for tag in tags}
-    for path in dst.parent.iterdir():
-        match = pattern.fullmatch(path.name)
-        if match and not path.is_symlink() and path.is_dir() and not pid_alive(int(match.group(2))):
-            found[match.group(1)].append(path)
+    prefix = re.compile(rf"\.{re.escape(dst.name)}\.(.*)")
+    for path in dead_stamped(dst.parent, rf"\.{re.escape(dst.name)}\.(?:{'|'.join(map(re.escape, tags))})"):
+        found[prefix.fullmatch(path.name.rsplit("-", 2)[0])[1]].append(path)
     return found
 
 

@@ -20,7 +20,8 @@ written last, after a successful install and a check that ``import torch`` and
 ``$XDG_CACHE_HOME/opensci-patch/envs`` (``~/.cache/opensci-patch/envs``). A directory without a
 marker is a half-made env (Ctrl-C, a killed driver, a crash) and is removed and rebuilt, but only
 when it is ours (``.opensci-patch-env`` written first, or our ``.pth``). Removal first renames the
-directory aside (``.trash-<name>-<pid>-<hex>``, swept by later builds), so an installer that outlived
+directory aside (``.trash-<name>-<pid>-<hex>`` with a mark in it; later builds sweep only such marked
+trash of dead pids, never another ``.trash-*``), so an installer that outlived
 a killed driver and still writes into it can neither make the removal fail nor leave a directory
 that no longer looks like ours; on Linux installer children also get ``PR_SET_PDEATHSIG`` and die
 with the driver. Creation is serialised per env with ``fcntl.flock`` on ``<root>/<name>.lock``
@@ -118,8 +119,7 @@ def ensure_env(
         overrides = overrides_mod.for_release(overrides_mod.from_env(), version)
     if torch_build not in TORCH_BUILDS:
         raise EnvironmentSetupError(f"unknown torch build {torch_build!r}: choose one of {', '.join(TORCH_BUILDS)}")
-    root = (root or locations.default_root()).expanduser().absolute()
-    root.mkdir(parents=True, exist_ok=True)
+    root = venv.check_settings(root)  # the env root and the variables that become paths or requirements
     name = env_name(version, torch_build, overrides)
     path = root / name
     expected: dict[str, Any] = {
@@ -133,7 +133,6 @@ def ensure_env(
         expected["overrides"] = list(overrides)
     # "torch": the linked torch's version; every env links one: the interpreter's ("system"), or the shared
     # layer of its build, where the pinned torch is installed and byte-compiled once ("torch_pin" set)
-    locations.wheel_dir_args()  # fail early: OPENSCI_PATCH_WHEELS names no directory
     if torch_links.links_system_torch(torch_build):
         expected["torch"] = torch_links.system_torch().version
         layer = None

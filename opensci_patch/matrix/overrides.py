@@ -3,7 +3,8 @@
 transformers 5.25.0 requires `kernels>=0.19.1,<0.20`; an index that has only kernels 0.17.2 cannot install it,
 so the release cannot be tested at all. An overrides file declares, per range of transformers releases, the
 requirements that replace the release's own (uv's `--override`: the declared requirement wins over every
-dependency's pin of that package). One line each, `#` starts a comment::
+dependency's pin of that package). One line each; as in pip's requirements files a `#` at the start of a line or
+after whitespace starts a comment, so a URL's `#sha256=...` fragment stays part of its requirement::
 
     transformers>=5.25,<5.26: kernels>=0.17
     transformers==5.25.0: kernels; sys_platform == "never"    # leave kernels out altogether
@@ -29,6 +30,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,10 +58,14 @@ class Override:
         return self.releases.contains(Version(version), prereleases=True)
 
 
+MAX_BYTES = 1 << 20  # an overrides file is a few lines; more is not one
+_COMMENT = re.compile(r"(^|\s+)#.*$")  # pip's rule: `#` at the start or after whitespace, never inside a URL
+
+
 def parse(text: str, source: str = "<overrides>") -> list[Override]:
     out = []
     for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
+        line = _COMMENT.sub("", raw).strip()
         if not line:
             continue
         where = f"{source}, line {number}"
@@ -88,8 +95,16 @@ def load(path: Path | str | None) -> list[Override]:
     if path is None:
         return []
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
+    try:  # non-blocking: a FIFO must not hang the run; fstat then refuses it, a device and a directory
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                what = "a pipe, device or directory"
+                raise OverridesError(f"{path}: not a regular file ({what}); name an overrides file")
+            data = fh.read(MAX_BYTES + 1)
+        if len(data) > MAX_BYTES:
+            raise OverridesError(f"{path}: larger than {MAX_BYTES} bytes; an overrides file is a few lines")
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         why = getattr(exc, "strerror", None) or exc
         raise OverridesError(f"{path}: cannot read the overrides file ({why})") from None

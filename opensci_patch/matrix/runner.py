@@ -31,7 +31,7 @@ import hashlib
 import json
 import re
 import shutil
-import tempfile
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -115,6 +115,26 @@ def _keep_in_cache(out: Path, cached: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _intact(cached: Path) -> bool:
+    """Whether a cached hotfix output still matches its manifest's sha256s (the env root may be shared, and its
+    files are run as model code); one that does not is said on stderr and removed, so it is made again."""
+    from opensci_patch.rewrite.hashed_copy import mismatches
+
+    problems = mismatches(cached)
+    if not problems:
+        return True
+    more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+    print(f"opensci-patch: warning: the cached hotfix output {cached} does not match its manifest "
+          f"({problems[0]}{more}); hotfixing again", file=sys.stderr)  # fmt: skip
+    aside = fs.sibling(cached, "bad")
+    try:
+        cached.rename(aside)
+    except OSError:
+        return False  # another run moved it first
+    fs.remove_tree(aside, [MANIFEST])
+    return False
+
+
 def hotfix_dir(tmp: Path, source: Path, variant: str) -> Path:
     """Where a run hotfixes `variant`: a basename of its own (the remote-code module name comes from it)."""
     return tmp / "models" / f"{_slug(source.name)}_{_slug(variant)}"
@@ -189,6 +209,9 @@ def run_cells(
     """Run cells, `jobs` releases at a time; one record per cell, one progress line per cell. Returns the count.
 
     `model_dir`: the checkpoint dir of every cell, or {checkpoint label: dir} for the cells' `Cell.checkpoint`."""
+    from opensci_patch.matrix.venv import check_settings
+
+    check_settings(env_root)  # a bad env root or variable: one line, before any record says "running"
     records.mkdir(parents=True, exist_ok=True)
     for cell in cells:  # a killed run leaves "running", never the previous run's result
         fs.write_atomic(records / f"{cell.id}.json", rec_io.running_record(cell, expected=asdict(expectation(cell))))
@@ -198,8 +221,8 @@ def run_cells(
         groups.setdefault((cell.transformers, cell.torch), []).append(cell)
     progress = _Progress(len(cells), log)
     dirs = model_dir if isinstance(model_dir, dict) else {c.checkpoint: model_dir for c in cells}
-    with tempfile.TemporaryDirectory(prefix="opensci-run-") as tmp:
-        run = _Run(records, Path(tmp), env_root, timeout, log, progress)
+    with fs.temp_dir("opensci-run") as tmp:  # also removes those of killed runs (a SIGKILLed driver)
+        run = _Run(records, tmp, env_root, timeout, log, progress)
         wanted = list(dict.fromkeys((c.checkpoint, c.model) for c in cells))
         hotfix_variants(run, wanted, dirs, list(groups))
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
@@ -290,7 +313,7 @@ def hotfix_once(
     misses = []
     for variant, source in dict.fromkeys(wanted):
         cached = hotfix_cache_dir(env_root, source, variant)
-        if (cached / MANIFEST).is_file():
+        if (cached / MANIFEST).is_file() and _intact(cached):
             log(f"{variant}: hotfix output reused from {cached.parent}")
             made[(variant, source)] = cached
         else:

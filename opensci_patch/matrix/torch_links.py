@@ -42,7 +42,6 @@ import re
 import shutil
 import sys
 import time
-from glob import escape as glob_escape
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -52,10 +51,10 @@ from opensci_patch._util.defaults import TORCH_PIN
 from opensci_patch._util.errors import EnvironmentSetupError
 from opensci_patch._util.locations import MARKER
 from opensci_patch.matrix import venv
-from opensci_patch.matrix.venv import SCHEMA, Log
+from opensci_patch.matrix.venv import SCHEMA, TORCH_INDEX_VAR, Log
 
-TORCH_INDEX_VAR = "OPENSCI_PATCH_TORCH_INDEX_URL"
 FARM_MANIFEST = "opensci-patch-torch.json"
+TMP_MARK = ".opensci-patch-tmp"  # in a link directory being written: ours, swept once its pid is gone
 
 
 def ensure_system_torch_dir(root: Path | None = None, *, log: Log = print) -> Path:
@@ -91,8 +90,7 @@ def ensure_torch_layer(torch_build: str, root: Path | None = None, *, log: Log =
     marker: its build was killed, so no env links it) is removed and rebuilt; a complete layer is never
     deleted, since envs started by another interpreter or checkout may be running on it.
     """
-    root = (root or locations.default_root()).expanduser().absolute()
-    root.mkdir(parents=True, exist_ok=True)
+    root = venv.check_settings(root)
     path = torch_layer_path(torch_build, root)
     want = {"schema": SCHEMA, "torch_build": torch_build, "torch_pin": TORCH_PIN, "base_python": base_interpreter()}
     with fs.locked(root / f"{path.name}.lock"):
@@ -145,13 +143,10 @@ def _ensure_farm(root: Path, torch, kind: str, log: Log) -> Path:
         if (farm / FARM_MANIFEST).exists() and (farm / "torch").exists():
             return farm
         dists, missing = _requirement_closure(torch, [where] if kind == "layer" else None)
-        for old in root.glob(f".tmp-{glob_escape(farm.name)}-*"):  # of killed runs (we hold the lock)
-            if old.name.rpartition("-")[2].isdigit() and not procs.pid_alive(int(old.name.rpartition("-")[2])):
+        for old in fs.dead_siblings(farm, ["tmp"])["tmp"]:  # of killed runs (we hold the lock)
+            if (old / TMP_MARK).is_file() or (old / FARM_MANIFEST).is_file():
                 shutil.rmtree(old, ignore_errors=True)
-        tmp = root / f".tmp-{farm.name}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        fs.claim_dir(tmp)
+        tmp = fs.claim_dir(fs.sibling(farm, "tmp"), TMP_MARK)
         try:
             linked = {d.metadata["Name"]: _link_distribution(d, tmp) for d in dists}
             (tmp / FARM_MANIFEST).write_text(
@@ -159,6 +154,7 @@ def _ensure_farm(root: Path, torch, kind: str, log: Log) -> Path:
                     {"torch": torch.version, "site_packages": where, "linked": linked, "missing": missing}, indent=1
                 )
             )
+            (tmp / TMP_MARK).unlink()  # the manifest marks it as ours from here on
             if farm.exists():
                 venv.remove_ours(farm, root, "dangling links", log, sentinel=FARM_MANIFEST)
             fs.publish_dir(tmp, farm)  # under the lock: a lost race only where there is no flock, to an equal farm

@@ -8,11 +8,12 @@ stand in for it.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from opensci_patch._util import procs
+from opensci_patch._util import defaults, locations, procs
 from opensci_patch._util.errors import EnvironmentSetupError
 from opensci_patch._util.fs import claim_dir, discard, sweep_trash
 from opensci_patch._util.locations import MARKER, ROOT_VAR, wheel_dir_args  # noqa: F401 (MARKER: the env's marker)
@@ -22,6 +23,33 @@ SCHEMA = 1
 SRC_PTH = "_opensci_patch_src.pth"
 
 Log = Callable[[str], None]
+PIN_VAR = "OPENSCI_PATCH_TORCH_PIN"  # read once, into `defaults.TORCH_PIN`
+TORCH_INDEX_VAR = "OPENSCI_PATCH_TORCH_INDEX_URL"
+# a release (a local label for a CUDA build): nothing that is a path, a marker or an installer option
+_PIN = re.compile(r"\d+(\.\d+)*((a|b|rc)\d+)?(\.post\d+)?(\.dev\d+)?(\+[a-z0-9]+(\.[a-z0-9]+)*)?")
+
+
+def check_settings(root: Path | None = None) -> Path:
+    """The env root (`root`, else `locations.default_root()`), absolute, created and writable; and every environment
+    variable that becomes a path or a requirement, checked: a bad one is one line (EnvironmentSetupError), before any
+    work, never a path outside the env root or a requirement with more in it than a version."""
+    if not _PIN.fullmatch(defaults.TORCH_PIN):
+        raise EnvironmentSetupError(f"{PIN_VAR}={defaults.TORCH_PIN!r} is not a torch release such as 2.13.0")
+    index = os.environ.get(TORCH_INDEX_VAR)
+    if index and not re.fullmatch(r"(https?|file)://[^\s]+", index):
+        raise EnvironmentSetupError(f"{TORCH_INDEX_VAR}={index!r} is not an http(s):// or file:// URL")
+    wheel_dir_args()  # OPENSCI_PATCH_WHEELS names a directory
+    root = (root or locations.default_root()).expanduser().absolute()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as exc:
+        raise EnvironmentSetupError(
+            f"the env root {root} cannot be created or written ({exc.strerror or exc}); set {ROOT_VAR} to a "
+            f"writable directory"
+        ) from None
+    return root
 
 
 def claim_new_dir(path: Path, root: Path) -> None:

@@ -249,7 +249,8 @@ def run(env, steps: list[Step], tmp: Path, *, timeout: float, on_result: Callabl
         return Outcome({}, -signal.SIGTERM, "the driver was terminated (SIGTERM)", None)
     proc = subprocess.Popen(
         [str(env.python), "-m", "opensci_patch.matrix.worker"],
-        # its temp files (HF modules caches) go under the driver's run dir: removed with it, even after a SIGKILL
+        # its temp files (HF modules caches) go under the driver's run dir, removed with it; after a SIGKILL of the
+        # driver the next run removes it (`fs.temp_dir`: our mark, a dead pid)
         env=child_env({"TMPDIR": str(tmp)}, root=env.path.parent),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,

@@ -11,12 +11,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+
+from opensci_patch._util import fs
 
 
 def _forget_remote_modules() -> None:
@@ -30,35 +30,35 @@ def _forget_remote_modules() -> None:
 
 @contextlib.contextmanager
 def isolated_hf_cache() -> Iterator[Path]:
-    """A fresh, private HF modules cache and offline hub for the duration of one capture."""
-    tmp = Path(tempfile.mkdtemp(prefix="opensci-hf-modules-"))
-    settings = {
-        "HF_MODULES_CACHE": str(tmp),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    }
-    saved = {k: os.environ.get(k) for k in settings}
-    os.environ.update(settings)
-    if "transformers.utils" in sys.modules:  # a later import of dynamic_module_utils would copy the stale path
-        import transformers.dynamic_module_utils  # noqa: F401
-    dmu = sys.modules.get("transformers.dynamic_module_utils")
-    old_cache = getattr(dmu, "HF_MODULES_CACHE", None)
-    if dmu is not None:  # transformers already imported: it read the variable at import time
-        dmu.HF_MODULES_CACHE = str(tmp)
-    _forget_remote_modules()  # a second capture in one process must not import from the first one's cache
-    try:
-        yield tmp
-    finally:
-        _forget_remote_modules()
-        if dmu is not None:
-            dmu.HF_MODULES_CACHE = old_cache
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        shutil.rmtree(tmp, ignore_errors=True)
+    """A fresh, private HF modules cache and offline hub for the duration of one capture (`fs.temp_dir`: removed at
+    the end, or by a later capture when this process was killed)."""
+    with fs.temp_dir("opensci-hf-modules") as tmp:
+        settings = {
+            "HF_MODULES_CACHE": str(tmp),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        }
+        saved = {k: os.environ.get(k) for k in settings}
+        os.environ.update(settings)
+        if "transformers.utils" in sys.modules:  # a later import of dynamic_module_utils would copy the stale path
+            import transformers.dynamic_module_utils  # noqa: F401
+        dmu = sys.modules.get("transformers.dynamic_module_utils")
+        old_cache = getattr(dmu, "HF_MODULES_CACHE", None)
+        if dmu is not None:  # transformers already imported: it read the variable at import time
+            dmu.HF_MODULES_CACHE = str(tmp)
+        _forget_remote_modules()  # a second capture in one process must not import from the first one's cache
+        try:
+            yield tmp
+        finally:
+            _forget_remote_modules()
+            if dmu is not None:
+                dmu.HF_MODULES_CACHE = old_cache
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 class _Collect(logging.Handler):

@@ -60,6 +60,37 @@ def made_by_us(path: Path) -> bool:
         return False
 
 
+def mismatches(out: Path) -> list[str]:
+    """What in the hotfix output `out` differs from its manifest: a file whose sha256 is not the recorded
+    `sha256_out`, one missing, one not listed (`__pycache__` aside), or no readable manifest. Empty: intact."""
+    try:
+        listed = json.loads((out / MANIFEST).read_text(encoding="utf-8"))["files"]
+        want = {str(rel): str(entry["sha256_out"]) for rel, entry in listed.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return [f"{MANIFEST}: missing or unreadable"]
+    found = set()
+    for path in sorted(out.rglob("*")):
+        rel = path.relative_to(out).as_posix()
+        if path.is_dir() and not path.is_symlink() or rel == MANIFEST or SKIP_DIRS & set(path.relative_to(out).parts):
+            continue
+        found.add(rel)
+    problems = [f"{rel}: not in the manifest" for rel in sorted(found - set(want))]
+    for rel, digest in sorted(want.items()):
+        if rel not in found:
+            problems.append(f"{rel}: missing")
+        elif (out / rel).is_symlink() or not (out / rel).is_file() or _file_sha(out / rel) != digest:
+            problems.append(f"{rel}: sha256 differs from the manifest")
+    return problems
+
+
+def _file_sha(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_manifest(
     out: Path, src: Path, summary: dict[str, Status], patches: list[Patch], files: Iterable[FileReport]
 ) -> None:
