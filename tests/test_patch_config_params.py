@@ -98,8 +98,11 @@ def test_a_config_that_keeps_every_parameter_and_other_classes_are_not_applicabl
 
 def test_a_lost_parameter_without_a_super_init_call_is_refused_naming_patch_and_file():
     source = CONVERTED_CONFIG.replace("super().__init__(", "PretrainedConfig.__init__(\n            self,")
-    with pytest.raises(PatchError, match=r"patch 'config_params' cannot rewrite configuration_osr\.py: OsrConfig"
-                       r"\.__init__ loses pad_token_id, bos_token_id, eos_token_id and calls no super\(\)\.__init__"):
+    with pytest.raises(
+        PatchError,
+        match=r"patch 'config_params' cannot rewrite configuration_osr\.py: OsrConfig"
+        r"\.__init__ loses pad_token_id, bos_token_id, eos_token_id and calls no super\(\)\.__init__",
+    ):
         PATCH.apply(source, "configuration_osr.py")
 
 

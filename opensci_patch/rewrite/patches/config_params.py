@@ -113,9 +113,7 @@ def _with_keywords(call: cst.Call, names: list[str]) -> cst.Call:
         sep = cst.Comma(whitespace_after=call.whitespace_before_args)
     else:
         sep = cst.Comma(whitespace_after=cst.SimpleWhitespace(" "))
-    new = [cst.Arg(keyword=cst.Name(n), value=cst.Name(n), equal=cst.AssignEqual(
-        whitespace_before=cst.SimpleWhitespace(""), whitespace_after=cst.SimpleWhitespace(""))) for n in names]
-    new = [a.with_changes(comma=sep) for a in new]
+    new = [cst.parse_expression(f"f({n}={n})").args[0].with_changes(comma=sep) for n in names]
     if at == len(args):  # appended: the last argument keeps the call's trailing comma (or its absence)
         last = args[-1].comma if args else cst.MaybeSentinel.DEFAULT
         new[-1] = new[-1].with_changes(comma=last)
