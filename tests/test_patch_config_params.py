@@ -186,3 +186,17 @@ def test_without_it_the_generated_model_fails_on_5_25_at_pad_token_id(generated_
     record = json.loads(out.read_text())
     assert record["status"] == "load-error" and record["error"]["type"] == "AttributeError"
     assert "'OpensciConfig' object has no attribute 'pad_token_id'" in record["error"]["message"]
+
+
+def test_a_config_on_a_config_class_of_the_file_is_checked_too():
+    source = CONVERTED_CONFIG + textwrap.dedent(
+        """\
+
+
+        class OsrVisionConfig(OsrConfig):
+            def __init__(self, patch_size=4, **kwargs):
+                OsrConfig.__init__(self, **kwargs)
+        """
+    )
+    with pytest.raises(PatchError, match=r"OsrVisionConfig\.__init__ loses patch_size and calls no super"):
+        PATCH.apply(source, "configuration_osr.py")

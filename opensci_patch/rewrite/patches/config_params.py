@@ -25,7 +25,7 @@ import ast
 
 import libcst as cst
 
-from opensci_patch.rewrite.patches.base import Patch, State, Unrecognised
+from opensci_patch.rewrite.patches.base import Patch, State, Unrecognised, combined
 from opensci_patch.rewrite.patches.inserts import MARKER, with_marker
 from opensci_patch.rewrite.patches.remote_code import library_configs
 from opensci_patch.rewrite.patches.syntax import code, full_name, method
@@ -92,15 +92,14 @@ def _inits(tree: cst.Module) -> list[tuple[cst.ClassDef, cst.FunctionDef]]:
 
 
 def inspect(tree: cst.Module) -> State:
-    done = False
+    found = []  # per config __init__: needed (a parameter lost) or done (passed on by this patch)
     for cls, init in _inits(tree):
         lost = unread(init)
-        if lost:
-            if _super_init(init) is None:
-                raise Unrecognised(f"{cls.name.value}.__init__ loses {', '.join(lost)} and calls no super().__init__")
-            return State.NEEDED
-        done = done or _marked(init)
-    return State.DONE if done else State.ABSENT
+        if lost and _super_init(init) is None:
+            raise Unrecognised(f"{cls.name.value}.__init__ loses {', '.join(lost)} and calls no super().__init__")
+        if lost or _marked(init):
+            found.append(State.NEEDED if lost else State.DONE)
+    return combined(found)
 
 
 def _with_keywords(call: cst.Call, names: list[str]) -> cst.Call:
