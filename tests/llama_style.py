@@ -107,12 +107,27 @@ def state_dict(seed: int = 0) -> dict:
     return weights
 
 
-def build(out: Path, *, rope_theta_read: bool = False) -> Path:
+# With `vendored=True` the model file is the 4.48.0 file as it is in transformers' tree (`from ...activations import`,
+# `from .configuration_llama import LlamaConfig`), next to this configuration module of our own, which gives it the
+# library's LlamaConfig through a two-dot import: a vendored copy of the kind relative_imports rewrites.
+VENDORED_CONFIGURATION = """\
+# The vendored Llama's configuration module: the library's config class, under the name the model file imports.
+from ..llama.configuration_llama import LlamaConfig
+
+__all__ = ["LlamaConfig"]
+"""
+
+
+def build(out: Path, *, rope_theta_read: bool = False, vendored: bool = False) -> Path:
     """Write the checkpoint to `out` (created; must not exist): model file, config, weights, tokenizer."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True)
-    (out / MODELING).write_text(modeling_source(rope_theta_read=rope_theta_read))
+    if vendored:
+        (out / MODELING).write_text(_upstream_text())
+        (out / "configuration_llama.py").write_text(VENDORED_CONFIGURATION)
+    else:
+        (out / MODELING).write_text(modeling_source(rope_theta_read=rope_theta_read))
     (out / "config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")
     save_file(state_dict(), str(out / "model.safetensors"), metadata={"format": "pt"})
     for name in TOKENIZER_FILES:

@@ -224,3 +224,48 @@ class ResearchForCausalLM(PreTrainedModel):
     def forward(self, input_ids: Optional[torch.LongTensor] = None, logits_to_keep: int | torch.Tensor = 0):
         return input_ids
 """
+
+# Issue 25. A config class as the modular converter unrolls one on Qwen3Config: the modular's signature names the
+# token ids, the unrolled body never stores them and passes only tie_word_embeddings on (config_params).
+CONVERTED_CONFIG = """\
+from transformers.configuration_utils import PretrainedConfig
+
+
+class OsrConfig(PretrainedConfig):
+    model_type = "osr"
+
+    def __init__(
+        self,
+        vocab_size=512,
+        hidden_size=96,
+        tie_word_embeddings=True,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        super().__init__(
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+"""
+
+# A modeling file vendored from transformers' tree: package-relative imports (relative_imports).
+VENDORED = """\
+import torch
+from torch import nn
+
+from ...activations import ACT2FN
+from ...modeling_utils import PreTrainedModel
+from ..llama.modeling_llama import LlamaRMSNorm
+from .configuration_osr import OsrConfig
+
+
+class OsrMLP(nn.Module):
+    def __init__(self, config: OsrConfig):
+        super().__init__()
+        self.act_fn = ACT2FN[config.hidden_act]
+        self.norm = LlamaRMSNorm(config.hidden_size)
+"""

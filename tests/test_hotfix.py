@@ -84,8 +84,10 @@ def test_hotfix_writes_a_patched_copy_next_to_the_source(src: Path, quiet: list[
     assert result.changed_files == 1
     # moved_helpers and auto_docstring_args target modular-generated files, rope_theta files that read a library
     # config's rope_theta, union_annotations PEP 604 annotations, remote_code files on a library config; the shipped,
-    # hand-written one has none of their constructs, and its __init__s already call post_init
-    absent = ("moved_helpers", "auto_docstring_args", "rope_theta", "union_annotations", "remote_code")
+    # hand-written one has none of their constructs (nor relative imports, nor a config parameter it drops), and its
+    # __init__s already call post_init
+    absent = ("moved_helpers", "auto_docstring_args", "rope_theta", "union_annotations", "remote_code",
+              "relative_imports", "config_params")  # fmt: skip
     assert result.summary == {
         p.name: "not-applicable" if p.name in absent else "already-applied" if p.name == "post_init" else "applied"
         for p in default_patches()
@@ -151,7 +153,8 @@ def test_hotfixing_a_fixed_dir_changes_nothing(src: Path, quiet: list[str], tmp_
     assert set(second.summary.values()) == {"already-applied", "not-applicable"}
     assert second.summary["moved_helpers"] == "not-applicable"
     assert second.diff == ""
-    absent = 5  # moved_helpers, auto_docstring_args, rope_theta, union_annotations, remote_code: not in the shipped one
+    absent = 7  # moved_helpers, auto_docstring_args, rope_theta, union_annotations, remote_code, relative_imports,
+    # config_params: not in the shipped one
     assert sum("already patched: nothing to change" in line for line in quiet) == len(default_patches()) - absent
     assert {k: v for k, v in _tree(second.dst).items() if k != MANIFEST} == {
         k: v for k, v in _tree(first.dst).items() if k != MANIFEST

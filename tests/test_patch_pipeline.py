@@ -43,7 +43,8 @@ def test_the_result_is_that_of_the_patches_one_by_one(modeling_source: str, patc
     ("old", "new", "patch"),
     [
         ("import LossKwargs, TransformersKwargs,", "import LossKwargs as LK, TransformersKwargs,", "loss_kwargs"),
-        ("class OpensciForCausalLM(", "def broken(:\nclass OpensciForCausalLM(", "loss_kwargs"),  # unparsable
+        # unparsable: the first patch in order says so
+        ("class OpensciForCausalLM(", "def broken(:\nclass OpensciForCausalLM(", "relative_imports"),
     ],
 )
 def test_an_error_is_the_one_the_patch_applied_alone_raises(modeling_source: str, old: str, new: str, patch: str):

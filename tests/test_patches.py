@@ -8,14 +8,31 @@ share are in tests/patch_sources.py."""
 from __future__ import annotations
 
 import pytest
-from patch_sources import FIXTURE, GENERATED, LLAMA_STYLE, NO_POST_INIT, PEP604, class_attribute
+from patch_sources import (
+    CONVERTED_CONFIG,
+    FIXTURE,
+    GENERATED,
+    LLAMA_STYLE,
+    NO_POST_INIT,
+    PEP604,
+    VENDORED,
+    class_attribute,
+)
 
 from opensci_patch._util.errors import PatchError
 from opensci_patch.rewrite.patches import PATCHES, apply_patches, by_name, default_patches, select
 
 NAMES = [p.name for p in PATCHES]
 # the patches whose construct the shipped, hand-written file does not have
-NOT_IN_SHIPPED = ("moved_helpers", "auto_docstring_args", "rope_theta", "union_annotations", "remote_code")
+NOT_IN_SHIPPED = (
+    "moved_helpers",
+    "auto_docstring_args",
+    "rope_theta",
+    "union_annotations",
+    "remote_code",
+    "relative_imports",
+    "config_params",
+)
 
 # patch -> (text in the fixture, what it becomes): a target the patch must refuse to guess at
 MANGLED = {
@@ -48,6 +65,8 @@ MANGLED = {
         "    config_class = LlamaConfig\n    is_remote_code = classmethod(lambda cls: False)\n",
     ),
     "union_annotations": ("from typing import Optional\n", "from typing import Optional\nfrom mylib import Union\n"),
+    "relative_imports": ("from ...activations import ACT2FN", "from ....activations import ACT2FN"),
+    "config_params": ("        super().__init__(\n", "        PretrainedConfig.__init__(\n            self,\n"),
     "cache_kwarg": (
         "        logits_to_keep: Union[int, torch.Tensor] = 0,\n",
         "        logits_to_keep: Union[int, torch.Tensor] = 0,\n        cache: Optional[Cache] = None,\n",
@@ -58,7 +77,8 @@ MANGLED = {
 def target_source(name: str, modeling_source: str) -> str:
     """The source a patch has a target in: the shipped file, or for moved_helpers and rope_theta a small one."""
     small = {"moved_helpers": GENERATED, "auto_docstring_args": GENERATED, "rope_theta": LLAMA_STYLE,
-             "post_init": NO_POST_INIT, "remote_code": NO_POST_INIT, "union_annotations": PEP604}  # fmt: skip
+             "post_init": NO_POST_INIT, "remote_code": NO_POST_INIT, "union_annotations": PEP604,
+             "relative_imports": VENDORED, "config_params": CONVERTED_CONFIG}  # fmt: skip
     return small.get(name, modeling_source)
 
 
@@ -67,6 +87,7 @@ def target_source(name: str, modeling_source: str) -> str:
 
 def test_registry_order_and_defaults():
     assert NAMES == [
+        "relative_imports",
         "loss_kwargs",
         "union_annotations",
         "moved_helpers",
@@ -78,11 +99,12 @@ def test_registry_order_and_defaults():
         "remote_code",
         "post_init",
         "hub_kernels",
+        "config_params",
         "sdpa_gqa",
         "inv_freq_guard",
         "init_weights",
     ]
-    assert [p.name for p in default_patches()] == NAMES[:13]
+    assert [p.name for p in default_patches()] == NAMES[:15]
     assert [p.name for p in select(["init_weights"])] == NAMES
     with pytest.raises(PatchError, match="unknown patch 'nope'"):
         select(["nope"])
