@@ -20,8 +20,6 @@ transformers per release, not two per cell:
   recorded as a timeout and the cells after it are rerun one per process. Bad input to a capture
   (exit 2) is recorded as a run error ("crash", "exit 2"), never as a failure of the model.
 - Releases in parallel (`jobs`), one progress line per finished cell.
-
-`run_cell` (`bisect` runs one cell at a time) is `run_cells([cell])`.
 """
 
 from __future__ import annotations
@@ -41,8 +39,11 @@ from pathlib import Path
 
 from opensci_patch._util import fs, procs
 from opensci_patch._util.defaults import MANIFEST
+from opensci_patch._util.errors import EnvironmentSetupError, OpensciPatchError
 from opensci_patch._util.faults import fault_point
+from opensci_patch._util.locations import default_root
 from opensci_patch.matrix.spec import VARIANTS, Cell, expectation
+from opensci_patch.matrix.venv import check_settings
 from opensci_patch.matrix.worker import CaptureStep, HotfixStep, Step, StepResult, finish
 from opensci_patch.matrix.worker import run as run_worker
 from opensci_patch.measure import records as rec_io
@@ -85,7 +86,6 @@ def _package_digest() -> str:
 def hotfix_cache_dir(root: Path | None, source: Path, variant: str) -> Path:
     """Where the hotfix of `source` for `variant` is kept across runs: keyed by the source's files, the
     variant's hotfix options and every source file of this opensci_patch (a code change is a new key)."""
-    from opensci_patch._util.locations import default_root
 
     key = hashlib.sha256(
         "\n".join(
@@ -178,7 +178,6 @@ class _Run:
 
     def env(self, version: str, build: str):
         """The env of a release (built at most once per run); an EnvironmentSetupError is returned, not raised."""
-        from opensci_patch._util.errors import EnvironmentSetupError
         from opensci_patch.matrix.envs import ensure_env
 
         key = (version, build)
@@ -209,8 +208,6 @@ def run_cells(
     """Run cells, `jobs` releases at a time; one record per cell, one progress line per cell. Returns the count.
 
     `model_dir`: the checkpoint dir of every cell, or {checkpoint label: dir} for the cells' `Cell.checkpoint`."""
-    from opensci_patch.matrix.venv import check_settings
-
     check_settings(env_root)  # a bad env root or variable: one line, before any record says "running"
     records.mkdir(parents=True, exist_ok=True)
     for cell in cells:  # a killed run leaves "running", never the previous run's result
@@ -249,7 +246,6 @@ def hotfix_variants(
     run: _Run, wanted: list[tuple[str, str]], dirs: dict[str, Path], releases: list[tuple[str, str]]
 ) -> None:
     """Fill `run.models`: each (checkpoint, variant)'s model dir, hotfixed once for the whole run (or why not)."""
-    from opensci_patch._util.errors import EnvironmentSetupError
 
     sources: dict[tuple[str, str], Path] = {}
     for key in wanted:
@@ -379,7 +375,6 @@ def _at(result: StepResult, index: int) -> StepResult:
 
 def run_release(run: _Run, cells: list[Cell]) -> None:
     """Every cell of one release: one worker for all of them, then the fallback for the rest."""
-    from opensci_patch._util.errors import EnvironmentSetupError
 
     start = time.monotonic()
     env = run.env(cells[0].transformers, cells[0].torch)
@@ -421,7 +416,6 @@ def main_cells(cells: list[Cell], model_dir: Path | dict[str, Path], records: Pa
 def checkpoint_dirs(models: list[Path]) -> dict[str, Path]:
     """`cell --model DIR ...`: {checkpoint label: dir}, each dir checked (exit 2 when unusable); two dirs with
     one label (one basename) are refused, as their records and remote-code modules would collide."""
-    from opensci_patch._util.errors import OpensciPatchError
     from opensci_patch.matrix.spec import checkpoint_label
     from opensci_patch.measure.input_checks import validate_model_dir
 
