@@ -33,6 +33,7 @@ the files and writes the manifest.
 
 from __future__ import annotations
 
+import ast
 import difflib
 import os
 from collections.abc import Callable, Iterable
@@ -145,8 +146,40 @@ def _patch_file(path: Path, patches: list[Patch]) -> PatchedFile:
         text = before.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ModelDirError(f"{path}: not UTF-8 text ({exc.reason})") from None
-    new_text, statuses = apply_patches(text, patches, str(path))
+    tree = _python_tree(path, text)
+    try:
+        new_text, statuses = apply_patches(text, patches, str(path))
+    except RecursionError:  # libcst walks and prints trees recursively; Python's own parser took the file
+        raise ModelDirError(
+            f"{path}: line {_deepest_statement(tree)}: nested too deeply for libcst, the parser the patches use "
+            "(an expression of hundreds of terms, or a long elif chain); split it into smaller statements"
+        ) from None
     return PatchedFile.of(path.name, before, new_text.encode("utf-8") if new_text != text else before, statuses)
+
+
+def _python_tree(path: Path, text: str) -> ast.Module:
+    """The file as Python's own parser reads it, else one line: libcst's native parser crashes the process on some
+    nestings Python refuses (thousands of brackets), so a file goes to libcst only once Python has parsed it."""
+    try:
+        return ast.parse(text, str(path))
+    except SyntaxError as exc:
+        raise ModelDirError(f"{path}: syntax error at line {exc.lineno}, column {exc.offset or 1}: {exc.msg}") from None
+    except (RecursionError, MemoryError, ValueError) as exc:  # too deep for Python's parser too; NUL bytes
+        why = str(exc) or "nested too deeply"
+        raise ModelDirError(f"{path}: Python cannot parse it ({type(exc).__name__}: {why})") from None
+
+
+def _deepest_statement(tree: ast.Module) -> int:
+    """The line of the statement holding the most deeply nested node (walked without recursion)."""
+    deepest, line = -1, 1
+    stack: list[tuple[ast.AST, int, int]] = [(tree, 0, 1)]
+    while stack:
+        node, depth, at = stack.pop()
+        at = node.lineno if isinstance(node, ast.stmt) else at
+        if depth > deepest:
+            deepest, line = depth, at
+        stack.extend((child, depth + 1, at) for child in ast.iter_child_nodes(node))
+    return line
 
 
 def _summary(patched: list[PatchedFile], patches: list[Patch]) -> dict[str, Status]:
