@@ -17,7 +17,9 @@ Safety rules, because the input is a user's (possibly only) copy of a multi-GB c
   to SRC, inside SRC, or containing SRC is refused.
 - A symlinked SRC is read through the link; the default DST is `<SRC>_fixed` next to the link as
   the user named it, not next to the link's target. Links inside SRC are followed; two links to
-  one directory are copied twice; only a link back to a directory above it is a loop (an error).
+  one directory are copied twice; a link to a directory above it (SRC's parent too) is a loop, and a
+  link to the directory that holds DST would copy the output into itself: both are errors, found (as
+  are pipes, devices, broken links) by a walk of SRC before anything is written, by `--check` too.
 - Weights are copied, never hard-linked: a hard link shares the inode, so a later in-place
   write to the output would silently change the input. Each file is hashed while it is
   copied, in chunks, so multi-GB files are read once and never held in memory.
@@ -47,13 +49,14 @@ from opensci_patch._util.faults import fault_point
 from opensci_patch.rewrite.destination import (
     PARTIAL_MARK,
     check_existing,
+    check_overlap,
     exclusive,
     partial_dir,
     prepare_destination,
     remove_stale,
     swap_in,
 )
-from opensci_patch.rewrite.hashed_copy import TOOL, FileReport, PatchedFile, copy_tree, write_manifest
+from opensci_patch.rewrite.hashed_copy import TOOL, FileReport, PatchedFile, check_tree, copy_tree, write_manifest
 from opensci_patch.rewrite.patches import PATCHES, Patch, Status, apply_patches, select
 
 STATUS_TEXT = {
@@ -93,7 +96,8 @@ def hotfix(
     named = Path(os.path.abspath(src))  # as the user named it: a symlinked SRC's output goes next to the link
     target = Path(dst) if dst is not None else named.parent / f"{named.name}_fixed"
     patches = select(extras, only)
-    if check:
+    if check:  # the run's input checks, writing nothing
+        check_tree(source, check_overlap(source, target))
         patched = _patch_all(source, patches)
         summary = _summary(patched, patches)
         diff = "".join(_diff(p) for p in patched)
@@ -105,6 +109,7 @@ def hotfix(
         return HotfixResult(target, summary, changed, diff, tuple(patched), check=True)
 
     target = prepare_destination(source, target, force)  # before the work, to fail fast
+    check_tree(source, target)  # what the copy refuses, before anything is written
     with exclusive(target):
         remove_stale(target, log)  # may put back an output a killed swap had moved aside
         check_existing(target, force)  # again, now that no other hotfix can write there
@@ -217,7 +222,7 @@ def _build(
     """Write everything into a hidden sibling, then rename it into place (see the module docstring)."""
     with partial_dir(dst) as partial:
         fault_point("hotfix.started")
-        files = copy_tree(src, partial, patched)
+        files = copy_tree(src, partial, dst, patched)
         fault_point("hotfix.copied")
         write_manifest(partial, src, summary, patches, files)
         (partial / PARTIAL_MARK).unlink()  # the manifest now says "ours"; the output must not carry the marker
