@@ -131,7 +131,7 @@ def cmd_demo(args) -> int:
     """The main job on the shipped checkpoint; the verdict compares with the shipped 4.48.0 record."""
     from opensci_patch.demo import run
 
-    return run(args.workdir, log=lambda m: print(m, flush=True))
+    return run(args.workdir, args.force, log=lambda m: print(m, flush=True))
 
 
 def cmd_releases(args) -> int:
@@ -306,9 +306,9 @@ def _capture_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--workdir", type=Path, default=None, help="where to put the model dirs and records (default: a new temp dir)"
-    )
+    p.add_argument("--workdir", type=Path, default=None,
+        help="where to put the model dirs and records (default: a new temp dir)")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="run again in an earlier demo's workdir, replacing its files")
 
 
 def _releases_arguments(p: argparse.ArgumentParser) -> None:

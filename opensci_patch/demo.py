@@ -15,6 +15,8 @@ is what 4.48.0 gives today.
 
 from __future__ import annotations
 
+import filecmp
+import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from opensci_patch._util.defaults import DATA_DIR, FIXTURE_DIR
 from opensci_patch._util.errors import DestinationError
-from opensci_patch.measure.records import Record, load
+from opensci_patch.measure.records import Record, RecordError, load
 from opensci_patch.results.verdict import same_tokens_within
 
 REFERENCE_RECORD = DATA_DIR / "opensci-tiny.reference.json"
@@ -52,19 +54,70 @@ def compare(record: Record, reference: Record, tolerance: float = TOLERANCE) -> 
     return match, f"{'MATCH' if match else 'MISMATCH'} with the {where}: {why}"
 
 
-def run(workdir: Path | None, log=print) -> int:
-    """fixture -> hotfix -> capture original and patched (child processes) -> verdict. Returns the exit code."""
+OUTPUTS = ("opensci-tiny", "opensci-tiny_fixed", "record-original.json", "record-patched.json")  # in a workdir
+
+
+def check_workdir(work: Path, force: bool) -> None:
+    """Refuse a workdir holding an earlier demo's outputs unless `force`; with it, refuse (before anything is
+    written) any of them that is not the demo's own: a checkpoint copy that differs from the shipped one, an
+    output dir without hotfix's manifest, a file that is not a capture record."""
+    from opensci_patch.rewrite.hashed_copy import made_by_us
+
+    earlier = [name for name in OUTPUTS if os.path.lexists(work / name)]
+    if earlier and not force:
+        raise DestinationError(
+            f"{work} already holds {', '.join(earlier)}; pass --force to run the demo there again, replacing "
+            "them (only if an earlier demo wrote them), or choose another work directory"
+        )
+    for name in earlier:
+        path = work / name
+        if name == OUTPUTS[0]:
+            ours = path.is_dir() and not path.is_symlink() and _is_shipped_copy(path)
+        elif name == OUTPUTS[1]:
+            ours = path.is_dir() and not path.is_symlink() and made_by_us(path)
+        else:
+            ours = path.is_file() and not path.is_symlink() and _is_record(path)
+        if not ours:
+            raise DestinationError(
+                f"{path} was not written by demo (or fixture); it is never replaced, even with --force: "
+                "choose another work directory"
+            )
+
+
+def _is_shipped_copy(path: Path) -> bool:
+    """Every file in `path` is byte for byte the shipped checkpoint's file of that name (what demo or fixture wrote)."""
+    for entry in path.iterdir():
+        shipped = FIXTURE_DIR / entry.name
+        if entry.is_symlink() or not (entry.is_file() and shipped.is_file() and filecmp.cmp(entry, shipped, False)):
+            return False
+    return True
+
+
+def _is_record(path: Path) -> bool:
+    try:
+        load(path)
+    except RecordError:
+        return False
+    return True
+
+
+def run(workdir: Path | None, force: bool = False, log=print) -> int:
+    """fixture -> hotfix -> capture original and patched (child processes) -> verdict. Returns the exit code.
+
+    `force`: run again in a workdir an earlier demo wrote, replacing its outputs (only those: `check_workdir`)."""
     from opensci_patch.rewrite.hotfix import hotfix
 
     work = workdir or Path(tempfile.mkdtemp(prefix="opensci-demo-"))
-    orig = write_fixture(work / "opensci-tiny", force=False)
-    fixed = work / "opensci-tiny_fixed"
-    hotfix(orig, fixed)
+    check_workdir(work, force)
+    orig = write_fixture(work / OUTPUTS[0], force=force)
+    fixed = work / OUTPUTS[1]
+    hotfix(orig, fixed, force=force)
     rc = 0
     for name, model in (("original", orig), ("patched", fixed)):
         log(f"== capture: {name} model")
         out = work / f"record-{name}.json"
         cmd = [sys.executable, "-m", "opensci_patch.cli", "capture", str(model), "--quiet", "--out", str(out)]
+        cmd += ["--force"] if force else []
         proc = subprocess.run(cmd, text=True, capture_output=True)
         log(proc.stdout.strip())
         if proc.returncode not in (0, 1):

@@ -33,7 +33,7 @@ from opensci_patch._util.defaults import (
 from opensci_patch._util.errors import CaptureError, ModelDirError
 from opensci_patch._util.model_dir import read_config
 from opensci_patch.measure import provenance
-from opensci_patch.measure.input_checks import check_prompt_length, check_sizes, validate_model_dir
+from opensci_patch.measure.input_checks import check_prompt_length, check_sizes, check_token_ids, validate_model_dir
 from opensci_patch.measure.isolation import collected_warnings
 from opensci_patch.measure.kv_check import check_decode_steps
 from opensci_patch.measure.records import (
@@ -50,7 +50,7 @@ from opensci_patch.measure.records import (
 
 # The fp64 reference needs ~8 bytes per parameter on the CPU: skip it above this size.
 REFERENCE_MAX_WEIGHT_BYTES = 1 << 30
-_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps|xpu(:\d+)?)$")
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")  # what this tool runs and checks; torch knows more (mps, xpu...)
 
 
 @dataclass
@@ -203,7 +203,7 @@ def check_settings(settings: CaptureSettings) -> None:
     if settings.attn not in ATTENTION:
         raise CaptureError(f"attention {settings.attn!r} not one of {', '.join(ATTENTION)}")
     if not _DEVICE.match(settings.device):
-        raise CaptureError(f"device {settings.device!r} is not a device; use cpu or cuda[:N]")
+        raise CaptureError(f"device {settings.device!r} is not a device this tool runs; use cpu or cuda[:N]")
     if not settings.prompt:
         raise CaptureError("the prompt is empty; pass --prompt with some text")
     if settings.max_new_tokens < 1:
@@ -241,6 +241,10 @@ def _check_input(settings: CaptureSettings, model: Path) -> None:
         raise CaptureError(
             f"device {settings.device!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU"
         )
+    if settings.device.startswith("cuda:") and int(settings.device[5:]) >= torch.cuda.device_count():
+        raise CaptureError(
+            f"device {settings.device!r} asked for, but this torch sees {torch.cuda.device_count()} GPU(s)"
+        )
     check_release()
 
 
@@ -250,6 +254,7 @@ def _prompt_ids(tokenizer, settings: CaptureSettings, model: Path):
     if input_ids.shape[1] == 0:
         raise CaptureError(f"the prompt {settings.prompt!r} encodes to no tokens; pass --prompt with some text")
     check_prompt_length(model, input_ids.shape[1])
+    check_token_ids(model, input_ids[0].tolist(), "the prompt")
     return input_ids
 
 
@@ -338,6 +343,7 @@ def _capture(settings: CaptureSettings, log) -> Record:
 
     tokenizer = load_tokenizer(model)
     target_id = target_token_id(tokenizer, settings.target)
+    check_token_ids(model, [target_id], f"the target {settings.target!r}")
     input_ids = _prompt_ids(tokenizer, settings, model)
     record.input_ids = input_ids[0].tolist()
 

@@ -1,8 +1,9 @@
 """Refuse bad input before any model is built: a ModelDirError or CaptureError (exit 2), never a model failure.
 
 What a model load would only find out late, or as a confusing failure of the model code: an `auto_map` naming a
-module file that is not there, config sizes that are not positive integers or describe a model too big for this
-memory, a safetensors file whose header or data does not add up, a prompt longer than the model's positions.
+module file that is not there (or code in another hub repo), config sizes that are not positive integers or
+describe a model too big for this memory, a safetensors file whose header or data does not add up, a prompt longer
+than the model's positions, token ids past the model's vocabulary.
 """
 
 from __future__ import annotations
@@ -92,7 +93,12 @@ def check_auto_map(model: Path, data: dict) -> None:
                 continue
             if not isinstance(one, str) or "." not in one:
                 raise ModelDirError(f"{model / 'config.json'}: auto_map[{key!r}] = {one!r} is not 'module.Class'")
-            module = one.split("--")[-1].rsplit(".", 1)[0]
+            if "--" in one:  # transformers fetches `repo--module.Class` from that hub repo, whatever is here
+                raise ModelDirError(
+                    f"{model / 'config.json'}: auto_map[{key!r}] = {one!r} names code in the hub repo "
+                    f"{one.split('--')[0]}, not in the directory; copy that file here and name it 'module.Class'"
+                )
+            module = one.rsplit(".", 1)[0]
             if not (model / f"{module.replace('.', '/')}.py").is_file():
                 raise ModelDirError(f"{model}: auto_map[{key!r}] names {module}.py, which is not in the directory")
 
@@ -163,6 +169,17 @@ def validate_model_dir(model: Path) -> None:
         raise ModelDirError(f"{model}: no *.safetensors weights")
     for w in weights:
         _check_safetensors(w)
+
+
+def check_token_ids(model: Path, ids: list[int], what: str) -> None:
+    """Refuse token ids past the model's `vocab_size` (a tokenizer that is not this model's): the embedding lookup
+    would fail with "index out of range in self", recorded as a failure of the model."""
+    vocab = read_config(model).get("vocab_size")
+    if isinstance(vocab, int) and ids and max(ids) >= vocab:
+        raise ModelDirError(
+            f"{model}: the tokenizer gives token id {max(ids)} for {what}, but config.json's vocab_size is {vocab} "
+            f"(ids 0 to {vocab - 1}): the tokenizer does not belong to this model"
+        )
 
 
 def check_prompt_length(model: Path, tokens: int) -> None:

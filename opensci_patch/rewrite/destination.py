@@ -27,16 +27,22 @@ def prepare_destination(src: Path, dst: Path, force: bool) -> Path:
     """DST resolved, checked (`check_existing`, no overlap with SRC, not a link) and its parent made: fail fast."""
     if dst.is_symlink():
         raise DestinationError(f"{dst} is a symbolic link; give the real output path")
-    resolved = dst.resolve()
-    if resolved == src or resolved.is_relative_to(src):
-        raise DestinationError(f"{dst} is the source directory or inside it; choose an output outside {src}")
-    if src.is_relative_to(resolved):
-        raise DestinationError(f"{dst} contains the source directory {src}; choose another output")
+    resolved = check_overlap(src, dst)
     check_existing(resolved, force)
     try:
         resolved.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DestinationError(f"cannot create {resolved.parent}: {exc.strerror}") from None
+    return resolved
+
+
+def check_overlap(src: Path, dst: Path) -> Path:
+    """DST resolved, refused when it is SRC, inside it or contains it (`hotfix --check` checks this too)."""
+    resolved = dst.resolve()
+    if resolved == src or resolved.is_relative_to(src):
+        raise DestinationError(f"{dst} is the source directory or inside it; choose an output outside {src}")
+    if src.is_relative_to(resolved):
+        raise DestinationError(f"{dst} contains the source directory {src}; choose another output")
     return resolved
 
 

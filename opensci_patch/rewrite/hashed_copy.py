@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,17 +106,17 @@ def write_manifest(
     write_atomic(out / MANIFEST, manifest)
 
 
-def copy_tree(src: Path, out: Path, patched: dict[str, PatchedFile]) -> tuple[FileReport, ...]:
-    """Copy `src` into `out` (following symlinks, e.g. a Hugging Face cache snapshot), hashing as it goes.
+def walk_tree(src: Path, dst: Path) -> Iterator[tuple[Path, Path, bool]]:
+    """(path, path relative to `src`, is a directory) for everything `copy_tree` copies to `dst`, in its order.
 
-    The files in `patched` are written patched. Two links to one directory give two copies; only a link back to
-    a directory above it (which would never end) is an error. Anything but regular files and directories (a
-    pipe would block the copy forever; a dangling link has nothing to copy) is refused with its path.
+    Links are followed (e.g. a Hugging Face cache snapshot); two links to one directory are walked twice. Refused
+    with the path (ModelDirError), each before the walk goes in: a link to a directory at or above one it is in
+    (SRC's parent included: it would never end), a directory that holds `dst` or is inside it (the copy would copy
+    its own output), anything but regular files and directories (a pipe would block the copy forever; a dangling
+    link has nothing to copy).
     """
-    files: list[FileReport] = []
 
-    def walk(directory: Path, rel: Path, above: tuple[str, ...]) -> None:
-        (out / rel).mkdir(exist_ok=True)
+    def walk(directory: Path, rel: Path, above: tuple[Path, ...]) -> Iterator[tuple[Path, Path, bool]]:
         for name in sorted(os.listdir(directory)):
             path, rel_path = directory / name, rel / name
             try:
@@ -129,29 +129,52 @@ def copy_tree(src: Path, out: Path, patched: dict[str, PatchedFile]) -> tuple[Fi
             if stat.S_ISDIR(info.st_mode):
                 if name in SKIP_DIRS:
                     continue
-                real = os.path.realpath(path)
-                if real in above:
+                real = Path(os.path.realpath(path))
+                if any(a.is_relative_to(real) for a in above):
                     raise ModelDirError(f"{path}: symbolic link loop (it leads back to {real}); remove that link")
-                walk(path, rel_path, (*above, real))
+                if dst.parent.is_relative_to(real) or real.is_relative_to(dst):
+                    raise ModelDirError(
+                        f"{path}: symbolic link to {real}, which holds the output {dst} (the copy would copy itself); "
+                        "remove that link or choose another output"
+                    )
+                yield path, rel_path, True
+                yield from walk(path, rel_path, (*above, real))
             elif stat.S_ISREG(info.st_mode):
-                key = rel_path.as_posix()
-                if key == MANIFEST:
-                    continue  # an earlier hotfix's manifest: this run writes its own
-                target = out / rel_path
-                if key in patched:
-                    target.write_bytes(patched[key].after)
-                    shutil.copymode(path, target)
-                    files.append(patched[key])
-                else:
-                    digest = _copy_hashing(path, target)
-                    files.append(FileReport(key, digest, digest, {}))
+                yield path, rel_path, False
             else:
                 raise ModelDirError(
                     f"{path}: not a regular file or directory (a pipe, socket or device); "
                     "remove it from the model directory"
                 )
 
-    walk(src, Path(), (os.path.realpath(src),))
+    yield from walk(src, Path(), (Path(os.path.realpath(src)),))
+
+
+def check_tree(src: Path, dst: Path) -> None:
+    """`walk_tree`'s refusals, before anything is written (and by `hotfix --check`, which writes nothing)."""
+    for _ in walk_tree(src, dst):
+        pass
+
+
+def copy_tree(src: Path, out: Path, dst: Path, patched: dict[str, PatchedFile]) -> tuple[FileReport, ...]:
+    """Copy `src` into `out` (the partial dir that becomes `dst`) as `walk_tree` walks it, hashing as it goes.
+
+    The files in `patched` are written patched; an earlier hotfix's manifest is left out (this run writes its own).
+    """
+    files: list[FileReport] = []
+    for path, rel_path, is_dir in walk_tree(src, dst):
+        target, key = out / rel_path, rel_path.as_posix()
+        if is_dir:
+            target.mkdir()
+        elif key == MANIFEST:
+            continue
+        elif key in patched:
+            target.write_bytes(patched[key].after)
+            shutil.copymode(path, target)
+            files.append(patched[key])
+        else:
+            digest = _copy_hashing(path, target)
+            files.append(FileReport(key, digest, digest, {}))
     return tuple(files)
 
 

@@ -17,7 +17,9 @@ Safety rules, because the input is a user's (possibly only) copy of a multi-GB c
   to SRC, inside SRC, or containing SRC is refused.
 - A symlinked SRC is read through the link; the default DST is `<SRC>_fixed` next to the link as
   the user named it, not next to the link's target. Links inside SRC are followed; two links to
-  one directory are copied twice; only a link back to a directory above it is a loop (an error).
+  one directory are copied twice; a link to a directory above it (SRC's parent too) is a loop, and a
+  link to the directory that holds DST would copy the output into itself: both are errors, found (as
+  are pipes, devices, broken links) by a walk of SRC before anything is written, by `--check` too.
 - Weights are copied, never hard-linked: a hard link shares the inode, so a later in-place
   write to the output would silently change the input. Each file is hashed while it is
   copied, in chunks, so multi-GB files are read once and never held in memory.
@@ -33,6 +35,7 @@ the files and writes the manifest.
 
 from __future__ import annotations
 
+import ast
 import difflib
 import os
 from collections.abc import Callable, Iterable
@@ -46,13 +49,14 @@ from opensci_patch._util.faults import fault_point
 from opensci_patch.rewrite.destination import (
     PARTIAL_MARK,
     check_existing,
+    check_overlap,
     exclusive,
     partial_dir,
     prepare_destination,
     remove_stale,
     swap_in,
 )
-from opensci_patch.rewrite.hashed_copy import TOOL, FileReport, PatchedFile, copy_tree, write_manifest
+from opensci_patch.rewrite.hashed_copy import TOOL, FileReport, PatchedFile, check_tree, copy_tree, write_manifest
 from opensci_patch.rewrite.patches import PATCHES, Patch, Status, apply_patches, select
 
 STATUS_TEXT = {
@@ -92,7 +96,8 @@ def hotfix(
     named = Path(os.path.abspath(src))  # as the user named it: a symlinked SRC's output goes next to the link
     target = Path(dst) if dst is not None else named.parent / f"{named.name}_fixed"
     patches = select(extras, only)
-    if check:
+    if check:  # the run's input checks, writing nothing
+        check_tree(source, check_overlap(source, target))
         patched = _patch_all(source, patches)
         summary = _summary(patched, patches)
         diff = "".join(_diff(p) for p in patched)
@@ -104,6 +109,7 @@ def hotfix(
         return HotfixResult(target, summary, changed, diff, tuple(patched), check=True)
 
     target = prepare_destination(source, target, force)  # before the work, to fail fast
+    check_tree(source, target)  # what the copy refuses, before anything is written
     with exclusive(target):
         remove_stale(target, log)  # may put back an output a killed swap had moved aside
         check_existing(target, force)  # again, now that no other hotfix can write there
@@ -145,8 +151,40 @@ def _patch_file(path: Path, patches: list[Patch]) -> PatchedFile:
         text = before.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ModelDirError(f"{path}: not UTF-8 text ({exc.reason})") from None
-    new_text, statuses = apply_patches(text, patches, str(path))
+    tree = _python_tree(path, text)
+    try:
+        new_text, statuses = apply_patches(text, patches, str(path))
+    except RecursionError:  # libcst walks and prints trees recursively; Python's own parser took the file
+        raise ModelDirError(
+            f"{path}: line {_deepest_statement(tree)}: nested too deeply for libcst, the parser the patches use "
+            "(an expression of hundreds of terms, or a long elif chain); split it into smaller statements"
+        ) from None
     return PatchedFile.of(path.name, before, new_text.encode("utf-8") if new_text != text else before, statuses)
+
+
+def _python_tree(path: Path, text: str) -> ast.Module:
+    """The file as Python's own parser reads it, else one line: libcst's native parser crashes the process on some
+    nestings Python refuses (thousands of brackets), so a file goes to libcst only once Python has parsed it."""
+    try:
+        return ast.parse(text, str(path))
+    except SyntaxError as exc:
+        raise ModelDirError(f"{path}: syntax error at line {exc.lineno}, column {exc.offset or 1}: {exc.msg}") from None
+    except (RecursionError, MemoryError, ValueError) as exc:  # too deep for Python's parser too; NUL bytes
+        why = str(exc) or "nested too deeply"
+        raise ModelDirError(f"{path}: Python cannot parse it ({type(exc).__name__}: {why})") from None
+
+
+def _deepest_statement(tree: ast.Module) -> int:
+    """The line of the statement holding the most deeply nested node (walked without recursion)."""
+    deepest, line = -1, 1
+    stack: list[tuple[ast.AST, int, int]] = [(tree, 0, 1)]
+    while stack:
+        node, depth, at = stack.pop()
+        at = node.lineno if isinstance(node, ast.stmt) else at
+        if depth > deepest:
+            deepest, line = depth, at
+        stack.extend((child, depth + 1, at) for child in ast.iter_child_nodes(node))
+    return line
 
 
 def _summary(patched: list[PatchedFile], patches: list[Patch]) -> dict[str, Status]:
@@ -184,7 +222,7 @@ def _build(
     """Write everything into a hidden sibling, then rename it into place (see the module docstring)."""
     with partial_dir(dst) as partial:
         fault_point("hotfix.started")
-        files = copy_tree(src, partial, patched)
+        files = copy_tree(src, partial, dst, patched)
         fault_point("hotfix.copied")
         write_manifest(partial, src, summary, patches, files)
         (partial / PARTIAL_MARK).unlink()  # the manifest now says "ours"; the output must not carry the marker
