@@ -74,11 +74,19 @@ def method_calls(tree: cst.Module, method: str, where: Callable[[cst.Call], bool
     return found
 
 
-def helper_call(helper: str, args: Sequence[cst.BaseExpression | cst.Arg], like: cst.BaseExpression) -> cst.Call:
-    """`helper(args...)`, keeping the parentheses around the node it replaces."""
-    arguments = [a if isinstance(a, cst.Arg) else cst.Arg(a) for a in args]
-    arguments = [a.with_changes(comma=cst.MaybeSentinel.DEFAULT) for a in arguments]
-    return cst.Call(func=cst.Name(helper), args=arguments, lpar=like.lpar, rpar=like.rpar)
+def helper_call(
+    helper: str, leading: Sequence[cst.BaseExpression], like: cst.BaseExpression, rest: Sequence[cst.Arg] = ()
+) -> cst.Call:
+    """`helper(*leading, *rest)` in place of `like`, keeping its parentheses (and, for a call, the layout of its
+    arguments `rest`)."""
+    space = cst.Comma(whitespace_after=cst.SimpleWhitespace(" "))
+    arguments = [cst.Arg(value, comma=space) for value in leading] + list(rest)
+    if not rest:
+        arguments[-1] = arguments[-1].with_changes(comma=cst.MaybeSentinel.DEFAULT)
+    before = like.whitespace_before_args if isinstance(like, cst.Call) else cst.SimpleWhitespace("")
+    return cst.Call(
+        func=cst.Name(helper), args=arguments, lpar=like.lpar, rpar=like.rpar, whitespace_before_args=before
+    )
 
 
 def calls_of(stmts: Sequence[cst.CSTNode], helpers: Sequence[str]) -> set[str]:
@@ -144,7 +152,11 @@ def insert_helpers(tree: cst.Module, definitions: Mapping[str, str], name: str, 
         (i for i, stmt in enumerate(tree.body) if not inserted(stmt) and calls_of([stmt], missing)), len(tree.body)
     )
     added = [stmt for helper in missing for stmt in top_level_def(template(definitions[helper]), 2, name, why)]
-    return tree.with_changes(body=[*tree.body[:position], *added, *tree.body[position:]])
+    after = tree.body[position:]
+    if after and not any(line.comment is None for line in after[0].leading_lines):  # two blank lines above it
+        after = [after[0].with_changes(leading_lines=[cst.EmptyLine(indent=False)] * 2 + list(after[0].leading_lines))]
+        after += tree.body[position + 1 :]
+    return tree.with_changes(body=[*tree.body[:position], *added, *after])
 
 
 def helpers_done(tree: cst.Module, definitions: Mapping[str, str]) -> bool:

@@ -139,7 +139,7 @@ def _builds(tree: cst.Module) -> dict[int, Build]:
             return (arity is None or len(call.args) in arity) and (not on_class or owner.endswith("Cache"))
 
         for call in method_calls(tree, name, where):
-            builds[id(call)] = lambda n, h=helper: helper_call(h, [n.func.value, *n.args], n)
+            builds[id(call)] = lambda n, h=helper: helper_call(h, [n.func.value], n, n.args)
 
     method("get_usable_length", "_opensci_cache_usable_length", {1, 2})
     method("get_max_length", "_opensci_cache_max_length", {0})
