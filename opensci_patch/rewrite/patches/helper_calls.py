@@ -152,6 +152,8 @@ def insert_helpers(tree: cst.Module, definitions: Mapping[str, str], name: str, 
         (i for i, stmt in enumerate(tree.body) if not inserted(stmt) and calls_of([stmt], missing)), len(tree.body)
     )
     added = [stmt for helper in missing for stmt in top_level_def(template(definitions[helper]), 2, name, why)]
+    if position == 0:  # the file's first statement: no blank lines above it
+        added[0] = added[0].with_changes(leading_lines=[line for line in added[0].leading_lines if line.comment])
     after = tree.body[position:]
     if after and not any(line.comment is None for line in after[0].leading_lines):  # two blank lines above it
         after = [after[0].with_changes(leading_lines=[cst.EmptyLine(indent=False)] * 2 + list(after[0].leading_lines))]
