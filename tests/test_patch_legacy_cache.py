@@ -14,10 +14,10 @@ BEFORE = """\
 import torch
 
 
-def past_length(past_key_values, q_len, layer_idx):
+def past_length(past_key_values, q_len, i):
     if past_key_values is None:
         return 0
-    return past_key_values.get_usable_length(q_len, layer_idx) - past_key_values[0][0].shape[-2]
+    return past_key_values.get_usable_length(q_len, i) - past_key_values[0][0].shape[-2]
 """
 
 AFTER = '''\
@@ -56,11 +56,11 @@ def _opensci_past_length(past_key_values, layer_idx, dim):
     return past_key_values[layer_idx][0].shape[dim]
 
 
-def past_length(past_key_values, q_len, layer_idx):
+def past_length(past_key_values, q_len, i):
     if past_key_values is None:
         return 0
     # opensci-patch: legacy_cache (the legacy Cache API is gone from newer transformers)
-    return _opensci_cache_usable_length(past_key_values, q_len, layer_idx) - _opensci_past_length(past_key_values, 0, -2)
+    return _opensci_cache_usable_length(past_key_values, q_len, i) - _opensci_past_length(past_key_values, 0, -2)
 '''
 
 EVERY_USE = """\
@@ -110,7 +110,8 @@ def test_helpers_on_the_installed_release_s_cache_give_4_48_s_values():
     assert usable(cache, 5, 1) == 3 and usable(DynamicCache(), 5) == 0
     assert past(DynamicCache(), 0, 2) == 0 and past(cache, 1, 2) == 3 and past(legacy, 0, -2) == 3
     back = to_legacy(cache)
-    assert len(back) == 2 and all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(back, legacy, strict=True))
+    pairs = zip(back, legacy, strict=True)
+    assert len(back) == 2 and all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in pairs)
 
 
 def test_the_file_s_own_cache_methods_and_other_indexing_are_left_alone():
