@@ -149,7 +149,7 @@ def {name}(*args, **kwargs):
     # 4.3x-era helpers: absent from transformers.pytorch_utils on 4.48 (back on 4.57), removed from
     # transformers.utils in 5.0; both answer what the installed torch does.
     "is_torch_greater_or_equal_than_1_13": """
-{name} = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (1, 13)
+{name} = tuple(map(int, torch.__version__.split(".")[:2])) >= (1, 13)
 """,
     "is_torch_fx_available": '''
 def {name}():
