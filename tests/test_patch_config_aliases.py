@@ -4,35 +4,14 @@ from __future__ import annotations
 
 import pytest
 from conftest import FIXTURE_DIR
+from patch_sources import OWN_NAMES_CONFIG
 
 from opensci_patch._util.errors import PatchError
 from opensci_patch.rewrite.patches import by_name
 
 PATCH = by_name("config_aliases")
 
-BEFORE = """\
-from transformers import PretrainedConfig
-
-
-class GlmLikeConfig(PretrainedConfig):
-    model_type = "glm_like"
-
-    def __init__(self, num_layers=2, hidden_size=64, **kwargs):
-        self.num_layers = num_layers
-        self.hidden_size = hidden_size
-        super().__init__(**kwargs)
-
-
-class GptLikeConfig(PretrainedConfig):
-    model_type = "gpt_like"
-    attribute_map = {"hidden_size": "n_embd"}
-
-    def __init__(self, n_layer=2, n_embd=64, n_head=4, **kwargs):
-        self.n_layer = n_layer
-        self.n_embd = n_embd
-        self.n_head = n_head
-        super().__init__(**kwargs)
-"""
+BEFORE = OWN_NAMES_CONFIG
 
 AFTER = """\
 from transformers import PretrainedConfig

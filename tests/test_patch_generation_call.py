@@ -6,22 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import FIXTURE_DIR
-from patch_sources import GENERATED, function_of
+from patch_sources import GENERATED, OVERRIDE_43, function_of
 
 from opensci_patch.rewrite.patches import by_name
 
 PATCH = by_name("generation_call")
 
-BEFORE = """\
-from transformers import GenerationMixin
-
-
-class ForCausalLM(GenerationMixin):
-    def _update_model_kwargs_for_generation(self, outputs, kwargs, flag=False):
-        return super()._update_model_kwargs_for_generation(
-            outputs, kwargs, standardize_cache_format=flag
-        )
-"""
+BEFORE = OVERRIDE_43
 
 AFTER = '''\
 from transformers import GenerationMixin

@@ -6,23 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import FIXTURE_DIR
-from patch_sources import GENERATED, function_of
+from patch_sources import GENERATED, MAX_LENGTH_43, function_of
 
 from opensci_patch.rewrite.patches import by_name
 
 PATCH = by_name("generation_defaults")
 
-BEFORE = """\
-import torch
-
-
-class Model(torch.nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.limit = config.max_length
-        self.generation_config.max_length = 5
-        config.num_beams = 1
-"""
+BEFORE = MAX_LENGTH_43
 
 AFTER = '''\
 import torch

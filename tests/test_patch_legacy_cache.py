@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import FIXTURE_DIR
-from patch_sources import GENERATED, function_of
+from patch_sources import GENERATED, LEGACY_CACHE_43, function_of
 
 from opensci_patch.rewrite.patches import by_name
 
@@ -63,15 +63,7 @@ def past_length(past_key_values, q_len, i):
     return _opensci_cache_usable_length(past_key_values, q_len, i) - _opensci_past_length(past_key_values, 0, -2)
 '''
 
-EVERY_USE = """\
-from transformers.cache_utils import Cache, DynamicCache
-
-
-def step(past_key_values, n):
-    cache = DynamicCache.from_legacy_cache(past_key_values)
-    full = cache.get_max_length() is not None and cache.seen_tokens + n > cache.get_max_length()
-    return cache.to_legacy_cache(), full, cache.get_usable_length(n), past_key_values[1][0].shape[2]
-"""
+EVERY_USE = LEGACY_CACHE_43
 
 
 def test_whole_output_and_a_second_run_is_already_patched():

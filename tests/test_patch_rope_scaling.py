@@ -6,22 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import FIXTURE_DIR
-from patch_sources import GENERATED, function_of
+from patch_sources import GENERATED, ROPE_SCALING_43, function_of
 
 from opensci_patch.rewrite.patches import by_name
 
 PATCH = by_name("rope_scaling")
 
-BEFORE = """\
-class Attention:
-    def __init__(self, config):
-        self.config = config
-        if config.rope_scaling is None:
-            self.factor = 1.0
-        else:
-            self.factor = config.rope_scaling["factor"]
-        self.rope_scaling = None
-"""
+BEFORE = ROPE_SCALING_43
 
 AFTER = '''\
 # opensci-patch: rope_scaling (transformers 5.x gives a default rope_scaling dict where 4.x gave None)

@@ -8,14 +8,28 @@ share are in tests/patch_sources.py."""
 from __future__ import annotations
 
 import pytest
-from patch_sources import FIXTURE, GENERATED, LLAMA_STYLE, NO_POST_INIT, PEP604, class_attribute
+from patch_sources import (
+    FIXTURE,
+    GENERATED,
+    LEGACY_CACHE_43,
+    LLAMA_STYLE,
+    MAX_LENGTH_43,
+    NO_POST_INIT,
+    OVERRIDE_43,
+    OWN_NAMES_CONFIG,
+    PEP604,
+    ROPE_SCALING_43,
+    class_attribute,
+)
 
 from opensci_patch._util.errors import PatchError
 from opensci_patch.rewrite.patches import PATCHES, apply_patches, by_name, default_patches, select
 
 NAMES = [p.name for p in PATCHES]
 # the patches whose construct the shipped, hand-written file does not have
-NOT_IN_SHIPPED = ("moved_helpers", "auto_docstring_args", "rope_theta", "union_annotations", "remote_code")
+NOT_IN_SHIPPED = ("moved_helpers", "auto_docstring_args", "rope_theta", "union_annotations", "remote_code",
+                  "legacy_cache", "generation_call", "config_aliases", "rope_scaling",
+                  "generation_defaults")  # fmt: skip
 
 # patch -> (text in the fixture, what it becomes): a target the patch must refuse to guess at
 MANGLED = {
@@ -48,6 +62,14 @@ MANGLED = {
         "    config_class = LlamaConfig\n    is_remote_code = classmethod(lambda cls: False)\n",
     ),
     "union_annotations": ("from typing import Optional\n", "from typing import Optional\nfrom mylib import Union\n"),
+    "rope_scaling": ("if config.rope_scaling is None:", 'if getattr(config, "rope_scaling", None) is None:'),
+    "legacy_cache": ("cache.get_usable_length(n)", "cache.get_usable_length.__call__(n)"),
+    "generation_call": (
+        "super()._update_model_kwargs_for_generation(",
+        "(lambda f: f)(super()._update_model_kwargs_for_generation)(",
+    ),
+    "config_aliases": ('attribute_map = {"hidden_size": "n_embd"}', "attribute_map = dict(hidden_size='n_embd')"),
+    "generation_defaults": ("self.limit = config.max_length", 'self.limit = getattr(config, "max_length")'),
     "cache_kwarg": (
         "        logits_to_keep: Union[int, torch.Tensor] = 0,\n",
         "        logits_to_keep: Union[int, torch.Tensor] = 0,\n        cache: Optional[Cache] = None,\n",
@@ -58,7 +80,9 @@ MANGLED = {
 def target_source(name: str, modeling_source: str) -> str:
     """The source a patch has a target in: the shipped file, or for moved_helpers and rope_theta a small one."""
     small = {"moved_helpers": GENERATED, "auto_docstring_args": GENERATED, "rope_theta": LLAMA_STYLE,
-             "post_init": NO_POST_INIT, "remote_code": NO_POST_INIT, "union_annotations": PEP604}  # fmt: skip
+             "post_init": NO_POST_INIT, "remote_code": NO_POST_INIT, "union_annotations": PEP604,
+             "rope_scaling": ROPE_SCALING_43, "legacy_cache": LEGACY_CACHE_43, "generation_call": OVERRIDE_43,
+             "config_aliases": OWN_NAMES_CONFIG, "generation_defaults": MAX_LENGTH_43}  # fmt: skip
     return small.get(name, modeling_source)
 
 
@@ -71,8 +95,13 @@ def test_registry_order_and_defaults():
         "union_annotations",
         "moved_helpers",
         "cache_kwarg",
+        "legacy_cache",
+        "generation_call",
         "auto_docstring_args",
+        "config_aliases",
         "rope_theta",
+        "rope_scaling",
+        "generation_defaults",
         "rope_default",
         "tied_weights",
         "remote_code",
@@ -82,7 +111,7 @@ def test_registry_order_and_defaults():
         "inv_freq_guard",
         "init_weights",
     ]
-    assert [p.name for p in default_patches()] == NAMES[:13]
+    assert [p.name for p in default_patches()] == NAMES[:18]
     assert [p.name for p in select(["init_weights"])] == NAMES
     with pytest.raises(PatchError, match="unknown patch 'nope'"):
         select(["nope"])

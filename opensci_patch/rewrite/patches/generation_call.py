@@ -15,7 +15,8 @@ keywords the installed method does not take (`inspect.signature`; all of them wh
 the same way, its `(name, cache)` pair unpacked to the cache, and where the method is gone,
 `outputs.past_key_values`. Both helpers are inserted once at module level.
 
-Not applicable to the shipped and generated open-sci files. Detects: those calls. Verifies: none is left
+Not applicable to the shipped and generated open-sci files. Detects: those calls; refuses the two methods used
+other than called (but as the helper's argument). Verifies: none is left
 outside the helpers, and the helpers are defined.
 """
 
@@ -29,6 +30,7 @@ from opensci_patch.rewrite.patches.helper_calls import (
     helper_call,
     helpers_done,
     insert_helpers,
+    refuse_uncalled,
     replace,
     user_statements,
 )
@@ -81,6 +83,7 @@ def _builds(tree: cst.Module) -> dict[int, Build]:
 
 
 def inspect(tree: cst.Module) -> State:
+    refuse_uncalled(tree, (UPDATE, EXTRACT), lambda c: isinstance(c.func, cst.Name) and c.func.value == CALL)
     uses = _builds(tree)
     helpers = {s.name.value for s in tree.body if isinstance(s, cst.FunctionDef)} & set(DEFINITIONS)
     if not uses and not helpers:

@@ -12,7 +12,8 @@ once: the attribute where the config has it (every 4.x config; a class setting i
 default. The same value as 4.x wherever config.json does not set it; where it does, 5.x has already dropped the
 value before the model file runs, and the file gets 4.x's default.
 
-Not applicable to the shipped and generated open-sci files. Detects: those reads. Verifies: none is left and
+Not applicable to the shipped and generated open-sci files. Detects: those reads; refuses
+`getattr(X, "<parameter>")` without a default. Verifies: none is left and
 the helper is defined.
 """
 
@@ -27,6 +28,7 @@ from opensci_patch.rewrite.patches.helper_calls import (
     helper_call,
     helpers_done,
     insert_helpers,
+    refuse_by_name,
     replace,
 )
 from opensci_patch.rewrite.patches.syntax import full_name
@@ -87,6 +89,7 @@ def _builds(tree: cst.Module) -> dict[int, Build]:
 
 
 def inspect(tree: cst.Module) -> State:
+    refuse_by_name(tree, list(DEFAULTS), "without a default it raises on 5.x", arity=(2,))
     uses = _builds(tree)
     if not uses and HELPER not in {s.name.value for s in tree.body if isinstance(s, cst.FunctionDef)}:
         return State.ABSENT

@@ -14,8 +14,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 import libcst as cst
 
+from opensci_patch.rewrite.patches.base import Unrecognised
 from opensci_patch.rewrite.patches.inserts import template, top_level_def, with_marker
-from opensci_patch.rewrite.patches.syntax import full_name
+from opensci_patch.rewrite.patches.syntax import code, full_name, is_string
 from opensci_patch.rewrite.patches.tree_walk import find_all, visit_statements
 
 Build = Callable[[cst.CSTNode], cst.BaseExpression]
@@ -72,6 +73,26 @@ def method_calls(tree: cst.Module, method: str, where: Callable[[cst.Call], bool
             ),
         )
     return found
+
+
+def refuse_by_name(tree: cst.Module, names: Sequence[str], why: str, arity: Sequence[int] = (2, 3)) -> None:
+    """Refuse `getattr(X, "<name>"[, default])` for `names` in the user's statements: read by name, the patch
+    cannot tell what the file relies on (`why`)."""
+    for stmt in user_statements(tree):
+        for call in find_all(stmt, cst.Call, lambda c: full_name(c.func) == "getattr" and len(c.args) in arity):
+            if is_string(call.args[1].value) and call.args[1].value.evaluated_value in names:
+                raise Unrecognised(f"`{code(call)}` reads {call.args[1].value.evaluated_value} by name; {why}")
+
+
+def refuse_uncalled(tree: cst.Module, methods: Sequence[str], allowed: Callable[[cst.Call], bool] = lambda _: False):
+    """Refuse `X.<method>` used other than called (`f = cache.to_legacy_cache`), except as an argument of a call
+    for which `allowed` holds: the patch rewrites calls and cannot follow a method passed around."""
+    for stmt in user_statements(tree):
+        called = {id(c.func) for c in find_all(stmt, cst.Call)}
+        called |= {id(a.value) for c in find_all(stmt, cst.Call, allowed) for a in c.args}
+        for node in find_all(stmt, cst.Attribute, lambda a: a.attr.value in methods):
+            if id(node) not in called and full_name(node.value) != "self":
+                raise Unrecognised(f"`{code(node)}` is used other than called")
 
 
 def helper_call(

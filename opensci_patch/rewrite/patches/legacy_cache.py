@@ -22,7 +22,8 @@ object's `get_seq_length(i)`, else the expression itself). Where a release has t
 that method runs: nothing changes there.
 
 Not applicable to the shipped and generated open-sci files. Detects: those calls, reads and subscripts (not
-on `self`: a cache class of the file's own may define them). Verifies: none is left and each helper called is
+on `self`: a cache class of the file's own may define them); refuses those methods passed around uncalled or
+read by name with `getattr`. Verifies: none is left and each helper called is
 defined at module level.
 """
 
@@ -38,6 +39,8 @@ from opensci_patch.rewrite.patches.helper_calls import (
     helpers_done,
     insert_helpers,
     method_calls,
+    refuse_by_name,
+    refuse_uncalled,
     replace,
     user_statements,
 )
@@ -154,6 +157,8 @@ def _builds(tree: cst.Module) -> dict[int, Build]:
 
 
 def inspect(tree: cst.Module) -> State:
+    refuse_uncalled(tree, ("get_usable_length", "from_legacy_cache", "to_legacy_cache"))
+    refuse_by_name(tree, ("get_usable_length", "seen_tokens", "from_legacy_cache", "to_legacy_cache"), "gone since")
     uses = _builds(tree)
     helpers = {s.name.value for s in tree.body if isinstance(s, cst.FunctionDef)} & set(DEFINITIONS)
     if not uses and not helpers:

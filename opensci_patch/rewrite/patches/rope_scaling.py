@@ -15,7 +15,8 @@ as it is. 4.x gives None there already, so nothing changes on 4.x.
 
 Not applicable to the shipped file (it reads `config.rope_scaling.get("rope_type", ...)`, which the default dict
 answers as 4.x's None did) nor to the generated one. Detects: that indexing, and reads of `.rope_scaling`
-other than on `self`. Verifies: each read goes through the helper, which is defined at module level.
+other than on `self`; refuses `getattr(X, "rope_scaling", ...)` in such a file. Verifies: each read goes
+through the helper, which is defined at module level.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from opensci_patch.rewrite.patches.helper_calls import (
     helper_call,
     helpers_done,
     insert_helpers,
+    refuse_by_name,
     replace,
     user_statements,
 )
@@ -76,6 +78,8 @@ def inspect(tree: cst.Module) -> State:
     """Needed where the file indexes rope_scaling with a 4.x key and reads a config's rope_scaling unguarded;
     the shipped file reads it only through `.get(...)`, which the default dict answers correctly."""
     reads = attribute_reads(tree, "rope_scaling")
+    if _indexed(tree):
+        refuse_by_name(tree, ["rope_scaling"], "on 5.x it is never None")
     if reads and _indexed(tree):
         return State.NEEDED
     if HELPER in {s.name.value for s in tree.body if isinstance(s, cst.FunctionDef)}:
