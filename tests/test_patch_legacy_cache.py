@@ -38,10 +38,10 @@ def _opensci_cache_usable_length(cache, new_seq_length, layer_idx=0):
 
 # opensci-patch: legacy_cache (the legacy Cache API is gone from newer transformers)
 def _opensci_cache_max_length(cache):
-    """`cache.get_max_length()` as 4.48 gives it (gone by 4.57; another meaning on 5.25): None for no maximum."""
-    if hasattr(cache, "get_max_cache_shape"):  # 4.45 .. 5.24
+    """`cache.get_max_length()` as 4.48 gives it (gone by 4.57; another meaning by 5.23): None for no maximum."""
+    if hasattr(cache, "get_max_cache_shape"):  # 4.45 .. 5.2 at least
         length = cache.get_max_cache_shape()
-    elif hasattr(cache, "layers"):  # 5.25: get_max_length again, -1 for none, and it raises for no layers
+    elif hasattr(cache, "layers"):  # by 5.23: get_max_length again, -1 for none, and it raises for no layers
         length = max((layer.get_max_length() for layer in cache.layers), default=-1)
     else:
         length = cache.get_max_length()

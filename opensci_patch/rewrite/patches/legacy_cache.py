@@ -1,10 +1,10 @@
 """legacy_cache: the KV-cache API of the 4.3x era, removed since, called through the installed release's API.
 
-Measured on the releases' `DynamicCache` (4.48.0, 4.57.6, 5.0.0, 5.2.0, 5.25.0):
+Measured on the releases' `DynamicCache` (4.48.0, 4.57.6, 5.0.0, 5.2.0, 5.23.0, 5.24.0, 5.25.0):
 
 - `cache.get_usable_length(new_seq_length, layer_idx)`, `cache.seen_tokens` and `cache.get_max_length()` are
-  there on 4.48.0 and gone on 4.57.6 (5.25.0 has a `get_max_length` again, with another meaning: -1 for no
-  maximum, and it raises on a cache without layers);
+  there on 4.48.0 and gone on 4.57.6 (5.23.0, 5.24.0 and 5.25.0 have a `get_max_length` again, in place of
+  `get_max_cache_shape`, with another meaning: -1 for no maximum, and it raises on a cache without layers);
 - `DynamicCache.from_legacy_cache(...)` and `cache.to_legacy_cache()` are there on 4.57.6 and gone in 5.0.0;
 - the cache `generate` passes is a `Cache` object, not a tuple of layers: `past_key_values[0][0].shape[2]`
   (the cached length, as 4.3x files compute it) raises `KeyError: 'Cache only has 0 layers'` on 4.48.0 and
@@ -14,7 +14,7 @@ Rewrites each use into a call of a module-level helper: `X.get_usable_length(n, 
 `_opensci_cache_usable_length(X, n, i)` (the release's method where it has one, else 4.48's arithmetic over
 `get_seq_length` and the maximum length), `X.seen_tokens` -> `_opensci_cache_seen_tokens(X)`
 (`get_seq_length()`), `X.get_max_length()` -> `_opensci_cache_max_length(X)` (4.48's value: None where the
-cache has no maximum; from `get_max_cache_shape` 4.45-5.24, from the layers on 5.25),
+cache has no maximum; from `get_max_cache_shape` where the release has it, else from the layers),
 `C.from_legacy_cache(p)` -> `_opensci_cache_from_legacy(C, p)`, `X.to_legacy_cache()` ->
 `_opensci_cache_to_legacy(X)` (the release's methods where it has them, else the same layers through
 `update` / `layers`), and `X[i][0].shape[d]` with `d` 2 or -2 -> `_opensci_past_length(X, i, d)` (a cache
@@ -68,10 +68,10 @@ def _opensci_cache_seen_tokens(cache):
 ''',
     "_opensci_cache_max_length": '''
 def _opensci_cache_max_length(cache):
-    """`cache.get_max_length()` as 4.48 gives it (gone by 4.57; another meaning on 5.25): None for no maximum."""
-    if hasattr(cache, "get_max_cache_shape"):  # 4.45 .. 5.24
+    """`cache.get_max_length()` as 4.48 gives it (gone by 4.57; another meaning by 5.23): None for no maximum."""
+    if hasattr(cache, "get_max_cache_shape"):  # 4.45 .. 5.2 at least
         length = cache.get_max_cache_shape()
-    elif hasattr(cache, "layers"):  # 5.25: get_max_length again, -1 for none, and it raises for no layers
+    elif hasattr(cache, "layers"):  # by 5.23: get_max_length again, -1 for none, and it raises for no layers
         length = max((layer.get_max_length() for layer in cache.layers), default=-1)
     else:
         length = cache.get_max_length()
