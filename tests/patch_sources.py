@@ -63,6 +63,81 @@ class LlamaRotaryEmbedding(nn.Module):
 """
 
 
+# 4.3x-era constructs of issue 29, one per patch (tests/test_era43.py runs a whole such file): rope_scaling
+# tested against None, then indexed with a key 5.x's default dict lacks: the target of rope_scaling.
+ROPE_SCALING_43 = """\
+class Attention:
+    def __init__(self, config):
+        self.config = config
+        if config.rope_scaling is None:
+            self.factor = 1.0
+        else:
+            self.factor = config.rope_scaling["factor"]
+        self.rope_scaling = None
+"""
+
+# The 4.3x Cache API and tuple indexing of the cache: the target of legacy_cache.
+LEGACY_CACHE_43 = """\
+from transformers.cache_utils import Cache, DynamicCache
+
+
+def step(past_key_values, n):
+    cache = DynamicCache.from_legacy_cache(past_key_values)
+    full = cache.get_max_length() is not None and cache.seen_tokens + n > cache.get_max_length()
+    return cache.to_legacy_cache(), full, cache.get_usable_length(n), past_key_values[1][0].shape[2]
+"""
+
+# An override passing `standardize_cache_format=` on (TypeError on 4.48+): the target of generation_call.
+OVERRIDE_43 = """\
+from transformers import GenerationMixin
+
+
+class ForCausalLM(GenerationMixin):
+    def _update_model_kwargs_for_generation(self, outputs, kwargs, flag=False):
+        return super()._update_model_kwargs_for_generation(
+            outputs, kwargs, standardize_cache_format=flag
+        )
+"""
+
+# Configuration classes with their own names for the sizes transformers reads: the target of config_aliases.
+OWN_NAMES_CONFIG = """\
+from transformers import PretrainedConfig
+
+
+class GlmLikeConfig(PretrainedConfig):
+    model_type = "glm_like"
+
+    def __init__(self, num_layers=2, hidden_size=64, **kwargs):
+        self.num_layers = num_layers
+        self.hidden_size = hidden_size
+        super().__init__(**kwargs)
+
+
+class GptLikeConfig(PretrainedConfig):
+    model_type = "gpt_like"
+    attribute_map = {"hidden_size": "n_embd"}
+
+    def __init__(self, n_layer=2, n_embd=64, n_head=4, **kwargs):
+        self.n_layer = n_layer
+        self.n_embd = n_embd
+        self.n_head = n_head
+        super().__init__(**kwargs)
+"""
+
+# `config.max_length` read at build time (5.x configs have none): the target of generation_defaults.
+MAX_LENGTH_43 = """\
+import torch
+
+
+class Model(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.limit = config.max_length
+        self.generation_config.max_length = 5
+        config.num_beams = 1
+"""
+
+
 @functools.cache
 def modeling_source() -> str:
     """The shipped modeling file."""

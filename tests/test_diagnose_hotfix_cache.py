@@ -85,7 +85,7 @@ def test_diagnose_reuses_what_a_sweep_hotfixed(prepare_only, tmp_path: Path):
     assert prepare_only["models"][-1] == tuple(runner.hotfix_cache_dir(root, FIXTURE_DIR, c.model) for c in PAIR)
 
 
-@pytest.mark.parametrize("variant", ["generated", "qwen3-modular", "llama-research"])
+@pytest.mark.parametrize("variant", ["generated", "qwen3-modular", "llama-research", "era43"])
 def test_diagnose_runs_each_own_checkpoint_variant_on_its_own_checkpoint(monkeypatch, variant):
     """The matrix runs `Variant.checkpoint`; diagnose must compare the same model (it once ran `generated` for all)."""
     from opensci_patch.fixtures import generated, own

@@ -356,3 +356,40 @@ def test_dynamic_cache_shim_only_where_the_installed_cache_takes_no_config():
         assert (namespace["DynamicCache"] is not cls) is replaced
         cache = namespace["DynamicCache"](config="cfg")
         assert isinstance(cache, cls)
+
+
+# 4.3x-era helper imports (issue 29): the first is absent on 4.48.0, the second gone in 5.0.
+TORCH_HELPERS = """\
+import torch
+from transformers.pytorch_utils import is_torch_greater_or_equal_than_1_13
+from transformers.utils import is_torch_fx_available
+"""
+
+TORCH_HELPERS_PATCHED = '''\
+import torch
+# opensci-patch: moved_helpers (a generated file's helper, missing or moved in some transformers release)
+try:
+    from transformers.pytorch_utils import is_torch_greater_or_equal_than_1_13
+except ImportError:
+    is_torch_greater_or_equal_than_1_13 = tuple(map(int, torch.__version__.split(".")[:2])) >= (1, 13)
+
+# opensci-patch: moved_helpers (a generated file's helper, missing or moved in some transformers release)
+try:
+    from transformers.utils import is_torch_fx_available
+except ImportError:
+    def is_torch_fx_available():
+        """Stand-in (opensci-patch) for >= 5.0: whether torch.fx imports, as 4.x answers it."""
+        import importlib.util
+
+        return importlib.util.find_spec("torch.fx") is not None
+'''
+
+
+def test_removed_torch_helpers_get_stand_ins_that_answer_for_the_installed_torch():
+    outcome = PATCH.apply(TORCH_HELPERS, "modeling_x.py")
+    assert (outcome.status, outcome.source) == ("applied", TORCH_HELPERS_PATCHED)
+    assert PATCH.apply(outcome.source).status == "already-applied"
+    pytest.importorskip("torch")
+    namespace: dict = {}
+    exec(compile(outcome.source, "modeling_x.py", "exec"), namespace)  # the installed release lacks the second
+    assert namespace["is_torch_greater_or_equal_than_1_13"] is True and namespace["is_torch_fx_available"]() is True

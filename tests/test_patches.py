@@ -12,9 +12,14 @@ from patch_sources import (
     CONVERTED_CONFIG,
     FIXTURE,
     GENERATED,
+    LEGACY_CACHE_43,
     LLAMA_STYLE,
+    MAX_LENGTH_43,
     NO_POST_INIT,
+    OVERRIDE_43,
+    OWN_NAMES_CONFIG,
     PEP604,
+    ROPE_SCALING_43,
     VENDORED,
     class_attribute,
 )
@@ -24,15 +29,9 @@ from opensci_patch.rewrite.patches import PATCHES, apply_patches, by_name, defau
 
 NAMES = [p.name for p in PATCHES]
 # the patches whose construct the shipped, hand-written file does not have
-NOT_IN_SHIPPED = (
-    "moved_helpers",
-    "auto_docstring_args",
-    "rope_theta",
-    "union_annotations",
-    "remote_code",
-    "relative_imports",
-    "config_params",
-)
+NOT_IN_SHIPPED = ("moved_helpers", "auto_docstring_args", "rope_theta", "union_annotations", "remote_code",
+                  "relative_imports", "config_params", "legacy_cache", "generation_call", "config_aliases",
+                  "rope_scaling", "generation_defaults")  # fmt: skip
 
 # patch -> (text in the fixture, what it becomes): a target the patch must refuse to guess at
 MANGLED = {
@@ -67,6 +66,14 @@ MANGLED = {
     "union_annotations": ("from typing import Optional\n", "from typing import Optional\nfrom mylib import Union\n"),
     "relative_imports": ("from ...activations import ACT2FN", "from ....activations import ACT2FN"),
     "config_params": ("        super().__init__(\n", "        PretrainedConfig.__init__(\n            self,\n"),
+    "rope_scaling": ("if config.rope_scaling is None:", 'if getattr(config, "rope_scaling", None) is None:'),
+    "legacy_cache": ("cache.get_usable_length(n)", "cache.get_usable_length.__call__(n)"),
+    "generation_call": (
+        "super()._update_model_kwargs_for_generation(",
+        "(lambda f: f)(super()._update_model_kwargs_for_generation)(",
+    ),
+    "config_aliases": ('attribute_map = {"hidden_size": "n_embd"}', "attribute_map = dict(hidden_size='n_embd')"),
+    "generation_defaults": ("self.limit = config.max_length", 'self.limit = getattr(config, "max_length")'),
     "cache_kwarg": (
         "        logits_to_keep: Union[int, torch.Tensor] = 0,\n",
         "        logits_to_keep: Union[int, torch.Tensor] = 0,\n        cache: Optional[Cache] = None,\n",
@@ -78,7 +85,9 @@ def target_source(name: str, modeling_source: str) -> str:
     """The source a patch has a target in: the shipped file, or for moved_helpers and rope_theta a small one."""
     small = {"moved_helpers": GENERATED, "auto_docstring_args": GENERATED, "rope_theta": LLAMA_STYLE,
              "post_init": NO_POST_INIT, "remote_code": NO_POST_INIT, "union_annotations": PEP604,
-             "relative_imports": VENDORED, "config_params": CONVERTED_CONFIG}  # fmt: skip
+             "relative_imports": VENDORED, "config_params": CONVERTED_CONFIG,
+             "rope_scaling": ROPE_SCALING_43, "legacy_cache": LEGACY_CACHE_43, "generation_call": OVERRIDE_43,
+             "config_aliases": OWN_NAMES_CONFIG, "generation_defaults": MAX_LENGTH_43}  # fmt: skip
     return small.get(name, modeling_source)
 
 
@@ -92,8 +101,13 @@ def test_registry_order_and_defaults():
         "union_annotations",
         "moved_helpers",
         "cache_kwarg",
+        "legacy_cache",
+        "generation_call",
         "auto_docstring_args",
+        "config_aliases",
         "rope_theta",
+        "rope_scaling",
+        "generation_defaults",
         "rope_default",
         "tied_weights",
         "remote_code",
@@ -104,7 +118,7 @@ def test_registry_order_and_defaults():
         "inv_freq_guard",
         "init_weights",
     ]
-    assert [p.name for p in default_patches()] == NAMES[:15]
+    assert [p.name for p in default_patches()] == NAMES[:20]
     assert [p.name for p in select(["init_weights"])] == NAMES
     with pytest.raises(PatchError, match="unknown patch 'nope'"):
         select(["nope"])

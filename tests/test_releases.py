@@ -206,5 +206,6 @@ def test_qwen3_modular_is_expected_to_fail_only_where_transformers_lacks_qwen3(v
 
 @pytest.mark.parametrize(("version", "outcome"), [("4.48.0", "pass"), ("5.0.0", "xfail"), ("5.1.0", "xfail"),
                                                   ("5.2.0", "pass"), ("5.3.0", "pass")])  # fmt: skip
-def test_llama_research_declares_the_5_0_5_1_wipe_and_passes_on_5_3_with_remote_code(version, outcome):
-    assert expectation(Cell(version, model="llama-research")).outcome == outcome
+@pytest.mark.parametrize("variant", ["llama-research", "era43"])
+def test_llama_research_declares_the_5_0_5_1_wipe_and_passes_on_5_3_with_remote_code(version, outcome, variant):
+    assert expectation(Cell(version, model=variant)).outcome == outcome

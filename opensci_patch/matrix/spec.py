@@ -85,6 +85,17 @@ VARIANTS: dict[str, Variant] = {
             checkpoint="llama-research",
             reference="llama-research",
         ),
+        Variant(
+            "era43",
+            (),
+            "our 4.3x-era Llama-style files (own config naming num_layers, the 4.3x Cache API, rope_scaling "
+            "indexing, config.max_length, removed helper imports), seeded weights, hotfixed; compared with its own "
+            "4.48.0 cell",
+            own_checkpoint=True,
+            marker="*",
+            checkpoint="era43",
+            reference="era43",
+        ),
     )
 }
 # The shipped checkpoint's declared reference cell (release, variant): CI always keeps this release. The report
@@ -237,7 +248,7 @@ EXPECTED_FAILURES: tuple[Rule, ...] = (
         symptom=WRONG_LOGITS,
     ),
     Rule(
-        ("llama-research",),
+        ("llama-research", "era43"),
         "upstream 5.0/5.1, as for patched: the file's `.data.normal_()` _init_weights wipes the loaded weights",
         since="5.0",
         before="5.2",

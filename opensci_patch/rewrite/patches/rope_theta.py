@@ -30,6 +30,7 @@ from __future__ import annotations
 import libcst as cst
 
 from opensci_patch.rewrite.patches.base import Patch, State, Unrecognised
+from opensci_patch.rewrite.patches.helper_calls import inserted, written
 from opensci_patch.rewrite.patches.inserts import template, top_level_def, with_marker
 from opensci_patch.rewrite.patches.syntax import code, full_name, is_string, top_functions
 from opensci_patch.rewrite.patches.tree_walk import find_all, visit_statements
@@ -49,33 +50,12 @@ def {HELPER}(config):
 '''
 
 
-def _stores(node: cst.CSTNode) -> set[int]:
-    """ids of the `.rope_theta` attributes that are written (assigned, augmented, annotated, deleted), not read."""
-    targets: list[cst.CSTNode] = []
-    for assign in find_all(node, cst.Assign):
-        targets.extend(t.target for t in assign.targets)
-    targets.extend(n.target for n in find_all(node, cst.AugAssign))
-    targets.extend(n.target for n in find_all(node, cst.AnnAssign))
-    targets.extend(n.target for n in find_all(node, cst.Del))
-    targets.extend(n.target for n in find_all(node, cst.For))
-    targets.extend(n.target for n in find_all(node, cst.NamedExpr))
-    found: set[int] = set()
-    for target in targets:
-        found |= {id(a) for a in find_all(target, cst.Attribute, lambda a: a.attr.value == "rope_theta")}
-    return found
-
-
-def _inserted(stmt: cst.CSTNode) -> bool:
-    """A top-level function opensci-patch inserted (this patch's helper reads the attribute on purpose)."""
-    return isinstance(stmt, cst.FunctionDef) and stmt.name.value.startswith("_opensci_")
-
-
 def _reads(node: cst.CSTNode) -> list[cst.Attribute]:
     if isinstance(node, cst.Module):
         return [read for stmt in node.body for read in _reads(stmt)]
-    if _inserted(node):
+    if inserted(node):  # e.g. this patch's helper, which reads the attribute on purpose
         return []
-    stores = _stores(node)
+    stores = written(node)
     return find_all(
         node,
         cst.Attribute,
@@ -85,7 +65,7 @@ def _reads(node: cst.CSTNode) -> list[cst.Attribute]:
 
 def _refuse_getattr(tree: cst.Module) -> None:
     for stmt in tree.body:
-        if _inserted(stmt):
+        if inserted(stmt):
             continue  # e.g. rope_default's, which falls back to rope_parameters itself
         for call in find_all(stmt, cst.Call, lambda c: full_name(c.func) == "getattr" and len(c.args) >= 2):
             if is_string(call.args[1].value, "rope_theta"):

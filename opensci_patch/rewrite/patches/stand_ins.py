@@ -146,8 +146,20 @@ def {name}(*args, **kwargs):
     return None
 ''',
     **{name: attn_mask_stand_in(name) for name in ATTN_MASK_NAMES},
+    # 4.3x-era helpers: absent from transformers.pytorch_utils on 4.48 (back on 4.57), removed from
+    # transformers.utils in 5.0; both answer what the installed torch does.
+    "is_torch_greater_or_equal_than_1_13": """
+{name} = tuple(map(int, torch.__version__.split(".")[:2])) >= (1, 13)
+""",
+    "is_torch_fx_available": '''
+def {name}():
+    """Stand-in (opensci-patch) for >= 5.0: whether torch.fx imports, as 4.x answers it."""
+    import importlib.util
+
+    return importlib.util.find_spec("torch.fx") is not None
+''',
 }
-NEEDS_TORCH = {"GradientCheckpointingLayer", *MASKS, *ATTN_MASK_NAMES}
+NEEDS_TORCH = {"GradientCheckpointingLayer", "is_torch_greater_or_equal_than_1_13", *MASKS, *ATTN_MASK_NAMES}
 
 CACHE = "DynamicCache"
 CACHE_CHECK = "_opensci_cache_takes_config"
