@@ -341,7 +341,8 @@ def state_dict(kind: str, seed: int = 0) -> dict:
         for name, shape in (("q_proj", (hidden, hidden)), ("k_proj", (kv_dim, hidden)), ("v_proj", (kv_dim, hidden)),
                             ("o_proj", (hidden, hidden))):  # fmt: skip
             shapes[f"{p}self_attn.{name}.weight"] = shape
-        for name, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)), ("down_proj", (hidden, inter))):
+        for name, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)),
+                            ("down_proj", (hidden, inter))):  # fmt: skip
             shapes[f"{p}mlp.{name}.weight"] = shape
         norms += [f"{p}input_layernorm", f"{p}post_attention_layernorm"]
     for norm in norms:

@@ -151,6 +151,7 @@ class _Run:
     timeout: float
     log: Log
     progress: _Progress
+    reference: str = "auto"  # each capture's fp64 reference: auto | on | off
     models: dict[str, Path | _NoModel] = field(default_factory=dict)  # variant -> model dir, or why not
     envs: dict[tuple[str, str], object] = field(default_factory=dict)  # (release, build) -> Env or the error
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -184,8 +185,10 @@ def run_cells(
     jobs: int = 1,
     timeout: float = 900,
     log: Log = print,
+    reference: str = "auto",
 ) -> int:
-    """Run cells, `jobs` releases at a time; one record per cell, one progress line per cell. Returns the count."""
+    """Run cells, `jobs` releases at a time; one record per cell, one progress line per cell. Returns the count.
+    `reference`: each capture's fp64 reference forward (auto | on | off, as `capture --reference`)."""
     records.mkdir(parents=True, exist_ok=True)
     for cell in cells:  # a killed run leaves "running", never the previous run's result
         fs.write_atomic(records / f"{cell.id}.json", rec_io.running_record(cell, expected=asdict(expectation(cell))))
@@ -195,7 +198,7 @@ def run_cells(
         groups.setdefault((cell.transformers, cell.torch), []).append(cell)
     progress = _Progress(len(cells), log)
     with tempfile.TemporaryDirectory(prefix="opensci-run-") as tmp:
-        run = _Run(records, Path(tmp), env_root, timeout, log, progress)
+        run = _Run(records, Path(tmp), env_root, timeout, log, progress, reference)
         variants = list(dict.fromkeys(c.model for c in cells))
         hotfix_variants(run, variants, model_dir, list(groups))
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
@@ -362,7 +365,7 @@ def run_release(run: _Run, cells: list[Cell]) -> None:
         if isinstance(model, _NoModel):  # hotfix or generated checkpoint failed: that variant's cells say so
             run.write(cell, model.record(cell), time.monotonic() - start)
             continue
-        steps.append(CaptureStep(model, cell, run.records / f"{cell.id}.json", expectation(cell)))
+        steps.append(CaptureStep(model, cell, run.records / f"{cell.id}.json", expectation(cell), run.reference))
 
     def done(result: StepResult) -> None:
         step = steps[result.index]
@@ -380,10 +383,12 @@ def run_release(run: _Run, cells: list[Cell]) -> None:
         run.write(cell, rec_io.error_record(cell, "crash", exc_type, message, log_text), time.monotonic() - start)
 
 
-def main_cells(cells: list[Cell], model_dir: Path, records: Path, log=print, *, jobs: int = 1) -> int:
+def main_cells(
+    cells: list[Cell], model_dir: Path, records: Path, log=print, *, jobs: int = 1, reference: str = "auto"
+) -> int:
     """Run cells (`jobs` releases at a time) with one progress line per cell; returns the number of cells that
     could not run (a run error, never finished, or no readable record): the CLI's exit status is 1 if any."""
-    run_cells(cells, model_dir, records, jobs=jobs, log=log)
+    run_cells(cells, model_dir, records, jobs=jobs, log=log, reference=reference)
     return len(could_not_run(cells, records))
 
 

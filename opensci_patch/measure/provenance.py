@@ -45,6 +45,8 @@ def environment(device: str) -> dict:
         "kernels": {"installed": _distribution_version("kernels"), "used": None},
         # dependency overrides the per-release env was built with (opensci_patch.matrix.overrides); [] outside one
         "overrides": _env_overrides(),
+        # packages the env added to transformers' own (`cell --require`); [] outside one or when none
+        "extra_requirements": _env_overrides("extra_requirements"),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         env["device_name"] = torch.cuda.get_device_name(device)
@@ -63,13 +65,14 @@ def _distribution_version(name: str) -> str | None:
         return None
 
 
-def _env_overrides() -> list[str]:
-    """The overrides in the marker of the per-release env this interpreter runs in (`envs`); [] elsewhere."""
+def _env_overrides(key: str = "overrides") -> list[str]:
+    """The overrides (or another list: `key`) in the marker of the per-release env this interpreter runs in
+    (`envs`); [] elsewhere."""
     from opensci_patch._util.locations import MARKER
 
     try:
         marker = json.loads((Path(sys.prefix) / MARKER).read_text())
     except (OSError, ValueError):
         return []
-    found = marker.get("overrides", []) if isinstance(marker, dict) else []
+    found = marker.get(key, []) if isinstance(marker, dict) else []
     return [str(r) for r in found] if isinstance(found, list) else []

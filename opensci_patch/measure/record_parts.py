@@ -7,7 +7,7 @@ Standard library only, like `records`. Each part's `to_dict` is the JSON object 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 try:
@@ -53,7 +53,8 @@ class _Part:
     @classmethod
     def from_dict(cls, data: Any):
         names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
-        if not isinstance(data, dict) or set(data) != set(names):
+        needed = {f.name for f in fields(cls) if f.default is MISSING}  # type: ignore[arg-type]
+        if not isinstance(data, dict) or not needed <= set(data) <= set(names):
             got = sorted(data) if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"{cls.__name__} needs {', '.join(names)}, got {got}")
         return cls(**data)
@@ -135,11 +136,17 @@ class Generation(_Part):
 
 @dataclass(frozen=True)
 class Fp64Reference(_Part):
-    """The independent fp64 forward (`opensci_patch.measure.reference`) on the same tokens."""
+    """The independent fp64 forward (`opensci_patch.measure.reference`) on the same tokens; or, for a model
+    outside the architecture it models, why not (`not_applicable`, the two numbers None)."""
 
     dtype: str
-    max_abs_diff: float  # max |logit - fp64 logit| over the last position
-    target_logit: float
+    max_abs_diff: float | None  # max |logit - fp64 logit| over the last position
+    target_logit: float | None
+    not_applicable: str | None = None  # absent in records written before it existed
+
+    @property
+    def applicable(self) -> bool:
+        return self.not_applicable is None
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ import libcst as cst
 
 from opensci_patch.rewrite.patches import init_buffers
 from opensci_patch.rewrite.patches.base import Patch, State, Unrecognised
+from opensci_patch.rewrite.patches.init_buffers import is_buffer_registration
 from opensci_patch.rewrite.patches.inserts import marker, parsed, template, template_members, with_block
 from opensci_patch.rewrite.patches.syntax import (
     docstring_offset,
@@ -51,7 +52,6 @@ from opensci_patch.rewrite.patches.syntax import (
     require_torch,
     self_assignments,
 )
-from opensci_patch.rewrite.patches.init_buffers import is_buffer_registration
 from opensci_patch.rewrite.patches.tree_walk import find_all
 
 NAME = "inv_freq_guard"
@@ -162,8 +162,8 @@ def rotary_classes(tree: cst.Module) -> list[cst.ClassDef]:
             found.append(cls)
     classes = [s for s in tree.body if isinstance(s, cst.ClassDef)]
     for what, matches in (("inv_freq", _is_inv_freq_registration), ("a non-persistent buffer", is_buffer_registration)):
-        in_classes = sum(len(find_all(m, cst.Call, lambda c: full_name(c.func) == "self.register_buffer" and matches(c)))
-                         for cls in classes for m in _methods(cls))  # fmt: skip
+        on_self = lambda c, matches=matches: full_name(c.func) == "self.register_buffer" and matches(c)  # noqa: E731
+        in_classes = sum(len(find_all(m, cst.Call, on_self)) for cls in classes for m in _methods(cls))
         if len(find_all(tree, cst.Call, matches)) != in_classes:
             raise Unrecognised(f"{what} is registered outside the methods of a top-level class")
     return found
