@@ -11,6 +11,9 @@ files of transformers 4.30-4.45: a configuration file of their own, relative imp
 
 Both keep a `DynamicCache` (`update`), so that no break class but the buffers' shows on 5.x. Tiny seeded random
 weights (2 layers, hidden 64, 4 query / 2 key-value heads), the shipped tokenizer.
+
+`fused=True` gives the attention one `qkv_proj` (Phi-3 style) instead of q/k/v projections: an architecture the
+fp64 reference does not model; `einops=True` also makes the file import einops (for `cell --require einops`).
 """
 
 from __future__ import annotations
@@ -319,15 +322,51 @@ CONFIG = {
 }
 
 
-def modeling_source(kind: str) -> str:
-    return HEAD + KINDS[kind] + BODY
+FUSED_INIT = """\
+        self.qkv_proj = nn.Linear(
+            config.hidden_size, (self.num_heads + 2 * self.num_key_value_heads) * self.head_dim, bias=False
+        )
+"""
+FUSED_SPLIT = """\
+        q, k, v = self.qkv_proj(hidden_states).split(
+            [self.num_heads * self.head_dim, *[self.num_key_value_heads * self.head_dim] * 2],
+            dim=-1,
+        )
+        q = q.view(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(bsz, q_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        v = v.view(bsz, q_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+"""
+EINOPS_SPLIT = """\
+        q, k, v = self.qkv_proj(hidden_states).split(
+            [self.num_heads * self.head_dim, *[self.num_key_value_heads * self.head_dim] * 2],
+            dim=-1,
+        )
+        q = rearrange(q, "b s (h d) -> b h s d", d=self.head_dim)
+        k = rearrange(k, "b s (h d) -> b h s d", d=self.head_dim)
+        v = rearrange(v, "b s (h d) -> b h s d", d=self.head_dim)
+"""
+
+
+def modeling_source(kind: str, *, fused: bool = False, einops: bool = False) -> str:
+    text = HEAD + KINDS[kind] + BODY
+    if fused:
+        lines = text.splitlines(keepends=True)
+        init = [i for i, line in enumerate(lines) if "self.q_proj = nn.Linear" in line]
+        split = [i for i, line in enumerate(lines) if "q = self.q_proj(hidden_states)" in line]
+        assert len(init) == len(split) == 1
+        lines[split[0] : split[0] + 3] = [EINOPS_SPLIT if einops else FUSED_SPLIT]
+        lines[init[0] : init[0] + 3] = [FUSED_INIT]
+        text = "".join(lines)
+    if einops:
+        text = text.replace("from torch import nn\n", "from einops import rearrange\nfrom torch import nn\n", 1)
+    return text
 
 
 def config(kind: str) -> dict:
     return {**CONFIG, "partial_rotary_factor": 0.25 if kind == "partial" else 1.0}
 
 
-def state_dict(kind: str, seed: int = 0) -> dict:
+def state_dict(kind: str, seed: int = 0, *, fused: bool = False) -> dict:
     """Random weights with the names and shapes of `EraForCausalLM` (seeded: the same on every build)."""
     import torch
 
@@ -354,18 +393,22 @@ def state_dict(kind: str, seed: int = 0) -> dict:
     for name in sorted(shapes):
         noise = torch.randn(shapes[name], generator=generator)
         weights[name] = 1.0 + 0.1 * noise if name.endswith("norm.weight") else 0.2 * noise
+    if fused:  # the same numbers under one qkv_proj: q, k, v stacked along the output dimension
+        for i in range(c["num_hidden_layers"]):
+            p = f"model.layers.{i}.self_attn."
+            weights[f"{p}qkv_proj.weight"] = torch.cat([weights.pop(f"{p}{x}_proj.weight") for x in "qkv"])
     return weights
 
 
-def build(out: Path, kind: str) -> Path:
+def build(out: Path, kind: str, *, fused: bool = False, einops: bool = False) -> Path:
     """Write the `kind` checkpoint to `out` (created; must not exist): model and config files, weights, tokenizer."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True)
-    (out / MODELING).write_text(modeling_source(kind))
+    (out / MODELING).write_text(modeling_source(kind, fused=fused, einops=einops))
     (out / "configuration_era.py").write_text(CONFIGURATION)
     (out / "config.json").write_text(json.dumps(config(kind), indent=2) + "\n")
-    save_file(state_dict(kind), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(state_dict(kind, fused=fused), str(out / "model.safetensors"), metadata={"format": "pt"})
     for name in TOKENIZER_FILES:
         shutil.copy(FIXTURE_DIR / name, out / name)
     return out
