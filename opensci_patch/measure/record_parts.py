@@ -148,6 +148,13 @@ class Fp64Reference(_Part):
     def applicable(self) -> bool:
         return self.not_applicable is None
 
+    def to_dict(self) -> dict:
+        """Without `not_applicable` where it is None: a record written before it existed reads back byte for byte."""
+        out = super().to_dict()
+        if out["not_applicable"] is None:
+            del out["not_applicable"]
+        return out
+
 
 @dataclass(frozen=True)
 class CellInfo(_Part):
