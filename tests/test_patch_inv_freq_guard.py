@@ -201,3 +201,6 @@ def test_hotfix_writes_the_other_patches_lists_the_refusal_and_exits_1(tmp_path,
     assert why.startswith(ERA_REFUSED)
     fixed = (out / "modeling_era.py").read_text()
     assert "cache=None" in fixed and "self._opensci_check_buffers()" in fixed  # cache_kwarg and the rotary guard
+    from opensci_patch.measure.provenance import model_info
+
+    assert model_info(out)["refused"] == {"modeling_era.py": {"inv_freq_guard": [why]}}  # what a cell records

@@ -16,12 +16,17 @@ from opensci_patch._util.defaults import MANIFEST
 
 
 def model_info(model: Path) -> dict:
-    """The record's `model`: its path, whether `hotfix` patched it (and with what), a sha256 of each .py file."""
+    """The record's `model`: its path, whether `hotfix` patched it (and with what, and what it refused), a sha256
+    of each .py file."""
     manifest = model / MANIFEST
     info: dict = {"path": str(model), "name": model.name, "patched": manifest.is_file()}
     if manifest.is_file():
         data = json.loads(manifest.read_text())
         info["patches"] = data.get("patches")
+        files = data.get("files") or {}
+        refused = {f: e["refused"] for f, e in files.items() if isinstance(e, dict) and e.get("refused")}
+        if refused:  # what the hotfix left as it was (file -> patch -> why): a cell's record says so too
+            info["refused"] = refused
     info["modeling_sha256"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(model.glob("*.py"))}
     return info
 

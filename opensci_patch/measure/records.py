@@ -85,6 +85,9 @@ class Record:
     "used": whether the loaded model was kernelized}) and "overrides" (the dependency overrides its
     per-release env was built with, `opensci_patch.matrix.overrides`; [] or absent when none) and
     "extra_requirements" (packages `cell --require` added to that env; [] or absent when none).
+
+    `reference`: {"dtype", "max_abs_diff", "target_logit"}, or with "not_applicable": "not applicable: <why>"
+    (and the two numbers null) for a model outside the architecture the fp64 reference models.
     """
 
     settings: dict = field(default_factory=dict)
