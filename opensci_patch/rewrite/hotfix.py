@@ -74,7 +74,6 @@ class HotfixResult:
     refused: tuple[str, ...] = ()  # "FILE: patch 'NAME': why" for each construct a patch left as it was
 
 
-
 def hotfix(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str] | None = None,
