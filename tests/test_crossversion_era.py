@@ -5,7 +5,8 @@
   meta-device load, so the originals give non-finite or different logits there; hotfixed (`inv_freq_guard` re-runs
   the class's own `__init__` on CPU) they give 4.48.0's logits, decode steps and 20 greedy ids, bit for bit.
 - `cell --require einops` runs a file that imports einops (fused `qkv_proj`: the fp64 reference records itself
-  as not applicable, and the cell keeps its own result); without it the file cannot load.
+  as not applicable, and the cell keeps its own result); without it the file cannot load. `diagnose` on such a
+  model skips the reference as not applicable instead of crashing.
 """
 
 from __future__ import annotations
@@ -72,3 +73,15 @@ def test_cell_require_einops_runs_a_file_importing_einops(tmp_path):
     assert rec["reference"]["not_applicable"].startswith("not applicable: no weight")  # fused qkv_proj
     off = _cell(model, tmp_path / "off", "--require", "einops", "--reference", "off")
     assert off["status"] == "ok" and off["reference"] is None and off["logits_sha256"] == rec["logits_sha256"]
+
+
+def test_diagnose_skips_the_reference_as_not_applicable_on_a_fused_qkv_model(tmp_path):
+    from opensci_patch import diagnose as dg
+    from opensci_patch.matrix.envs import ensure_env
+
+    model = rotary_era.build(tmp_path / "fused", "cached", fused=True)
+    env = ensure_env(NATIVE, "system", log=lambda *a: None)
+    sides = [dg.Side(label, env.python, model, f"transformers {NATIVE}, fused") for label in "AB"]
+    result = dg.compare_sides(*sides, tmp_path / "diag", log=lambda *a: None)
+    assert result["reference"].startswith("off (not applicable: no weight")
+    assert result["first_divergence"] is None  # the two sides still compared, stage by stage
