@@ -204,3 +204,20 @@ def test_hotfix_writes_the_other_patches_lists_the_refusal_and_exits_1(tmp_path,
     from opensci_patch.measure.provenance import model_info
 
     assert model_info(out)["refused"] == {"modeling_era.py": {"inv_freq_guard": [why]}}  # what a cell records
+
+
+def test_a_fresh_module_built_onto_meta_is_not_taken_as_the_expected_buffers(monkeypatch):
+    """accelerate's init_empty_weights(include_buffers=True) puts every registered buffer on meta: no values there."""
+    import torch
+
+    patched_source = apply_patches(rotary_era.modeling_source("cached"), default_patches())[0]
+    module = _era_namespace(patched_source)["EraRotaryEmbedding"](16, 64, base=500000.0)
+    module._buffers["inv_freq"] = torch.full_like(module.inv_freq, 8192.0)
+    real = torch.nn.Module.register_buffer
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.Module, "register_buffer",
+                  lambda self, name, t, persistent=True: real(self, name, t.to("meta"), persistent))  # fmt: skip
+        module._opensci_check_buffers()
+    assert not hasattr(module, "_opensci_expected_buffers") and module.inv_freq[0] == 8192.0
+    module._opensci_check_buffers()
+    assert torch.equal(module.inv_freq, 1.0 / (500000.0 ** (torch.arange(0, 16, 2).float() / 16)))

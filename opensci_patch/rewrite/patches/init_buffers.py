@@ -81,6 +81,8 @@ class _Template:
             finally:
                 torch.set_default_dtype(default)
             expected = {{n: b for n, b in fresh._buffers.items() if n in fresh._non_persistent_buffers_set}}
+            if any(b is not None and b.is_meta for b in expected.values()):
+                return  # built under a context that puts buffers on meta (init_empty_weights): try again later
             self._opensci_expected_buffers = expected
         for name, buffer in buffers:
             want = expected.get(name)
