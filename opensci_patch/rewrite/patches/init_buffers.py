@@ -25,6 +25,10 @@ On 4.48 (built on CPU, not on meta) the buffers are what the fresh module comput
 cost: one more construction of each such module (on its first forward or `_init_weights`); for a class that
 holds large layers as well (an attention with a mask buffer) that is those layers' size once more, on CPU.
 
+Not covered: persistent buffers (a 4.30-era `register_buffer("inv_freq", t)` comes from the checkpoint, or is a
+missing weight), tensors kept as plain attributes (`self.x = torch...` in `__init__`), and a fresh module built
+onto meta (accelerate's `init_empty_weights(include_buffers=True)`): then nothing is compared until a later check.
+
 Refused, each for its class only (`base.refuse`): a class deriving from a `PreTrainedModel` (rebuilding it
 would rebuild the model), a class without `__init__` (a parent's, not in this file, computes the buffers) or
 without `forward` (nothing to check them in).
