@@ -24,39 +24,13 @@ from opensci_patch._util.defaults import (
     MAX_NEW_TOKENS,
     TORCH_BUILDS,
 )
-from opensci_patch._util.errors import DestinationError, OpensciPatchError, format_error
-from opensci_patch._util.fs import write_atomic
+from opensci_patch._util.errors import OpensciPatchError, format_error
+from opensci_patch._util.fs import check_output_dir, check_output_file, write_atomic
 from opensci_patch.matrix.spec import VARIANTS  # stdlib-only module
 
 
 def _err(msg: str) -> None:
     print(f"opensci-patch: error: {msg}", file=sys.stderr)
-
-
-def check_output_file(path: Path, force: bool) -> None:
-    """Refuse an output file we could not write or must not overwrite, before any work is done."""
-    if path.is_dir():
-        raise DestinationError(f"{path} is a directory; --out takes a file name")
-    if path.exists() and not path.is_file():  # a device, a pipe, a socket: never replaced, even with --force
-        raise DestinationError(f"{path} exists and is not a regular file; --out takes a file name")
-    if path.exists() and not force:
-        raise DestinationError(f"{path} exists; pass --force to overwrite it")
-    _check_can_create(path.parent, str(path))
-
-
-def check_output_dir(path: Path, option: str) -> None:
-    """A directory we can create or write into, checked before any work is done."""
-    if path.exists() and not path.is_dir():
-        raise DestinationError(f"{option} {path} is not a directory")
-    _check_can_create(path, f"{option} {path}")
-
-
-def _check_can_create(path: Path, shown: str) -> None:
-    """`path`, or the nearest directory above it that exists, must be a directory we can write into."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
-        raise DestinationError(f"{shown}: cannot write into {path} (not a writable directory)")
 
 
 def summary_line(record) -> str:
@@ -68,7 +42,9 @@ def summary_line(record) -> str:
     t = record.target
     line = f"{head} | logit({t.token!r}) = {t.logit:.4f} rank {t.rank}"
     if record.reference:
-        line += f" | max|logit-fp64 ref| {record.reference.max_abs_diff:.2e}"
+        ref = record.reference
+        gap = f"max|logit-fp64 ref| {ref.max_abs_diff:.2e}" if ref.applicable else f"fp64 ref {ref.not_applicable}"
+        line += f" | {gap}"
     if record.generation:
         line += f" | greedy: {record.generation.text!r}"
     if record.status != "ok":
@@ -93,8 +69,10 @@ def cmd_fixture(args) -> int:
 def cmd_hotfix(args) -> int:
     from opensci_patch.rewrite.hotfix import hotfix
 
-    hotfix(args.src, args.out, check=args.check, force=args.force, extras=tuple(args.extra), only=args.only)
-    return 0
+    result = hotfix(args.src, args.out, check=args.check, force=args.force, extras=tuple(args.extra), only=args.only)
+    if result.refused:  # the other patches applied; what was refused is listed above and in the manifest
+        _err(f"{len(result.refused)} construct(s) refused, left as they were: {result.refused[0]}")
+    return 1 if result.refused else 0
 
 
 def cmd_capture(args) -> int:
@@ -166,6 +144,10 @@ def cmd_cell(args) -> int:
 
         overrides.load(args.overrides)
         os.environ[overrides.VAR] = str(args.overrides.absolute())
+    if args.require:  # the same way: every env of this run gets them (its name, marker and records say so)
+        from opensci_patch.matrix import overrides
+
+        os.environ[overrides.REQUIRE_VAR] = "\n".join(overrides.requirements(args.require))
     from opensci_patch.matrix.runner import checkpoint_dirs, main_cells
 
     dirs = checkpoint_dirs(args.model) if args.model else {matrix.SHIPPED: FIXTURE_DIR}
@@ -182,7 +164,8 @@ def cmd_cell(args) -> int:
         for attn in args.attn or ["eager"]
         for m in variants
     ]
-    broken = main_cells(cells, dirs, args.records, log=lambda m: print(m, flush=True), jobs=args.jobs)
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    broken = main_cells(cells, dirs, args.records, log=log, jobs=args.jobs, reference=args.reference)
     if broken:
         _err(f"{broken} of {len(cells)} cell(s) could not run (env-error, crash or hotfix-error): see {args.records}")
         return 1
@@ -337,6 +320,10 @@ def _cell_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overrides", type=Path, default=None, metavar="FILE",
         help="dependency overrides per release range, for pins the index cannot meet (e.g. "
         "matrix-overrides.txt; default: $OPENSCI_PATCH_OVERRIDES)")  # fmt: skip
+    p.add_argument("--require", action="append", default=[], metavar="PKG",
+        help="add a requirement to every release env (repeatable; e.g. einops for a model file)")  # fmt: skip
+    p.add_argument("--reference", choices=["auto", "on", "off"], default="auto",
+        help="each capture's fp64 reference forward (as capture's; auto: checkpoints under 1 GiB)")  # fmt: skip
     p.add_argument("--jobs", type=parse_jobs, default=1, metavar="N|auto",
         help="releases run at once (default 1; auto: one per CPU)")  # fmt: skip
 

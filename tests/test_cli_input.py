@@ -88,11 +88,17 @@ def test_cell_runs_every_combination_of_the_dtype_attn_and_variant_options(monke
     from opensci_patch.matrix import runner
     from opensci_patch.matrix import spec as matrix
 
-    ran = []
-    monkeypatch.setattr(runner, "main_cells", lambda cells, *a, **k: ran.extend(cells) or 0)
+    ran, references = [], []
+    def main_cells(cells, *args, **kwargs):
+        references.append(kwargs["reference"])
+        ran.extend(cells)
+        return 0
+
+    monkeypatch.setattr(runner, "main_cells", main_cells)
     args = ["cell", "--transformers", "4.48.0", "--torch", "cuda", "--variant", "patched", "--variant", "structural",
             "--attn", "eager", "--attn", "sdpa", "--dtype", "bfloat16", "--records", str(tmp_path)]  # fmt: skip
-    assert cli_module.main(args) == 0
+    assert cli_module.main([*args, "--reference", "off"]) == 0
+    assert references == ["off"]  # passed through to every capture of the run (`CaptureStep.reference`)
     got = {(c.model, c.dtype, c.attn, c.device) for c in ran}
     assert got == {(m, "bfloat16", a, "cuda") for m in ("patched", "structural") for a in ("eager", "sdpa")}
     assert len(ran) == 4

@@ -60,12 +60,16 @@ def reuse_patch_results(monkeypatch, patch_results: dict) -> None:
     """Patching the same text gives the same result (test_patches checks that): compute it once per file here."""
     real = hotfix_module.apply_patches
 
-    def cached(source, patches, filename="<source>"):
+    def cached(source, patches, filename="<source>", refused=None):
         patches = list(patches)
         key = (source, tuple(p.name for p in patches))
         if key not in patch_results:
-            patch_results[key] = real(source, patches, filename)
-        return patch_results[key]
+            found: dict[str, list[str]] = {}
+            patch_results[key] = (real(source, patches, filename, found), found)
+        result, found = patch_results[key]
+        if refused is not None:
+            refused.update(found)
+        return result
 
     monkeypatch.setattr(hotfix_module, "apply_patches", cached)
 

@@ -284,3 +284,47 @@ def test_an_overrides_file_that_is_not_a_small_regular_file_is_refused_at_once(t
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 1 and last.startswith("opensci_patch.matrix.overrides.OverridesError"), proc.stderr[-500:]
     assert ("larger than" if what == "huge" else "not a regular file") in last
+
+
+# --- added requirements: cell --require PKG (issue 29) -----------------------------------------------------------
+
+
+def test_added_requirements_are_checked_normalised_and_never_transformers_or_torch(monkeypatch):
+    assert overrides.requirements(["einops", " einops ", "accelerate >= 0.20"]) == ["einops", "accelerate>=0.20"]
+    for bad, why in (("torch", "cannot be added"), ("transformers==4.48.0", "cannot be added"), ("a b!", "not a req")):
+        with pytest.raises(overrides.OverridesError, match=why):
+            overrides.requirements([bad])
+    monkeypatch.setenv(overrides.REQUIRE_VAR, "einops\n\naccelerate\n")
+    assert overrides.requirements_from_env() == ["einops", "accelerate"]
+
+
+@needs_torch
+def test_an_env_is_keyed_on_its_added_requirements(tmp_path, fake_installer, monkeypatch):  # noqa: F811
+    log = lambda m: None  # noqa: E731
+    monkeypatch.delenv(overrides.VAR, raising=False)
+    monkeypatch.delenv(overrides.REQUIRE_VAR, raising=False)
+    plain = envs.ensure_env(VERSION, "system", root=tmp_path, log=log)
+    added = envs.ensure_env(VERSION, "system", root=tmp_path, log=log, extra_requirements=["einops"])
+    assert added.path != plain.path and added.path.name.startswith(plain.path.name + "-rq")
+    assert added.extra_requirements == ("einops",) and not added.reused
+    install = [cmd for cmd in fake_installer if f"transformers=={VERSION}" in cmd]
+    assert "einops" in install[-1] and not any("einops" in cmd for cmd in install[:-1])
+    assert json.loads((added.path / locations.MARKER).read_text())["extra_requirements"] == ["einops"]
+    monkeypatch.setenv(overrides.REQUIRE_VAR, "einops")  # what `cell --require einops` sets for the run
+    assert envs.ensure_env(VERSION, "system", root=tmp_path, log=log).path == added.path
+    assert envs.ensure_env(VERSION, "system", root=tmp_path, log=log, extra_requirements=[]).path == plain.path
+
+
+def test_cell_refuses_a_bad_added_requirement_with_exit_2(cli, tmp_path):
+    proc = cli("cell", "--transformers", "4.48.0", "--require", "torch", "--records", str(tmp_path / "r"))
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "torch cannot be added" in proc.stderr
+
+
+def test_the_report_shows_added_requirements_like_overrides():
+    rec = _record("4.48.0", "patched", [])
+    rec.environment["extra_requirements"] = ["einops"]
+    (row,) = judge.rows([rec])
+    assert row.overrides == ("+einops",)
+    line = next(line for line in render.markdown_table([row]).splitlines() if line.startswith("| 4.48.0"))
+    assert "+einops" in line

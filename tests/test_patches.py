@@ -42,7 +42,7 @@ MANGLED = {
         "ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]",
         "ALL_ATTENTION_FUNCTIONS.get(self.config._attn_implementation)",
     ),
-    "inv_freq_guard": ("self.config = config\n        self.rope_init_fn", "self.rope_init_fn"),
+    "inv_freq_guard": ('self.register_buffer("inv_freq"', 'nn.Module.register_buffer(self, "inv_freq"'),
     "init_weights": ("module.bias.data.zero_()", "module.bias.data = torch.zeros_like(module.bias)"),
     "moved_helpers": ("import create_causal_mask, create_sliding", "import create_causal_mask as ccm, create_sliding"),
     "hub_kernels": (

@@ -148,7 +148,9 @@ def test_steps_round_trip_through_json_and_variants_map_to_hotfix_options(tmp_pa
         worker.HotfixStep.for_variant("structural", tmp_path, tmp_path / "out"),
         worker.HotfixStep.for_variant("patched+init", tmp_path, tmp_path / "out"),
         worker.CaptureStep(tmp_path / "m", cell, tmp_path / "r.json", expectation(cell)),
+        worker.CaptureStep(tmp_path / "m", cell, tmp_path / "r.json", expectation(cell), reference="off"),
     ]
+    assert steps[3].reference == "off" and worker.step_to_json(steps[3])["reference"] == "off"
     assert steps[0].only == ("loss_kwargs", "rope_default", "tied_weights") and steps[0].extras == ()
     assert steps[1].only is None and steps[1].extras == ("init_weights",)
     assert [worker.step_from_json(json.loads(json.dumps(worker.step_to_json(s)))) for s in steps] == steps

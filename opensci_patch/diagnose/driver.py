@@ -165,9 +165,14 @@ def compare_sides(
         result |= _cannot_compare(failed)
         return _finish(result, out_dir, t0, log)
 
+    from opensci_patch.measure.reference import not_modelled  # another architecture: "not applicable", no crash
+
+    why = "asked" if reference == "off" else "weights over 1 GiB"
     run_reference = reference == "on" or (reference == "auto" and small)
+    if run_reference and (other := not_modelled(ref_model)) is not None:
+        run_reference, why = False, f"not applicable: {other}"
     ref_dir = _fp64_reference(a, ref_model, out_dir, infos[0]["input_ids"], timeout, result) if run_reference else None
-    result["reference"] = "on" if ref_dir else f"off ({'asked' if reference == 'off' else 'weights over 1 GiB'})"
+    result["reference"] = "on" if ref_dir else f"off ({why})"
 
     labels = (a.label, b.label)
     compared = _compare_in(a, out_dir, probe_dirs, ref_dir, labels, timeout, "compare.json", result)

@@ -91,12 +91,20 @@ class Env:
     torch_build: str
     reused: bool
     overrides: tuple[str, ...] = ()  # the dependency overrides it was built with (`opensci_patch.matrix.overrides`)
+    extra_requirements: tuple[str, ...] = ()  # packages added to transformers' own (`cell --require`)
 
 
-def env_name(transformers_version: str, torch_build: str, overrides: list[str] | tuple[str, ...] = ()) -> str:
-    """Directory name of an env, e.g. ``tf4.48.0-system-py3.11``; ``-ov<digest>`` when built with overrides."""
+def env_name(
+    transformers_version: str,
+    torch_build: str,
+    overrides: list[str] | tuple[str, ...] = (),
+    extra: list[str] | tuple[str, ...] = (),
+) -> str:
+    """Directory name of an env, e.g. ``tf4.48.0-system-py3.11``; ``-ov<digest>`` when built with overrides,
+    ``-rq<digest>`` with added requirements."""
     name = f"tf{transformers_version}-{torch_build}-py{sys.version_info[0]}.{sys.version_info[1]}"
-    return f"{name}-ov{overrides_mod.digest(list(overrides))}" if overrides else name
+    name = f"{name}-ov{overrides_mod.digest(list(overrides))}" if overrides else name
+    return f"{name}-rq{overrides_mod.digest(list(extra))}" if extra else name
 
 
 def ensure_env(
@@ -106,21 +114,25 @@ def ensure_env(
     root: Path | None = None,
     log: Log = print,
     overrides: list[str] | None = None,
+    extra_requirements: list[str] | None = None,
 ) -> Env:
     """Return the env for this release and torch build, creating it on first use.
 
     `overrides`: the dependency overrides for this release; None = those of `OPENSCI_PATCH_OVERRIDES`
     that apply to it. An env is reused only for the same overrides (its name and marker carry them).
+    `extra_requirements`: packages installed besides transformers' own (None = `OPENSCI_PATCH_REQUIRE`'s),
+    carried by the name and marker the same way.
     A warm call reads the marker and runs no installer (milliseconds). Raises
     `EnvironmentSetupError` when the env cannot be made; nothing half-made is left behind.
     """
     version = check_version(transformers_version)
     if overrides is None:
         overrides = overrides_mod.for_release(overrides_mod.from_env(), version)
+    extra = overrides_mod.requirements_from_env() if extra_requirements is None else list(extra_requirements)
     if torch_build not in TORCH_BUILDS:
         raise EnvironmentSetupError(f"unknown torch build {torch_build!r}: choose one of {', '.join(TORCH_BUILDS)}")
     root = venv.check_settings(root)  # the env root and the variables that become paths or requirements
-    name = env_name(version, torch_build, overrides)
+    name = env_name(version, torch_build, overrides, extra)
     path = root / name
     expected: dict[str, Any] = {
         "schema": SCHEMA,
@@ -131,6 +143,8 @@ def ensure_env(
     }
     if overrides:
         expected["overrides"] = list(overrides)
+    if extra:
+        expected["extra_requirements"] = extra
     # "torch": the linked torch's version; every env links one: the interpreter's ("system"), or the shared
     # layer of its build, where the pinned torch is installed and byte-compiled once ("torch_pin" set)
     if torch_links.links_system_torch(torch_build):
@@ -149,17 +163,18 @@ def ensure_env(
             marker is not None
             and all(marker.get(k) == v for k, v in expected.items())
             and marker.get("overrides", []) == list(overrides)
+            and marker.get("extra_requirements", []) == extra
             and venv.venv_python(path).exists()
         ):
             _write_pths(path, torch_links.torch_farm(root, layer, log), log=log)
             log(f"reusing env {name} ({path})")
             python = venv.venv_python(path)
-            return Env(path, python, version, torch_build, reused=True, overrides=tuple(overrides))
+            return Env(path, python, version, torch_build, True, tuple(overrides), tuple(extra))
         if path.exists() or path.is_symlink():
             why = "stale (built for something else)" if marker is not None else "half-made (no marker)"
             venv.remove_ours(path, root, why, log)
         _create(path, root, version, torch_build, expected, torch_links.torch_farm(root, layer, log), log)
-        return Env(path, venv.venv_python(path), version, torch_build, reused=False, overrides=tuple(overrides))
+        return Env(path, venv.venv_python(path), version, torch_build, False, tuple(overrides), tuple(extra))
 
 
 def run_python(
@@ -242,18 +257,18 @@ def _install(install: list[str], path: Path, root: Path, version: str, expected:
     """transformers==version and our requirements, with the env's overrides (uv: `--override`; pip: see
     `opensci_patch.matrix.overrides`). An unmet pin is one line naming the package, the pin and the way out."""
     overrides = expected.get("overrides", [])
+    ours = [*expected["requirements"], *expected.get("extra_requirements", [])]  # ours and `cell --require`'s
     try:
         if not overrides:
-            procs.run_installer([*install, f"transformers=={version}", *expected["requirements"]], root, path.name)
+            procs.run_installer([*install, f"transformers=={version}", *ours], root, path.name)
         elif uv:
             listing = path / "opensci-patch-overrides.txt"
             listing.write_text("".join(f"{r}\n" for r in overrides))
-            cmd = [*install, "--override", str(listing), f"transformers=={version}", *expected["requirements"]]
+            cmd = [*install, "--override", str(listing), f"transformers=={version}", *ours]
             procs.run_installer(cmd, root, path.name)
         else:
             procs.run_installer([*install, "--no-deps", f"transformers=={version}"], root, path.name)
-            procs.run_installer([*install, *_pip_requirements(path, overrides), *expected["requirements"]],
-                                    root, path.name)  # fmt: skip
+            procs.run_installer([*install, *_pip_requirements(path, overrides), *ours], root, path.name)
     except EnvironmentSetupError as exc:
         pin = unmet_pin(str(exc))
         if pin is None:

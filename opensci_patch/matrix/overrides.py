@@ -15,6 +15,11 @@ package out (uv's documented way to drop a dependency). Nothing is silent: the e
 it was built with (an env is reused only for the same overrides, and its directory name carries their digest),
 `capture` records them in the record's `environment["overrides"]`, and the report shows them next to the cell.
 
+Added requirements (`cell --require PKG`, repeatable; `OPENSCI_PATCH_REQUIRE`, one per line): packages a model
+file imports that transformers does not depend on (`einops`, `accelerate`), installed into every release env
+the run builds. Like overrides, they are in the env's name (`-rq<digest>`) and marker, in the record's
+`environment["extra_requirements"]`, and shown in the report next to the cell (as `+einops`).
+
 Where to pass it: `opensci-patch cell --overrides FILE`, or `OPENSCI_PATCH_OVERRIDES=FILE` for every command
 that builds envs (cell, diagnose, bisect, the cross-version tests). `nox -s matrix`, the cell sessions and the
 nightly use the committed `matrix-overrides.txt`.
@@ -42,6 +47,7 @@ from packaging.version import Version
 from opensci_patch._util.errors import OpensciPatchError
 
 VAR = "OPENSCI_PATCH_OVERRIDES"
+REQUIRE_VAR = "OPENSCI_PATCH_REQUIRE"
 COMMITTED = Path(__file__).resolve().parents[2] / "matrix-overrides.txt"
 
 
@@ -123,3 +129,23 @@ def for_release(overrides: list[Override], version: str) -> list[str]:
 
 def digest(requirements: list[str]) -> str:
     return hashlib.sha256("\n".join(requirements).encode()).hexdigest()[:8]
+
+
+def requirements(values: list[str], source: str = "--require") -> list[str]:
+    """Added requirements, each a PEP 508 requirement (normalised, each once); transformers and torch refused."""
+    out = []
+    for value in values:
+        try:
+            parsed = Requirement(value.strip())
+        except InvalidRequirement as exc:
+            raise OverridesError(f"{source} {value!r} is not a requirement ({exc})") from None
+        if parsed.name.lower() in ("transformers", "torch"):
+            raise OverridesError(f"{source} {value!r}: {parsed.name} cannot be added (the matrix pins it)")
+        out.append(str(parsed))
+    return list(dict.fromkeys(out))
+
+
+def requirements_from_env() -> list[str]:
+    """The added requirements named by `OPENSCI_PATCH_REQUIRE` (one per line; none when unset or empty)."""
+    lines = [line for line in (os.environ.get(REQUIRE_VAR) or "").splitlines() if line.strip()]
+    return requirements(lines, REQUIRE_VAR)

@@ -171,6 +171,7 @@ class _Run:
     timeout: float
     log: Log
     progress: _Progress
+    reference: str = "auto"  # each capture's fp64 reference: auto | on | off
     # (checkpoint label, variant) -> model dir, or why there is none
     models: dict[tuple[str, str], Path | _NoModel] = field(default_factory=dict)
     envs: dict[tuple[str, str], object] = field(default_factory=dict)  # (release, build) -> Env or the error
@@ -204,10 +205,12 @@ def run_cells(
     jobs: int = 1,
     timeout: float = 900,
     log: Log = print,
+    reference: str = "auto",
 ) -> int:
     """Run cells, `jobs` releases at a time; one record per cell, one progress line per cell. Returns the count.
 
-    `model_dir`: the checkpoint dir of every cell, or {checkpoint label: dir} for the cells' `Cell.checkpoint`."""
+    `model_dir`: the checkpoint dir of every cell, or {checkpoint label: dir} for the cells' `Cell.checkpoint`.
+    `reference`: each capture's fp64 reference forward (auto | on | off, as `capture --reference`)."""
     check_settings(env_root)  # a bad env root or variable: one line, before any record says "running"
     records.mkdir(parents=True, exist_ok=True)
     for cell in cells:  # a killed run leaves "running", never the previous run's result
@@ -219,7 +222,7 @@ def run_cells(
     progress = _Progress(len(cells), log)
     dirs = model_dir if isinstance(model_dir, dict) else {c.checkpoint: model_dir for c in cells}
     with fs.temp_dir("opensci-run") as tmp:  # also removes those of killed runs (a SIGKILLed driver)
-        run = _Run(records, tmp, env_root, timeout, log, progress)
+        run = _Run(records, tmp, env_root, timeout, log, progress, reference)
         wanted = list(dict.fromkeys((c.checkpoint, c.model) for c in cells))
         hotfix_variants(run, wanted, dirs, list(groups))
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
@@ -388,7 +391,7 @@ def run_release(run: _Run, cells: list[Cell]) -> None:
         if isinstance(model, _NoModel):  # hotfix or generated checkpoint failed: that variant's cells say so
             run.write(cell, model.record(cell), time.monotonic() - start)
             continue
-        steps.append(CaptureStep(model, cell, run.records / f"{cell.id}.json", expectation(cell)))
+        steps.append(CaptureStep(model, cell, run.records / f"{cell.id}.json", expectation(cell), run.reference))
 
     def done(result: StepResult) -> None:
         step = steps[result.index]
@@ -406,10 +409,13 @@ def run_release(run: _Run, cells: list[Cell]) -> None:
         run.write(cell, rec_io.error_record(cell, "crash", exc_type, message, log_text), time.monotonic() - start)
 
 
-def main_cells(cells: list[Cell], model_dir: Path | dict[str, Path], records: Path, log=print, *, jobs: int = 1) -> int:
+def main_cells(
+    cells: list[Cell], model_dir: Path | dict[str, Path], records: Path, log=print, *, jobs: int = 1,
+    reference: str = "auto",
+) -> int:
     """Run cells (`jobs` releases at a time) with one progress line per cell; returns the number of cells that
     could not run (a run error, never finished, or no readable record): the CLI's exit status is 1 if any."""
-    run_cells(cells, model_dir, records, jobs=jobs, log=log)
+    run_cells(cells, model_dir, records, jobs=jobs, log=log, reference=reference)
     return len(could_not_run(cells, records))
 
 

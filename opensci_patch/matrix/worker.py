@@ -67,6 +67,7 @@ class CaptureStep:
     cell: Cell
     final: Path  # records/<cell id>.json
     expected: Expectation
+    reference: str = "auto"  # the fp64 reference forward: auto | on | off (`cell --reference`)
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def step_to_json(step: Step) -> dict:
         return {"kind": "hotfix", "src": str(step.src), "out": str(step.out), "extras": list(step.extras),
                 "only": None if step.only is None else list(step.only)}  # fmt: skip
     return {"kind": "capture", "model": str(step.model), "cell": asdict(step.cell), "final": str(step.final),
-            "expected": asdict(step.expected)}  # fmt: skip
+            "expected": asdict(step.expected), "reference": step.reference}  # fmt: skip
 
 
 def step_from_json(data: dict) -> Step:
@@ -95,7 +96,7 @@ def step_from_json(data: dict) -> Step:
         )
     if data["kind"] == "capture":
         cell, expected = Cell(**data["cell"]), Expectation(**data["expected"])
-        return CaptureStep(Path(data["model"]), cell, Path(data["final"]), expected)
+        return CaptureStep(Path(data["model"]), cell, Path(data["final"]), expected, data.get("reference", "auto"))
     raise ValueError(f"unknown step kind {data['kind']!r}")
 
 
@@ -152,7 +153,9 @@ def _run_capture(step: CaptureStep) -> tuple[int, str, rec_io.Record]:
     from opensci_patch.measure.isolation import isolated_hf_cache
 
     cell = step.cell
-    settings = CaptureSettings(model=step.model, device=cell.device, dtype=cell.dtype, attn=cell.attn)
+    settings = CaptureSettings(
+        model=step.model, device=cell.device, dtype=cell.dtype, attn=cell.attn, reference=step.reference
+    )
 
     def run() -> rec_io.Record:
         with isolated_hf_cache():

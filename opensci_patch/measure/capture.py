@@ -318,6 +318,10 @@ def _record_reference(record: Record, model: Path, lm, input_ids, f32, target_id
     """The fp64 reference forward's gap to these logits, and its logit of the target."""
     from opensci_patch.measure import reference
 
+    why = reference.not_modelled(model, lm.config)
+    if why is not None:  # another architecture: no gap to report, and the model's own result stands
+        record.reference = Fp64Reference("float64", None, None, f"not applicable: {why}")
+        return
     cfg = reference.resolved_config(model, lm.config)
     ref = reference.forward(reference.load_params(model), cfg, input_ids.cpu())[0, -1]
     record.reference = Fp64Reference("float64", float((f32.double() - ref).abs().max()), float(ref[target_id]))

@@ -16,12 +16,17 @@ from opensci_patch._util.defaults import MANIFEST
 
 
 def model_info(model: Path) -> dict:
-    """The record's `model`: its path, whether `hotfix` patched it (and with what), a sha256 of each .py file."""
+    """The record's `model`: its path, whether `hotfix` patched it (and with what, and what it refused), a sha256
+    of each .py file."""
     manifest = model / MANIFEST
     info: dict = {"path": str(model), "name": model.name, "patched": manifest.is_file()}
     if manifest.is_file():
         data = json.loads(manifest.read_text())
         info["patches"] = data.get("patches")
+        files = data.get("files") or {}
+        refused = {f: e["refused"] for f, e in files.items() if isinstance(e, dict) and e.get("refused")}
+        if refused:  # what the hotfix left as it was (file -> patch -> why): a cell's record says so too
+            info["refused"] = refused
     info["modeling_sha256"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(model.glob("*.py"))}
     return info
 
@@ -45,6 +50,8 @@ def environment(device: str) -> dict:
         "kernels": {"installed": _distribution_version("kernels"), "used": None},
         # dependency overrides the per-release env was built with (opensci_patch.matrix.overrides); [] outside one
         "overrides": _env_overrides(),
+        # packages the env added to transformers' own (`cell --require`); [] outside one or when none
+        "extra_requirements": _env_overrides("extra_requirements"),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         env["device_name"] = torch.cuda.get_device_name(device)
@@ -63,13 +70,14 @@ def _distribution_version(name: str) -> str | None:
         return None
 
 
-def _env_overrides() -> list[str]:
-    """The overrides in the marker of the per-release env this interpreter runs in (`envs`); [] elsewhere."""
+def _env_overrides(key: str = "overrides") -> list[str]:
+    """The overrides (or another list: `key`) in the marker of the per-release env this interpreter runs in
+    (`envs`); [] elsewhere."""
     from opensci_patch._util.locations import MARKER
 
     try:
         marker = json.loads((Path(sys.prefix) / MARKER).read_text())
     except (OSError, ValueError):
         return []
-    found = marker.get("overrides", []) if isinstance(marker, dict) else []
+    found = marker.get(key, []) if isinstance(marker, dict) else []
     return [str(r) for r in found] if isinstance(found, list) else []

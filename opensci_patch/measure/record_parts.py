@@ -137,11 +137,24 @@ class Generation(_Part):
 
 @dataclass(frozen=True)
 class Fp64Reference(_Part):
-    """The independent fp64 forward (`opensci_patch.measure.reference`) on the same tokens."""
+    """The independent fp64 forward (`opensci_patch.measure.reference`) on the same tokens; or, for a model
+    outside the architecture it models, why not (`not_applicable`, the two numbers None)."""
 
     dtype: str
-    max_abs_diff: float  # max |logit - fp64 logit| over the last position
-    target_logit: float
+    max_abs_diff: float | None  # max |logit - fp64 logit| over the last position
+    target_logit: float | None
+    not_applicable: str | None = None  # absent in records written before it existed
+
+    @property
+    def applicable(self) -> bool:
+        return self.not_applicable is None
+
+    def to_dict(self) -> dict:
+        """Without `not_applicable` where it is None: a record written before it existed reads back byte for byte."""
+        out = super().to_dict()
+        if out["not_applicable"] is None:
+            del out["not_applicable"]
+        return out
 
 
 @dataclass(frozen=True)

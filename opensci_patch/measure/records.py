@@ -85,7 +85,11 @@ class Record:
 
     `environment` (capture's): versions and probes, plus "kernels" ({"installed": version or None,
     "used": whether the loaded model was kernelized}) and "overrides" (the dependency overrides its
-    per-release env was built with, `opensci_patch.matrix.overrides`; [] or absent when none).
+    per-release env was built with, `opensci_patch.matrix.overrides`; [] or absent when none) and
+    "extra_requirements" (packages `cell --require` added to that env; [] or absent when none).
+
+    `reference`: {"dtype", "max_abs_diff", "target_logit"}, or with "not_applicable": "not applicable: <why>"
+    (and the two numbers null) for a model outside the architecture the fp64 reference models.
     """
 
     settings: dict = field(default_factory=dict)
@@ -212,9 +216,10 @@ def _check_types(path: Path, data: dict) -> None:
         if not ok:
             declared = f"{kind.__name__} | None" if optional else kind.__name__
             raise _fail(path, f"field {f.name!r} is {type(value).__name__}, not {declared}")
-    overrides = data["environment"].get("overrides", [])
-    if not (isinstance(overrides, list) and all(isinstance(r, str) for r in overrides)):
-        raise _fail(path, "environment.overrides is not a list of requirement strings")
+    for key in ("overrides", "extra_requirements"):
+        listed = data["environment"].get(key, [])
+        if not (isinstance(listed, list) and all(isinstance(r, str) for r in listed)):
+            raise _fail(path, f"environment.{key} is not a list of requirement strings")
     status = data["status"]
     if status not in STATUSES:
         raise _fail(path, f"unknown status {status!r} (known: {', '.join(STATUSES)})")

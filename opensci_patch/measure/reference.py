@@ -9,6 +9,11 @@ The numerics follow the architecture, not any one transformers release: RMSNorm 
 compute dtype, q/k RMSNorm per head before RoPE, RoPE on the first
 `head_dim * partial_rotary_factor` channels of each head in the half-split layout
 (`rotate_half`), SiLU-gated MLP, biases where the config says so, tied head.
+
+It models that architecture only (`MODELS`); `not_modelled` says why a checkpoint is outside it (a fused
+`qkv_proj`, a config that names its sizes otherwise, LayerNorm with a bias, another activation or RoPE type,
+any weight it would not read), and `capture` then records the reference as "not applicable: <why>"
+instead of crashing on a missing weight or reporting a gap that only says the architectures differ.
 """
 
 from __future__ import annotations
@@ -34,6 +39,22 @@ CONFIG_KEYS = (
     "head_dim", "rms_norm_eps", "rope_theta", "partial_rotary_factor", "vocab_size", "tie_word_embeddings",
 )  # fmt: skip
 REQUIRED_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+MODELS = (
+    "decoder-only Llama/Qwen3/open-sci shape: separate q/k/v/o projections, RMSNorm (weight only), SiLU-gated MLP "
+    "(gate/up/down), default RoPE on head_dim * partial_rotary_factor channels (half-split), optional q/k norms "
+    "and projection biases, tied or untied head"
+)
+# per layer: the weights it reads (all needed), and those it reads where present
+_LAYER_NEEDS = (
+    "input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight", "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+)  # fmt: skip
+_LAYER_MAY = (
+    "self_attn.q_norm.weight", "self_attn.k_norm.weight",
+    *(f"{m}.bias" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
+)  # fmt: skip
 
 
 def resolved_config(model_dir: Path, model_config=None) -> dict:
@@ -44,6 +65,14 @@ def resolved_config(model_dir: Path, model_config=None) -> dict:
     reports a gap that is not there. 5.x library configs keep `rope_theta` in `rope_parameters`.
     A key neither side knows is a ModelDirError naming it.
     """
+    cfg = _completed(model_dir, model_config)
+    missing = [k for k in REQUIRED_KEYS if cfg.get(k) is None]
+    if missing:
+        raise ModelDirError(f"{Path(model_dir) / 'config.json'}: lacks {', '.join(missing)}; add it to the config")
+    return cfg
+
+
+def _completed(model_dir: Path, model_config=None) -> dict:
     cfg = read_config(model_dir)
     if model_config is not None:
         for key in CONFIG_KEYS:
@@ -53,10 +82,55 @@ def resolved_config(model_dir: Path, model_config=None) -> dict:
                     value = (getattr(model_config, "rope_parameters", None) or {}).get("rope_theta")
                 if value is not None:
                     cfg[key] = value
+    return cfg
+
+
+def not_modelled(model_dir: Path, model_config=None) -> str | None:
+    """Why the checkpoint is not of the architecture this forward models (`MODELS`); None when it is.
+
+    Read from config.json (completed as `resolved_config` does) and the names in the safetensors headers
+    (no tensor is loaded). Every weight must be one the forward reads: one it would ignore (a LayerNorm
+    bias, a fused projection) would make its logits those of another model."""
+    cfg = _completed(model_dir, model_config)
     missing = [k for k in REQUIRED_KEYS if cfg.get(k) is None]
     if missing:
-        raise ModelDirError(f"{Path(model_dir) / 'config.json'}: lacks {', '.join(missing)}; add it to the config")
-    return cfg
+        return f"config.json names its sizes otherwise (no {', '.join(missing)})"
+    act = cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu"
+    if act not in ("silu", "swish"):
+        return f"hidden_act {act!r} (the reference models SiLU)"
+    scaling = cfg.get("rope_scaling")
+    kind = (scaling.get("rope_type") or scaling.get("type")) if isinstance(scaling, dict) else None
+    if kind not in (None, "default"):
+        return f"rope_scaling of type {kind!r} (the reference models the default RoPE)"
+    if cfg.get("layer_norm_eps") is not None and cfg.get("rms_norm_eps") is None:
+        return "a LayerNorm (config layer_norm_eps; the reference models RMSNorm)"
+    names = _weight_names(model_dir)
+    needs = {"model.embed_tokens.weight", "model.norm.weight"}
+    may = {"lm_head.weight"}
+    for i in range(int(cfg["num_hidden_layers"])):
+        needs |= {f"model.layers.{i}.{n}" for n in _LAYER_NEEDS}
+        may |= {f"model.layers.{i}.{n}" for n in _LAYER_MAY}
+    absent = sorted(needs - names)
+    if absent:
+        fused = next((n for n in sorted(names) if "qkv" in n or "query_key_value" in n), None)
+        return f"no weight {absent[0]}" + (f" (a fused projection: {fused})" if fused else "")
+    unread = sorted(names - needs - may)
+    if unread:
+        return f"weights it does not model, e.g. {unread[0]} ({len(unread)} in all)"
+    return None
+
+
+def _weight_names(model_dir: Path) -> set[str]:
+    from safetensors import SafetensorError, safe_open
+
+    names: set[str] = set()
+    for f in weight_files(model_dir):
+        try:
+            with safe_open(str(f), "pt") as handle:
+                names.update(handle.keys())
+        except (SafetensorError, OSError) as exc:
+            raise ModelDirError(f"{f}: cannot read safetensors ({exc})") from None
+    return names
 
 
 def weight_files(model_dir: Path) -> list[Path]:

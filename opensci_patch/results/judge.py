@@ -184,10 +184,11 @@ def _row(r: Record, ref: Record | None, verdict_why: tuple[str, str], trusted: b
         if trusted and ref and r.logits_sha256
         else None,
         decode_steps=_decode(r, ref) if trusted else None,
-        fp64_ref_diff=r.reference.max_abs_diff if trusted and r.reference else None,
+        fp64_ref_diff=r.reference.max_abs_diff if trusted and r.reference else None,  # None where not applicable
         greedy=(gen[:40] + "...") if gen and len(gen) > 40 else gen,
         why=why,
-        overrides=tuple(env.get("overrides") or ()),
+        # shown like an override: "+PKG" for each package `cell --require` added to the env
+        overrides=(*(env.get("overrides") or ()), *(f"+{x}" for x in env.get("extra_requirements") or ())),
         ambiguous=not trusted,
         checkpoint=c.checkpoint,
         error=failure(r) if r.status != records.OK else None,

@@ -125,6 +125,8 @@ def within_fp64_tolerance(rec: Record) -> tuple[bool, str]:
         return False, f"{rec.status}: {err.type if err else ''} {err.message if err else ''}".strip()
     if not rec.reference:
         return False, "no fp64 reference in the record (checkpoint too large? use a smaller one)"
+    if not rec.reference.applicable:
+        return False, f"fp64 reference {rec.reference.not_applicable}"
     tol = TOLERANCE[rec.settings["dtype"]]
     gap = rec.reference.max_abs_diff
     return gap <= tol, f"max |logit - fp64 ref| = {gap:.3g} (tolerance {tol:g})"

@@ -11,7 +11,7 @@ import os
 import shutil
 import stat
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from opensci_patch import __version__
@@ -46,10 +46,13 @@ class PatchedFile(FileReport):
 
     before: bytes
     after: bytes
+    refused: dict[str, list[str]] = field(default_factory=dict)  # patch -> what it left as it was, and why
 
     @classmethod
-    def of(cls, path: str, before: bytes, after: bytes, statuses: dict[str, Status]) -> PatchedFile:
-        return cls(path, _sha(before), _sha(after), statuses, before, after)
+    def of(
+        cls, path: str, before: bytes, after: bytes, statuses: dict[str, Status], refused: dict[str, list[str]]
+    ) -> PatchedFile:
+        return cls(path, _sha(before), _sha(after), statuses, before, after, refused)
 
 
 def made_by_us(path: Path) -> bool:
@@ -101,9 +104,16 @@ def write_manifest(
         "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "source": str(src),
         "patches": {p.name: {"status": summary[p.name], "default": p.default} for p in patches},
-        "files": {f.path: {"sha256_in": f.sha256_in, "sha256_out": f.sha256_out, "patches": f.patches} for f in files},
+        "files": {f.path: _file_entry(f) for f in files},
     }
     write_atomic(out / MANIFEST, manifest)
+
+
+def _file_entry(f: FileReport) -> dict:
+    entry = {"sha256_in": f.sha256_in, "sha256_out": f.sha256_out, "patches": f.patches}
+    if getattr(f, "refused", None):
+        entry["refused"] = f.refused  # patch -> what it left as it was, and why
+    return entry
 
 
 def walk_tree(src: Path, dst: Path) -> Iterator[tuple[Path, Path, bool]]:

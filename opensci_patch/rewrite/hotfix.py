@@ -63,6 +63,7 @@ STATUS_TEXT = {
     "applied": "applied",
     "already-applied": "already patched: nothing to change",
     "not-applicable": "not applicable: the model code has no such construct",
+    "refused": "refused: the model code has the construct in a shape this patch does not know (below)",
 }
 
 
@@ -74,6 +75,7 @@ class HotfixResult:
     diff: str  # unified diff of the patched files (empty when nothing changes)
     files: tuple[FileReport, ...]  # check mode: the Python files only
     check: bool
+    refused: tuple[str, ...] = ()  # "FILE: patch 'NAME': why" for each construct a patch left as it was
 
 
 def hotfix(
@@ -90,7 +92,9 @@ def hotfix(
 
     `extras` names opt-in patches to add to the defaults; `only` replaces the selection. `check=True` writes nothing and
     returns (and logs) the diff. Raises ModelDirError for an unusable SRC, DestinationError for
-    a DST we may not write, PatchError when a needed patch cannot be applied.
+    a DST we may not write, PatchError when a file cannot be parsed or a rewrite does not verify. A construct
+    a patch does not know is refused, the other patches still apply, and the output is written: each refusal
+    is logged, listed in the manifest and in `HotfixResult.refused` (the CLI then exits 1).
     """
     source = _validate_source(Path(src))
     named = Path(os.path.abspath(src))  # as the user named it: a symlinked SRC's output goes next to the link
@@ -106,7 +110,7 @@ def hotfix(
         if diff:
             log(diff.rstrip("\n"))
         log(f"check only: {changed} file(s) would change; nothing written")
-        return HotfixResult(target, summary, changed, diff, tuple(patched), check=True)
+        return HotfixResult(target, summary, changed, diff, tuple(patched), check=True, refused=_refused(patched))
 
     target = prepare_destination(source, target, force)  # before the work, to fail fast
     check_tree(source, target)  # what the copy refuses, before anything is written
@@ -120,7 +124,7 @@ def hotfix(
     changed = sum(f.changed for f in files)
     _log_summary(log, source, target, summary, patched, check=False)
     log(f"wrote {target} ({changed} file(s) changed; manifest {MANIFEST})")
-    return HotfixResult(target, summary, changed, diff, files, check=False)
+    return HotfixResult(target, summary, changed, diff, files, check=False, refused=_refused(patched))
 
 
 # --- source -------------------------------------------------------------------------------------
@@ -152,14 +156,20 @@ def _patch_file(path: Path, patches: list[Patch]) -> PatchedFile:
     except UnicodeDecodeError as exc:
         raise ModelDirError(f"{path}: not UTF-8 text ({exc.reason})") from None
     tree = _python_tree(path, text)
+    refused: dict[str, list[str]] = {}
     try:
-        new_text, statuses = apply_patches(text, patches, str(path))
+        new_text, statuses = apply_patches(text, patches, str(path), refused)
     except RecursionError:  # libcst walks and prints trees recursively; Python's own parser took the file
         raise ModelDirError(
             f"{path}: line {_deepest_statement(tree)}: nested too deeply for libcst, the parser the patches use "
             "(an expression of hundreds of terms, or a long elif chain); split it into smaller statements"
         ) from None
-    return PatchedFile.of(path.name, before, new_text.encode("utf-8") if new_text != text else before, statuses)
+    after = new_text.encode("utf-8") if new_text != text else before
+    return PatchedFile.of(path.name, before, after, statuses, refused)
+
+
+def _refused(patched: list[PatchedFile]) -> tuple[str, ...]:
+    return tuple(f"{p.path}: patch {n!r}: {why}" for p in patched for n, whys in p.refused.items() for why in whys)
 
 
 def _python_tree(path: Path, text: str) -> ast.Module:
@@ -188,8 +198,8 @@ def _deepest_statement(tree: ast.Module) -> int:
 
 
 def _summary(patched: list[PatchedFile], patches: list[Patch]) -> dict[str, Status]:
-    """Per patch, the strongest status over all files: applied > already-applied > not-applicable."""
-    rank: list[Status] = ["not-applicable", "already-applied", "applied"]
+    """Per patch, the strongest status over all files: refused > applied > already-applied > not-applicable."""
+    rank: list[Status] = ["not-applicable", "already-applied", "applied", "refused"]
     return {
         patch.name: max((p.patches[patch.name] for p in patched), key=rank.index, default="not-applicable")
         for patch in patches
@@ -249,6 +259,9 @@ def _log_summary(
         where = [p.path for p in patched if p.patches[name] == "applied"]
         detail = f" in {', '.join(where)}" if status == "applied" else ""
         log(f"  {name:<{width}}  {STATUS_TEXT[status]}{detail}")
+        for p in patched:
+            for why in p.refused.get(name, ()):
+                log(f"  {'':<{width}}  refused in {p.path}: {why}")
     skipped = [p.name for p in PATCHES if p.name not in summary]
     if skipped:
         log(f"  (opt-in, not selected: {', '.join(skipped)})")

@@ -60,6 +60,9 @@ def select(extras: Iterable[str] = (), only: Iterable[str] | None = None) -> lis
     return [p for p in PATCHES if p.default or p.name in wanted]
 
 
-def apply_patches(source: str, patches: Iterable[Patch], filename: str = "<source>") -> tuple[str, dict[str, Status]]:
-    """Apply `patches` in order to one file's source; returns the new source and each patch's status."""
-    return apply_all(list(patches), source, filename)
+def apply_patches(
+    source: str, patches: Iterable[Patch], filename: str = "<source>", refused: dict[str, list[str]] | None = None
+) -> tuple[str, dict[str, Status]]:
+    """Apply `patches` in order to one file's source; returns the new source and each patch's status
+    (`refused`, when given, gets what each patch left as it was and why: `base.apply_all`)."""
+    return apply_all(list(patches), source, filename, refused)

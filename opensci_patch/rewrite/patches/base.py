@@ -7,7 +7,14 @@ output, so the post-condition is checked by the same code that detects the probl
 that does not verify is an error, never a silent no-op. Both functions raise `Unrecognised`
 when the construct is there in a shape they do not know; `apply` turns that into a
 `PatchError` naming the patch and the file, because guessing on a user's model is worse than
-stopping.
+stopping. A patch that finds several such constructs (classes) and does not know one of them may instead
+`refuse(why)` that one and go on with the others: `Patch.apply` lists it in `Outcome.refused`, and the status
+is "refused" when nothing else was found.
+
+`apply_all` runs the other patches after a refused one: a patch that raises `Unrecognised` on a file is
+"refused" there (its message kept in `refused`), the file as it was for that patch; so one construct a patch
+does not know no longer stops the patches whose preconditions hold. `hotfix` lists every refusal in its
+output, the manifest and its exit status.
 
 `apply_all` (what `hotfix` runs per file) gives the result of `Patch.apply` one patch after another
 from one parse of the file and one re-parse of its output, with `tree_walk.indexed()` on (each subtree
@@ -20,6 +27,7 @@ tree), `inserts` (writing into one) and `tree_walk` (finding nodes in one).
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import gc
 import threading
@@ -33,7 +41,7 @@ import libcst as cst
 from opensci_patch._util.errors import PatchError
 from opensci_patch.rewrite.patches.tree_walk import indexed
 
-Status = Literal["applied", "already-applied", "not-applicable"]
+Status = Literal["applied", "already-applied", "not-applicable", "refused"]
 
 
 class State(enum.Enum):
@@ -57,12 +65,36 @@ class Unrecognised(Exception):
     """The construct is present but not in a shape the patch can rewrite safely."""
 
 
+_refusals: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("opensci_patch_refusals", default=None)
+
+
+def refuse(why: str) -> None:
+    """Leave one construct (e.g. one class of several) as it is and say why; the patch goes on with the others.
+
+    Called from `inspect` (each time it runs: the reasons are kept once each). Outside `Patch.apply` and
+    `apply_all` nothing collects it, so a patch must not rely on it to stop anything."""
+    found = _refusals.get()
+    if found is not None and why not in found:
+        found.append(why)
+
+
+@contextmanager
+def _collecting() -> Iterator[list[str]]:
+    found: list[str] = []
+    token = _refusals.set(found)
+    try:
+        yield found
+    finally:
+        _refusals.reset(token)
+
+
 @dataclass(frozen=True)
 class Outcome:
     """Result of applying one patch to one file's source text."""
 
     status: Status
     source: str
+    refused: tuple[str, ...] = ()  # the constructs left as they were, each with why (see `refuse`)
 
     @property
     def changed(self) -> bool:
@@ -83,25 +115,29 @@ class Patch:
     def apply(self, source: str, filename: str = "<source>") -> Outcome:
         """Rewrite `source` (one Python file); verify the result; idempotent on its own output."""
         tree = self._parse(source, filename, "cannot parse")
-        try:
-            state = self.inspect(tree)
-            if state is State.ABSENT:
-                return Outcome("not-applicable", source)
-            if state is State.DONE:
-                return Outcome("already-applied", source)
-            new_source = self.rewrite(tree).code
-            after = self.inspect(self._parse(new_source, filename, "produced unparsable code for"))
-        except Unrecognised as exc:
-            raise PatchError(
-                f"patch {self.name!r} cannot rewrite {filename}: {exc}; "
-                "the file differs from what the patch knows, fix it by hand or report it"
-            ) from exc
+        with _collecting() as refused:
+            try:
+                state = self.inspect(tree)
+                if state is not State.NEEDED:  # absent, but a construct refused: "refused", never "not applicable"
+                    status = "refused" if state is State.ABSENT and refused else _STATUS[state]
+                    return Outcome(status, source, tuple(refused))
+                new_source = self.rewrite(tree).code
+                after = self.inspect(self._parse(new_source, filename, "produced unparsable code for"))
+            except Unrecognised as exc:
+                raise self.refusal(filename, exc) from exc
         if after is not State.DONE:
             raise PatchError(
                 f"patch {self.name!r} did not verify on {filename}: after rewriting, inspection says "
                 f"{after.value!r} instead of 'done'; please report this"
             )
-        return Outcome("applied", new_source)
+        return Outcome("applied", new_source, tuple(refused))
+
+    def refusal(self, filename: str, exc: Unrecognised) -> PatchError:
+        """The error for a construct this patch does not know (what `apply` raises, `apply_all` records)."""
+        return PatchError(
+            f"patch {self.name!r} cannot rewrite {filename}: {exc}; "
+            "the file differs from what the patch knows, fix it by hand or report it"
+        )
 
     def _parse(self, source: str, filename: str, what: str) -> cst.Module:
         try:
@@ -118,47 +154,79 @@ class Patch:
             raise PatchError(f"patch {self.name!r} {what} {filename}: syntax error at {where}: {message}") from exc
 
 
-def apply_all(patches: Sequence[Patch], source: str, filename: str = "<source>") -> tuple[str, dict[str, Status]]:
+_STATUS: dict[State, Status] = {State.ABSENT: "not-applicable", State.DONE: "already-applied", State.NEEDED: "applied"}
+
+
+def apply_all(
+    patches: Sequence[Patch],
+    source: str,
+    filename: str = "<source>",
+    refused: dict[str, list[str]] | None = None,
+) -> tuple[str, dict[str, Status]]:
     """Apply `patches` in order to one file's source; returns the new source and each patch's status.
 
     The result `Patch.apply` gives one patch after another (each parsing its predecessor's output and
     re-parsing its own), in one parse: every patch inspects and rewrites the tree the one before it
     left, and one re-parse of the final source verifies it (each patch's `inspect` says done or absent).
     Whenever that path fails or does not verify, the patches run again one by one, so errors and
-    statuses are exactly theirs (a `PatchError` naming the patch and the file).
+    statuses are exactly theirs (a `PatchError` naming the patch and the file). A patch that does not
+    know a construct is "refused" and the others go on; `refused` (when given) gets, per patch, what it
+    left as it was and why. A file that cannot be parsed and a rewrite that does not verify still raise.
     """
     if not patches:
         return source, {}
     with indexed(), _collection_paused():
         try:
-            result = _on_one_tree(patches, source)
-        except Exception:  # an unparsable file, an Unrecognised construct...: the one-by-one path says which
+            result = _on_one_tree(patches, source, filename)
+        except Exception:  # an unparsable file, a rewrite that fails...: the one-by-one path says which
             result = None
-        if result is not None:
-            return result
-        statuses: dict[str, Status] = {}
-        for patch in patches:
+        if result is None:
+            result = _one_by_one(patches, source, filename)
+        new_source, statuses, why = result
+        if refused is not None:
+            refused.update({name: list(reasons) for name, reasons in why.items() if reasons})
+        return new_source, statuses
+
+
+_Result = tuple[str, dict[str, Status], dict[str, tuple[str, ...]]]
+
+
+def _one_by_one(patches: Sequence[Patch], source: str, filename: str) -> _Result:
+    statuses: dict[str, Status] = {}
+    why: dict[str, tuple[str, ...]] = {}
+    for patch in patches:
+        try:
             outcome = patch.apply(source, filename)
-            statuses[patch.name] = outcome.status
-            source = outcome.source
-        return source, statuses
+        except PatchError as exc:
+            if not isinstance(exc.__cause__, Unrecognised):
+                raise
+            outcome = Outcome("refused", source, (str(exc.__cause__),))
+        statuses[patch.name], why[patch.name] = outcome.status, outcome.refused
+        source = outcome.source
+    return source, statuses, why
 
 
-def _on_one_tree(patches: Sequence[Patch], source: str) -> tuple[str, dict[str, Status]] | None:
+def _on_one_tree(patches: Sequence[Patch], source: str, filename: str) -> _Result | None:
     tree = cst.parse_module(source)
     statuses: dict[str, Status] = {}
+    why: dict[str, tuple[str, ...]] = {}
     for patch in patches:
-        state = patch.inspect(tree)
-        if state is State.NEEDED:
-            tree = patch.rewrite(tree)
-        statuses[patch.name] = {State.ABSENT: "not-applicable", State.DONE: "already-applied"}.get(state, "applied")
+        with _collecting() as found:
+            try:
+                state = patch.inspect(tree)
+                if state is State.NEEDED:
+                    tree = patch.rewrite(tree)
+            except Unrecognised as exc:
+                state, found[:] = None, [str(exc)]
+        refused = state is None or (state is State.ABSENT and found)
+        statuses[patch.name], why[patch.name] = "refused" if refused else _STATUS[state], tuple(found)
     if "applied" not in statuses.values():
-        return source, statuses
+        return source, statuses, why
     new_source = tree.code
     final = cst.parse_module(new_source)
-    if any(patch.inspect(final) not in (State.DONE, State.ABSENT) for patch in patches):
+    if any(statuses[p.name] != "refused" and p.inspect(final) not in (State.DONE, State.ABSENT) for p in patches):
         return None
-    return new_source, statuses
+    return new_source, statuses, why
 
 
 _paused = 0  # apply_all calls running now (threads): the collector is back on when the last one ends

@@ -25,17 +25,24 @@ non-zero garbage through, so the patch compares with recomputed values, in two p
     them alone and only (a) applies to them.
 
 Detects: classes with a method that registers an `inv_freq` buffer (any class name; `__init__` or a
-helper it calls; a registration elsewhere is refused, never "not applicable"), and the
-class that defines `_init_weights` (or else the one deriving from `PreTrainedModel`).
+helper it calls) and have `self.rope_init_fn`, `self.config` and a `forward` (the 4.48 shape: (a) and (b)),
+and the class that defines `_init_weights` (or else the one deriving from `PreTrainedModel`). Every other class
+registering a non-persistent buffer (4.3x-era rotary classes computing `inv_freq` from `base`/`dim`, cos/sin
+caches, masks) gets the general mechanism of `init_buffers`: its `__init__` re-run on CPU with the arguments it
+had. A class neither handles is refused for that class only (`base.refuse`); a registration outside the methods
+of a top-level class is refused for the file.
 Verifies: each rotary forward starts with the check, the check method exists, and each
-`_init_weights` has an `isinstance(module, <rotary class>)` branch that copies into `inv_freq`.
+`_init_weights` has an `isinstance(module, <rotary class>)` branch that copies into `inv_freq`; for the general
+classes, `init_buffers.members_done` and their `_init_weights` branches.
 """
 
 from __future__ import annotations
 
 import libcst as cst
 
+from opensci_patch.rewrite.patches import init_buffers
 from opensci_patch.rewrite.patches.base import Patch, State, Unrecognised
+from opensci_patch.rewrite.patches.init_buffers import is_buffer_registration
 from opensci_patch.rewrite.patches.inserts import marker, parsed, template, template_members, with_block
 from opensci_patch.rewrite.patches.syntax import (
     docstring_offset,
@@ -126,33 +133,39 @@ def _registers_inv_freq(func: cst.FunctionDef) -> bool:
                          and _is_inv_freq_registration(call)))  # fmt: skip
 
 
+def _registers_other_buffers(func: cst.FunctionDef) -> bool:
+    return bool(find_all(func, cst.Call, lambda call: full_name(call.func) == "self.register_buffer"
+                         and is_buffer_registration(call) and not _is_inv_freq_registration(call)))  # fmt: skip
+
+
 def _methods(cls: cst.ClassDef) -> list[cst.FunctionDef]:
     return [stmt for stmt in cls.body.body if isinstance(stmt, cst.FunctionDef)]
 
 
 def rotary_classes(tree: cst.Module) -> list[cst.ClassDef]:
-    """Top-level classes with a method that registers an `inv_freq` buffer (`__init__` or a helper it
-    calls), checked for what (b) needs.
+    """Top-level classes of the 4.48 shape: a method registers `inv_freq` (`__init__` or a helper it calls), and
+    none another non-persistent buffer; `self.rope_init_fn`, `self.config` and a `forward`. (a) and (b) above.
 
-    A registration anywhere else (a module-level function, a nested class) is `Unrecognised`: "not
-    applicable" must mean the file has no such buffer, never "the pattern did not match".
+    Every other class registering a non-persistent buffer is `init_buffers`' (an `inv_freq` from `base`/`dim`,
+    cos/sin caches). A registration anywhere else (a module-level function, a nested class) is `Unrecognised`:
+    "not applicable" must mean the file has no such buffer, never "the pattern did not match".
     """
     found = []
     for cls in (s for s in tree.body if isinstance(s, cst.ClassDef)):
         methods = _methods(cls)
-        if not any(_registers_inv_freq(m) for m in methods):
+        if not any(_registers_inv_freq(m) for m in methods) or any(_registers_other_buffers(m) for m in methods):
             continue
         assigned: dict[str, cst.BaseExpression] = {}
         for m in methods:
             assigned |= self_assignments(m)
-        missing = [a for a in ("rope_init_fn", "config") if a not in assigned]
-        if missing or method(cls, "forward") is None:
-            what = f"self.{missing[0]}" if missing else "a forward method"
-            raise Unrecognised(f"{cls.name.value} registers inv_freq but has no {what}")
-        found.append(cls)
-    in_classes = sum(len(find_all(cls, cst.Call, _is_inv_freq_registration)) for cls in found)
-    if len(find_all(tree, cst.Call, _is_inv_freq_registration)) != in_classes:
-        raise Unrecognised("inv_freq is registered outside the methods of a top-level class")
+        if all(a in assigned for a in ("rope_init_fn", "config")) and method(cls, "forward") is not None:
+            found.append(cls)
+    classes = [s for s in tree.body if isinstance(s, cst.ClassDef)]
+    for what, matches in (("inv_freq", _is_inv_freq_registration), ("a non-persistent buffer", is_buffer_registration)):
+        on_self = lambda c, matches=matches: full_name(c.func) == "self.register_buffer" and matches(c)  # noqa: E731
+        in_classes = sum(len(find_all(m, cst.Call, on_self)) for cls in classes for m in _methods(cls))
+        if len(find_all(tree, cst.Call, matches)) != in_classes:
+            raise Unrecognised(f"{what} is registered outside the methods of a top-level class")
     return found
 
 
@@ -211,15 +224,22 @@ def _forward_checks(cls: cst.ClassDef) -> bool:
     return method(cls, CHECK) is not None and forward is not None and _starts_with_check(forward)
 
 
-def inspect(tree: cst.Module) -> State:
+def _found(tree: cst.Module) -> tuple[list[cst.ClassDef], list[init_buffers.Family]]:
     rotaries = rotary_classes(tree)
-    if not rotaries:
+    return rotaries, init_buffers.families(tree, {c.name.value for c in rotaries})
+
+
+def inspect(tree: cst.Module) -> State:
+    rotaries, families = _found(tree)
+    if not rotaries and not families:
         return State.ABSENT
-    if not all(_forward_checks(cls) for cls in rotaries):
+    if not all(_forward_checks(cls) for cls in rotaries) or not init_buffers.members_done(tree, families):
         return State.NEEDED
     for cls in init_classes(tree):
         init = method(cls, "_init_weights")
         if init is None or not all(_has_branch(init, r.name.value) for r in rotaries):
+            return State.NEEDED
+        if not all(init_buffers.has_branch(init, _module_param(init), f.root) for f in families):
             return State.NEEDED
     return State.DONE
 
@@ -247,7 +267,7 @@ def _branches(module: str, rotaries: list[str]) -> list[cst.BaseStatement]:
     return out
 
 
-def _with_branches(cls: cst.ClassDef, rotaries: list[str]) -> cst.ClassDef:
+def _with_branches(cls: cst.ClassDef, rotaries: list[str], roots: list[str]) -> cst.ClassDef:
     members = list(cls.body.body)
     existing = method(cls, "_init_weights")
     if existing is None:
@@ -255,23 +275,30 @@ def _with_branches(cls: cst.ClassDef, rotaries: list[str]) -> cst.ClassDef:
         members.append(added.with_changes(leading_lines=[cst.EmptyLine(indent=False)]))
     for i, member in enumerate(members):
         if isinstance(member, cst.FunctionDef) and member.name.value == "_init_weights":
+            module = _module_param(member)
             missing = [r for r in rotaries if not _has_branch(member, r)]
+            general = [r for r in roots if not init_buffers.has_branch(member, module, r)]
             body = list(member.body.body)
             at = docstring_offset(body)
-            body[at:at] = _branches(_module_param(member), missing)
+            body[at:at] = [*_branches(module, missing), *init_buffers.branches(module, general)]
             members[i] = with_block(member, body)
     return with_block(cls, members)
 
 
 def rewrite(tree: cst.Module) -> cst.Module:
     require_torch(tree)
-    rotaries = {id(c): c for c in rotary_classes(tree)}
+    found, families = _found(tree)
+    rotaries = {id(c): c for c in found}
     owners = {id(c) for c in init_classes(tree)}
     names = [c.name.value for c in rotaries.values()]
+    roots = [f.root for f in families]
+    members = {m: f.root == m for f in families for m in f.members}  # name -> whether it is its family's root
 
     def fixed(stmt: cst.BaseStatement) -> cst.BaseStatement:
         stmt = _with_check(stmt) if id(stmt) in rotaries else stmt
-        return _with_branches(stmt, names) if id(stmt) in owners else stmt
+        if isinstance(stmt, cst.ClassDef) and stmt.name.value in members:
+            stmt = init_buffers.patched_member(stmt, members[stmt.name.value])
+        return _with_branches(stmt, names, roots) if id(stmt) in owners else stmt
 
     return tree.with_changes(body=[fixed(stmt) for stmt in tree.body])
 
@@ -279,7 +306,8 @@ def rewrite(tree: cst.Module) -> cst.Module:
 PATCH = Patch(
     name=NAME,
     order=80,
-    description="recompute the rotary inv_freq buffer in _init_weights and check it at the top of forward",
+    description="recompute non-persistent buffers (rotary inv_freq, cos/sin caches) in _init_weights and check "
+    "them at the top of forward",
     default=True,
     inspect=inspect,
     rewrite=rewrite,
