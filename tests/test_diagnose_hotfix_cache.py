@@ -15,7 +15,7 @@ import pytest
 from opensci_patch import diagnose as dg
 from opensci_patch._util.defaults import FIXTURE_DIR, MANIFEST
 from opensci_patch.diagnose import cells
-from opensci_patch.matrix import runner, worker
+from opensci_patch.matrix import hotfix_cache, runner, worker
 from opensci_patch.matrix.envs import Env
 from opensci_patch.matrix.spec import Cell
 
@@ -53,7 +53,7 @@ def test_a_second_diagnose_of_the_same_pair_runs_no_hotfix(prepare_only, tmp_pat
     root = tmp_path / "env-root"
     dg.diagnose(*PAIR, None, tmp_path / "first", env_root=root, log=lambda *a: None)
     assert [s.src for s in prepare_only["hotfixes"]] == [FIXTURE_DIR, FIXTURE_DIR]  # one per variant
-    cached = tuple(runner.hotfix_cache_dir(root, FIXTURE_DIR, c.model) for c in PAIR)  # the matrix's own cache
+    cached = tuple(hotfix_cache.hotfix_cache_dir(root, FIXTURE_DIR, c.model) for c in PAIR)  # the matrix's own cache
     assert all((c / MANIFEST).is_file() for c in cached)
     assert not (tmp_path / "first" / "models").exists()  # what the run hotfixed is removed; the cache keeps it
 
@@ -74,7 +74,7 @@ def test_a_second_diagnose_of_the_same_pair_runs_no_hotfix(prepare_only, tmp_pat
 
 
 def test_diagnose_reuses_what_a_sweep_hotfixed(prepare_only, tmp_path: Path):
-    """The sweep (`runner.hotfix_variants`) and diagnose go through one cache front door, `runner.hotfix_once`."""
+    """The sweep (`runner.hotfix_variants`) and diagnose go through one cache front door, `hotfix_cache.hotfix_once`."""
     root = tmp_path / "env-root"
     sweep = runner._Run(tmp_path / "records", tmp_path, root, 300, lambda *a: None, runner._Progress(2, print))
     runner.hotfix_variants(sweep, [(c.checkpoint, c.model) for c in PAIR], {"": FIXTURE_DIR}, [("5.24.0", "cpu")])
@@ -82,7 +82,7 @@ def test_diagnose_reuses_what_a_sweep_hotfixed(prepare_only, tmp_path: Path):
     prepare_only["hotfixes"].clear()
     dg.diagnose(*PAIR, None, tmp_path / "diag", env_root=root, log=lambda *a: None)
     assert prepare_only["hotfixes"] == []
-    assert prepare_only["models"][-1] == tuple(runner.hotfix_cache_dir(root, FIXTURE_DIR, c.model) for c in PAIR)
+    assert prepare_only["models"][-1] == tuple(hotfix_cache.hotfix_cache_dir(root, FIXTURE_DIR, c.model) for c in PAIR)
 
 
 @pytest.mark.parametrize("variant", ["generated", "qwen3-modular", "llama-research", "era43"])

@@ -1,4 +1,4 @@
-"""The matrix's hotfix cache (`runner.hotfix_once`): a cached output is reused only while every file still has the
+"""The matrix's hotfix cache (`hotfix_cache.hotfix_once`): a cached output is reused only while every file still has the
 sha256 its manifest records; a changed, added or missing file makes it hotfixed again, said once on stderr."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from opensci_patch._util.defaults import FIXTURE_DIR, MANIFEST
-from opensci_patch.matrix import runner, worker
+from opensci_patch.matrix import hotfix_cache, worker
 from opensci_patch.rewrite import hashed_copy
 
 VARIANT = "patched"
@@ -24,7 +24,7 @@ def _hotfix_in_process(ran: list) -> object:
 
 def _once(root: Path, tmp: Path, ran: list) -> Path:
     tmp.mkdir()
-    made = runner.hotfix_once([(VARIANT, FIXTURE_DIR)], root, tmp, _hotfix_in_process(ran), lambda m: None)
+    made = hotfix_cache.hotfix_once([(VARIANT, FIXTURE_DIR)], root, tmp, _hotfix_in_process(ran), lambda m: None)
     return made[(VARIANT, FIXTURE_DIR)]
 
 
@@ -39,7 +39,7 @@ TAMPER = {
 def test_a_tampered_cached_hotfix_is_made_again_not_reused(tmp_path: Path, capsys, how: str):
     root, ran = tmp_path / "envs", []
     first = _once(root, tmp_path / "run1", ran)
-    cached = runner.hotfix_cache_dir(root, FIXTURE_DIR, VARIANT)
+    cached = hotfix_cache.hotfix_cache_dir(root, FIXTURE_DIR, VARIANT)
     assert first != cached and (cached / MANIFEST).is_file() and len(ran) == 1
     assert _once(root, tmp_path / "run2", ran) == cached and len(ran) == 1  # intact: reused, no hotfix run
     original = (cached / "modeling_opensci.py").read_bytes()

@@ -2,7 +2,7 @@
 
 `diagnose` turns two cells into two `driver.Side`s: it builds (or reuses) each cell's env, picks the
 checkpoint each cell runs and hotfixes it per model variant through the matrix's own step and hotfix
-cache (`matrix.runner.hotfix_once`), so a pair diagnosed again, or one a sweep already ran, is not
+cache (`matrix.hotfix_cache.hotfix_once`), so a pair diagnosed again, or one a sweep already ran, is not
 hotfixed again. Also the CLI's `diagnose` subcommand. Standard library only, like the driver.
 """
 
@@ -75,12 +75,12 @@ def _hotfixed_model(
 ) -> Path:  # fmt: skip
     """The model dir `cell` runs: `source` hotfixed by the matrix's own step, through the matrix's hotfix cache.
 
-    `worker.HotfixStep.for_variant` is the one definition of a variant's hotfix and `runner.hotfix_once`
+    `worker.HotfixStep.for_variant` is the one definition of a variant's hotfix and `hotfix_cache.hotfix_once`
     the one cache of its outputs, so diagnose cannot drift from what the matrix runs, and never hotfixes
     what a sweep or an earlier diagnose of this same code already hotfixed. A miss is hotfixed in the
     cell's env under `workdir`; a hit runs from the cache (copied under `workdir` when `keep`).
     """
-    from opensci_patch.matrix.runner import hotfix_dir, hotfix_once
+    from opensci_patch.matrix.hotfix_cache import hotfix_dir, hotfix_once
     from opensci_patch.matrix.worker import HotfixStep, StepResult
     from opensci_patch.matrix.worker import run as run_worker
 
