@@ -118,14 +118,17 @@ def test_a_complete_torch_layer_is_never_deleted_even_when_its_marker_differs(tm
 
 
 def test_cell_exits_non_zero_when_its_cells_could_not_run(cli, tmp_path: Path):
-    """OPENSCI_PATCH_WHEELS naming no directory: every cell is an env-error, and the command said exit 0."""
+    """OPENSCI_PATCH_WHEELS naming an empty directory: every cell is an env-error, and the command said exit 0.
+
+    (A name that is no directory is refused up front now: exit 2, tests/test_env_settings.py.)"""
     import subprocess
     import sys
 
     from opensci_patch._util.procs import child_env
 
-    records = tmp_path / "records"
-    env = child_env({"OPENSCI_PATCH_WHEELS": str(tmp_path / "none"), "OPENSCI_PATCH_ENV_ROOT": str(tmp_path / "e")})
+    records, wheels = tmp_path / "records", tmp_path / "no-wheels"
+    wheels.mkdir()
+    env = child_env({"OPENSCI_PATCH_WHEELS": str(wheels), "OPENSCI_PATCH_ENV_ROOT": str(tmp_path / "e")})
     proc = subprocess.run(
         [sys.executable, "-m", "opensci_patch.cli", "cell", "--transformers", "4.48.0", "--variant", "patched",
          "--records", str(records)],

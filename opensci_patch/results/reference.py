@@ -4,9 +4,10 @@ A group is the cells of one torch build, device, dtype and attention (`CellInfo.
 (`matrix.SHIPPED`: the shipped fixture and the own-checkpoint variants) or a `cell --model DIR` one; the
 reference variant is `Variant.reference` of the cell's variant ("patched", or a variant's own).
 
-The reference release is the one `report --reference-release` names, else the oldest release where the
-reference variant ran ok: a model that cannot run on 4.48.0 (it imports a module added later) is compared
-with the first release that runs it. A release older than that whose reference cell is ambiguous (two
+The reference release is the one `report --reference-release` names, else for our checkpoints the declared
+one (`spec.REFERENCE`, 4.48.0: a cell is never compared with itself because 4.48.0 was not run), else for a
+`cell --model` checkpoint the oldest release where the reference variant ran ok: a model that cannot run on
+4.48.0 (it imports a module added later) is compared with the first release that runs it. A release older than that whose reference cell is ambiguous (two
 records, never finished) leaves no reference: which release runs first is then unknown.
 """
 
@@ -67,12 +68,16 @@ def choose(recs: list[Record], ambiguous: dict[tuple, str], release: str | None 
 
 def _choose_one(key: tuple, cells: list[Record], ambiguous: dict[tuple, str], release: str | None) -> Reference:
     variant = key[2]
+    named = "--reference-release" if release is not None else "the declared reference release"
+    if release is None and key[0] == SHIPPED:  # ours: declared (`spec.REFERENCE`), never a later one found by chance
+        release = REFERENCE[0]
     if release is not None:
         at = [r for r in cells if r.cell.transformers == release]
         if at and cell_key(at[0]) not in ambiguous and at[0].status == records.OK:
-            return Reference(at[0], release, _line(key, f"transformers {release}, as --reference-release says"))
+            said = "as --reference-release says" if named.startswith("--") else named
+            return Reference(at[0], release, _line(key, f"transformers {release}, {said}"))
         why = "no record" if not at else ambiguous.get(cell_key(at[0])) or failure(at[0])
-        return Reference(None, release, _line(key, f"none: --reference-release {release} has {why}; cannot judge"))
+        return Reference(None, release, _line(key, f"none: {named} {release} has {why}; cannot judge"))
     failed = []
     for r in cells:
         if cell_key(r) in ambiguous:
