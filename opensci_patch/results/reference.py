@@ -7,8 +7,9 @@ reference variant is `Variant.reference` of the cell's variant ("patched", or a 
 The reference release is the one `report --reference-release` names, else for our checkpoints the declared
 one (`spec.REFERENCE`, 4.48.0: a cell is never compared with itself because 4.48.0 was not run), else for a
 `cell --model` checkpoint the oldest release where the reference variant ran ok: a model that cannot run on
-4.48.0 (it imports a module added later) is compared with the first release that runs it. A release older than that whose reference cell is ambiguous (two
-records, never finished) leaves no reference: which release runs first is then unknown.
+4.48.0 (it imports a module added later) is compared with the first release that runs it. A release older
+than that whose reference cell is ambiguous (two records, never finished) leaves no reference: which release
+runs first is then unknown.
 """
 
 from __future__ import annotations
