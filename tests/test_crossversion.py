@@ -158,7 +158,7 @@ def generated(tmp_path_factory) -> dict:
     return {"original": source, "patched": result.dst, "summary": result.summary}
 
 
-def test_generated_style_file_needs_every_default_patch(generated):
+def test_generated_file_needs_every_default_patch(generated):
     # rope_theta targets 4.4x-era files that read `config.rope_theta` of a library config; this one reads none,
     # writes Union[...], has its own config class (remote_code), imports absolutely, none of issue 29's 4.3x
     # constructs and calls post_init already
@@ -170,7 +170,7 @@ def test_generated_style_file_needs_every_default_patch(generated):
     }
 
 
-def test_generated_style_checkpoint_is_built_once_and_reused(generated, monkeypatch):
+def test_generated_checkpoint_is_built_once_and_reused(generated, monkeypatch):
     import subprocess
 
     from opensci_patch.fixtures.generated import ensure_generated
@@ -185,7 +185,7 @@ def test_generated_style_checkpoint_is_built_once_and_reused(generated, monkeypa
 
 
 @pytest.mark.parametrize("version", GENERATED_VERSIONS)
-def test_generated_style_file_gives_the_shipped_models_logits(generated, records, version, tmp_path):
+def test_generated_file_gives_the_shipped_models_logits(generated, records, version, tmp_path):
     """Same weights, other code: bit-identical to the shipped model on 4.48.0.
 
     4.48 needs moved_helpers' stand-ins, config_class and tied_weights' accessors; 5.2 the
@@ -198,7 +198,7 @@ def test_generated_style_file_gives_the_shipped_models_logits(generated, records
 
 
 @pytest.mark.parametrize("version", ["4.48.0", "5.2.0"])
-def test_generated_style_file_unpatched_fails_to_load(generated, version, tmp_path):
+def test_generated_file_unpatched_fails_to_load(generated, version, tmp_path):
     rc, rec = capture(version, generated["original"], tmp_path / "generated-original.json")
     assert rc == 1 and rec["status"] == "load-error" and rec["error"]["type"] == "ImportError"
 

@@ -98,7 +98,7 @@ def test_transformers_docstring_parser_reads_the_entries():
             assert "past_key_values" in params, (name, params)
 
 
-def test_the_generated_style_file_gets_its_two_forwards_documented():
+def test_the_generated_file_gets_its_two_forwards_documented():
     pytest.importorskip("transformers")
     from opensci_patch.fixtures.generated import ensure_generated
     from opensci_patch.rewrite.patches import apply_patches, default_patches

@@ -56,7 +56,7 @@ def test_applies_to_the_class_that_subclasses_pretrainedmodel():
     assert PATCH.apply(outcome.source).status == "already-applied"
 
 
-def test_applies_to_the_generated_style_file(generated_source):
+def test_applies_to_the_generated_file(generated_source):
     outcome = PATCH.apply(generated_source, "modeling_opensci.py")
     assert outcome.status == "applied"
     assert _from_pretrained_classes(outcome.source) == {"OpensciPreTrainedModel"}

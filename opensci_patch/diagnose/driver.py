@@ -33,7 +33,7 @@ from opensci_patch.diagnose.stages import (
     read_json,
     write_json,
 )
-from opensci_patch.measure.capture import REFERENCE_MAX_WEIGHT_BYTES
+from opensci_patch.measure.capture import REFERENCE_MAX_WEIGHT_BYTES, weights_bytes
 
 Log = Callable[[str], object]
 
@@ -116,10 +116,6 @@ def _parallel(jobs: list[Callable[[], Any]], parallel: bool) -> list[Any]:
         return [f.result() for f in [pool.submit(job) for job in jobs]]
 
 
-def _weights_bytes(model_dir: Path) -> int:
-    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
-
-
 def compare_sides(
     a: Side,
     b: Side,
@@ -147,7 +143,7 @@ def compare_sides(
     out_dir = Path(out_dir).absolute()
     prepare_out(out_dir)
     ref_model = (reference_model or a.model_dir).absolute()
-    small = _weights_bytes(ref_model) <= REFERENCE_MAX_WEIGHT_BYTES
+    small = weights_bytes(ref_model) <= REFERENCE_MAX_WEIGHT_BYTES
     parallel = small if parallel is None else parallel
     result: dict[str, Any] = {
         "schema": SCHEMA,

@@ -62,7 +62,7 @@ VARIANTS: dict[str, Variant] = {
         Variant(
             "generated",
             (),
-            "the shipped weights under a modular-generated model file, hotfixed (generated_style)",
+            "the shipped weights under a modular-generated model file, hotfixed (fixtures/generated.py)",
             own_checkpoint=True,
             marker="d",
         ),
@@ -70,7 +70,7 @@ VARIANTS: dict[str, Variant] = {
             "qwen3-modular",
             (),
             "the generated file on the library's Qwen3Config with an `int | torch.Tensor` annotation, shipped "
-            "weights, hotfixed (own_checkpoints)",
+            "weights, hotfixed (fixtures/own.py)",
             own_checkpoint=True,
             marker="v",
             checkpoint="qwen3-modular",
@@ -289,15 +289,6 @@ def releases_from_env() -> list[str]:
     from opensci_patch.matrix.releases import canonical
 
     return sorted({canonical(v, what="OPENSCI_PATCH_RELEASES:", pre=True) for v in raw}, key=Version)
-
-
-def all_cells(versions=None, builds=None, models=None) -> list[Cell]:
-    return [
-        Cell(v, b, m)
-        for v in (versions or TRANSFORMERS_VERSIONS)
-        for b in (builds or [DEFAULT_TORCH_BUILD])
-        for m in (models or list(VARIANTS))
-    ]
 
 
 def gpu_present() -> str | None:

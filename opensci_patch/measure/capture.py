@@ -67,7 +67,8 @@ class CaptureSettings:
     reference: str = "auto"  # auto | on | off
 
 
-def _weights_bytes(model: Path) -> int:
+def weights_bytes(model: Path) -> int:
+    """The size of a model dir's safetensors weights (what decides `--reference auto`)."""
     return sum(p.stat().st_size for p in model.glob("*.safetensors"))
 
 
@@ -373,7 +374,7 @@ def _capture(settings: CaptureSettings, log) -> Record:
         return record
 
     if settings.reference == "on" or (
-        settings.reference == "auto" and _weights_bytes(model) <= REFERENCE_MAX_WEIGHT_BYTES
+        settings.reference == "auto" and weights_bytes(model) <= REFERENCE_MAX_WEIGHT_BYTES
     ):
         _record_reference(record, model, lm, input_ids, f32, target_id)
 
