@@ -77,6 +77,8 @@ import transformers
 from transformers.utils import is_torch_available
 out["transformers"] = transformers.__version__
 out["torch_available"] = bool(is_torch_available())
+from opensci_patch.measure.torch_support import unsupported_pair
+out["unsupported_pair"] = unsupported_pair()
 print("OPENSCI_PATCH_PROBE " + json.dumps(out))
 """
 
@@ -218,6 +220,7 @@ def _create(
             # a linked torch keeps its distribution version (what `expected` compares on reuse)
             "torch": expected.get("torch", seen["torch"]),
             "torch_runtime": seen["torch"],
+            "unsupported_pair": seen.get("unsupported_pair"),
             "python": seen["python"],
             "base_python": sys.executable,
             "installer": "uv" if uv else "pip",
@@ -326,8 +329,8 @@ def _check_installed(env: Env, seen: dict[str, Any], expected: dict[str, Any]) -
     problems = []
     if Version(seen["transformers"]) != Version(env.transformers_version):
         problems.append(f"transformers {seen['transformers']} installed, {env.transformers_version} asked for")
-    if not seen["torch_available"]:
-        problems.append("transformers.is_torch_available() is False")
+    if not seen["torch_available"] and not seen.get("unsupported_pair"):  # an unsupported pair is a fact: its
+        problems.append("transformers.is_torch_available() is False")  # captures record it (`torch_support`)
     torch_local = Version(seen["torch"]).local or ""
     pinned = "torch_pin" in expected  # linked from the build's shared layer, which installed the pin
     if not torch_links.same_torch(seen["torch"], expected["torch"]):

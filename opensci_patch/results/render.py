@@ -144,6 +144,9 @@ def matrix_markdown(rep: Report, *, title: str, date: str, machine: str, grid_pn
                 seen = overridden.get(r.transformers, "").split("; ") if r.transformers in overridden else []
                 overridden[r.transformers] = "; ".join(dict.fromkeys([*seen, ", ".join(r.overrides)]))
         lines += [markdown_grid(cells, set(rep.new_releases), overridden), ""]
+    if any(r.status == "unsupported-pair" for r in rep.table):
+        lines += ["`unsupported-pair`: the transformers release does not support that torch (its own requirement, in "
+                  "the note); a declared fact, not a result about the model, and not counted in the exit status.", ""]
     if grid_png:
         lines += ["![release x variant grid](matrix_grid.png)", ""]
     else:
