@@ -87,6 +87,18 @@ VARIANTS: dict[str, Variant] = {
         ),
     )
 }
+# The dtypes and attentions of the matrix's sessions (`nox -s matrix`, the nox cell sessions, the nightly), on every
+# torch build: eager and sdpa (what `from_pretrained` picks by default), float32 and bfloat16. Each (torch, dtype,
+# attention) is one panel of the report's grid; a release's cells of every panel share one capture process.
+MATRIX_DTYPES = ("float32", "bfloat16")
+MATRIX_ATTENTION = ("eager", "sdpa")
+
+
+def panel_args() -> list[str]:
+    """The `opensci-patch cell` options that run every panel of the matrix's sessions."""
+    return [*(a for d in MATRIX_DTYPES for a in ("--dtype", d)), *(a for m in MATRIX_ATTENTION for a in ("--attn", m))]
+
+
 # The shipped checkpoint's declared reference cell (release, variant): CI always keeps this release. The report
 # compares each checkpoint with its reference variant on the oldest release where that runs ok (`report
 # --reference-release` names another), per torch build / device / dtype / attention.

@@ -327,8 +327,8 @@ def _unsupported_record(settings: CaptureSettings, model: Path, why: str) -> Rec
 
     from opensci_patch.measure.torch_support import torch_requirement
 
-    env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-           "platform": platform.platform(), "machine": platform.machine(), "torch_requirement": torch_requirement()}
+    env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    env.update(platform=platform.platform(), machine=platform.machine(), torch_requirement=torch_requirement())
     return Record(
         settings={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
         environment=env,
