@@ -24,39 +24,14 @@ from opensci_patch._util.defaults import (
     MAX_NEW_TOKENS,
     TORCH_BUILDS,
 )
-from opensci_patch._util.errors import DestinationError, OpensciPatchError, format_error
+from opensci_patch._util.errors import OpensciPatchError, format_error
 from opensci_patch._util.fs import write_atomic
+from opensci_patch._util.outputs import check_output_dir, check_output_file
 from opensci_patch.matrix.spec import VARIANTS  # stdlib-only module
 
 
 def _err(msg: str) -> None:
     print(f"opensci-patch: error: {msg}", file=sys.stderr)
-
-
-def check_output_file(path: Path, force: bool) -> None:
-    """Refuse an output file we could not write or must not overwrite, before any work is done."""
-    if path.is_dir():
-        raise DestinationError(f"{path} is a directory; --out takes a file name")
-    if path.exists() and not path.is_file():  # a device, a pipe, a socket: never replaced, even with --force
-        raise DestinationError(f"{path} exists and is not a regular file; --out takes a file name")
-    if path.exists() and not force:
-        raise DestinationError(f"{path} exists; pass --force to overwrite it")
-    _check_can_create(path.parent, str(path))
-
-
-def check_output_dir(path: Path, option: str) -> None:
-    """A directory we can create or write into, checked before any work is done."""
-    if path.exists() and not path.is_dir():
-        raise DestinationError(f"{option} {path} is not a directory")
-    _check_can_create(path, f"{option} {path}")
-
-
-def _check_can_create(path: Path, shown: str) -> None:
-    """`path`, or the nearest directory above it that exists, must be a directory we can write into."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
-        raise DestinationError(f"{shown}: cannot write into {path} (not a writable directory)")
 
 
 def summary_line(record) -> str:
@@ -175,8 +150,9 @@ def cmd_cell(args) -> int:
                                 "drop --model")  # fmt: skip
     variants = [m for m in args.variant or matrix.VARIANTS if m not in own]
     cells = [
-        matrix.Cell(v, args.torch, m, dtype, attn, checkpoint)
+        matrix.Cell(v, torch, m, dtype, attn, checkpoint)
         for checkpoint in dirs
+        for torch in dict.fromkeys(args.torch or [DEFAULT_TORCH_BUILD])
         for v in versions
         for dtype in args.dtype or ["float32"]
         for attn in args.attn or ["eager"]
@@ -187,6 +163,16 @@ def cmd_cell(args) -> int:
         _err(f"{broken} of {len(cells)} cell(s) could not run (env-error, crash or hotfix-error): see {args.records}")
         return 1
     return 0
+
+
+def parse_torch(value: str) -> str:
+    """`--torch SPEC`: a torch build or a torch release with its flavour (`matrix.spec.torch_spec`)."""
+    from opensci_patch.matrix.spec import torch_spec
+
+    try:
+        return torch_spec(value)
+    except OpensciPatchError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_jobs(value: str) -> int:
@@ -325,7 +311,9 @@ def _cell_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep", action="store_true",
         help="the pinned releases plus the latest patch of every minor from 4.48 on the package index")  # fmt: skip
     p.add_argument("--pre", action="store_true", help="also the newest pre-release, if newer than the newest final")
-    p.add_argument("--torch", default=DEFAULT_TORCH_BUILD, choices=TORCH_BUILDS)
+    p.add_argument("--torch", action="append", type=parse_torch, metavar="SPEC",
+        help=f"torch, repeatable: a build ({', '.join(TORCH_BUILDS)}; default {DEFAULT_TORCH_BUILD}) or a release with "
+        "its flavour (2.13.0+cpu; 2.6.0 = the registry's default wheel, on Linux a CUDA build of ~2.9 GB)")  # fmt: skip
     p.add_argument("--variant", action="append", choices=list(VARIANTS),
         help="model variants to run (default: all; with --model, all but generated)")  # fmt: skip
     p.add_argument("--dtype", action="append", choices=DTYPES, help="dtypes to run (repeatable; default float32)")

@@ -1,7 +1,7 @@
 """The cross-version matrix, declared: releases, variants, cells and what each cell must do.
 
-A cell is (transformers release, torch build, model variant, dtype, attention). Running cells is
-`runner`'s job; this module only declares, so the noxfile can read it.
+A cell is (transformers release, torch spec: a build or a torch release, model variant, dtype, attention).
+Running cells is `runner`'s job; this module only declares, so the noxfile can read it.
 
 This module imports only the standard library (and `packaging`, which nox itself depends on):
 the noxfile imports it to build its parametrisation, with no torch or transformers around.
@@ -16,7 +16,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from opensci_patch._util.defaults import ATTENTION, DEFAULT_TORCH_BUILD, DTYPES, TORCH_BUILDS
+from opensci_patch._util.defaults import ATTENTION, DEFAULT_TORCH_BUILD, DTYPES, TORCH_BUILDS, is_torch_release
 
 # The pinned releases: the first and second supported 4.x, the last 4.x, the 5.x releases with
 # known behaviour changes, and the newest 5.x when it was pinned. `opensci-patch releases --sweep`
@@ -108,6 +108,18 @@ REFERENCE = ("4.48.0", "patched")
 SHIPPED = ""
 
 
+def torch_spec(value: str) -> str:
+    """A `--torch` value: a build (cpu, system, cuda) or a torch release with its flavour (2.13.0+cpu, 2.6.0)."""
+    from opensci_patch._util.errors import OpensciPatchError
+
+    if value in TORCH_BUILDS or is_torch_release(value):
+        return value
+    raise OpensciPatchError(
+        f"torch {value!r} is no torch build ({', '.join(TORCH_BUILDS)}) or release with its flavour (e.g. 2.13.0+cpu, "
+        "2.6.0 for the registry's default wheel)"
+    )
+
+
 def checkpoint_label(path: Path) -> str:
     """The label of a `--model DIR` checkpoint in cell ids, record names and the report's columns."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", Path(path).absolute().name) or "model"
@@ -139,15 +151,16 @@ class Cell:
             fields = {"transformers": version, "torch": torch_build, "model": "patched"}
             kinds = (("model", tuple(VARIANTS)), ("torch", tuple(TORCH_BUILDS)), ("dtype", DTYPES), ("attn", ATTENTION))
             for value in rest:
-                kind = next((k for k, values in kinds if value in values), None)
+                kind = next((k for k, values in kinds if value in values), "torch" if is_torch_release(value) else None)
                 if kind is None:
                     raise OpensciPatchError(
                         f"cell {spec!r}: {value!r} is no model variant ({', '.join(VARIANTS)}), "
-                        f"torch build ({', '.join(TORCH_BUILDS)}), dtype ({', '.join(DTYPES)}) "
+                        f"torch build ({', '.join(TORCH_BUILDS)}) or release, dtype ({', '.join(DTYPES)}) "
                         f"or attention ({', '.join(ATTENTION)})"
                     )
                 fields[kind] = value
-        allowed = {"model": tuple(VARIANTS), "torch": tuple(TORCH_BUILDS), "dtype": DTYPES, "attn": ATTENTION}
+        torch_spec(fields["torch"])
+        allowed = {"model": tuple(VARIANTS), "dtype": DTYPES, "attn": ATTENTION}
         for kind, values in allowed.items():
             if kind in fields and fields[kind] not in values:
                 raise OpensciPatchError(
