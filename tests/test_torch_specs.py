@@ -118,3 +118,47 @@ def test_a_cell_is_compared_with_the_reference_release_on_its_own_torch():
         ("4.48.0", "2.6.0"): "pass", ("5.25.0", "2.6.0"): "pass",
     }  # fmt: skip
     assert len(judge.grid(rows)) == 2  # one panel per torch release
+
+
+def _with(rec: Record, logit: float, ids=(5, 6)) -> Record:
+    rec.topk = (TopToken(5, " Paris", logit),)
+    rec.generation = Generation(tuple(ids), " Paris.", rec.generation.step_logits_sha256, rec.generation.kv_check)
+    return rec
+
+
+def build(recs: list[Record]):
+    from opensci_patch.results import report
+
+    return report.build(report.Loaded(records=recs, sources=[f"{r.cell_id}.json" for r in recs]), None)
+
+
+def test_the_torch_table_names_a_difference_on_every_release_as_torchs():
+    pinned, other = ("s0", "s1", "s2", "s3"), ("s0", "s1", "s2", "t3")
+    recs = [record("4.48.0", "cpu", pinned), record("5.25.0", "cpu", pinned),
+            _with(record("4.48.0", "2.6.0", other), 14.5625), _with(record("5.25.0", "2.6.0", other), 14.5625),
+            record("4.48.0", "2.14.1", pinned), record("5.25.0", "2.14.1", pinned)]  # fmt: skip
+    rep = build(recs)
+    got = {(t.transformers, t.torch): t for t in rep.torch_table}
+    assert set(got) == {(v, t) for v in ("4.48.0", "5.25.0") for t in ("2.6.0", "2.14.1")}
+    for v in ("4.48.0", "5.25.0"):
+        assert got[(v, "2.14.1")].bit_identical and got[(v, "2.14.1")].max_abs_diff is None
+        t = got[(v, "2.6.0")]
+        assert (t.bit_identical, t.first_step, t.greedy_equal, t.pinned) == (False, 3, True, "cpu")
+        assert t.max_abs_diff == pytest.approx(0.0625)
+    (note,) = rep.torch_notes
+    assert note.startswith("torch 2.6.0 vs cpu (bfloat16, sdpa, patched)") and "torch's difference" in note
+    assert "from decode step 3" in note and "greedy ids equal" in note
+    assert {r.status for r in rep.table} == {"pass"} and rep.bad == 0
+    from opensci_patch.results.render import matrix_markdown, summary_json
+
+    md = matrix_markdown(rep, title="t", date="d", machine="m", grid_png=False, paris_png=False)
+    assert "## Torch releases against the pinned torch" in md and "torch's difference" in md
+    assert len(summary_json(rep, "d", "m")["torch_table"]) == 4
+
+
+def test_a_difference_on_one_release_only_is_not_called_torchs():
+    pinned, other = ("s0", "s1", "s2", "s3"), ("s0", "s1", "u2", "u3")
+    recs = [record("4.48.0", "cpu", pinned), record("5.25.0", "cpu", pinned),
+            record("4.48.0", "2.6.0", pinned), _with(record("5.25.0", "2.6.0", other), 14.0, ids=(5, 7))]  # fmt: skip
+    (note,) = build(recs).torch_notes
+    assert "on 5.25.0 only, of 2 release(s)" in note and "greedy ids differ" in note and "torch's" not in note

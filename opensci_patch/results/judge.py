@@ -319,6 +319,8 @@ class Report:
     n_records: int
     references: list[str] = field(default_factory=list)  # which reference release each checkpoint used, and why
     notes: list[str] = field(default_factory=list)  # said once, not a problem (e.g. judged under sdpa)
+    torch_table: list = field(default_factory=list)  # `torch_table.TorchRow`s: each torch against the pinned one
+    torch_notes: list[str] = field(default_factory=list)  # which differences are torch's
 
     @property
     def counts(self) -> dict[str, int]:
