@@ -162,3 +162,18 @@ def test_a_difference_on_one_release_only_is_not_called_torchs():
             record("4.48.0", "2.6.0", pinned), _with(record("5.25.0", "2.6.0", other), 14.0, ids=(5, 7))]  # fmt: skip
     (note,) = build(recs).torch_notes
     assert "on 5.25.0 only, of 2 release(s)" in note and "greedy ids differ" in note and "torch's" not in note
+
+
+def test_the_research_file_without_sdpa_support_is_a_declared_failure_under_sdpa_only():
+    """The default panels run sdpa: the llama-research file (no `_supports_sdpa`) is refused there on every release."""
+    import re
+
+    from opensci_patch.matrix.spec import expectation
+
+    message = ("ValueError: ResearchForCausalLM does not support an attention implementation through "
+               "torch.nn.functional.scaled_dot_product_attention yet.")  # fmt: skip
+    for version in ("4.48.0", "5.0.0", "5.25.0"):
+        sdpa = expectation(Cell(version, "cpu", "llama-research", "bfloat16", "sdpa"))
+        assert sdpa.outcome == "xfail" and re.search(sdpa.error, message)
+    assert expectation(Cell("5.25.0", "cpu", "llama-research", "float32", "eager")).outcome == "pass"
+    assert expectation(Cell("5.25.0", "cpu", "patched", "float32", "sdpa")).outcome == "pass"

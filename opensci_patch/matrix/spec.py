@@ -220,6 +220,7 @@ class Rule:
     error: str | None = None
     symptom: str | None = None
     checkpoints: tuple[str, ...] = (SHIPPED,)
+    attn: tuple[str, ...] | None = None  # only these attention implementations (None: any)
 
     def matches(self, cell: Cell) -> bool:
         from packaging.version import Version  # nox depends on packaging: still importable by the noxfile
@@ -227,6 +228,7 @@ class Rule:
         v = Version(cell.transformers)
         return (
             cell.model in self.variants
+            and (self.attn is None or cell.attn in self.attn)
             and (self.since is None or v >= Version(self.since))
             and (self.before is None or v < Version(self.before))
         )
@@ -260,6 +262,13 @@ EXPECTED_FAILURES: tuple[Rule, ...] = (
         since="5.0",
         before="5.2",
         symptom=WRONG_LOGITS,
+    ),
+    Rule(
+        ("llama-research",),
+        "the research file declares no SDPA support (no `_supports_sdpa`): from_pretrained refuses "
+        "attn_implementation='sdpa' on every release",
+        error=r"does not support an attention implementation through torch\.nn\.functional\.scaled_dot",
+        attn=("sdpa",),
     ),
     Rule(
         ("llama-research",),
