@@ -3,7 +3,7 @@
     nox -s tests                  # the fast tests, pytest -n auto (no per-release envs, no cells)
     nox -s crossversion           # the per-release tests (pytest -m crossversion): envs, cells, captures on releases
     nox -s lint                   # ruff + actionlint on the workflows
-    nox -s matrix                 # every cell: transformers x torch build x model -> records/
+    nox -s matrix                 # every cell: transformers x torch build x model x {float32, bfloat16} x {eager, sdpa}
     nox -s report                 # records/ -> results/matrix.md, summary.json, matrix_grid.png, paris_logit.png
     nox -s "cell(transformers='5.2.0', torch='cpu')"   # one cell session (what a CI job runs)
     nox -s matrix -- --sweep      # the pinned releases + the latest patch of every minor on the index
@@ -108,12 +108,11 @@ def lint(session: nox.Session) -> None:
 def cell(session: nox.Session, transformers: str, torch: str) -> None:
     """One environment: every model variant on one release and torch build.
 
-    CPU builds run float32 with eager attention; the cuda build also runs SDPA and bfloat16,
-    the settings GPU users evaluate with.
+    Every build runs eager and SDPA attention (SDPA is what `from_pretrained` picks by default), float32
+    and bfloat16 (`matrix.panel_args`): four panels, captured by the release's one capture process.
     """
     if torch == "cuda" and (why := matrix.gpu_present()):
         session.skip(f"cuda cell skipped: {why}")
-    gpu = ["--attn", "eager", "--attn", "sdpa", "--dtype", "float32", "--dtype", "bfloat16"] if torch == "cuda" else []
     cli(
         session,
         "cell",
@@ -121,7 +120,7 @@ def cell(session: nox.Session, transformers: str, torch: str) -> None:
         transformers,
         "--torch",
         torch,
-        *gpu,
+        *matrix.panel_args(),
         "--records",
         str(RECORDS),
         *OVERRIDES,
@@ -131,9 +130,10 @@ def cell(session: nox.Session, transformers: str, torch: str) -> None:
 
 @nox.session(name="matrix", venv_backend="none", default=False)
 def run_matrix(session: nox.Session) -> None:
-    """Every CPU cell (releases in parallel, one line per cell); a broken cell is recorded and the rest go on."""
-    cli(session, "cell", "--all", "--torch", defaults.DEFAULT_TORCH_BUILD, "--jobs", "auto", "--records", str(RECORDS),
-        *OVERRIDES, *session.posargs)  # fmt: skip
+    """Every CPU cell, eager and SDPA, float32 and bfloat16 (releases in parallel, one line per cell); a broken
+    cell is recorded and the rest go on."""
+    cli(session, "cell", "--all", "--torch", defaults.DEFAULT_TORCH_BUILD, *matrix.panel_args(), "--jobs", "auto",
+        "--records", str(RECORDS), *OVERRIDES, *session.posargs)  # fmt: skip
 
 
 @nox.session(default=False)

@@ -105,15 +105,41 @@ def _cells(args) -> list[matrix.Cell]:
     return [matrix.Cell(v, args.torch, m) for v in args.transformers for m in args.variant]
 
 
-def _ours(args, root: Path, cache: Path, records: Path) -> tuple[float, int]:
-    cmd = [sys.executable, "-m", "opensci_patch.cli", "cell", "--torch", args.torch, "--records", str(records)]
+def _ours(args, root: Path, cache: Path | None, records: Path, extra: tuple[str, ...] = ()) -> tuple[float, int]:
+    cmd = [sys.executable, "-m", "opensci_patch.cli", "cell", "--torch", args.torch, "--records", str(records), *extra]
     cmd += [a for v in args.transformers for a in ("--transformers", v)]
     cmd += [a for m in args.variant for a in ("--variant", m)]
     cmd += ["--jobs", str(args.jobs)]
-    wall, peak, out = tree_run(cmd, child_env({locations.ROOT_VAR: str(root), "UV_CACHE_DIR": str(cache)}))
+    cache_var = {"UV_CACHE_DIR": str(cache)} if cache else {}
+    wall, peak, out = tree_run(cmd, child_env({locations.ROOT_VAR: str(root), **cache_var}))
     if args.verbose:
         print(out)
     return wall, peak
+
+
+def _panels(args) -> int:
+    """`--panels`: the warm sweep of the matrix's panels (float32/bfloat16 x eager/sdpa) against one panel (float32
+    eager), the same releases and variants in the same env root, alternated `--repeat` times after one uncounted
+    warm-up of each; prints the medians and their ratio (target <= 1.3: the panels share each release's process)."""
+    root = (args.env_root or locations.default_root()).expanduser().absolute()
+    panels = tuple(matrix.panel_args())
+    n = len(matrix.MATRIX_DTYPES) * len(matrix.MATRIX_ATTENTION)
+    walls: dict[str, list[float]] = {"1 panel": [], f"{n} panels": []}
+    with tempfile.TemporaryDirectory(prefix="opensci-bench-panels-") as tmp:
+        for i in range(args.repeat + 1):
+            for (name, got), extra in zip(walls.items(), ((), panels), strict=True):
+                wall, _ = _ours(args, root, None, Path(tmp) / f"records-{i}-{len(extra)}", extra)
+                print(f"{name}{' (warm-up, not counted)' if i == 0 else ''}: {wall:.1f} s", flush=True)
+                if i:
+                    got.append(wall)
+    (one, many), (n_one, n_many) = (median(w) for w in walls.values()), list(walls)
+    ratio = many / one
+    print(f"\n| {len(_cells(args))} cells a panel, {len(args.transformers)} releases, median of {args.repeat} | s |")
+    print("|---|---:|")
+    print(f"| {n_one} (float32 eager) | {one:.1f} |\n| {n_many} ({' '.join(panels)}) | {many:.1f} |")
+    print(f"\n{n_many} / {n_one}: {ratio:.2f}x (target <= 1.3: {'met' if ratio <= 1.3 else 'NOT met'}); "
+          f"at the end: {load_note()}")  # fmt: skip
+    return 0
 
 
 def _plain(args, cache: Path, records: Path, root: Path) -> float:
@@ -201,11 +227,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--floor-repeat", type=int, default=1, help="floor runs per release, median (default 1)")
     ap.add_argument("--workdir", type=Path, default=None, help="for env roots, uv caches, records (default: temp)")
     ap.add_argument("--verbose", action="store_true", help="print ours' progress lines")
+    ap.add_argument("--panels", action="store_true",
+                    help="instead: the warm sweep of the matrix's 4 panels (float32/bfloat16 x eager/sdpa) against "
+                         "1 panel, same run, in --env-root (default: the usual env root, reused)")  # fmt: skip
+    ap.add_argument("--env-root", type=Path, default=None, help="--panels: the env root (default: the usual one)")
+    ap.add_argument("--repeat", type=int, default=1, help="--panels: timed runs of each, median (default 1)")
     args = ap.parse_args(argv)
     args.transformers = args.transformers or DEFAULT_RELEASES
     args.variant = args.variant or list(matrix.VARIANTS)
     for v in args.transformers:
         envs.check_version(v)
+    if args.panels:
+        print(f"# sweep_wall --panels: {', '.join(args.transformers)} x {', '.join(args.variant)}, torch build "
+              f"{args.torch}, --jobs {args.jobs}, {load_note()}", flush=True)  # fmt: skip
+        return _panels(args)
     _uv()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="opensci-bench-sweep-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,8 @@ from opensci_patch._util.defaults import (
     TORCH_BUILDS,
 )
 from opensci_patch._util.errors import OpensciPatchError, format_error
-from opensci_patch._util.fs import check_output_dir, check_output_file, write_atomic
+from opensci_patch._util.fs import write_atomic
+from opensci_patch._util.outputs import check_output_dir, check_output_file
 from opensci_patch.matrix.spec import VARIANTS  # stdlib-only module
 
 
@@ -157,8 +158,9 @@ def cmd_cell(args) -> int:
                                 "drop --model")  # fmt: skip
     variants = [m for m in args.variant or matrix.VARIANTS if m not in own]
     cells = [
-        matrix.Cell(v, args.torch, m, dtype, attn, checkpoint)
+        matrix.Cell(v, torch, m, dtype, attn, checkpoint)
         for checkpoint in dirs
+        for torch in dict.fromkeys(args.torch or [DEFAULT_TORCH_BUILD])
         for v in versions
         for dtype in args.dtype or ["float32"]
         for attn in args.attn or ["eager"]
@@ -170,6 +172,16 @@ def cmd_cell(args) -> int:
         _err(f"{broken} of {len(cells)} cell(s) could not run (env-error, crash or hotfix-error): see {args.records}")
         return 1
     return 0
+
+
+def parse_torch(value: str) -> str:
+    """`--torch SPEC`: a torch build or a torch release with its flavour (`matrix.spec.torch_spec`)."""
+    from opensci_patch.matrix.spec import torch_spec
+
+    try:
+        return torch_spec(value)
+    except OpensciPatchError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_jobs(value: str) -> int:
@@ -308,7 +320,9 @@ def _cell_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep", action="store_true",
         help="the pinned releases plus the latest patch of every minor from 4.48 on the package index")  # fmt: skip
     p.add_argument("--pre", action="store_true", help="also the newest pre-release, if newer than the newest final")
-    p.add_argument("--torch", default=DEFAULT_TORCH_BUILD, choices=TORCH_BUILDS)
+    p.add_argument("--torch", action="append", type=parse_torch, metavar="SPEC",
+        help=f"torch, repeatable: a build ({', '.join(TORCH_BUILDS)}; default {DEFAULT_TORCH_BUILD}) or a release with "
+        "its flavour (2.13.0+cpu; 2.6.0 = the registry's default wheel, on Linux a CUDA build of ~2.9 GB)")  # fmt: skip
     p.add_argument("--variant", action="append", choices=list(VARIANTS),
         help="model variants to run (default: all; with --model, all but generated)")  # fmt: skip
     p.add_argument("--dtype", action="append", choices=DTYPES, help="dtypes to run (repeatable; default float32)")

@@ -190,3 +190,42 @@ def test_a_fresh_capture_record_round_trips_through_its_json(tmp_path, patched):
     back = records.load(path)
     assert back == rec and back.to_json() == path.read_text() == rec.to_json()
     assert back.to_dict() == json.loads(path.read_text())
+
+
+class _CausalToy:
+    """A causal 'model' whose logits at position p depend on ids[:p + 1] only; counts its no-cache forwards."""
+
+    def __init__(self, last_only: bool = False):
+        self.calls, self.last_only = 0, last_only
+
+    def __call__(self, input_ids, use_cache):
+        import torch
+
+        self.calls += 1
+        sums = torch.cumsum(input_ids[0].float(), 0)
+        logits = torch.stack([torch.sin(sums * (k + 1)) for k in range(10)], dim=-1)[None]
+        return type("Out", (), {"logits": logits[:, -1:] if self.last_only else logits})()
+
+
+class _Tok:
+    def decode(self, ids):
+        return str(ids)
+
+
+@pytest.mark.parametrize("last_only", [False, True])
+def test_the_kv_check_recomputes_every_step_in_one_forward(last_only):
+    """Before: one no-cache forward per decode step (20 per capture, ~70% of its time)."""
+    import torch
+
+    from opensci_patch.measure.kv_check import check_decode_steps
+
+    sequence, prompt = torch.tensor([3, 1, 4]), 3
+    for _ in range(5):  # greedy, as generate would
+        sequence = torch.cat([sequence, _CausalToy()(sequence[None], use_cache=False).logits[0, -1].argmax()[None]])
+    full = _CausalToy()(sequence[None], use_cache=False).logits[0]
+    steps = [full[prompt - 1 + i] for i in range(5)]
+    steps[3] = steps[3] + 1.0  # step 3 went wrong with the cache
+    toy = _CausalToy(last_only)
+    kv = check_decode_steps(toy, _Tok(), sequence, prompt, steps, "float32")
+    assert (kv.ok, kv.first_bad_step) == (False, 3) and kv.max_abs_diff == pytest.approx(1.0)
+    assert toy.calls == (1 + 5 if last_only else 1)  # a last-position-only model: one try, then one per step

@@ -156,3 +156,35 @@ def test_ci_runs_the_readmes_test_command_and_it_runs_every_test():
     nox_part = command.rsplit("&& ", 1)[1]
     assert nox_part.split() == ["nox", "-s", "tests", "crossversion"]
     assert nox_part in (REPO / ".ci" / "run").read_text().splitlines()
+
+
+@pytest.fixture
+def noxfile_calls(monkeypatch):
+    """The noxfile loaded as a module, its CLI calls recorded instead of run: [argv of each call]."""
+    spec = importlib.util.spec_from_file_location("noxfile_under_test", REPO / "noxfile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    calls: list[list[str]] = []
+    monkeypatch.setattr(module, "cli", lambda session, *args: calls.append(list(args)))
+    return module, calls
+
+
+class _Session:
+    posargs: list[str] = []
+
+    def skip(self, why: str):
+        raise pytest.skip.Exception(why)
+
+
+@pytest.mark.parametrize("session", ["matrix", "cell"])
+def test_the_cpu_sessions_run_eager_and_sdpa_float32_and_bfloat16(noxfile_calls, session):
+    """Before: only the cuda cells ran sdpa and bfloat16; the CPU ones (nox -s matrix, the nightly) float32 eager."""
+    module, calls = noxfile_calls
+    if session == "matrix":
+        module.run_matrix.func(_Session())
+    else:
+        module.cell.func(_Session(), transformers="5.2.0", torch="cpu")
+    (argv,) = calls
+    pairs = {(argv[i], argv[i + 1]) for i in range(len(argv) - 1)}
+    assert {("--torch", "cpu"), ("--dtype", "float32"), ("--dtype", "bfloat16"), ("--attn", "eager"),
+            ("--attn", "sdpa")} <= pairs  # fmt: skip

@@ -3,4 +3,4 @@ points for the fault tests, files and directories we own (atomic writes, claimed
 child processes, where built things live, the model directory's config reader, and parsed options handed on by
 name. Standard library only, so the noxfile and CI scripts can import it with no torch or transformers around."""
 
-__all__ = ["defaults", "errors", "faults", "fs", "locations", "model_dir", "options", "procs"]
+__all__ = ["defaults", "errors", "faults", "fs", "locations", "model_dir", "options", "outputs", "procs"]

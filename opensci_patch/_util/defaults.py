@@ -7,6 +7,7 @@ torch or transformers around. Change a default here and every command, session a
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
@@ -23,4 +24,19 @@ TORCH_BUILDS = ("cpu", "system", "cuda")  # see envs.py for what each means
 DEFAULT_TORCH_BUILD = "cpu"
 # The CPU/CUDA torch release the "cpu" (and indexed "cuda") builds install: one pin for the noxfile and the envs.
 TORCH_PIN = os.environ.get("OPENSCI_PATCH_TORCH_PIN", "2.13.0")
+# A torch spec (`cell --torch`, a cell's `torch` field) is a build above or a torch release with its flavour:
+# "2.13.0+cpu" (PyTorch's CPU wheel), "2.6.0" (the registry's default wheel: on Linux a CUDA build that runs on the
+# CPU too, ~2.9 GB with its nvidia-* wheels). Each is its own cell coordinate, env and shared torch layer.
+TORCH_RELEASE = re.compile(r"\d+\.\d+\.\d+(\+[a-z][a-z0-9]*)?")
+
+
+def is_torch_release(spec: str) -> bool:
+    return TORCH_RELEASE.fullmatch(spec) is not None
+
+
+def torch_pin(spec: str) -> str:
+    """The torch release a spec installs: `TORCH_PIN` for the cpu and cuda builds, the release itself otherwise."""
+    return spec if is_torch_release(spec) else TORCH_PIN
+
+
 OLDEST_SUPPORTED = "4.48.0"  # the oldest transformers release we make work

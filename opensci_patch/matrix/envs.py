@@ -6,7 +6,10 @@ package of the interpreter running opensci_patch leaks in.
 
 Torch builds (`TORCH_BUILDS`: "system", "cpu", "cuda"): torch is always pinned or linked, never resolved
 freely, and every env links one torch through a shared link directory and a ``.pth``; how each build gets
-its torch is `opensci_patch.matrix.torch_links`. The low-level pieces both use (locks, the installer, removal of a
+its torch is `opensci_patch.matrix.torch_links`. A torch release as the spec (`2.13.0+cpu`, `2.6.0`) is
+installed as named into a shared layer of its own, as the cpu build's pin is; naming one is the opt-in to its
+download (the registry's default wheel on Linux is a CUDA build, ~2.9 GB with its nvidia-* wheels).
+The low-level pieces both use (locks, the installer, removal of a
 half-made directory, the child environment) are `opensci_patch.matrix.venv` and `opensci_patch._util`.
 
 Offline machines (a GPU node without network, an air-gapped cluster): ``OPENSCI_PATCH_WHEELS=DIR``
@@ -14,7 +17,7 @@ makes every install ``--no-index --find-links DIR``, so transformers, its depend
 opensci_patch's own come from that directory of wheels only (``pip download`` them elsewhere for
 the target's Python and platform; README, "Offline and GPU machines").
 
-Layout: ``<root>/tf<release>-<build>-py<X.Y>/`` with ``opensci-patch-env.json`` (the marker)
+Layout: ``<root>/tf<release>-<torch spec>-py<X.Y>/`` with ``opensci-patch-env.json`` (the marker)
 written last, after a successful install and a check that ``import torch`` and
 ``transformers.is_torch_available()`` work inside. The root is ``$OPENSCI_PATCH_ENV_ROOT``, else
 ``$XDG_CACHE_HOME/opensci-patch/envs`` (``~/.cache/opensci-patch/envs``). A directory without a
@@ -55,7 +58,8 @@ from pathlib import Path
 from typing import Any
 
 from opensci_patch._util import fs, locations, procs
-from opensci_patch._util.defaults import TORCH_BUILDS, TORCH_PIN
+from opensci_patch._util.defaults import TORCH_BUILDS, is_torch_release, torch_pin
+from opensci_patch._util.defaults import TORCH_PIN as TORCH_PIN  # read by the tests as envs.TORCH_PIN
 from opensci_patch._util.errors import EnvironmentSetupError
 from opensci_patch._util.faults import fault_point
 from opensci_patch._util.locations import MARKER
@@ -77,6 +81,8 @@ import transformers
 from transformers.utils import is_torch_available
 out["transformers"] = transformers.__version__
 out["torch_available"] = bool(is_torch_available())
+from opensci_patch.measure.torch_support import unsupported_pair
+out["unsupported_pair"] = unsupported_pair()
 print("OPENSCI_PATCH_PROBE " + json.dumps(out))
 """
 
@@ -129,8 +135,9 @@ def ensure_env(
     if overrides is None:
         overrides = overrides_mod.for_release(overrides_mod.from_env(), version)
     extra = overrides_mod.requirements_from_env() if extra_requirements is None else list(extra_requirements)
-    if torch_build not in TORCH_BUILDS:
-        raise EnvironmentSetupError(f"unknown torch build {torch_build!r}: choose one of {', '.join(TORCH_BUILDS)}")
+    if torch_build not in TORCH_BUILDS and not is_torch_release(torch_build):
+        raise EnvironmentSetupError(f"unknown torch build {torch_build!r}: choose one of {', '.join(TORCH_BUILDS)} "
+                                    "or a torch release (2.13.0+cpu, 2.6.0)")  # fmt: skip
     root = venv.check_settings(root)  # the env root and the variables that become paths or requirements
     name = env_name(version, torch_build, overrides, extra)
     path = root / name
@@ -151,7 +158,7 @@ def ensure_env(
         expected["torch"] = torch_links.system_torch().version
         layer = None
     else:
-        expected["torch_pin"] = TORCH_PIN
+        expected["torch_pin"] = torch_pin(torch_build)
         torch_links.torch_install_args(torch_build)  # fail early: e.g. a bad index
         layer = torch_links.ensure_torch_layer(torch_build, root, log=log)
         expected["torch"] = layer.version
@@ -233,6 +240,7 @@ def _create(
             # a linked torch keeps its distribution version (what `expected` compares on reuse)
             "torch": expected.get("torch", seen["torch"]),
             "torch_runtime": seen["torch"],
+            "unsupported_pair": seen.get("unsupported_pair"),
             "python": seen["python"],
             "base_python": sys.executable,
             "installer": "uv" if uv else "pip",
@@ -341,14 +349,14 @@ def _check_installed(env: Env, seen: dict[str, Any], expected: dict[str, Any]) -
     problems = []
     if Version(seen["transformers"]) != Version(env.transformers_version):
         problems.append(f"transformers {seen['transformers']} installed, {env.transformers_version} asked for")
-    if not seen["torch_available"]:
-        problems.append("transformers.is_torch_available() is False")
+    if not seen["torch_available"] and not seen.get("unsupported_pair"):  # an unsupported pair is a fact: its
+        problems.append("transformers.is_torch_available() is False")  # captures record it (`torch_support`)
     torch_local = Version(seen["torch"]).local or ""
     pinned = "torch_pin" in expected  # linked from the build's shared layer, which installed the pin
     if not torch_links.same_torch(seen["torch"], expected["torch"]):
         problems.append(f"torch {seen['torch']} seen inside, {expected['torch']} linked")
-    elif pinned and Version(seen["torch"]).public != Version(TORCH_PIN).public:
-        problems.append(f"torch {seen['torch']} installed, {TORCH_PIN} pinned")
+    elif pinned and Version(seen["torch"]).public != Version(expected["torch_pin"]).public:
+        problems.append(f"torch {seen['torch']} installed, {expected['torch_pin']} pinned")
     elif pinned and env.torch_build == "cuda" and not torch_local.startswith(("cu", "rocm")):
         problems.append(f"torch {seen['torch']} installed, a CUDA build asked for (check {TORCH_INDEX_VAR})")
     if problems:

@@ -1,7 +1,7 @@
 """The cross-version matrix, declared: releases, variants, cells and what each cell must do.
 
-A cell is (transformers release, torch build, model variant, dtype, attention). Running cells is
-`runner`'s job; this module only declares, so the noxfile can read it.
+A cell is (transformers release, torch spec: a build or a torch release, model variant, dtype, attention).
+Running cells is `runner`'s job; this module only declares, so the noxfile can read it.
 
 This module imports only the standard library (and `packaging`, which nox itself depends on):
 the noxfile imports it to build its parametrisation, with no torch or transformers around.
@@ -16,7 +16,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from opensci_patch._util.defaults import ATTENTION, DEFAULT_TORCH_BUILD, DTYPES, TORCH_BUILDS
+from opensci_patch._util.defaults import ATTENTION, DEFAULT_TORCH_BUILD, DTYPES, TORCH_BUILDS, is_torch_release
 
 # The pinned releases: the first and second supported 4.x, the last 4.x, the 5.x releases with
 # known behaviour changes, and the newest 5.x when it was pinned. `opensci-patch releases --sweep`
@@ -98,6 +98,18 @@ VARIANTS: dict[str, Variant] = {
         ),
     )
 }
+# The dtypes and attentions of the matrix's sessions (`nox -s matrix`, the nox cell sessions, the nightly), on every
+# torch build: eager and sdpa (what `from_pretrained` picks by default), float32 and bfloat16. Each (torch, dtype,
+# attention) is one panel of the report's grid; a release's cells of every panel share one capture process.
+MATRIX_DTYPES = ("float32", "bfloat16")
+MATRIX_ATTENTION = ("eager", "sdpa")
+
+
+def panel_args() -> list[str]:
+    """The `opensci-patch cell` options that run every panel of the matrix's sessions."""
+    return [*(a for d in MATRIX_DTYPES for a in ("--dtype", d)), *(a for m in MATRIX_ATTENTION for a in ("--attn", m))]
+
+
 # The shipped checkpoint's declared reference cell (release, variant): CI always keeps this release. The report
 # compares each checkpoint with its reference variant on the oldest release where that runs ok (`report
 # --reference-release` names another), per torch build / device / dtype / attention.
@@ -105,6 +117,18 @@ REFERENCE = ("4.48.0", "patched")
 # The checkpoint label of this project's own cells (the shipped fixture and the own-checkpoint variants); a
 # `cell --model DIR` checkpoint is labelled by its directory name (`checkpoint_label`).
 SHIPPED = ""
+
+
+def torch_spec(value: str) -> str:
+    """A `--torch` value: a build (cpu, system, cuda) or a torch release with its flavour (2.13.0+cpu, 2.6.0)."""
+    from opensci_patch._util.errors import OpensciPatchError
+
+    if value in TORCH_BUILDS or is_torch_release(value):
+        return value
+    raise OpensciPatchError(
+        f"torch {value!r} is no torch build ({', '.join(TORCH_BUILDS)}) or release with its flavour (e.g. 2.13.0+cpu, "
+        "2.6.0 for the registry's default wheel)"
+    )
 
 
 def checkpoint_label(path: Path) -> str:
@@ -138,15 +162,16 @@ class Cell:
             fields = {"transformers": version, "torch": torch_build, "model": "patched"}
             kinds = (("model", tuple(VARIANTS)), ("torch", tuple(TORCH_BUILDS)), ("dtype", DTYPES), ("attn", ATTENTION))
             for value in rest:
-                kind = next((k for k, values in kinds if value in values), None)
+                kind = next((k for k, values in kinds if value in values), "torch" if is_torch_release(value) else None)
                 if kind is None:
                     raise OpensciPatchError(
                         f"cell {spec!r}: {value!r} is no model variant ({', '.join(VARIANTS)}), "
-                        f"torch build ({', '.join(TORCH_BUILDS)}), dtype ({', '.join(DTYPES)}) "
+                        f"torch build ({', '.join(TORCH_BUILDS)}) or release, dtype ({', '.join(DTYPES)}) "
                         f"or attention ({', '.join(ATTENTION)})"
                     )
                 fields[kind] = value
-        allowed = {"model": tuple(VARIANTS), "torch": tuple(TORCH_BUILDS), "dtype": DTYPES, "attn": ATTENTION}
+        torch_spec(fields["torch"])
+        allowed = {"model": tuple(VARIANTS), "dtype": DTYPES, "attn": ATTENTION}
         for kind, values in allowed.items():
             if kind in fields and fields[kind] not in values:
                 raise OpensciPatchError(
@@ -206,6 +231,7 @@ class Rule:
     error: str | None = None
     symptom: str | None = None
     checkpoints: tuple[str, ...] = (SHIPPED,)
+    attn: tuple[str, ...] | None = None  # only these attention implementations (None: any)
 
     def matches(self, cell: Cell) -> bool:
         from packaging.version import Version  # nox depends on packaging: still importable by the noxfile
@@ -213,6 +239,7 @@ class Rule:
         v = Version(cell.transformers)
         return (
             cell.model in self.variants
+            and (self.attn is None or cell.attn in self.attn)
             and (self.since is None or v >= Version(self.since))
             and (self.before is None or v < Version(self.before))
         )
@@ -246,6 +273,13 @@ EXPECTED_FAILURES: tuple[Rule, ...] = (
         since="5.0",
         before="5.2",
         symptom=WRONG_LOGITS,
+    ),
+    Rule(
+        ("llama-research", "era43"),
+        "the research file declares no SDPA support (no `_supports_sdpa`): from_pretrained refuses "
+        "attn_implementation='sdpa' on every release",
+        error=r"does not support an attention implementation through torch\.nn\.functional\.scaled_dot",
+        attn=("sdpa",),
     ),
     Rule(
         ("llama-research", "era43"),

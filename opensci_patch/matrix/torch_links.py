@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from opensci_patch._util import fs, locations, procs
-from opensci_patch._util.defaults import TORCH_PIN
+from opensci_patch._util.defaults import TORCH_PIN, is_torch_release, torch_pin
 from opensci_patch._util.errors import EnvironmentSetupError
 from opensci_patch._util.locations import MARKER
 from opensci_patch.matrix import venv
@@ -78,7 +78,8 @@ def torch_layer_path(torch_build: str, root: Path) -> Path:
     second used to delete the first's layer while the first's cells ran on it)."""
     py = f"{sys.version_info.major}.{sys.version_info.minor}"
     key = hashlib.sha256(f"{SCHEMA}\n{base_interpreter()}".encode()).hexdigest()[:10]
-    return root / f"_torch-{torch_build}-{TORCH_PIN}-py{py}-{key}"
+    spec = torch_build if is_torch_release(torch_build) else f"{torch_build}-{TORCH_PIN}"  # a release: its own layer
+    return root / f"_torch-{spec}-py{py}-{key}"
 
 
 def ensure_torch_layer(torch_build: str, root: Path | None = None, *, log: Log = print):
@@ -92,7 +93,8 @@ def ensure_torch_layer(torch_build: str, root: Path | None = None, *, log: Log =
     """
     root = venv.check_settings(root)
     path = torch_layer_path(torch_build, root)
-    want = {"schema": SCHEMA, "torch_build": torch_build, "torch_pin": TORCH_PIN, "base_python": base_interpreter()}
+    want = {"schema": SCHEMA, "torch_build": torch_build, "torch_pin": torch_pin(torch_build),
+            "base_python": base_interpreter()}  # fmt: skip
     with fs.locked(root / f"{path.name}.lock"):
         marker = locations.read_marker(path)
         if marker is None:
@@ -112,7 +114,11 @@ def ensure_torch_layer(torch_build: str, root: Path | None = None, *, log: Log =
 
 def _create_layer(path: Path, root: Path, torch_build: str, want: dict[str, Any], log: Log) -> None:
     uv = procs.find_uv()
-    log(f"creating the shared torch layer {path.name} (torch {TORCH_PIN}, built once for every release env) ...")
+    log(f"creating the shared torch layer {path.name} (torch {torch_pin(torch_build)}, built once for every release "
+        "env) ...")  # fmt: skip
+    if is_torch_release(torch_build) and "+" not in torch_build and sys.platform == "linux":
+        log(f"note: torch=={torch_build} is the registry's default wheel, on Linux a CUDA build: with its nvidia-* "
+            "wheels about 2.9 GB to download (once, into uv's cache) and 5 GB in the layer")  # fmt: skip
     start = time.monotonic()
     venv.claim_new_dir(path, root)
     try:
@@ -219,7 +225,11 @@ def same_torch(seen: str, base: str) -> bool:
 def torch_install_args(torch_build: str, *, uv: bool = True) -> list[str]:
     """The pinned torch requirement and where it may come from, for builds that install torch."""
     index = os.environ.get(TORCH_INDEX_VAR)
-    if torch_build == "cuda":
+    if is_torch_release(torch_build):  # the release as named, flavour and all; from the same places as the pin
+        args = [f"torch=={torch_build}"]
+        for link in find_links():
+            args += ["--find-links", link]
+    elif torch_build == "cuda":
         args = [f"torch=={TORCH_PIN}"]
     else:
         cpu_label = "" if sys.platform == "darwin" else "+cpu"  # macOS wheels carry no local label

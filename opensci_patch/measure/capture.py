@@ -328,6 +328,26 @@ def _record_reference(record: Record, model: Path, lm, input_ids, f32, target_id
     record.reference = Fp64Reference("float64", float((f32.double() - ref).abs().max()), float(ref[target_id]))
 
 
+def _unsupported_record(settings: CaptureSettings, model: Path, why: str) -> Record:
+    """The record of a (transformers, torch) pair outside transformers' own torch requirement: nothing ran."""
+    import platform
+
+    import torch
+    import transformers
+
+    from opensci_patch.measure.torch_support import torch_requirement
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    env.update(platform=platform.platform(), machine=platform.machine(), torch_requirement=torch_requirement())
+    return Record(
+        settings={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
+        environment=env,
+        model=provenance.model_info(model),
+        status=Status.UNSUPPORTED_PAIR,
+        error=ErrorInfo("UnsupportedPair", why, ""),
+    )
+
+
 def _capture(settings: CaptureSettings, log) -> Record:
     """`capture`'s steps in order: input checks, record, tokenizer, load, forward, reference, generation.
 
@@ -338,6 +358,11 @@ def _capture(settings: CaptureSettings, log) -> Record:
     import torch
 
     from opensci_patch.measure import compat
+    from opensci_patch.measure.torch_support import unsupported_pair
+
+    why = unsupported_pair()
+    if why is not None:  # before anything imports from transformers: it disabled torch, its classes would raise
+        return _unsupported_record(settings, model, why)
 
     record = Record(
         settings={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},

@@ -33,6 +33,9 @@ class Status(StrEnum):
     GENERATE_ERROR = "generate-error"
     GENERATE_MISMATCH = "generate-mismatch"
     NONFINITE_LOGITS = "nonfinite-logits"
+    # the installed transformers does not support the installed torch (its own requirement, `torch_support`):
+    # a declared fact about the pair, never run, never a verdict about the model
+    UNSUPPORTED_PAIR = "unsupported-pair"
     # the cell could not run at all: never a verdict about the model
     ENV_ERROR = "env-error"
     CRASH = "crash"

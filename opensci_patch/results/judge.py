@@ -9,6 +9,8 @@
   bit-identical: the first differing decode step is named), or failed otherwise than declared;
 - XPASS: declared to fail on this checkpoint (a rule naming it: ours) but passed: upstream changed;
 - cannot-judge: ran to the end, but there is no reference cell (that ran ok) to compare it with;
+- unsupported-pair: the cell's transformers release does not support its torch (the release's own requirement,
+  e.g. torch>=2.6, in the note): a declared fact, not a result about the model, so not in the exit status;
 - error: the cell could not run (environment install, crash, hotfix failure), never finished
   (its placeholder record says "running"), or is ambiguous (two records of one cell, by its fields).
 
@@ -30,7 +32,7 @@ from opensci_patch.results.reference import Reference, before_reference, cell_ke
 from opensci_patch.results.verdict import TOLERANCE, bit_identical, failure, first_step_difference, shown_values_differ
 
 BAD = ("FAIL", "XPASS", "error", "cannot-judge")
-VERDICTS = ("pass", "expected-fail", "FAIL", "XPASS", "error", "cannot-judge")
+VERDICTS = ("pass", "expected-fail", "FAIL", "XPASS", "error", "cannot-judge", "unsupported-pair")
 
 
 def _group(rec: Record) -> tuple:
@@ -90,6 +92,8 @@ def _shows(rec: Record) -> bool:
 def verdict(rec: Record, ref: Reference | None) -> tuple[str, str]:
     if rec.status.no_evidence:
         return "error", failure(rec)
+    if rec.status == records.Status.UNSUPPORTED_PAIR:
+        return "unsupported-pair", rec.error.message if rec.error else "transformers does not support this torch"
     if rec.status == records.OK and (ref is None or ref.record is None):  # ran, nothing to compare with
         return "cannot-judge", "no reference cell that ran ok" + (f" ({ref.line})" if ref else "")
     exp = rec.expected
@@ -316,6 +320,8 @@ class Report:
     n_records: int
     references: list[str] = field(default_factory=list)  # which reference release each checkpoint used, and why
     notes: list[str] = field(default_factory=list)  # said once, not a problem (e.g. judged under sdpa)
+    torch_table: list = field(default_factory=list)  # `torch_table.TorchRow`s: each torch against the pinned one
+    torch_notes: list[str] = field(default_factory=list)  # which differences are torch's
 
     @property
     def counts(self) -> dict[str, int]:

@@ -24,6 +24,7 @@ GRID_COLOURS = {
     "XPASS": "#ff9800",
     "error": "#8e24aa",
     "cannot-judge": "#fff176",
+    "unsupported-pair": "#90caf9",
     MISSING: "#ffffff",
 }
 

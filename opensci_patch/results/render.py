@@ -92,6 +92,21 @@ def changes(table: list[Row], previous: dict[str, str]) -> list[str]:
     return out
 
 
+def torch_section(rep: Report) -> list[str]:
+    """matrix.md's torch table: per transformers release, each torch release's cells against the pinned torch's."""
+    if not rep.torch_table:
+        return []
+    heads = ["transformers", "torch", "vs", "dtype", "attn", "model", "bit-identical", "max abs diff top-k",
+             "first differing decode step", "greedy ids equal", "fp64 gap (this / pinned)"]  # fmt: skip
+    body = [[md_text(x) for x in (t.transformers, t.torch, t.pinned, t.dtype, t.attn,
+             t.model if not t.checkpoint else f"{t.checkpoint}/{t.model}", _fmt(t.bit_identical, ""),
+             _fmt(t.max_abs_diff, ".2e"), _fmt(t.first_step, "d"), _fmt(t.greedy_equal, ""),
+             f"{_fmt(t.fp64_gap, '.2e')} / {_fmt(t.pinned_fp64_gap, '.2e')}")] for t in rep.torch_table]  # fmt: skip
+    notes = [f"- {md_text(n)}" for n in rep.torch_notes]
+    return ["## Torch releases against the pinned torch", "", tabulate(body, headers=heads, tablefmt="github"), "",
+            *notes, *([""] if notes else [])]  # fmt: skip
+
+
 def _jsonable(x):
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
@@ -117,6 +132,8 @@ def summary_json(rep: Report, date: str, machine: str) -> dict:
             "grid": rep.grid,
             "verdicts": {r.cell: r.status for r in rep.table},
             "rows": [r.to_dict() for r in rep.table],
+            "torch_table": [t.to_dict() for t in rep.torch_table],
+            "torch_notes": rep.torch_notes,
         }
     )
 
@@ -144,10 +161,14 @@ def matrix_markdown(rep: Report, *, title: str, date: str, machine: str, grid_pn
                 seen = overridden.get(r.transformers, "").split("; ") if r.transformers in overridden else []
                 overridden[r.transformers] = "; ".join(dict.fromkeys([*seen, ", ".join(r.overrides)]))
         lines += [markdown_grid(cells, set(rep.new_releases), overridden), ""]
+    if any(r.status == "unsupported-pair" for r in rep.table):
+        lines += ["`unsupported-pair`: the transformers release does not support that torch (its own requirement, in "
+                  "the note); a declared fact, not a result about the model, and not counted in the exit status.", ""]
     if grid_png:
         lines += ["![release x variant grid](matrix_grid.png)", ""]
     else:
         lines += ["(No grid picture: matplotlib is not installed; `pip install opensci-patch[plot]`.)", ""]
+    lines += torch_section(rep)
     if rep.problem_lines():
         lines += ["## Problems (exit status 1)", "", *(f"- {md_text(p)}" for p in rep.problem_lines()), ""]
     if rep.notes:

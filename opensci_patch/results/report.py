@@ -26,6 +26,7 @@ from opensci_patch.results.pair import check_pair, check_results_dir, write_run
 from opensci_patch.results.plot import plot, plot_grid, version_key
 from opensci_patch.results.reference import broken_decode
 from opensci_patch.results.render import matrix_markdown, summary_json
+from opensci_patch.results.torch_table import torch_notes, torch_rows
 
 
 @dataclass
@@ -67,6 +68,8 @@ def build(loaded: Loaded, previous: dict | None, reference_release: str | None =
     table, same, notes = same_everywhere(table)
     releases = sorted({r.transformers for r in table}, key=version_key)
     new = [v for v in releases if v not in set(previous["releases"])] if previous is not None else []
+    trusted = [r for r in loaded.records if not any(row.ambiguous and row.cell == r.cell.id for row in table)]
+    torches = torch_rows(trusted)
     return Report(
         table=table,
         problems=[*loaded.problems, *broken_decode(loaded.records, refs, reference_release), *same],
@@ -76,6 +79,8 @@ def build(loaded: Loaded, previous: dict | None, reference_release: str | None =
         n_records=len(loaded.records) + len(loaded.problems),
         references=[ref.line for ref in refs.values()],
         notes=notes,
+        torch_table=torches,
+        torch_notes=torch_notes(torches),
     )
 
 
