@@ -56,8 +56,8 @@ def ran(c: Cell, sha: str = "a" * 64, gap: float | None = None) -> Record:
     )
 
 
-def broke(c: Cell, exc_type: str, message: str) -> Record:
-    rec = records.error_record(c, "load-error", exc_type, message, "tb", expected=expectation(c))
+def broke(c: Cell, exc_type: str, message: str, status: str = "load-error") -> Record:
+    rec = records.error_record(c, status, exc_type, message, "tb", expected=expectation(c))
     return rec
 
 
@@ -203,6 +203,35 @@ def test_with_sdpa_cells_that_run_the_eager_failure_is_a_note_and_sdpa_is_judged
     assert {summary["verdicts"][r.cell_id] for r in sdpa} == {"pass"}
     assert {summary["verdicts"][r.cell_id] for r in eager} == {"expected-fail"}
     assert "## Notes" in md
+
+
+def test_a_forward_error_under_eager_with_sdpa_cells_that_run_is_judged_under_sdpa(tmp_path: Path):
+    """A file without the eager branch loads, then fails at its first forward: KeyError 'eager' at forward time."""
+    eager = [broke(cell(v, "patched", "eagerless", attn="eager"), "KeyError", "'eager'", "forward-error")
+             for v in RELEASES]  # fmt: skip
+    sdpa = [ran(cell(v, "patched", "eagerless", attn="sdpa")) for v in RELEASES]
+    bad, _, summary = write_and_report(tmp_path, [*eager, *sdpa])
+    assert bad == 0 and not summary["problems"]
+    assert summary["notes"] == [
+        "eagerless, patched (cpu torch, cpu, float32, eager): fails the same way on every release under eager: "
+        "forward-error: KeyError: 'eager'; runs under sdpa, judged there"
+    ]
+
+
+def test_a_file_that_refuses_sdpa_everywhere_is_judged_under_eager(tmp_path: Path):
+    message = "ResearchForCausalLM does not support an attention implementation through torch.nn.functional.sdpa"
+    sdpa = [broke(cell(v, "patched", "nosdpa", attn="sdpa"), "ValueError", message) for v in RELEASES]
+    eager = [ran(cell(v, "patched", "nosdpa")) for v in RELEASES]
+    bad, _, summary = write_and_report(tmp_path, [*eager, *sdpa])
+    assert bad == 0 and not summary["problems"]
+    assert summary["notes"] == [
+        "nosdpa, patched (cpu torch, cpu, float32, sdpa): fails the same way on every release under sdpa: "
+        f"load-error: ValueError: {message}; runs under eager, judged there"
+    ]
+    assert {summary["verdicts"][r.cell_id] for r in sdpa} == {"expected-fail"}
+    # without the eager cells the same failure is a problem that names the attention to try
+    only = [p for p in built(sdpa).problem_lines() if "fails the same way" in p]
+    assert len(only) == 1 and only[0].endswith("; try --attn eager")
 
 
 # --- many checkpoints in one matrix -------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from opensci_patch.results.plot import MISSING, columns, version_key
 from opensci_patch.results.reference import Reference, before_reference, cell_key, checkpoint_name, choose, key_of
 from opensci_patch.results.verdict import TOLERANCE, bit_identical, failure, first_step_difference, shown_values_differ
 
+OTHER_ATTENTION = {"eager": "sdpa", "sdpa": "eager"}  # what a file may support instead
 BAD = ("FAIL", "XPASS", "error", "cannot-judge")
 VERDICTS = ("pass", "expected-fail", "FAIL", "XPASS", "error", "cannot-judge", "unsupported-pair")
 
@@ -242,44 +243,42 @@ def same_everywhere(table: list[Row]) -> tuple[list[Row], list[str], list[str]]:
     """A failure identical on every release (two or more) of a (checkpoint, group, variant), the reference
     release included, said once: (the rows with their notes pointing at it, problem lines, notes).
 
-    A user's checkpoint that fails so under eager but has sdpa cells that run is judged under sdpa: its eager
-    cells become expected-fail and the line is a note; without sdpa cells the problem line says to try it."""
+    A user's checkpoint that fails so under one attention (eager: a file without the eager branch; sdpa: a
+    file that declares no SDPA support) but has cells of the other that pass is judged under the other: the
+    failing cells become expected-fail and the line is a note; without such cells the problem line says
+    which attention to try."""
     series: dict[tuple, list[Row]] = {}
     for r in table:
         series.setdefault((r.checkpoint, r.build, r.device, r.dtype, r.attn, r.model), []).append(r)
-    lines: dict[tuple, list[str]] = {}  # (checkpoint, group, error, judged under sdpa) -> variants
+    lines: dict[tuple, list[str]] = {}  # (checkpoint, group, error, attention judged under or None) -> variants
     changed: dict[str, Row] = {}
     for (checkpoint, build, device, dtype, attn, model), members in series.items():
         errors = {r.error and re.sub(r" \(/[^()]*\)", "", r.error) for r in members}  # each release's env path
         if len(members) < 2 or any(r.status != "FAIL" for r in members) or len(errors) != 1 or None in errors:
             continue
         (error,) = errors
-        sdpa = (
-            attn == "eager"
-            and checkpoint != SHIPPED
-            and error.startswith("load-error")
-            and any(
-                (o.checkpoint, o.build, o.device, o.dtype, o.attn, o.model, o.status)
-                == (checkpoint, build, device, dtype, "sdpa", model, "pass")
-                for o in table
-            )
-        )
+        other = OTHER_ATTENTION.get(attn)
+        runs = (checkpoint, build, device, dtype, other, model, "pass")
+        judged_under = other if checkpoint != SHIPPED and other and any(
+            (o.checkpoint, o.build, o.device, o.dtype, o.attn, o.model, o.status) == runs for o in table
+        ) else None  # fmt: skip
         group = f"{build} torch, {members[0].device}, {dtype}, {attn}"
-        lines.setdefault((checkpoint, group, error, sdpa), []).append(model)
+        lines.setdefault((checkpoint, group, error, judged_under), []).append(model)
         for r in members:
-            if sdpa:
-                changed[r.cell] = replace(r, status="expected-fail", why=f"{r.error} (fails so on every release "
-                                          "under eager; runs under sdpa: judged there)")  # fmt: skip
+            if judged_under:
+                why = f"{r.error} (fails so on every release under {attn}; runs under {judged_under}: judged there)"
+                changed[r.cell] = replace(r, status="expected-fail", why=why)
             else:
                 changed[r.cell] = replace(r, why=f"{r.error} (the same on every release: see Problems)")
     problems, notes = [], []
-    for (checkpoint, group, error, sdpa), models in lines.items():
+    for (checkpoint, group, error, judged_under), models in lines.items():
         head = f"{checkpoint_name(checkpoint)}, {', '.join(models)} ({group}): fails the same way on every release"
-        if sdpa:
-            notes.append(f"{head} under eager: {error}; runs under sdpa, judged there")
+        attn = group.rsplit(", ", 1)[1]
+        if judged_under:
+            notes.append(f"{head} under {attn}: {error}; runs under {judged_under}, judged there")
         else:
-            try_sdpa = "; try --attn sdpa" if group.endswith("eager") and error.startswith("load-error") else ""
-            problems.append(f"{head}: {error}{try_sdpa}")
+            hint = f"; try --attn {OTHER_ATTENTION[attn]}" if attn in OTHER_ATTENTION else ""
+            problems.append(f"{head}: {error}{hint}")
     return [changed.get(r.cell, r) for r in table], problems, notes
 
 
