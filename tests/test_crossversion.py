@@ -160,9 +160,9 @@ def generated(tmp_path_factory) -> dict:
 
 def test_generated_file_needs_every_default_patch(generated):
     # rope_theta targets 4.4x-era files that read `config.rope_theta` of a library config; this one reads none,
-    # writes Union[...], has its own config class (remote_code), imports absolutely, none of issue 29's 4.3x
-    # constructs and calls post_init already
-    absent = ("rope_theta", "union_annotations", "remote_code", "relative_imports", "legacy_cache", "generation_call",
+    # writes Union[...], imports absolutely, none of issue 29's 4.3x constructs and calls post_init already
+    # (remote_code applies: its own config class comes `from .configuration_opensci`)
+    absent = ("rope_theta", "union_annotations", "relative_imports", "legacy_cache", "generation_call",
               "config_aliases", "rope_scaling", "generation_defaults")  # fmt: skip
     assert generated["summary"] == {
         p.name: "not-applicable" if p.name in absent else "already-applied" if p.name == "post_init" else "applied"

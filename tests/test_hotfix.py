@@ -91,10 +91,10 @@ def test_hotfix_writes_a_patched_copy_next_to_the_source(src: Path, quiet: list[
     assert result.dst == src.parent / "opensci-tiny_fixed"
     assert result.changed_files == 1
     # moved_helpers and auto_docstring_args target modular-generated files, rope_theta files that read a library
-    # config's rope_theta, union_annotations PEP 604 annotations, remote_code files on a library config, the five of
-    # issue 29 4.3x-era files; the shipped, hand-written one has none of their constructs (nor relative imports, nor
-    # a config parameter it drops), and its __init__s already call post_init
-    absent = ("moved_helpers", "auto_docstring_args", "rope_theta", "union_annotations", "remote_code",
+    # config's rope_theta, union_annotations PEP 604 annotations, the five of issue 29 4.3x-era files; the shipped,
+    # hand-written one has none of their constructs (nor relative imports, nor a config parameter it drops), and its
+    # __init__s already call post_init (remote_code applies: its config comes `from .configuration_opensci`)
+    absent = ("moved_helpers", "auto_docstring_args", "rope_theta", "union_annotations",
               "relative_imports", "config_params", *ISSUE_29)  # fmt: skip
     assert result.summary == {
         p.name: "not-applicable" if p.name in absent else "already-applied" if p.name == "post_init" else "applied"
@@ -102,6 +102,7 @@ def test_hotfix_writes_a_patched_copy_next_to_the_source(src: Path, quiet: list[
     }
     fixed = (result.dst / "modeling_opensci.py").read_text()
     assert "# opensci-patch: inv_freq_guard" in fixed
+    assert "# opensci-patch: remote_code" in fixed
     assert (result.dst / "extra" / "notes.txt").read_text() == "kept as is\n"
     assert (result.dst / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
     assert any("inv_freq_guard" in line and "applied" in line for line in quiet)
@@ -161,7 +162,7 @@ def test_hotfixing_a_fixed_dir_changes_nothing(src: Path, quiet: list[str], tmp_
     assert set(second.summary.values()) == {"already-applied", "not-applicable"}
     assert second.summary["moved_helpers"] == "not-applicable"
     assert second.diff == ""
-    absent = 7 + len(ISSUE_29)  # moved_helpers, auto_docstring_args, rope_theta, union_annotations, remote_code,
+    absent = 6 + len(ISSUE_29)  # moved_helpers, auto_docstring_args, rope_theta, union_annotations,
     # relative_imports, config_params, ...: not in the shipped one
     assert sum("already patched: nothing to change" in line for line in quiet) == len(default_patches()) - absent
     assert {k: v for k, v in _tree(second.dst).items() if k != MANIFEST} == {

@@ -138,6 +138,7 @@ def vendored(tmp_path_factory) -> dict:
 @pytest.mark.crossversion
 def test_the_vendored_file_is_hotfixed_with_its_sibling_left_local(vendored):
     assert vendored["summary"]["relative_imports"] == vendored["summary"]["loss_kwargs"] == "applied"
+    assert vendored["summary"]["remote_code"] == "applied"
     fixed = (vendored["fixed"] / llama_style.MODELING).read_text()
     assert "from transformers.activations import ACT2FN" in fixed
     assert "from .configuration_llama import LlamaConfig" in fixed
@@ -166,8 +167,10 @@ def baseline(vendored, tmp_path_factory) -> dict:
 
 
 @pytest.mark.crossversion
-@pytest.mark.parametrize("version", ["4.48.0", "5.25.0"])
+@pytest.mark.parametrize("version", ["4.48.0", "5.3.0", "5.25.0"])
 def test_hotfixed_vendored_file_gives_the_absolute_files_4_48_logits(vendored, baseline, version, tmp_path):
+    """5.3.0: the config comes through `from .configuration_llama`, which remote_code must see (else 5.3.0 re-runs
+    the file's `.data.normal_()` _init_weights over the loaded weights)."""
     from test_patch_config_params import _env
 
     from opensci_patch.matrix.envs import run_python

@@ -20,9 +20,64 @@ def test_the_base_model_class_of_a_file_on_a_library_config_reports_remote_code(
     assert PATCH.apply(patched).status == "already-applied"
 
 
-def test_a_file_with_its_own_config_class_is_not_applicable():
-    """The shipped file (own OpensciConfig: transformers registers it as remote code by itself)."""
-    assert PATCH.apply(modeling_source()).status == "not-applicable"
+# a vendored copy's config comes from a module of its checkpoint (which may re-export the library's class)
+SIBLING = """\
+from transformers import PreTrainedModel
+
+from .configuration_tiny import TinyConfig
+
+
+class TinyPreTrainedModel(PreTrainedModel):
+    config_class = TinyConfig
+
+
+class TinyModel(TinyPreTrainedModel):
+    pass
+"""
+
+# SIBLING patched, written by hand
+SIBLING_EXPECTED = """\
+from transformers import PreTrainedModel
+
+from .configuration_tiny import TinyConfig
+
+
+class TinyPreTrainedModel(PreTrainedModel):
+    config_class = TinyConfig
+
+    # opensci-patch: remote_code (transformers 5.3.0 re-initialises loaded weights of remote code it counts as library code)
+    @classmethod
+    def is_remote_code(cls):
+        \"\"\"Loaded from a checkpoint's code, also when its config class is the library's.\"\"\"
+        return True
+
+
+class TinyModel(TinyPreTrainedModel):
+    pass
+"""  # noqa: E501 (the marker line, as written)
+
+
+def test_whole_output_for_a_config_imported_from_a_module_of_the_checkpoint():
+    outcome = PATCH.apply(SIBLING)
+    assert (outcome.status, outcome.source) == ("applied", SIBLING_EXPECTED)
+    again = PATCH.apply(outcome.source)
+    assert (again.status, again.source) == ("already-applied", SIBLING_EXPECTED)
+
+
+def test_the_shipped_file_with_its_own_config_class_gets_it_too():
+    """`from .configuration_opensci import OpensciConfig`: 5.3+ already count it as remote code (registered)."""
+    patched = PATCH.apply(modeling_source()).source
+    assert patched.count("def is_remote_code(cls):") == 1
+    base = patched[patched.index("class OpensciPreTrainedModel") :].split("\nclass ")[0]
+    assert "def is_remote_code(cls):" in base
+
+
+def test_a_file_importing_no_config_class_or_only_the_base_is_not_applicable():
+    assert PATCH.apply(SIBLING.replace("from .configuration_tiny import TinyConfig", "TinyConfig = None")).status == (
+        "not-applicable"
+    )
+    base_only = SIBLING.replace("from .configuration_tiny import TinyConfig", "from .base import PretrainedConfig")
+    assert PATCH.apply(base_only).status == "not-applicable"
 
 
 def test_the_inserted_method_returns_true_and_a_foreign_one_is_refused():

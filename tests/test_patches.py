@@ -29,8 +29,9 @@ from opensci_patch.rewrite.patches import PATCHES, apply_patches, by_name, defau
 
 NAMES = [p.name for p in PATCHES]
 # the patches whose construct the shipped, hand-written file does not have
-NOT_IN_SHIPPED = ("moved_helpers", "auto_docstring_args", "rope_theta", "union_annotations", "remote_code",
-                  "relative_imports", "config_params", "legacy_cache", "generation_call", "config_aliases",
+# (remote_code applies: its config comes `from .configuration_opensci`, as every checkpoint-module config does)
+NOT_IN_SHIPPED = ("moved_helpers", "auto_docstring_args", "rope_theta", "union_annotations", "relative_imports",
+                  "config_params", "legacy_cache", "generation_call", "config_aliases",
                   "rope_scaling", "generation_defaults")  # fmt: skip
 
 # patch -> (text in the fixture, what it becomes): a target the patch must refuse to guess at

@@ -9,12 +9,14 @@ only when the config class is *not* in the library's mapping: a remote file buil
 `LlamaConfig` or `Qwen3Config` (`model_type: llama`) is loaded from the checkpoint's code but counted as
 library code, so 5.3.0 re-runs its `.data.normal_()` over every loaded weight (every tensor differs
 from the checkpoint; 5.2.0 skipped loaded modules for every model, 5.4+ ask `is_custom_code()`, true for
-any class outside `transformers.`). A file with its own config class (the shipped one) is registered
-and is not affected.
+any class outside `transformers.`). A vendored copy that imports the library's config through a module of
+its checkpoint (`from .configuration_llama import LlamaConfig`, which re-exports the library's class) is
+the same case. A file with its own config class (the shipped, the generated) is registered, so 5.3+
+already count it as remote code; the method changes nothing for it.
 
-Detects: in a file importing a library config class (`from transformers... import XConfig`, other than
-the `PretrainedConfig` base), the classes deriving from a base named `PreTrainedModel` directly (the
-file's base model class). A file with its own config class (the shipped, the generated) is not affected.
+Detects: in a file importing a config class (other than the `PretrainedConfig` base) from transformers
+(`from transformers... import XConfig`) or from a module of its checkpoint (`from .x import XConfig`),
+the classes deriving from a base named `PreTrainedModel` directly (the file's base model class).
 Rewrites: adds a classmethod `is_remote_code` returning True to each: the class is loaded from a
 checkpoint's code. transformers before 5.3 never calls it; 5.3+ use it for the init skip above, for
 the missing tied keys (`mark_tied_weights_as_initialized`, see `tied_weights`), for not asking the hub's
@@ -43,16 +45,26 @@ class _Template:
 '''
 
 
+def _configs(node: cst.ImportFrom) -> list[str]:
+    """The config classes (not the bases) one `from ... import` names."""
+    if isinstance(node.names, cst.ImportStar):
+        return []
+    return [n for a in node.names if (n := full_name(a.name) or "").endswith("Config") and n not in BASE_CONFIGS]
+
+
 def library_configs(tree: cst.Module) -> list[str]:
     """The config classes this file imports from transformers (`LlamaConfig`, `Qwen3Config`, ...)."""
     names = []
     for node in find_all(tree, cst.ImportFrom):
         module = full_name(node.module) if node.module is not None and not node.relative else None
-        if module and module.split(".")[0] == "transformers" and not isinstance(node.names, cst.ImportStar):
-            names += [
-                n for a in node.names if (n := full_name(a.name) or "").endswith("Config") and n not in BASE_CONFIGS
-            ]
+        if module and module.split(".")[0] == "transformers":
+            names += _configs(node)
     return names
+
+
+def sibling_configs(tree: cst.Module) -> list[str]:
+    """The config classes this file imports from a module of its checkpoint (`from .configuration_x import XConfig`)."""
+    return [n for node in find_all(tree, cst.ImportFrom) if node.relative for n in _configs(node)]
 
 
 def _assigned(cls: cst.ClassDef) -> list[cst.BaseExpression]:
@@ -69,7 +81,7 @@ def _assigned(cls: cst.ClassDef) -> list[cst.BaseExpression]:
 
 def inspect(tree: cst.Module) -> State:
     roots = pretrained_roots(tree)
-    if not roots or not library_configs(tree):
+    if not roots or not (library_configs(tree) or sibling_configs(tree)):
         return State.ABSENT
     done = True
     for cls in roots:
