@@ -28,7 +28,7 @@ from opensci_patch.rewrite.patches.base import Patch, State
 from opensci_patch.rewrite.patches.helper_calls import (
     Build,
     helper_call,
-    helpers_done,
+    helper_state,
     insert_helpers,
     refuse_uncalled,
     replace,
@@ -84,11 +84,7 @@ def _builds(tree: cst.Module) -> dict[int, Build]:
 
 def inspect(tree: cst.Module) -> State:
     refuse_uncalled(tree, (UPDATE, EXTRACT), lambda c: isinstance(c.func, cst.Name) and c.func.value == CALL)
-    uses = _builds(tree)
-    helpers = {s.name.value for s in tree.body if isinstance(s, cst.FunctionDef)} & set(DEFINITIONS)
-    if not uses and not helpers:
-        return State.ABSENT
-    return State.DONE if not uses and helpers_done(tree, DEFINITIONS) else State.NEEDED
+    return helper_state(tree, _builds(tree), DEFINITIONS)
 
 
 def rewrite(tree: cst.Module) -> cst.Module:

@@ -26,7 +26,7 @@ from opensci_patch.rewrite.patches.helper_calls import (
     Build,
     attribute_reads,
     helper_call,
-    helpers_done,
+    helper_state,
     insert_helpers,
     refuse_by_name,
     replace,
@@ -90,10 +90,7 @@ def _builds(tree: cst.Module) -> dict[int, Build]:
 
 def inspect(tree: cst.Module) -> State:
     refuse_by_name(tree, list(DEFAULTS), "without a default it raises on 5.x", arity=(2,))
-    uses = _builds(tree)
-    if not uses and HELPER not in {s.name.value for s in tree.body if isinstance(s, cst.FunctionDef)}:
-        return State.ABSENT
-    return State.DONE if not uses and helpers_done(tree, DEFINITIONS) else State.NEEDED
+    return helper_state(tree, _builds(tree), DEFINITIONS)  # DEFINITIONS: HELPER alone
 
 
 def rewrite(tree: cst.Module) -> cst.Module:

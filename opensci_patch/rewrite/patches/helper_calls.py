@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import libcst as cst
 
-from opensci_patch.rewrite.patches.base import Unrecognised
+from opensci_patch.rewrite.patches.base import State, Unrecognised
 from opensci_patch.rewrite.patches.inserts import template, top_level_def, with_marker
 from opensci_patch.rewrite.patches.syntax import code, full_name, is_string
 from opensci_patch.rewrite.patches.tree_walk import find_all, visit_statements
@@ -186,3 +186,12 @@ def helpers_done(tree: cst.Module, definitions: Mapping[str, str]) -> bool:
     """Every helper of `definitions` that the file (or a helper it holds) calls is defined at top level."""
     defined = {s.name.value for s in tree.body if isinstance(s, cst.FunctionDef)}
     return _wanted(tree, definitions) <= defined
+
+
+def helper_state(tree: cst.Module, uses: object, definitions: Mapping[str, str]) -> State:
+    """The state of a patch that routes uses through helpers it adds: absent with neither a use nor a helper,
+    done with no use left and its helpers as written here, else needed."""
+    defined = {s.name.value for s in tree.body if isinstance(s, cst.FunctionDef)} & set(definitions)
+    if not uses and not defined:
+        return State.ABSENT
+    return State.DONE if not uses and helpers_done(tree, definitions) else State.NEEDED

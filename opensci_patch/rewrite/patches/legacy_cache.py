@@ -36,7 +36,7 @@ from opensci_patch.rewrite.patches.helper_calls import (
     Build,
     attribute_reads,
     helper_call,
-    helpers_done,
+    helper_state,
     insert_helpers,
     method_calls,
     refuse_by_name,
@@ -159,11 +159,7 @@ def _builds(tree: cst.Module) -> dict[int, Build]:
 def inspect(tree: cst.Module) -> State:
     refuse_uncalled(tree, ("get_usable_length", "from_legacy_cache", "to_legacy_cache"))
     refuse_by_name(tree, ("get_usable_length", "seen_tokens", "from_legacy_cache", "to_legacy_cache"), "gone since")
-    uses = _builds(tree)
-    helpers = {s.name.value for s in tree.body if isinstance(s, cst.FunctionDef)} & set(DEFINITIONS)
-    if not uses and not helpers:
-        return State.ABSENT
-    return State.DONE if not uses and helpers_done(tree, DEFINITIONS) else State.NEEDED
+    return helper_state(tree, _builds(tree), DEFINITIONS)
 
 
 def rewrite(tree: cst.Module) -> cst.Module:
