@@ -24,7 +24,7 @@ from opensci_patch._util.defaults import (
     MAX_NEW_TOKENS,
     TORCH_BUILDS,
 )
-from opensci_patch._util.errors import OpensciPatchError, format_error
+from opensci_patch._util.errors import OpensciPatchError, Terminated, exit_status
 from opensci_patch._util.fs import write_atomic
 from opensci_patch._util.outputs import check_output_dir, check_output_file
 from opensci_patch.matrix.spec import VARIANTS  # stdlib-only module
@@ -410,10 +410,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return ap
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled as Ctrl-C: every cleanup that runs after Ctrl-C runs (temp dirs, partial outputs, locks)."""
-
-
 def _on_sigterm(signum, frame) -> None:
     worker = sys.modules.get("opensci_patch.matrix.worker")
     if worker is not None:
@@ -432,15 +428,10 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
-    except Terminated:
-        _err("terminated")
-        return 143
-    except OpensciPatchError as exc:
-        print(format_error(exc), file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        _err("interrupted")
-        return 130
+    except (OpensciPatchError, KeyboardInterrupt) as exc:
+        rc, line = exit_status(exc)
+        print(line, file=sys.stderr)
+        return rc
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -27,6 +27,19 @@ class EnvironmentSetupError(OpensciPatchError):
     """A per-release environment could not be created or installed."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C: every cleanup that runs after Ctrl-C runs (temp dirs, partial outputs, locks)."""
+
+
+def exit_status(exc: OpensciPatchError | KeyboardInterrupt) -> tuple[int, str]:
+    """(exit code, what to print on stderr) for an error the CLI and the worker turn into a status: the error's
+    own code and line, 143 after SIGTERM (`Terminated`), 130 after Ctrl-C."""
+    if isinstance(exc, OpensciPatchError):
+        return exc.exit_code, format_error(exc)
+    return (143, "opensci-patch: error: terminated") if isinstance(exc, Terminated) else (
+        130, "opensci-patch: error: interrupted")  # fmt: skip
+
+
 def format_error(exc: OpensciPatchError) -> str:
     """What the CLI prints for `exc` on stderr: one line; the rest (a log tail, a diff) only when asked for."""
     import os

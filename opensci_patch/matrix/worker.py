@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from opensci_patch._util import fs, procs
+from opensci_patch._util.errors import Terminated
 from opensci_patch._util.procs import child_env, death_signal_setter
 from opensci_patch.matrix.spec import VARIANTS, Cell, Expectation
 from opensci_patch.measure import records as rec_io
@@ -112,28 +113,21 @@ def finish(record: rec_io.Record, cell: Cell, expected: Expectation, wall_s: flo
 # The worker side: runs inside the release's env.
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, handled as Ctrl-C (exit 143): the step's cleanup runs, the worker stops after it."""
-
-
 def _raise_terminated(signum, frame) -> None:
-    raise _Terminated()
+    raise Terminated()  # handled as Ctrl-C (exit 143): the step's cleanup runs, the worker stops after it
 
 
 def _call(fn: Callable[[], object]) -> tuple[int, str, object]:
     """(exit code, stderr, value) of `fn()`, mapped as the CLI maps exceptions. Never raises."""
-    from opensci_patch._util.errors import OpensciPatchError, format_error
+    from opensci_patch._util.errors import OpensciPatchError, exit_status
 
     buf, value = io.StringIO(), None
     with contextlib.redirect_stderr(buf):
         try:
             value, rc = fn(), 0
-        except OpensciPatchError as exc:
-            print(format_error(exc), file=sys.stderr)
-            rc = exc.exit_code
-        except KeyboardInterrupt as exc:
-            rc = 143 if isinstance(exc, _Terminated) else 130
-            print(f"opensci-patch: error: {'terminated' if rc == 143 else 'interrupted'}", file=sys.stderr)
+        except (OpensciPatchError, KeyboardInterrupt) as exc:
+            rc, line = exit_status(exc)
+            print(line, file=sys.stderr)
         except Exception:  # noqa: BLE001 - a bug in one step must not cost the steps after it
             traceback.print_exc()
             rc = 1
