@@ -230,20 +230,20 @@ def terminate_children() -> None:
 
 
 @dataclass
-class Outcome:
+class WorkerExit:
     results: dict[int, StepResult]  # by step index: the steps that finished
     returncode: int | None
     log: str  # the tail of the worker's stderr (and any stray stdout)
     timed_out: int | None = None  # the step that made no progress for `timeout` seconds
 
 
-def run(env, steps: list[Step], tmp: Path, *, timeout: float, on_result: Callable[[StepResult], None]) -> Outcome:
+def run(env, steps: list[Step], tmp: Path, *, timeout: float, on_result: Callable[[StepResult], None]) -> WorkerExit:
     """Run `steps` in one worker in `env` (temp files under `tmp`); `on_result` as each finishes.
 
     A step that makes no progress for `timeout` seconds gets the worker killed (`timed_out`).
     """
     if STOPPING.is_set():  # the driver was terminated: nothing new starts
-        return Outcome({}, -signal.SIGTERM, "the driver was terminated (SIGTERM)", None)
+        return WorkerExit({}, -signal.SIGTERM, "the driver was terminated (SIGTERM)", None)
     proc = subprocess.Popen(
         [str(env.python), "-m", "opensci_patch.matrix.worker"],
         # its temp files (HF modules caches) go under the driver's run dir, removed with it; after a SIGKILL of the
@@ -274,7 +274,7 @@ def _parse_result(line: str, count: int) -> StepResult | None:
     return result if 0 <= result.index < count else None
 
 
-def _follow(proc: subprocess.Popen, count: int, timeout: float, on_result: Callable[[StepResult], None]) -> Outcome:
+def _follow(proc: subprocess.Popen, count: int, timeout: float, on_result: Callable[[StepResult], None]) -> WorkerExit:
     lines: queue.Queue[str | None] = queue.Queue()
     logs: deque[str] = deque(maxlen=200)
 
@@ -311,7 +311,7 @@ def _follow(proc: subprocess.Popen, count: int, timeout: float, on_result: Calla
     rc = proc.wait()
     for t in threads:
         t.join(timeout=5)
-    return Outcome(results, rc, "\n".join(logs), timed_out)
+    return WorkerExit(results, rc, "\n".join(logs), timed_out)
 
 
 if __name__ == "__main__":  # `python -m opensci_patch.matrix.worker`: the module's own classes, not __main__'s copies

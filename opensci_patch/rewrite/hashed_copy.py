@@ -19,7 +19,7 @@ from opensci_patch._util.defaults import MANIFEST
 from opensci_patch._util.errors import ModelDirError
 from opensci_patch._util.faults import fault_point
 from opensci_patch._util.fs import write_atomic
-from opensci_patch.rewrite.patches import Patch, Status
+from opensci_patch.rewrite.patches import Patch, PatchStatus
 
 TOOL = "opensci-patch"
 CHUNK = 8 << 20
@@ -33,7 +33,7 @@ class FileReport:
     path: str
     sha256_in: str
     sha256_out: str
-    patches: dict[str, Status]
+    patches: dict[str, PatchStatus]
 
     @property
     def changed(self) -> bool:
@@ -50,7 +50,7 @@ class PatchedFile(FileReport):
 
     @classmethod
     def of(
-        cls, path: str, before: bytes, after: bytes, statuses: dict[str, Status], refused: dict[str, list[str]]
+        cls, path: str, before: bytes, after: bytes, statuses: dict[str, PatchStatus], refused: dict[str, list[str]]
     ) -> PatchedFile:
         return cls(path, _sha(before), _sha(after), statuses, before, after, refused)
 
@@ -95,7 +95,7 @@ def _file_sha(path: Path) -> str:
 
 
 def write_manifest(
-    out: Path, src: Path, summary: dict[str, Status], patches: list[Patch], files: Iterable[FileReport]
+    out: Path, src: Path, summary: dict[str, PatchStatus], patches: list[Patch], files: Iterable[FileReport]
 ) -> None:
     """Write `out`'s manifest (whole or absent): tool, version, source, each patch's status, every file's hashes."""
     manifest = {

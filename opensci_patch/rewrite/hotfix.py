@@ -57,7 +57,7 @@ from opensci_patch.rewrite.destination import (
     swap_in,
 )
 from opensci_patch.rewrite.hashed_copy import TOOL, FileReport, PatchedFile, check_tree, copy_tree, write_manifest
-from opensci_patch.rewrite.patches import PATCHES, Patch, Status, apply_patches, select
+from opensci_patch.rewrite.patches import PATCHES, Patch, PatchStatus, apply_patches, select
 
 STATUS_TEXT = {
     "applied": "applied",
@@ -70,7 +70,7 @@ STATUS_TEXT = {
 @dataclass(frozen=True)
 class HotfixResult:
     dst: Path  # where the output is (check mode: where it would be)
-    summary: dict[str, Status]  # patch name -> applied / already-applied / not-applicable, over all files
+    summary: dict[str, PatchStatus]  # patch name -> applied / already-applied / not-applicable, over all files
     changed_files: int
     diff: str  # unified diff of the patched files (empty when nothing changes)
     files: tuple[FileReport, ...]  # check mode: the Python files only
@@ -197,9 +197,9 @@ def _deepest_statement(tree: ast.Module) -> int:
     return line
 
 
-def _summary(patched: list[PatchedFile], patches: list[Patch]) -> dict[str, Status]:
+def _summary(patched: list[PatchedFile], patches: list[Patch]) -> dict[str, PatchStatus]:
     """Per patch, the strongest status over all files: refused > applied > already-applied > not-applicable."""
-    rank: list[Status] = ["not-applicable", "already-applied", "applied", "refused"]
+    rank: list[PatchStatus] = ["not-applicable", "already-applied", "applied", "refused"]
     return {
         patch.name: max((p.patches[patch.name] for p in patched), key=rank.index, default="not-applicable")
         for patch in patches
@@ -225,7 +225,7 @@ def _build(
     src: Path,
     dst: Path,
     patched: dict[str, PatchedFile],
-    summary: dict[str, Status],
+    summary: dict[str, PatchStatus],
     patches: list[Patch],
     force: bool,
 ) -> tuple[FileReport, ...]:
@@ -248,7 +248,7 @@ def _log_summary(
     log: Callable[[str], object],
     src: Path,
     dst: Path,
-    summary: dict[str, Status],
+    summary: dict[str, PatchStatus],
     patched: list[PatchedFile],
     *,
     check: bool,

@@ -15,9 +15,11 @@ import pkgutil
 from collections.abc import Iterable
 
 from opensci_patch._util.errors import PatchError
-from opensci_patch.rewrite.patches.base import Outcome, Patch, State, Status, apply_all
+from opensci_patch.rewrite.patches.base import Outcome, Patch, PatchStatus, State, apply_all
 
-__all__ = ["PATCHES", "Outcome", "Patch", "State", "Status", "apply_patches", "by_name", "default_patches", "select"]
+__all__ = [
+    "PATCHES", "Outcome", "Patch", "PatchStatus", "State", "apply_patches", "by_name", "default_patches", "select",
+]  # fmt: skip
 
 
 def _discover() -> tuple[Patch, ...]:
@@ -62,7 +64,7 @@ def select(extras: Iterable[str] = (), only: Iterable[str] | None = None) -> lis
 
 def apply_patches(
     source: str, patches: Iterable[Patch], filename: str = "<source>", refused: dict[str, list[str]] | None = None
-) -> tuple[str, dict[str, Status]]:
+) -> tuple[str, dict[str, PatchStatus]]:
     """Apply `patches` in order to one file's source; returns the new source and each patch's status
     (`refused`, when given, gets what each patch left as it was and why: `base.apply_all`)."""
     return apply_all(list(patches), source, filename, refused)

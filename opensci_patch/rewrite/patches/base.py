@@ -41,7 +41,7 @@ import libcst as cst
 from opensci_patch._util.errors import PatchError
 from opensci_patch.rewrite.patches.tree_walk import indexed
 
-Status = Literal["applied", "already-applied", "not-applicable", "refused"]
+PatchStatus = Literal["applied", "already-applied", "not-applicable", "refused"]
 
 
 class State(enum.Enum):
@@ -92,7 +92,7 @@ def _collecting() -> Iterator[list[str]]:
 class Outcome:
     """Result of applying one patch to one file's source text."""
 
-    status: Status
+    status: PatchStatus
     source: str
     refused: tuple[str, ...] = ()  # the constructs left as they were, each with why (see `refuse`)
 
@@ -154,7 +154,9 @@ class Patch:
             raise PatchError(f"patch {self.name!r} {what} {filename}: syntax error at {where}: {message}") from exc
 
 
-_STATUS: dict[State, Status] = {State.ABSENT: "not-applicable", State.DONE: "already-applied", State.NEEDED: "applied"}
+_STATUS: dict[State, PatchStatus] = {
+    State.ABSENT: "not-applicable", State.DONE: "already-applied", State.NEEDED: "applied",
+}  # fmt: skip
 
 
 def apply_all(
@@ -162,7 +164,7 @@ def apply_all(
     source: str,
     filename: str = "<source>",
     refused: dict[str, list[str]] | None = None,
-) -> tuple[str, dict[str, Status]]:
+) -> tuple[str, dict[str, PatchStatus]]:
     """Apply `patches` in order to one file's source; returns the new source and each patch's status.
 
     The result `Patch.apply` gives one patch after another (each parsing its predecessor's output and
@@ -188,11 +190,11 @@ def apply_all(
         return new_source, statuses
 
 
-_Result = tuple[str, dict[str, Status], dict[str, tuple[str, ...]]]
+_Result = tuple[str, dict[str, PatchStatus], dict[str, tuple[str, ...]]]
 
 
 def _one_by_one(patches: Sequence[Patch], source: str, filename: str) -> _Result:
-    statuses: dict[str, Status] = {}
+    statuses: dict[str, PatchStatus] = {}
     why: dict[str, tuple[str, ...]] = {}
     for patch in patches:
         try:
@@ -208,7 +210,7 @@ def _one_by_one(patches: Sequence[Patch], source: str, filename: str) -> _Result
 
 def _on_one_tree(patches: Sequence[Patch], source: str, filename: str) -> _Result | None:
     tree = cst.parse_module(source)
-    statuses: dict[str, Status] = {}
+    statuses: dict[str, PatchStatus] = {}
     why: dict[str, tuple[str, ...]] = {}
     for patch in patches:
         with _collecting() as found:
