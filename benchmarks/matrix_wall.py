@@ -42,8 +42,7 @@ from pathlib import Path
 from _measure import REPO, child_env, load_note, pip_find_links, run
 
 from opensci_patch._util import locations, procs
-from opensci_patch.matrix import envs, torch_links
-from opensci_patch.matrix import spec as matrix
+from opensci_patch.matrix import envs, spec, torch_links
 
 FIXTURE = REPO / "opensci_patch" / "data" / "opensci-tiny"
 DEFAULT_RELEASES = ["4.48.0", "5.2.0", "5.23.0"]
@@ -94,7 +93,7 @@ def _plain(args, cache: Path, records: Path, compile_bytecode: bool) -> float:
     for cell in _cells(args):
         prefix = _plain_prefix(args, cell.transformers, compile_bytecode)
         with tempfile.TemporaryDirectory(prefix="plain-cell-") as tmp:
-            hotfix, capture = matrix.cell_cli_args(cell, model_dir, Path(tmp), records / f"{cell.id}.json")
+            hotfix, capture = spec.cell_cli_args(cell, model_dir, Path(tmp), records / f"{cell.id}.json")
             if hotfix is not None:
                 run([*prefix, *hotfix], env=env).check()
             r = run([*prefix, *capture], env=env)
@@ -105,8 +104,8 @@ def _plain(args, cache: Path, records: Path, compile_bytecode: bool) -> float:
     return time.perf_counter() - start
 
 
-def _cells(args) -> list[matrix.Cell]:
-    return [matrix.Cell(v, args.torch, m) for v in args.transformers for m in args.variant]
+def _cells(args) -> list[spec.Cell]:
+    return [spec.Cell(v, args.torch, m) for v in args.transformers for m in args.variant]
 
 
 def _agree(args, a: Path, b: Path) -> str:
@@ -118,7 +117,7 @@ def _agree(args, a: Path, b: Path) -> str:
     bad = []
     for cell in _cells(args):
         ra, rb = (json.loads((d / f"{cell.id}.json").read_text()) for d in (a, b))
-        keys = ("status", "logits_sha256") if matrix.expectation(cell).outcome == "pass" else ("status",)
+        keys = ("status", "logits_sha256") if spec.expectation(cell).outcome == "pass" else ("status",)
         if any(ra.get(k) != rb.get(k) for k in keys):
             bad.append(cell.id)
     if bad:
@@ -143,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "--variant",
         action="append",
         default=None,
-        choices=[m for m, v in matrix.VARIANTS.items() if not v.own_checkpoint],  # both approaches run the shipped dir
+        choices=[m for m, v in spec.VARIANTS.items() if not v.own_checkpoint],  # both approaches run the shipped dir
         help="model variant (repeatable; default patched)",
     )
     ap.add_argument(

@@ -44,8 +44,7 @@ from cell_overhead import FLOOR, PROMPT
 from matrix_wall import _plain_prefix, _uv, _uv_version
 
 from opensci_patch._util import locations
-from opensci_patch.matrix import envs
-from opensci_patch.matrix import spec as matrix
+from opensci_patch.matrix import envs, spec
 
 FIXTURE = REPO / "opensci_patch" / "data" / "opensci-tiny"
 DEFAULT_RELEASES = ["4.48.0", "5.2.0", "5.24.0"]
@@ -101,8 +100,8 @@ def tree_run(cmd: list[str], env: dict[str, str], poll_s: float = 0.1) -> tuple[
     return wall, peak[0], out
 
 
-def _cells(args) -> list[matrix.Cell]:
-    return [matrix.Cell(v, args.torch, m) for v in args.transformers for m in args.variant]
+def _cells(args) -> list[spec.Cell]:
+    return [spec.Cell(v, args.torch, m) for v in args.transformers for m in args.variant]
 
 
 def _ours(args, root: Path, cache: Path | None, records: Path, extra: tuple[str, ...] = ()) -> tuple[float, int]:
@@ -122,8 +121,8 @@ def _panels(args) -> int:
     eager), the same releases and variants in the same env root, alternated `--repeat` times after one uncounted
     warm-up of each; prints the medians and their ratio (target <= 1.3: the panels share each release's process)."""
     root = (args.env_root or locations.default_root()).expanduser().absolute()
-    panels = tuple(matrix.panel_args())
-    n = len(matrix.MATRIX_DTYPES) * len(matrix.MATRIX_ATTENTION)
+    panels = tuple(spec.panel_args())
+    n = len(spec.MATRIX_DTYPES) * len(spec.MATRIX_ATTENTION)
     walls: dict[str, list[float]] = {"1 panel": [], f"{n} panels": []}
     with tempfile.TemporaryDirectory(prefix="opensci-bench-panels-") as tmp:
         for i in range(args.repeat + 1):
@@ -151,10 +150,10 @@ def _plain(args, cache: Path, records: Path, root: Path) -> float:
     start = time.perf_counter()
     for cell in _cells(args):
         prefix = _plain_prefix(args, cell.transformers, args.plain_bytecode == "compile")
-        variant = matrix.VARIANTS[cell.model]
+        variant = spec.VARIANTS[cell.model]
         source = ensure_checkpoint(variant.checkpoint, root, log=lambda m: None) if variant.own_checkpoint else FIXTURE
         with tempfile.TemporaryDirectory(prefix="plain-cell-") as tmp:
-            hotfix, capture = matrix.cell_cli_args(cell, source, Path(tmp), records / f"{cell.id}.json")
+            hotfix, capture = spec.cell_cli_args(cell, source, Path(tmp), records / f"{cell.id}.json")
             if hotfix is not None:
                 run([*prefix, *hotfix], env=env).check()
             r = run([*prefix, *capture], env=env)
@@ -197,7 +196,7 @@ def _agree(args, ours: Path, plain: Path) -> tuple[bool, str]:
     for cell in _cells(args):
         a, b = (json.loads((d / f"{cell.id}.json").read_text()) for d in (ours, plain))
         same = a["status"] == b["status"]
-        if matrix.expectation(cell).outcome == "pass":
+        if spec.expectation(cell).outcome == "pass":
             same = same and _evidence(a) == _evidence(b) and a["logits_sha256"] is not None
             compared += 1
         if not same:
@@ -218,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--transformers", action="append", default=None, metavar="VERSION",
                     help=f"release (repeatable; default {' '.join(DEFAULT_RELEASES)})")  # fmt: skip
-    ap.add_argument("--variant", action="append", default=None, choices=list(matrix.VARIANTS),
+    ap.add_argument("--variant", action="append", default=None, choices=list(spec.VARIANTS),
                     help="model variant (repeatable; default all)")  # fmt: skip
     ap.add_argument("--jobs", default="auto", help="ours: releases at once (N or auto; default auto)")
     ap.add_argument("--torch", default="cpu", choices=["cpu", "system"], help="torch build (default cpu)")
@@ -234,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="--panels: timed runs of each, median (default 1)")
     args = ap.parse_args(argv)
     args.transformers = args.transformers or DEFAULT_RELEASES
-    args.variant = args.variant or list(matrix.VARIANTS)
+    args.variant = args.variant or list(spec.VARIANTS)
     for v in args.transformers:
         envs.check_version(v)
     if args.panels:

@@ -115,31 +115,29 @@ def cmd_demo(args) -> int:
 
 def cmd_releases(args) -> int:
     """Print the releases the matrix runs, one per line (the index is asked only for --sweep/--pre/--newest)."""
-    from opensci_patch.matrix import releases
-    from opensci_patch.matrix import spec as matrix
+    from opensci_patch.matrix import releases, spec
 
     if args.newest:
-        print(releases.newest_final(matrix.TRANSFORMERS_VERSIONS))
+        print(releases.newest_final(spec.TRANSFORMERS_VERSIONS))
         return 0
-    print("\n".join(releases.resolve(matrix.TRANSFORMERS_VERSIONS, sweep=args.sweep, pre=args.pre)))
+    print("\n".join(releases.resolve(spec.TRANSFORMERS_VERSIONS, sweep=args.sweep, pre=args.pre)))
     return 0
 
 
 def cmd_cell(args) -> int:
     """Run matrix cells (one env per release x torch build; all model variants in it)."""
-    from opensci_patch.matrix import releases
-    from opensci_patch.matrix import spec as matrix
+    from opensci_patch.matrix import releases, spec
 
     named = [releases.canonical(v, pre=args.pre) for v in args.transformers]  # all refused before any cell runs
     if args.sweep or args.pre or args.all:
-        versions = releases.resolve(matrix.TRANSFORMERS_VERSIONS, sweep=args.sweep, pre=args.pre)
+        versions = releases.resolve(spec.TRANSFORMERS_VERSIONS, sweep=args.sweep, pre=args.pre)
         versions = sorted(set(versions) | set(named), key=releases.Version)
     else:
         versions = list(dict.fromkeys(named))
     if not versions:
         raise OpensciPatchError("name a release with --transformers X (repeatable), or pass --all or --sweep")
     check_output_dir(args.records, "--records")
-    releases.check_known(versions, matrix.TRANSFORMERS_VERSIONS)
+    releases.check_known(versions, spec.TRANSFORMERS_VERSIONS)
     if args.overrides is not None:  # checked now (exit 2); every env build of this run reads it (envs.ensure_env)
         from opensci_patch.matrix import overrides
 
@@ -151,14 +149,14 @@ def cmd_cell(args) -> int:
         os.environ[overrides.REQUIRE_VAR] = "\n".join(overrides.requirements(args.require))
     from opensci_patch.matrix.runner import checkpoint_dirs, main_cells
 
-    dirs = checkpoint_dirs(args.model) if args.model else {matrix.SHIPPED: FIXTURE_DIR}
-    own = {name for name, v in matrix.VARIANTS.items() if v.own_checkpoint} if args.model else set()
+    dirs = checkpoint_dirs(args.model) if args.model else {spec.SHIPPED: FIXTURE_DIR}
+    own = {name for name, v in spec.VARIANTS.items() if v.own_checkpoint} if args.model else set()
     if set(args.variant or ()) & own:
         raise OpensciPatchError(f"--variant {', '.join(sorted(set(args.variant) & own))} runs its own checkpoint; "
                                 "drop --model")  # fmt: skip
-    variants = [m for m in args.variant or matrix.VARIANTS if m not in own]
+    variants = [m for m in args.variant or spec.VARIANTS if m not in own]
     cells = [
-        matrix.Cell(v, torch, m, dtype, attn, checkpoint)
+        spec.Cell(v, torch, m, dtype, attn, checkpoint)
         for checkpoint in dirs
         for torch in dict.fromkeys(args.torch or [DEFAULT_TORCH_BUILD])
         for v in versions
@@ -218,12 +216,11 @@ def cmd_bisect(args) -> int:
         validate_model_dir(args.model)
     versions = [v for arg in args.versions for v in arg.split(",")] if args.versions else None
     if versions is not None:  # each must exist, before any cell runs (without --versions, bisect checks on PyPI)
-        from opensci_patch.matrix import releases
-        from opensci_patch.matrix import spec as matrix
+        from opensci_patch.matrix import releases, spec
         from opensci_patch.results.bisect import release
 
         named = [str(release(v, flag)) for v, flag in ((args.good, "--good"), (args.bad, "--bad"))]
-        releases.check_known([*named, *(str(release(v, "--versions")) for v in versions)], matrix.TRANSFORMERS_VERSIONS)
+        releases.check_known([*named, *(str(release(v, "--versions")) for v in versions)], spec.TRANSFORMERS_VERSIONS)
     work = args.work or Path(tempfile.mkdtemp(prefix="opensci-bisect-"))
     say = lambda m: print(m, flush=True)  # noqa: E731
     last_good, first_bad, _ = bisect(  # logs the boundary itself

@@ -85,8 +85,7 @@ def test_diagnose_rejects_a_malformed_cell_and_writes_nothing(cli, tmp_path: Pat
 
 def test_cell_runs_every_combination_of_the_dtype_attn_and_variant_options(monkeypatch, tmp_path: Path):
     from opensci_patch import cli as cli_module
-    from opensci_patch.matrix import runner
-    from opensci_patch.matrix import spec as matrix
+    from opensci_patch.matrix import runner, spec
 
     ran, references = [], []
     def main_cells(cells, *args, **kwargs):
@@ -105,11 +104,11 @@ def test_cell_runs_every_combination_of_the_dtype_attn_and_variant_options(monke
     ran.clear()
     assert cli_module.main(["cell", "--transformers", "5.2.0", "--records", str(tmp_path)]) == 0
     assert {(c.dtype, c.attn, c.torch) for c in ran} == {("float32", "eager", "cpu")}
-    assert {c.model for c in ran} == set(matrix.VARIANTS)
+    assert {c.model for c in ran} == set(spec.VARIANTS)
     ran.clear()
     own = ["cell", "--transformers", "5.2.0", "--model", str(FIXTURE_DIR), "--records", str(tmp_path)]
     assert cli_module.main(own) == 0  # another checkpoint: every variant but the one with its own weights
-    assert {c.model for c in ran} == {m for m, v in matrix.VARIANTS.items() if not v.own_checkpoint}
+    assert {c.model for c in ran} == {m for m, v in spec.VARIANTS.items() if not v.own_checkpoint}
 
 
 def test_cell_refuses_the_generated_variant_on_another_checkpoint(cli, model_dir: Path, tmp_path: Path):

@@ -18,8 +18,7 @@ import pytest
 from packaging.version import Version
 from test_crossversion import generated, models  # noqa: F401  (module fixtures, reused)
 
-from opensci_patch.matrix import releases
-from opensci_patch.matrix import spec as matrix
+from opensci_patch.matrix import releases, spec
 from opensci_patch.matrix.envs import ensure_env, run_python
 
 pytestmark = pytest.mark.crossversion
@@ -130,7 +129,7 @@ def test_without_the_hub_kernels_patch_5_25_needs_a_compatible_kernels(case, exp
     assert expected in out, out
 
 
-ERROR_RELEASES = ["4.57.6", "5.2.0", matrix.TRANSFORMERS_VERSIONS[-1]]
+ERROR_RELEASES = ["4.57.6", "5.2.0", spec.TRANSFORMERS_VERSIONS[-1]]
 
 
 @pytest.mark.parametrize("version", ERROR_RELEASES)
@@ -150,5 +149,5 @@ def test_the_error_check_would_see_the_lines_it_looks_for(generated, tmp_path): 
 
     only = [p.name for p in default_patches() if p.name != "auto_docstring_args"]
     result = hotfix(generated["original"], tmp_path / "undocumented", only=only, log=lambda *a: None)
-    out = _load(_env(matrix.TRANSFORMERS_VERSIONS[-1]), result.dst)
+    out = _load(_env(spec.TRANSFORMERS_VERSIONS[-1]), result.dst)
     assert "LOADED" in out and "[ERROR] `past_key_values` is part of OpensciModel.forward's signature" in out

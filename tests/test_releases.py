@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 from packaging.version import Version
 
-from opensci_patch.matrix import releases
-from opensci_patch.matrix import spec as matrix
+from opensci_patch.matrix import releases, spec
 from opensci_patch.matrix.spec import Cell, expectation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,15 +110,15 @@ def test_the_default_list_is_the_pinned_one_plus_the_newest_final_on_the_index(f
 def test_releases_command_and_noxfile_list_include_the_newest_final(fake_index, monkeypatch):
     proc = _cli("releases", env_extra={"OPENSCI_PATCH_INDEX_URL": fake_index})
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == sorted({*matrix.TRANSFORMERS_VERSIONS, "5.10.4"}, key=Version)
+    assert proc.stdout.split() == sorted({*spec.TRANSFORMERS_VERSIONS, "5.10.4"}, key=Version)
     monkeypatch.delenv("OPENSCI_PATCH_RELEASES", raising=False)
-    assert "5.10.4" in matrix.releases_from_env()
+    assert "5.10.4" in spec.releases_from_env()
 
 
 def test_releases_command_offline_prints_the_pinned_list_and_one_note():
     proc = _cli("releases", env_extra={"OPENSCI_PATCH_INDEX_URL": _closed_port_url()})
     assert proc.returncode == 0
-    assert proc.stdout.split() == sorted(matrix.TRANSFORMERS_VERSIONS, key=Version)
+    assert proc.stdout.split() == sorted(spec.TRANSFORMERS_VERSIONS, key=Version)
     assert len(proc.stderr.strip().splitlines()) == 1 and "newest release on the index" in proc.stderr
 
 
@@ -148,26 +147,26 @@ def test_releases_command_prints_one_release_a_line(fake_index):
     proc = _cli("releases", "--sweep", env_extra={"OPENSCI_PATCH_INDEX_URL": fake_index})
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.split()
-    assert set(matrix.TRANSFORMERS_VERSIONS) <= set(lines) and "5.10.4" in lines
+    assert set(spec.TRANSFORMERS_VERSIONS) <= set(lines) and "5.10.4" in lines
     assert lines == sorted(lines, key=Version)
 
 
 def test_releases_command_offline_prints_the_pinned_list_with_a_note():
     proc = _cli("releases", "--sweep", env_extra={"OPENSCI_PATCH_INDEX_URL": _closed_port_url()})
     assert proc.returncode == 0
-    assert proc.stdout.split() == sorted(matrix.TRANSFORMERS_VERSIONS, key=Version)
+    assert proc.stdout.split() == sorted(spec.TRANSFORMERS_VERSIONS, key=Version)
     assert "cannot read" in proc.stderr and "pinned list" in proc.stderr
 
 
 def test_noxfile_releases_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("OPENSCI_PATCH_RELEASES", "5.3.0, 4.48.0 5.3.0")
-    assert matrix.releases_from_env() == ["4.48.0", "5.3.0"]
+    assert spec.releases_from_env() == ["4.48.0", "5.3.0"]
     monkeypatch.setenv("OPENSCI_PATCH_RELEASES", "five")
     with pytest.raises(Exception, match="not a transformers release number"):
-        matrix.releases_from_env()
+        spec.releases_from_env()
     monkeypatch.delenv("OPENSCI_PATCH_RELEASES")
     monkeypatch.setenv("OPENSCI_PATCH_INDEX_URL", _closed_port_url())  # offline: the pinned list
-    assert matrix.releases_from_env() == matrix.TRANSFORMERS_VERSIONS
+    assert spec.releases_from_env() == spec.TRANSFORMERS_VERSIONS
 
 
 # --- expectation rules: a release nobody listed gets the right expectation ---------------------

@@ -245,12 +245,11 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         raise OpensciPatchError(f"--decode-steps must be 0 (off) or more, not {args.decode_steps}")
     import dataclasses
 
-    from opensci_patch.matrix import releases
-    from opensci_patch.matrix import spec as matrix
+    from opensci_patch.matrix import releases, spec
 
-    a, b = (Cell.parse(spec, torch_build=args.torch) for spec in (args.a, args.b))
+    a, b = (Cell.parse(text, torch_build=args.torch) for text in (args.a, args.b))
     a, b = (dataclasses.replace(c, transformers=releases.canonical(c.transformers, pre=True)) for c in (a, b))
-    releases.check_known([a.transformers, b.transformers], matrix.TRANSFORMERS_VERSIONS, root=args.env_root)
+    releases.check_known([a.transformers, b.transformers], spec.TRANSFORMERS_VERSIONS, root=args.env_root)
     result = diagnose(
         a,
         b,
