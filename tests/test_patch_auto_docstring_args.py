@@ -1,7 +1,7 @@
 """auto_docstring_args: the cache parameters of `@auto_docstring` methods are documented in their docstrings.
 
 Contract tests on small sources and the generated-style file, and the installed transformers' own docstring
-parser reading the entries. tests/test_crossversion_525.py loads the hotfixed files on 4.57.6, 5.2.0 and the
+parser reading the entries. tests/test_hub_kernels_crossversion.py loads the hotfixed files on 4.57.6, 5.2.0 and the
 newest pinned release and checks that no `[ERROR]` line is printed.
 """
 

@@ -150,7 +150,7 @@ def generated_dirs(tmp_path_factory) -> dict:
 
 
 def _env(version: str):
-    from test_crossversion_525 import _env as env_of  # 5.25.0 needs the committed overrides (kernels)
+    from test_hub_kernels_crossversion import _env as env_of  # the release's env, shared with those tests
 
     return env_of(version)
 

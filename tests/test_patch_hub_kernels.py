@@ -2,7 +2,7 @@
 
 Contract tests on the shipped and generated-style sources, and what the inserted classmethod passes to stand-in
 upstream `from_pretrained`s shaped like 4.48's (no `use_kernels`), 5.24's and 5.25's (reads it; 5.25 turns None
-into True). tests/test_crossversion_525.py loads the hotfixed files on the real 5.25.0.
+into True). tests/test_hub_kernels_crossversion.py loads the hotfixed files on the real 5.25.0.
 """
 
 from __future__ import annotations
