@@ -12,11 +12,12 @@ from __future__ import annotations
 from importlib import metadata
 
 
-def torch_requirement() -> str | None:
-    """transformers' requirement on torch as its installed metadata states it (e.g. 'torch>=2.6'), or None."""
+def torch_requirement(requires: list[str] | None = None) -> str | None:
+    """transformers' requirement on torch as its installed metadata states it (e.g. 'torch>=2.6'), or None.
+    `requires`: the Requires-Dist lines of another transformers (`matrix.torch_sweep` reads a release's wheel)."""
     from packaging.requirements import InvalidRequirement, Requirement
 
-    for line in metadata.requires("transformers") or []:
+    for line in (metadata.requires("transformers") if requires is None else requires) or []:
         try:
             req = Requirement(line)
         except InvalidRequirement:
