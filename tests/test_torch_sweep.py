@@ -68,3 +68,16 @@ def test_cell_torch_sweep_with_torch_is_refused(capsys, tmp_path):
     assert cli.main(["cell", "--torch-sweep", "--torch", "2.6.0", "--records", str(tmp_path / "r")]) == 2
     assert "drop --torch" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_releases_torch_minimum_is_read_from_its_built_env(tmp_path):
+    from opensci_patch._util.locations import MARKER
+    from opensci_patch.matrix import venv
+
+    env = tmp_path / "tf4.48.0-2.13.0+cpu-py3.11"
+    info = venv.site_packages(env) / "transformers-4.48.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text('Metadata-Version: 2.1\nName: transformers\nVersion: 4.48.0\nRequires-Dist: numpy\n'
+                                   'Requires-Dist: torch>=2.0; extra == "torch"\n')  # fmt: skip
+    (env / MARKER).write_text("{}")
+    assert torch_sweep.release_requirement("4.48.0", tmp_path) == "torch>=2.0"
