@@ -125,5 +125,5 @@ def announce(versions: list[str], log: Callable[[str], None], **kw) -> dict[str,
     sizes = [GB["cpu" if t.endswith("+cpu") else "default"] for t in todo]
     listed = ", ".join(f"{t} (~{gb} GB)" for t, gb in zip(todo, sizes, strict=True)) or "none"
     log(f"torch sweep: {len(todo)} torch release(s) to download: {listed}; about {sum(sizes):.1f} GB in all, once "
-        "into uv's cache")  # fmt: skip
+        "into uv's cache (less where it has them)")  # fmt: skip
     return pairs
