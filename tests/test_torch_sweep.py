@@ -28,9 +28,12 @@ def fake_index(monkeypatch, tmp_path):
 
 def test_the_plan_is_the_oldest_supported_the_pin_and_the_newest_per_release(fake_index):
     assert torch_sweep.plan(["4.48.0", "5.25.0"]) == {
-        "4.48.0": ["2.0.0", "2.13.0+cpu", "2.15.0"],
+        "4.48.0": ["2.0.0", "2.6.0", "2.13.0+cpu", "2.15.0"],  # 2.6.0: the reference of 5.25.0's 2.6.0 cells
         "5.25.0": ["2.6.0", "2.13.0+cpu", "2.15.0"],
     }
+    # a release other than the reference gets no torch below its own minimum from another release's plan
+    assert torch_sweep.plan(["4.57.6", "5.25.0"], requirement={"4.57.6": "torch>=2.2", **NEEDS}.get)["5.25.0"] == [
+        "2.6.0", "2.13.0+cpu", "2.15.0"]  # fmt: skip
     # the newest on the index is the pinned release: the pin stands for it, no second flavour
     assert torch_sweep.plan(["5.25.0"], torches=lambda: ["2.6.0", "2.13.0"]) == {"5.25.0": ["2.6.0", "2.13.0+cpu"]}
 
@@ -59,7 +62,7 @@ def test_cell_torch_sweep_prints_the_downloads_before_running_the_planned_pairs(
     printed, cells = ran[0]
     assert "3 torch release(s) to download: 2.0.0 (~2.9 GB), 2.6.0 (~2.9 GB), 2.15.0 (~2.9 GB); about 8.7 GB" in printed
     assert sorted((c.transformers, c.torch) for c in cells) == [
-        ("4.48.0", "2.0.0"), ("4.48.0", "2.13.0+cpu"), ("4.48.0", "2.15.0"),
+        ("4.48.0", "2.0.0"), ("4.48.0", "2.13.0+cpu"), ("4.48.0", "2.15.0"), ("4.48.0", "2.6.0"),
         ("5.25.0", "2.13.0+cpu"), ("5.25.0", "2.15.0"), ("5.25.0", "2.6.0"),
     ]  # fmt: skip
 

@@ -30,6 +30,7 @@ from opensci_patch._util import locations, procs
 from opensci_patch._util.defaults import TORCH_PIN
 from opensci_patch._util.errors import OpensciPatchError
 from opensci_patch.matrix import releases, torch_links, venv
+from opensci_patch.matrix.spec import REFERENCE
 from opensci_patch.matrix.venv import TORCH_INDEX_VAR
 from opensci_patch.measure.torch_support import torch_requirement
 
@@ -85,15 +86,17 @@ def plan(
     torches: Callable[[], list[str]] | None = None,
     requirement: Callable[[str], str | None] | None = None,
 ) -> dict[str, list[str]]:
-    """transformers release -> its torch specs, oldest first: the oldest it supports, the pin, the newest.
+    """transformers release -> its torch specs, oldest first: the oldest it supports, the pin, the newest; the
+    reference release also every other release's torch that it supports (its cells are their references).
     `torches`, `requirement`: default `index_torches`, `release_requirement` (looked up when called)."""
     available = (torches or index_torches)()
     requirement = requirement or release_requirement
     pin = f"{TORCH_PIN}+cpu"
     out: dict[str, list[str]] = {}
+    supports: dict[str, SpecifierSet] = {}
     for v in versions:
         wanted = requirement(v)
-        spec = SpecifierSet(wanted.removeprefix("torch") if wanted else "")
+        supports[v] = spec = SpecifierSet(wanted.removeprefix("torch") if wanted else "")
         oldest = next((t for t in available if spec.contains(Version(t).public, prereleases=True)), None)
         if oldest is None:
             raise OpensciPatchError(f"transformers {v} requires {wanted}: no such torch on the torch index")
@@ -101,6 +104,9 @@ def plan(
         for t in (pin, oldest, available[-1]):  # the pin first: the same release under another flavour is the pin
             picked.setdefault(Version(t).public, t)
         out[v] = sorted(picked.values(), key=Version)
+    if (ref := REFERENCE[0]) in out:  # every cell is judged against the reference release on its own torch
+        every = {t for torches in out.values() for t in torches}
+        out[ref] = sorted((t for t in every if supports[ref].contains(Version(t).public, True)), key=Version)
     return out
 
 
