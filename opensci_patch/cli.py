@@ -133,7 +133,10 @@ def cmd_cell(args) -> int:
         versions = releases.resolve(spec.TRANSFORMERS_VERSIONS, sweep=args.sweep, pre=args.pre)
         versions = sorted(set(versions) | set(named), key=releases.Version)
     else:
-        versions = list(dict.fromkeys(named))
+        versions = list(dict.fromkeys(named)) or ([spec.REFERENCE[0], max(spec.TRANSFORMERS_VERSIONS,
+            key=releases.Version)] if args.torch_sweep else [])  # fmt: skip
+    if args.torch_sweep and args.torch:
+        raise OpensciPatchError("--torch-sweep picks the torch releases itself: drop --torch")
     if not versions:
         raise OpensciPatchError("name a release with --transformers X (repeatable), or pass --all or --sweep")
     check_output_dir(args.records, "--records")
@@ -155,16 +158,16 @@ def cmd_cell(args) -> int:
         raise OpensciPatchError(f"--variant {', '.join(sorted(set(args.variant) & own))} runs its own checkpoint; "
                                 "drop --model")  # fmt: skip
     variants = [m for m in args.variant or spec.VARIANTS if m not in own]
-    cells = [
-        spec.Cell(v, torch, m, dtype, attn, checkpoint)
-        for checkpoint in dirs
-        for torch in dict.fromkeys(args.torch or [DEFAULT_TORCH_BUILD])
-        for v in versions
-        for dtype in args.dtype or ["float32"]
-        for attn in args.attn or ["eager"]
-        for m in variants
-    ]
     log = lambda m: print(m, flush=True)  # noqa: E731
+    if args.torch_sweep:  # its pairs and downloads printed before any download
+        from opensci_patch.matrix.torch_sweep import announce
+
+        pairs = announce(versions, log)
+    else:
+        pairs = {v: list(dict.fromkeys(args.torch or [DEFAULT_TORCH_BUILD])) for v in versions}
+    cells = [spec.Cell(v, torch, m, dtype, attn, checkpoint) for checkpoint in dirs
+             for torch in dict.fromkeys(t for ts in pairs.values() for t in ts) for v in versions if torch in pairs[v]
+             for dtype in args.dtype or ["float32"] for attn in args.attn or ["eager"] for m in variants]  # fmt: skip
     broken = main_cells(cells, dirs, args.records, log=log, jobs=args.jobs, reference=args.reference)
     if broken:
         _err(f"{broken} of {len(cells)} cell(s) could not run (env-error, crash or hotfix-error): see {args.records}")
@@ -232,13 +235,8 @@ def cmd_bisect(args) -> int:
     from opensci_patch import diagnose
     from opensci_patch.matrix.spec import Cell
 
-    diagnose.diagnose(
-        Cell(last_good, args.torch, args.variant),
-        Cell(first_bad, args.torch, args.variant),
-        source,
-        work / "diagnose",
-        log=say,
-    )
+    diagnose.diagnose(Cell(last_good, args.torch, args.variant), Cell(first_bad, args.torch, args.variant), source,
+                      work / "diagnose", log=say)  # fmt: skip
     return 0
 
 
@@ -261,12 +259,8 @@ def cmd_diagnose(args) -> int:
 def _fixture_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", type=Path)
     p.add_argument("--force", action="store_true", help="overwrite the fixture files in an existing non-empty dir")
-    p.add_argument(
-        "--generated",
-        action="store_true",
-        help="the same weights under a modular-generated model file, as the real checkpoints ship "
-        "(built from the transformers 4.54.0 Qwen3 code; fetches that wheel once)",
-    )
+    p.add_argument("--generated", action="store_true", help="the same weights under a modular-generated model file, "
+        "as the real checkpoints ship (built from the 4.54.0 Qwen3 code; fetches that wheel once)")  # fmt: skip
 
 
 def _hotfix_arguments(p: argparse.ArgumentParser) -> None:
@@ -320,6 +314,9 @@ def _cell_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--torch", action="append", type=parse_torch, metavar="SPEC",
         help=f"torch, repeatable: a build ({', '.join(TORCH_BUILDS)}; default {DEFAULT_TORCH_BUILD}) or a release with "
         "its flavour (2.13.0+cpu; 2.6.0 = the registry's default wheel, on Linux a CUDA build of ~2.9 GB)")  # fmt: skip
+    p.add_argument("--torch-sweep", action="store_true", help="each release (default: the reference and the "
+        "newest pinned) on the oldest torch it supports, the pinned one and the index's newest; prints the "
+        "downloads first")  # fmt: skip
     p.add_argument("--variant", action="append", choices=list(VARIANTS),
         help="model variants to run (default: all; with --model, all but generated)")  # fmt: skip
     p.add_argument("--dtype", action="append", choices=DTYPES, help="dtypes to run (repeatable; default float32)")

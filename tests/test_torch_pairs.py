@@ -101,3 +101,30 @@ def test_the_report_shows_an_unsupported_pair_as_its_own_verdict_outside_the_exi
     assert row.status == "unsupported-pair" and "torch>=2.6" in row.why
     assert rep.bad == 0
     assert rep.grid[next(iter(rep.grid))]["5.25.0"]["patched"] == "unsupported-pair"
+
+
+def test_sdpa_that_transformers_refuses_on_this_torch_is_an_unsupported_pair(monkeypatch):
+    """Measured: 4.48.0 on torch 2.0.0 raised 'PyTorch SDPA requirements in Transformers are not met' at load, a
+    load-error counted as FAIL; it is the pair's fact (4.x's is_torch_sdpa_available(), faked False here)."""
+    from transformers.utils import import_utils
+
+    monkeypatch.setattr(import_utils, "is_torch_sdpa_available", lambda: False, raising=False)
+    rec = run(attn="sdpa")
+    assert rec.status == "unsupported-pair" and "does not run sdpa on torch" in rec.error.message
+    assert run(attn="eager").status != "unsupported-pair"  # eager is not affected
+
+
+def test_logits_hash_the_same_bytes_when_torch_has_no_numpy(monkeypatch):
+    """Measured: torch 2.0.0 (built for numpy 1) under numpy 2 crashed every capture ('Numpy is not available')."""
+    import torch
+
+    from opensci_patch.measure.capture import logits_sha256
+
+    vectors = [torch.linspace(-3, 3, 1000, dtype=dt) for dt in (torch.float32, torch.bfloat16)]
+    want = [logits_sha256(v) for v in vectors]
+
+    def no_numpy(self):
+        raise RuntimeError("Numpy is not available")
+
+    monkeypatch.setattr(torch.Tensor, "numpy", no_numpy)
+    assert [logits_sha256(v) for v in vectors] == want

@@ -164,6 +164,14 @@ def test_a_difference_on_one_release_only_is_not_called_torchs():
     assert "on 5.25.0 only, of 2 release(s)" in note and "greedy ids differ" in note and "torch's" not in note
 
 
+def test_a_difference_on_the_only_release_compared_is_not_said_to_be_that_releases():
+    """Measured: structural runs ok on 4.48.0 only; its torch 2.6.0 decode difference was 'on 4.48.0 only'."""
+    pinned, other = ("s0", "s1", "s2", "s3"), ("s0", "s1", "s2", "t3")
+    (note,) = build([record("4.48.0", "2.13.0+cpu", pinned), record("4.48.0", "2.6.0", other)]).torch_notes
+    assert "on 4.48.0, the only transformers release compared" in note and "not told apart" in note
+    assert " only, of " not in note
+
+
 def test_the_research_file_without_sdpa_support_is_a_declared_failure_under_sdpa_only():
     """The default panels run sdpa: the llama-research file (no `_supports_sdpa`) is refused there on every release."""
     import re

@@ -119,7 +119,7 @@ def test_nothing_to_run_is_an_error(listing_cpu, listing, args, rc):
 def test_workflows_parse_with_least_privilege(workflows):
     assert set(workflows) >= {"ci.yml", "nightly.yml"}
     assert set(workflows["ci.yml"]["jobs"]) == {"tests", "crossversion", "lint", "small-matrix"}
-    assert set(workflows["nightly.yml"]["jobs"]) == {"plan", "cell", "report"}
+    assert set(workflows["nightly.yml"]["jobs"]) == {"plan", "cell", "report", "torch-sweep"}
     for name, wf in workflows.items():
         assert wf["permissions"] == {"contents": "read"}, name
         for job_name, job in wf["jobs"].items():
@@ -188,3 +188,12 @@ def test_the_cpu_sessions_run_eager_and_sdpa_float32_and_bfloat16(noxfile_calls,
     pairs = {(argv[i], argv[i + 1]) for i in range(len(argv) - 1)}
     assert {("--torch", "cpu"), ("--dtype", "float32"), ("--dtype", "bfloat16"), ("--attn", "eager"),
             ("--attn", "sdpa")} <= pairs  # fmt: skip
+
+
+def test_the_nightly_torch_sweep_runs_cpu_wheels_of_the_reference_and_newest(workflows):
+    """Issue 27: a nightly job sweeps torch for the reference and newest releases from PyTorch's CPU index."""
+    nightly = workflows["nightly.yml"]
+    run = "\n".join(s.get("run", "") for s in nightly["jobs"]["torch-sweep"]["steps"])
+    assert "opensci-patch cell --torch-sweep" in run and "opensci-patch report" in run
+    assert "--torch " not in run and "--transformers" not in run  # the sweep's own default: 4.48.0 and the newest
+    assert nightly["env"]["OPENSCI_PATCH_TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"

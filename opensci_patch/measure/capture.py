@@ -102,7 +102,10 @@ def logits_sha256(vector) -> str:
 
     t = vector.detach().cpu().contiguous()
     as_int = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[t.dtype]
-    return hashlib.sha256(t.view(as_int).numpy().tobytes()).hexdigest()
+    try:
+        return hashlib.sha256(t.view(as_int).numpy().tobytes()).hexdigest()
+    except RuntimeError:  # "Numpy is not available": a torch built for numpy 1 under numpy 2 (2.0.0); the same bytes
+        return hashlib.sha256(bytes(t.view(as_int).view(torch.uint8).tolist())).hexdigest()
 
 
 def load_tokenizer(model: Path):
@@ -358,9 +361,9 @@ def _capture(settings: CaptureSettings, log) -> Record:
     import torch
 
     from opensci_patch.measure import compat
-    from opensci_patch.measure.torch_support import unsupported_pair
+    from opensci_patch.measure.torch_support import unsupported_attention, unsupported_pair
 
-    why = unsupported_pair()
+    why = unsupported_pair() or unsupported_attention(settings.attn)
     if why is not None:  # before anything imports from transformers: it disabled torch, its classes would raise
         return _unsupported_record(settings, model, why)
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 from importlib import metadata
 
 
-def torch_requirement() -> str | None:
-    """transformers' requirement on torch as its installed metadata states it (e.g. 'torch>=2.6'), or None."""
+def torch_requirement(requires: list[str] | None = None) -> str | None:
+    """transformers' requirement on torch as its installed metadata states it (e.g. 'torch>=2.6'), or None.
+    `requires`: the Requires-Dist lines of another transformers (`matrix.torch_sweep` reads a release's wheel)."""
     from packaging.requirements import InvalidRequirement, Requirement
 
-    for line in metadata.requires("transformers") or []:
+    for line in (metadata.requires("transformers") if requires is None else requires) or []:
         try:
             req = Requirement(line)
         except InvalidRequirement:
@@ -53,3 +54,18 @@ def unsupported_pair(torch_version: str | None = None) -> str | None:
         need = f" (it requires {wanted})" if wanted else ""
         return f"transformers {tf_version} disables torch {torch_version}{need}"
     return None
+
+
+def unsupported_attention(attn: str) -> str | None:
+    """Why the installed transformers refuses `attn` on this torch, or None: transformers < 5 checks
+    `is_torch_sdpa_available()` (torch >= 2.1.1 on CPU/CUDA) and raises ImportError at load (measured: 4.48.0 on torch
+    2.0.0). A fact about the (transformers, torch) pair, not about the model; 5.x has no such check (torch >= 2.6)."""
+    from transformers.utils import import_utils
+
+    check = getattr(import_utils, "is_torch_sdpa_available", None)
+    if attn != "sdpa" or check is None or check():
+        return None
+    import torch
+
+    tf_version = metadata.version("transformers")
+    return f"transformers {tf_version} does not run sdpa on torch {torch.__version__} (its is_torch_sdpa_available())"
