@@ -20,7 +20,6 @@ committed `matrix-overrides.txt` (`--overrides`): releases whose dependency pins
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -28,7 +27,8 @@ import nox
 
 sys.path.insert(0, str(Path(__file__).parent))
 from opensci_patch._util import defaults
-from opensci_patch.matrix import spec as matrix  # noqa: E402  (stdlib-only modules)
+from opensci_patch.matrix import spec  # noqa: E402  (stdlib-only modules)
+from opensci_patch.matrix.torch_links import torch_install_args  # noqa: E402
 
 nox.needs_version = ">=2024.10.9"
 nox.options.default_venv_backend = "uv|virtualenv"
@@ -42,27 +42,13 @@ RESULTS = ROOT / "results"
 OVERRIDES = ["--overrides", str(ROOT / "matrix-overrides.txt")]
 
 
-def torch_install_args() -> list[str]:
-    """The pinned CPU torch, from pip's find-links (uv does not read pip's config) or a CPU index.
-
-    Pinned with `+cpu` (except on macOS, whose wheels have no local label) so that a missing
-    index fails at once instead of resolving PyPI's multi-GB CUDA build.
-    """
-    args = [f"torch=={defaults.TORCH_PIN}" + ("" if sys.platform == "darwin" else "+cpu")]
-    for link in os.environ.get("PIP_FIND_LINKS", "").split():
-        args += ["--find-links", link]
-    if index := os.environ.get("OPENSCI_PATCH_TORCH_INDEX_URL"):
-        args += ["--extra-index-url", index]
-    return args
-
-
 def cli(session: nox.Session, *args: str) -> None:
     """Run the opensci-patch CLI from this checkout with the interpreter running nox."""
     session.run(sys.executable, "-m", "opensci_patch.cli", *args, env={"PYTHONPATH": str(ROOT)}, external=True)
 
 
 def pytest_session(session: nox.Session, marker: str) -> None:
-    session.install(*torch_install_args())
+    session.install(*torch_install_args(defaults.DEFAULT_TORCH_BUILD, uv=session.venv_backend == "uv"))
     session.install("-e", ".[run,test,plot]")
     session.run(
         "python",
@@ -104,14 +90,14 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none", default=False)
 @nox.parametrize("torch", [nox.param(b, tags=[b]) for b in defaults.TORCH_BUILDS])
-@nox.parametrize("transformers", matrix.releases_from_env())
+@nox.parametrize("transformers", spec.releases_from_env())
 def cell(session: nox.Session, transformers: str, torch: str) -> None:
     """One environment: every model variant on one release and torch build.
 
     Every build runs eager and SDPA attention (SDPA is what `from_pretrained` picks by default), float32
-    and bfloat16 (`matrix.panel_args`): four panels, captured by the release's one capture process.
+    and bfloat16 (`spec.panel_args`): four panels, captured by the release's one capture process.
     """
-    if torch == "cuda" and (why := matrix.gpu_present()):
+    if torch == "cuda" and (why := spec.gpu_present()):
         session.skip(f"cuda cell skipped: {why}")
     cli(
         session,
@@ -120,7 +106,7 @@ def cell(session: nox.Session, transformers: str, torch: str) -> None:
         transformers,
         "--torch",
         torch,
-        *matrix.panel_args(),
+        *spec.panel_args(),
         "--records",
         str(RECORDS),
         *OVERRIDES,
@@ -132,7 +118,7 @@ def cell(session: nox.Session, transformers: str, torch: str) -> None:
 def run_matrix(session: nox.Session) -> None:
     """Every CPU cell, eager and SDPA, float32 and bfloat16 (releases in parallel, one line per cell); a broken
     cell is recorded and the rest go on."""
-    cli(session, "cell", "--all", "--torch", defaults.DEFAULT_TORCH_BUILD, *matrix.panel_args(), "--jobs", "auto",
+    cli(session, "cell", "--all", "--torch", defaults.DEFAULT_TORCH_BUILD, *spec.panel_args(), "--jobs", "auto",
         "--records", str(RECORDS), *OVERRIDES, *session.posargs)  # fmt: skip
 
 
