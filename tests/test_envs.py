@@ -89,6 +89,7 @@ def test_env_runs_its_own_transformers_with_the_system_torch(env, inside):
         "torch": metadata.version("torch"),
         "transformers": VERSION,
         "torch_available": True,
+        "unsupported_pair": None,  # the release supports this torch (measure.torch_support)
     }
 
 
