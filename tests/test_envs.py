@@ -372,6 +372,13 @@ def test_without_uv_or_ensurepip_the_env_is_filled_by_this_interpreters_pip(tmp_
 # --- interrupted builds, two checkouts on one env root, child_env (issue 11) ------------------------------------
 
 
+def fake_venv(path: Path) -> None:
+    """A venv-shaped directory, made in milliseconds: site-packages and a python that is this interpreter."""
+    venv.site_packages(path).mkdir(parents=True, exist_ok=True)
+    venv.venv_python(path).parent.mkdir(parents=True, exist_ok=True)
+    venv.venv_python(path).symlink_to(sys.executable)
+
+
 @pytest.fixture
 def fake_installer(monkeypatch) -> list[list[str]]:
     """Installers that make a venv-shaped directory in milliseconds; the env logic around them is the real one."""
@@ -380,10 +387,7 @@ def fake_installer(monkeypatch) -> list[list[str]]:
     def run_installer(cmd, cwd, name):
         ran.append(cmd)
         if "venv" in cmd:
-            path = Path(cmd[-1])
-            venv.site_packages(path).mkdir(parents=True, exist_ok=True)
-            venv.venv_python(path).parent.mkdir(parents=True, exist_ok=True)
-            venv.venv_python(path).symlink_to(sys.executable)
+            fake_venv(Path(cmd[-1]))
 
     def versions(env):
         return {"python": sys.version.split()[0], "torch": metadata.version("torch"), "transformers": VERSION,

@@ -10,6 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from test_envs import fake_venv
 
 from opensci_patch._util import procs
 from opensci_patch._util.errors import OpensciPatchError
@@ -60,10 +61,7 @@ def fake_installs(monkeypatch) -> list[list[str]]:
     def run_installer(cmd, cwd, name):
         ran.append(cmd)
         if "venv" in cmd:
-            path = Path(cmd[-1])
-            venv.site_packages(path).mkdir(parents=True, exist_ok=True)
-            venv.venv_python(path).parent.mkdir(parents=True, exist_ok=True)
-            venv.venv_python(path).symlink_to(sys.executable)
+            fake_venv(Path(cmd[-1]))
             return
         wanted = [a.split("==", 1)[1] for a in cmd if a.startswith("torch==")]
         if wanted:
