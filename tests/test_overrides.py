@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_envs import VERSION, fake_installer, needs_torch  # noqa: F401  (fixture)
+from test_envs import VERSION, fake_installer, fake_venv, needs_torch  # noqa: F401  (fixture)
 
 from opensci_patch._util import fs, locations, procs
 from opensci_patch._util.errors import EnvironmentSetupError
@@ -147,9 +147,7 @@ def test_without_uv_pip_installs_transformers_without_deps_then_the_rewritten_re
 
     def make_venv(path, root, log):
         made.append(path)
-        venv.venv_python(path).parent.mkdir(parents=True, exist_ok=True)
-        venv.venv_python(path).symlink_to(sys.executable)
-        venv.site_packages(path).mkdir(parents=True, exist_ok=True)
+        fake_venv(path)
         return ["pip", "install"]
 
     monkeypatch.setattr(venv, "make_venv", make_venv)
