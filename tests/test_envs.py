@@ -293,14 +293,24 @@ def test_wheel_dir_is_the_only_source_offline_installs_use(tmp_path, monkeypatch
     assert installed_versions(env)["transformers"] == VERSION
 
 
-def test_cpu_build_pins_a_cpu_torch_and_passes_pip_find_links(monkeypatch, tmp_path):
+def test_cpu_build_pins_a_cpu_torch_and_passes_pips_find_links_and_indexes(monkeypatch, tmp_path):
+    """uv reads no pip configuration: pip's find-links and extra indexes are passed, with pip's best-match rule."""
+    conf = tmp_path / "pip.conf"
+    conf.write_text("[global]\nfind-links = /c\nextra-index-url = file:///local/simple\n")
+    monkeypatch.setattr(torch_links, "pip_config_files", lambda: [conf])
     monkeypatch.setenv("PIP_FIND_LINKS", f"{tmp_path}/a {tmp_path}/b")
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
     monkeypatch.delenv(torch_links.TORCH_INDEX_VAR, raising=False)
     args = torch_links.torch_install_args("cpu")
-    assert args[0] == f"torch=={envs.TORCH_PIN}" + ("" if sys.platform == "darwin" else "+cpu")
-    assert args[1:5] == ["--find-links", f"{tmp_path}/a", "--find-links", f"{tmp_path}/b"]
+    assert args == [f"torch=={envs.TORCH_PIN}" + ("" if sys.platform == "darwin" else "+cpu"),
+                    "--find-links", f"{tmp_path}/a", "--find-links", f"{tmp_path}/b", "--find-links", "/c",
+                    "--index", "file:///local/simple", "--index-strategy", "unsafe-best-match"]  # fmt: skip
+    assert torch_links.torch_install_args("cpu", uv=False)[-2:] == ["--extra-index-url", "file:///local/simple"]
     monkeypatch.setenv(torch_links.TORCH_INDEX_VAR, "https://download.pytorch.org/whl/cpu")
-    assert torch_links.torch_install_args("cpu")[-2:] == ["--index", "https://download.pytorch.org/whl/cpu"]
+    assert torch_links.torch_install_args("cpu")[-4:-2] == ["--index", "https://download.pytorch.org/whl/cpu"]
+    conf.write_text("[global]\n")
+    monkeypatch.delenv("PIP_FIND_LINKS")
+    assert torch_links.torch_install_args("2.6.0") == ["torch==2.6.0", "--index", "https://download.pytorch.org/whl/cpu"]
 
 
 @pytest.mark.parametrize(

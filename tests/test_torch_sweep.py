@@ -6,12 +6,14 @@ from __future__ import annotations
 import sys
 
 import pytest
+from packaging.tags import sys_tags
 
 from opensci_patch import cli
 from opensci_patch.matrix import releases, runner, torch_links, torch_sweep
 
 TORCHES = ["1.13.1", "2.0.0", "2.5.1", "2.6.0", "2.13.0", "2.15.0"]
 NEEDS = {"4.48.0": "torch>=2.0", "5.25.0": "torch>=2.6"}
+HERE = str(next(iter(sys_tags())))  # this interpreter's most specific wheel tag, e.g. cp311-cp311-manylinux_2_28_x86_64
 
 
 @pytest.fixture
@@ -22,8 +24,8 @@ def fake_index(monkeypatch, tmp_path):
     monkeypatch.setenv("OPENSCI_PATCH_ENV_ROOT", str(tmp_path / "envs"))  # no built torch layer
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    (wheels / "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl").write_bytes(b"")  # the pin is local
-    monkeypatch.setattr(torch_links, "find_links", lambda: [str(wheels)])
+    (wheels / f"torch-2.13.0+cpu-{HERE}.whl").write_bytes(b"")  # the pin is local
+    monkeypatch.setattr(torch_links, "pip_config", lambda: {"find-links": [str(wheels)], "extra-index-url": []})
 
 
 def test_the_plan_is_the_oldest_supported_the_pin_and_the_newest_per_release(fake_index):
@@ -84,3 +86,23 @@ def test_a_releases_torch_minimum_is_read_from_its_built_env(tmp_path):
                                    'Requires-Dist: torch>=2.0; extra == "torch"\n')  # fmt: skip
     (env / MARKER).write_text("{}")
     assert torch_sweep.release_requirement("4.48.0", tmp_path) == "torch>=2.0"
+
+
+def test_a_torch_on_a_local_simple_index_counts_as_no_download(monkeypatch, tmp_path):
+    """pip's `file://` extra indexes are looked in, as pip does: the project page links to the file; a wheel of
+    another release or another platform does not count."""
+    files, page = tmp_path / "files", tmp_path / "simple" / "torch"
+    files.mkdir()
+    page.mkdir(parents=True)
+    names = [f"torch-2.14.1-{HERE}.whl", "torch-2.6.0-cp27-cp27m-win32.whl", f"torch-2.5.1-{HERE}.whl"]
+    for name in names[:2]:
+        (files / name).write_bytes(b"")
+    links = "".join(f'<a href="../../files/{n}#sha256=00">{n}</a>' for n in names)  # 2.5.1: listed, no file
+    (page / "index.html").write_text(f"<!DOCTYPE html><html><body>{links}</body></html>")
+    monkeypatch.setattr(
+        torch_links, "pip_config", lambda: {"find-links": [], "extra-index-url": [f"file://{tmp_path}/simple"]}
+    )
+    monkeypatch.setenv("OPENSCI_PATCH_ENV_ROOT", str(tmp_path / "envs"))
+    assert torch_links.local_torch_wheel("2.14.1") == str(files / names[0])
+    assert torch_links.local_torch_wheel("2.6.0") is None and torch_links.local_torch_wheel("2.5.1") is None
+    assert torch_sweep.downloads({"5.25.0": ["2.5.1", "2.6.0", "2.14.1"]}) == ["2.5.1", "2.6.0"]

@@ -116,7 +116,9 @@ def _create_layer(path: Path, root: Path, torch_build: str, want: dict[str, Any]
     uv = procs.find_uv()
     log(f"creating the shared torch layer {path.name} (torch {torch_pin(torch_build)}, built once for every release "
         "env) ...")  # fmt: skip
-    if is_torch_release(torch_build) and "+" not in torch_build and sys.platform == "linux":
+    if (wheel := is_torch_release(torch_build) and local_torch_wheel(torch_build)) is not None and wheel:
+        log(f"torch {torch_build} comes from this disk ({wheel}): its own wheel is not downloaded")
+    elif is_torch_release(torch_build) and "+" not in torch_build and sys.platform == "linux":
         log(f"note: torch=={torch_build} is the registry's default wheel, on Linux a CUDA build: with its nvidia-* "
             "wheels about 2.9 GB to download (once, into uv's cache) and 5 GB in the layer")  # fmt: skip
     start = time.monotonic()
@@ -223,27 +225,58 @@ def same_torch(seen: str, base: str) -> bool:
 
 
 def torch_install_args(torch_build: str, *, uv: bool = True) -> list[str]:
-    """The pinned torch requirement and where it may come from, for builds that install torch."""
+    """The pinned torch requirement and where it may come from, for builds that install torch.
+
+    Beside `OPENSCI_PATCH_TORCH_INDEX_URL`, the places pip is configured to look (find-links and extra
+    indexes, which uv does not read by itself), with pip's rule of the best match over all of them: a torch
+    wheel on a local index is taken from there, not downloaded again from the default index."""
     index = os.environ.get(TORCH_INDEX_VAR)
     if is_torch_release(torch_build):  # the release as named, flavour and all; from the same places as the pin
         args = [f"torch=={torch_build}"]
-        for link in find_links():
-            args += ["--find-links", link]
     elif torch_build == "cuda":
-        args = [f"torch=={TORCH_PIN}"]
+        return [f"torch=={TORCH_PIN}", *(["--index" if uv else "--extra-index-url", index] if index else [])]
     else:
         cpu_label = "" if sys.platform == "darwin" else "+cpu"  # macOS wheels carry no local label
         args = [f"torch=={TORCH_PIN}{cpu_label}"]
-        for link in find_links():
-            args += ["--find-links", link]
+    config = pip_config()
+    for link in config["find-links"]:
+        args += ["--find-links", link]
+    extra = config["extra-index-url"]
+    for url in extra:
+        args += ["--index" if uv else "--extra-index-url", url]
     if index:
         args += ["--index" if uv else "--extra-index-url", index]
+    if uv and extra:
+        args += ["--index-strategy", "unsafe-best-match"]  # pip's rule; uv's default stops at the first index
     return args
 
 
 def find_links() -> list[str]:
     """pip's find-links (PIP_FIND_LINKS and pip.conf files), which uv does not read by itself."""
-    links = os.environ.get("PIP_FIND_LINKS", "").split()
+    return pip_config()["find-links"]
+
+
+def pip_config() -> dict[str, list[str]]:
+    """pip's find-links and extra index URLs: its environment variables, then its configuration files."""
+    out = {
+        "find-links": os.environ.get("PIP_FIND_LINKS", "").split(),
+        "extra-index-url": os.environ.get("PIP_EXTRA_INDEX_URL", "").split(),
+    }
+    for file in pip_config_files():
+        parser = configparser.ConfigParser()
+        try:
+            parser.read(file)
+        except (configparser.Error, OSError):
+            continue
+        for key, values in out.items():
+            for section in ("global", "install"):
+                for name in (key, key.replace("-", "_")):
+                    values += parser.get(section, name, fallback="").split()
+    return {k: list(dict.fromkeys(v)) for k, v in out.items()}
+
+
+def pip_config_files() -> list[Path]:
+    """pip's configuration files, global to user, then `PIP_CONFIG_FILE`."""
     config_dirs = os.environ.get("XDG_CONFIG_DIRS", "/etc/xdg").split(os.pathsep)
     files = [Path(d) / "pip" / "pip.conf" for d in config_dirs] + [
         Path("/etc/pip.conf"),
@@ -252,16 +285,33 @@ def find_links() -> list[str]:
     ]
     if cfg := os.environ.get("PIP_CONFIG_FILE"):
         files.append(Path(cfg))
-    for file in files:
-        parser = configparser.ConfigParser()
-        try:
-            parser.read(file)
-        except (configparser.Error, OSError):
-            continue
-        for section in ("global", "install"):
-            for key in ("find-links", "find_links"):
-                links += parser.get(section, key, fallback="").split()
-    return list(dict.fromkeys(links))
+    return files
+
+
+def local_torch_wheel(spec: str) -> str | None:
+    """A torch wheel of release `spec` for this Python and platform on this disk (a find-links directory or a
+    `file://` index pip is configured with), or None: installing it downloads no torch."""
+    from packaging.tags import sys_tags
+    from packaging.utils import InvalidWheelFilename, parse_wheel_filename
+    from packaging.version import Version
+
+    config = pip_config()
+    places = [Path(d).expanduser() for d in config["find-links"]]
+    places += [Path(u.removeprefix("file://")) / "torch" for u in config["extra-index-url"] if u.startswith("file://")]
+    tags = set(sys_tags())
+    for place in places:
+        files = {p.name: p for p in place.glob("*.whl")}
+        if (place / "index.html").is_file():  # a simple index's project page: links to the files
+            page = (place / "index.html").read_text(errors="replace")
+            files |= {Path(h).name: (place / h).resolve() for h in re.findall(r'href="([^"#]+\.whl)', page)}
+        for name, path in files.items():
+            try:
+                project, version, _, wheel_tags = parse_wheel_filename(name)
+            except InvalidWheelFilename:
+                continue
+            if project == "torch" and version == Version(spec) and wheel_tags & tags and path.is_file():
+                return str(path)
+    return None
 
 
 def system_torch():

@@ -116,8 +116,7 @@ def downloads(pairs: dict[str, list[str]], root: Path | None = None) -> list[str
     out = []
     for spec in sorted({t for torches in pairs.values() for t in torches}, key=Version):
         built = (torch_links.torch_layer_path(spec, base) / locations.MARKER).is_file()
-        found = any(next(Path(d).expanduser().glob(f"torch-{spec}-*.whl"), None) for d in torch_links.find_links())
-        if not (built or found):
+        if not (built or torch_links.local_torch_wheel(spec)):
             out.append(spec)
     return out
 
