@@ -114,7 +114,7 @@ def test_a_capture_with_bad_input_is_a_run_error_not_a_model_failure(tmp_path: P
     assert [(r.index, r.rc) for r in results] == [(0, 2), (1, 2)]
     for i in range(2):
         rec = rec_io.load(tmp_path / f"final{i}.json")
-        assert rec.status == "crash" and rec.status not in rec_io.MODEL_FAILURES
+        assert rec.status == "crash" and rec.status.no_evidence  # a run error, not a model failure
         assert rec.error.type == "exit 2" and "no such directory" in rec.error.message
         assert rec.cell_id == cell.id and rec.expected == rec_io.Expected("pass", "")
 
