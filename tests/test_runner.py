@@ -201,3 +201,28 @@ def test_cell_jobs_option(monkeypatch, tmp_path: Path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([*base, "--jobs", "0"])
     assert exc.value.code == 2 and "N >= 1 or auto" in capsys.readouterr().err
+
+
+# --- the cell command's exit status ---------------------------------------------------------------------------------
+
+
+def test_cell_exits_non_zero_when_its_cells_could_not_run(cli, tmp_path: Path):
+    """OPENSCI_PATCH_WHEELS naming an empty directory: every cell is an env-error, and the command said exit 0.
+
+    (A name that is no directory is refused up front now: exit 2, tests/test_env_settings.py.)"""
+    import subprocess
+    import sys
+
+    from opensci_patch._util.procs import child_env
+
+    records, wheels = tmp_path / "records", tmp_path / "no-wheels"
+    wheels.mkdir()
+    env = child_env({"OPENSCI_PATCH_WHEELS": str(wheels), "OPENSCI_PATCH_ENV_ROOT": str(tmp_path / "e")})
+    proc = subprocess.run(
+        [sys.executable, "-m", "opensci_patch.cli", "cell", "--transformers", "4.48.0", "--variant", "patched",
+         "--records", str(records)],
+        text=True, capture_output=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "could not run" in proc.stderr.strip().splitlines()[-1]
+
