@@ -219,11 +219,15 @@ def _declared(record_cls: type) -> dict[str, tuple[Any, bool]]:
     return out
 
 
+def _is_part(declared: Any) -> bool:
+    return isinstance(declared, type) and issubclass(declared, _Part)
+
+
 def _json_kind(declared: Any) -> type:
     """The JSON type a field of this declared type has on disk: parts are objects, tuples and lists arrays,
     a status a string."""
     origin = typing.get_origin(declared) or declared
-    if isinstance(origin, type) and issubclass(origin, _Part):
+    if _is_part(origin):
         return dict
     if origin is Status:
         return str
@@ -242,11 +246,11 @@ def _read_field(name: str, declared: Any, optional: bool, value: Any) -> Any:
         if value not in tuple(Status):
             raise ValueError(f"unknown status {value!r} (known: {', '.join(Status)})")
         return Status(value)
-    if isinstance(declared, type) and issubclass(declared, _Part):
+    if _is_part(declared):
         return declared.from_dict(value, name)
-    (item, *_) = typing.get_args(declared) or (None,)
-    if typing.get_origin(declared) is tuple and isinstance(item, type) and issubclass(item, _Part):
-        return tuple(item.from_dict(v, f"{name}[{i}]") for i, v in enumerate(value))
+    items = typing.get_args(declared)[:1]  # tuple[Part, ...]: each item read as the part
+    if typing.get_origin(declared) is tuple and _is_part(*items):
+        return tuple(items[0].from_dict(v, f"{name}[{i}]") for i, v in enumerate(value))
     return value
 
 
