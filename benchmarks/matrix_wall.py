@@ -84,6 +84,22 @@ def _plain_prefix(args, version: str, compile_bytecode: bool) -> list[str]:
     return [*cmd, "python", "-m", "opensci_patch.cli"]
 
 
+def cell_cli_args(cell: spec.Cell, model_dir: Path, workdir: Path, record: Path) -> tuple[list[str] | None, list[str]]:
+    """A cell as plain `opensci-patch` commands: (hotfix, or None for the original code; capture).
+
+    Here and in sweep_wall.py these run one process per cell, timed against the runner (which runs `worker` steps
+    built from the same `Variant.hotfix` options).
+    """
+    model, hotfix = model_dir, None
+    extras = spec.VARIANTS[cell.model].hotfix
+    if extras is not None:
+        model = workdir / (model_dir.name + "_fixed")
+        hotfix = ["hotfix", str(model_dir), "--out", str(model), *extras]
+    capture = ["capture", str(model), "--out", str(record), "--quiet",
+               "--device", cell.device, "--dtype", cell.dtype, "--attn", cell.attn]  # fmt: skip
+    return hotfix, capture
+
+
 def _plain(args, cache: Path, records: Path, compile_bytecode: bool) -> float:
     env = child_env({"UV_CACHE_DIR": str(cache), "UV_PYTHON_DOWNLOADS": "never"})
     env.pop("VIRTUAL_ENV", None)
@@ -93,7 +109,7 @@ def _plain(args, cache: Path, records: Path, compile_bytecode: bool) -> float:
     for cell in _cells(args):
         prefix = _plain_prefix(args, cell.transformers, compile_bytecode)
         with tempfile.TemporaryDirectory(prefix="plain-cell-") as tmp:
-            hotfix, capture = spec.cell_cli_args(cell, model_dir, Path(tmp), records / f"{cell.id}.json")
+            hotfix, capture = cell_cli_args(cell, model_dir, Path(tmp), records / f"{cell.id}.json")
             if hotfix is not None:
                 run([*prefix, *hotfix], env=env).check()
             r = run([*prefix, *capture], env=env)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from _measure import REPO, child_env, load_note, median, run
 from cell_overhead import FLOOR, PROMPT
-from matrix_wall import _plain_prefix, _uv, _uv_version
+from matrix_wall import _plain_prefix, _uv, _uv_version, cell_cli_args
 
 from opensci_patch._util import locations
 from opensci_patch.matrix import envs, spec
@@ -153,7 +153,7 @@ def _plain(args, cache: Path, records: Path, root: Path) -> float:
         variant = spec.VARIANTS[cell.model]
         source = ensure_checkpoint(variant.checkpoint, root, log=lambda m: None) if variant.own_checkpoint else FIXTURE
         with tempfile.TemporaryDirectory(prefix="plain-cell-") as tmp:
-            hotfix, capture = spec.cell_cli_args(cell, source, Path(tmp), records / f"{cell.id}.json")
+            hotfix, capture = cell_cli_args(cell, source, Path(tmp), records / f"{cell.id}.json")
             if hotfix is not None:
                 run([*prefix, *hotfix], env=env).check()
             r = run([*prefix, *capture], env=env)

@@ -1,7 +1,8 @@
-"""Shared fixtures: fresh copies of the shipped checkpoint and a CLI runner."""
+"""Shared fixtures: fresh copies of the shipped checkpoint and a CLI runner; the check of a bad-input refusal."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -94,3 +95,22 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def edit_config(model: Path, **changes) -> None:
+    """Set keys of MODEL's config.json."""
+    config = json.loads((model / "config.json").read_text())
+    config.update(changes)
+    (model / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def one_line_exit_2(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Bad input as the CLI promises it: exit 2 and one line "opensci-patch: error: ..." naming each needle, never a
+    traceback. Returns the line."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "RecursionError" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("opensci-patch: error:"), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]

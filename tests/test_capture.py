@@ -8,7 +8,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE_DIR, cache_dropping_copy
+from conftest import FIXTURE_DIR, cache_dropping_copy, edit_config
 
 from opensci_patch._util import fs
 from opensci_patch._util.errors import CaptureError, ModelDirError
@@ -229,3 +229,47 @@ def test_the_kv_check_recomputes_every_step_in_one_forward(last_only):
     kv = check_decode_steps(toy, _Tok(), sequence, prompt, steps, "float32")
     assert (kv.ok, kv.first_bad_step) == (False, 3) and kv.max_abs_diff == pytest.approx(1.0)
     assert toy.calls == (1 + 5 if last_only else 1)  # a last-position-only model: one try, then one per step
+
+
+# --- tensors missing from, unused in, or of another shape than the model --------------------------------------------
+
+
+def _hotfixed_with_layers(cli, model_dir: Path, tmp_path: Path, layers: int) -> Path:
+    import json
+
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
+    out = tmp_path / f"fixed{layers}"
+    assert cli("hotfix", str(model_dir), "--out", str(out)).returncode == 0
+    return out
+
+
+@pytest.mark.parametrize(("layers", "reference", "words"), [
+    (4, "off", "18 tensor(s) the model needs are not in the checkpoint"),  # was: status ok, 18 tensors random
+    (4, "auto", "18 tensor(s) the model needs are not in the checkpoint"),  # was: a bare traceback
+    (2, "off", "18 checkpoint tensor(s) the model does not use"),
+])  # fmt: skip
+def test_a_checkpoint_whose_tensors_do_not_match_its_config_is_never_ok(cli, model_dir, tmp_path, layers, reference,
+                                                                        words):  # fmt: skip
+    from opensci_patch.measure import records
+
+    fixed = _hotfixed_with_layers(cli, model_dir, tmp_path, layers)
+    out = tmp_path / "r.json"
+    proc = cli("capture", str(fixed), "--reference", reference, "--max-new-tokens", "1", "--out", str(out))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    record = records.load(out)
+    assert record.status == "weights-mismatch" and words in record.error.message
+
+
+def test_a_shape_mismatch_names_the_tensors_instead_of_an_unshown_report(cli, model_dir, tmp_path):
+    from opensci_patch.measure import records
+
+    assert cli("hotfix", str(model_dir), "--out", str(tmp_path / "fixed")).returncode == 0
+    edit_config(tmp_path / "fixed", intermediate_size=128)
+    out = tmp_path / "r.json"
+    proc = cli("capture", str(tmp_path / "fixed"), "--out", str(out), "--max-new-tokens", "1")
+    assert proc.returncode == 1 and "above report" not in proc.stderr
+    record = records.load(out)
+    assert record.status == "weights-mismatch"
+    assert "(256, 96) in the checkpoint, (128, 96) in the model" in record.error.message
+

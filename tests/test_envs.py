@@ -509,3 +509,17 @@ def test_link_dir_build_sweeps_only_its_own_temp_dirs_of_dead_runs(tmp_path):
     assert ensure_system_torch_dir(tmp_path, log=lambda msg: None) == farm and (farm / "torch").exists()
     assert not ours.exists() and unmarked.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [unmarked.name]
+
+
+# --- a release not in its canonical form ----------------------------------------------------------------------------
+
+
+def test_envs_refuse_a_release_not_in_its_canonical_form():
+    from opensci_patch._util.errors import EnvironmentSetupError
+    from opensci_patch.matrix import envs
+
+    for spelling in ("4.48", " 4.48.0", "4.48.0+local"):
+        with pytest.raises(EnvironmentSetupError):
+            envs.check_version(spelling)
+    assert envs.check_version("4.48.0") == "4.48.0"
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -181,3 +182,19 @@ def test_discard_leaves_what_it_cannot_remove_marked_for_a_later_sweep(tmp_path:
     monkeypatch.setattr(fs, "pid_alive", lambda pid: False)
     fs.sweep_trash(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- write_atomic never replaces what is not a regular file ---------------------------------------------------------
+
+
+def test_write_atomic_refuses_to_replace_a_non_regular_file(tmp_path: Path):
+    from opensci_patch._util.errors import DestinationError
+    from opensci_patch._util.fs import write_atomic
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(DestinationError, match="not a regular file"):
+        write_atomic(fifo, {"a": 1})
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["pipe"]  # no temp file left
+

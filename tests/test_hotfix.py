@@ -476,3 +476,23 @@ def test_bad_destinations_are_one_line_and_exit_2(src: Path, cli, case: str):
     proc = cli("hotfix", str(src), "--out", str(dst), "--force")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert _tree(src.parent) == before
+
+
+# --- SIGTERM is handled as Ctrl-C: nothing left behind --------------------------------------------------------------
+
+
+def test_a_terminated_hotfix_leaves_nothing_behind(tmp_path: Path):
+    import subprocess
+    import sys
+
+    from opensci_patch._util import faults
+    from opensci_patch._util.defaults import FIXTURE_DIR
+    from opensci_patch._util.procs import child_env
+
+    dst = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "opensci_patch.cli", "hotfix", str(FIXTURE_DIR), "--out", str(dst)],
+                          env=child_env({faults.FAULT_VAR: "hotfix.copied:SIGTERM"}), capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 143, proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no .out.partial-*, no .out.lock
+

@@ -7,20 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE_DIR
+from conftest import FIXTURE_DIR, one_line_exit_2
 
 from opensci_patch._util.errors import ModelDirError
 from opensci_patch.rewrite.hotfix import hotfix
-
-
-def _one_line_exit_2(proc, *needles: str) -> str:
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr and "RecursionError" not in proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture
@@ -50,7 +40,7 @@ def test_an_expression_too_deep_for_libcst_is_one_line_naming_file_and_line(src:
     line = _append(modeling, "_BIG = " + "+".join(["1"] * 600) + "\n")
     compile(modeling.read_text(), str(modeling), "exec")  # Python itself takes it
     proc = cli("hotfix", str(src), *(["--check"] if check else []))
-    _one_line_exit_2(proc, "modeling_opensci.py", f"line {line}")
+    one_line_exit_2(proc, "modeling_opensci.py", f"line {line}")
     assert sorted(p.name for p in src.parent.iterdir()) == ["m"]  # no output, no partial dir, no lock
 
 
@@ -58,7 +48,7 @@ def test_a_nesting_pythons_parser_refuses_is_one_line_and_never_reaches_libcst(s
     """libcst's native parser crashes the process (SIGSEGV) on some nestings Python refuses, e.g. 5,000 parens."""
     modeling = src / "modeling_opensci.py"
     line = _append(modeling, "_DEEP = " + "(" * 5000 + "1" + ")" * 5000 + "\n")
-    _one_line_exit_2(cli("hotfix", str(src), "--check"), "modeling_opensci.py", f"syntax error at line {line},")
+    one_line_exit_2(cli("hotfix", str(src), "--check"), "modeling_opensci.py", f"syntax error at line {line},")
 
 
 def test_deeply_nested_elifs_are_refused_by_the_api_with_a_model_dir_error(src: Path):
@@ -125,11 +115,32 @@ def test_check_refuses_what_the_real_run_refuses(src: Path, cli, kind: str):
     }[kind](bad)
     check = cli("hotfix", str(src), "--check", timeout=60)
     run = cli("hotfix", str(src), timeout=60)
-    assert _one_line_exit_2(check, str(bad)) == _one_line_exit_2(run, str(bad))
+    assert one_line_exit_2(check, str(bad)) == one_line_exit_2(run, str(bad))
     assert sorted(p.name for p in src.parent.iterdir()) == ["m"]
 
 
 def test_check_refuses_an_output_inside_the_source_like_the_real_run(src: Path, cli):
     check = cli("hotfix", str(src), "--check", "--out", str(src / "fixed"))
     run = cli("hotfix", str(src), "--out", str(src / "fixed"))
-    assert _one_line_exit_2(check, "inside it") == _one_line_exit_2(run, "inside it")
+    assert one_line_exit_2(check, "inside it") == one_line_exit_2(run, "inside it")
+
+
+# --- model code that does not parse; a config.json that is not an object --------------------------------------------
+
+
+def test_an_unterminated_triple_quote_is_reported_at_pythons_line(cli, model_dir: Path):
+    modeling = model_dir / "modeling_opensci.py"
+    lines = modeling.read_text().splitlines(keepends=True)
+    at = len(lines) // 2
+    modeling.write_text("".join(lines[:at]) + 'X = """never closed\n' + "".join(lines[at:]))
+    with pytest.raises(SyntaxError) as python:
+        compile(modeling.read_text(), str(modeling), "exec")
+    proc = cli("hotfix", str(model_dir))
+    one_line_exit_2(proc, f"syntax error at line {python.value.lineno},")
+
+
+def test_hotfix_refuses_a_config_json_that_is_not_an_object(cli, model_dir: Path):
+    (model_dir / "config.json").write_text("[1, 2]")
+    one_line_exit_2(cli("hotfix", str(model_dir)), "not a config object")
+    assert not (model_dir.parent / f"{model_dir.name}_fixed").exists()
+

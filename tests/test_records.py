@@ -155,10 +155,16 @@ def test_load_refuses_missing_unknown_and_mistyped_fields(tmp_path: Path):
         "contradicts generation.kv_check.ok": good | {"status": "generate-mismatch"},
         "cell lacks": good | {"cell": {"id": "x"}},
         "without an error description": good | {"status": "load-error"},
+        "status 'ok' without a generation": good | {"generation": None},
+        r"field 'cell_wall_s' is str, not float \| None": good | {"cell_wall_s": "4.2"},
+        "environment.overrides is not a list of requirement strings": good | {"environment": {"overrides": "x"}},
+        "kv_check lacks ok, tolerance": good | {"generation": {**good["generation"], "kv_check": {}}},
     }
     for message, data in cases.items():
         with pytest.raises(RecordError, match=message):
             records.load(write(tmp_path / "r.json", data))
+        with pytest.raises(ValueError, match=message):  # one reader: the same rule refuses it without a file
+            Record.from_dict(data)
 
 
 def test_load_of_a_missing_file_is_a_record_error(tmp_path: Path):
@@ -199,8 +205,10 @@ def test_the_shipped_record_reads_and_writes_back_byte_for_byte():
 def test_statuses_are_the_strings_on_disk_and_say_which_are_no_evidence():
     assert [str(s) for s in records.STATUSES] == [s.value for s in records.Status]
     assert json.loads(json.dumps({"s": records.Status.GENERATE_MISMATCH})) == {"s": "generate-mismatch"}
-    assert {s for s in records.Status if s.no_evidence} == {*records.RUN_ERRORS, records.RUNNING}
-    assert not any(s.no_evidence for s in (records.OK, *records.MODEL_FAILURES))
+    no_evidence = {"env-error", "crash", "hotfix-error", "running"}  # the cell could not run, or never finished
+    assert {s for s in records.Status if s.no_evidence} == no_evidence
+    model_failures = {"load-error", "weights-mismatch", "forward-error", "generate-error", "generate-mismatch"}
+    assert not any(records.Status(s).no_evidence for s in {"ok", "nonfinite-logits", *model_failures})
 
 
 def test_record_parts_are_frozen():

@@ -208,3 +208,92 @@ def test_qwen3_modular_is_expected_to_fail_only_where_transformers_lacks_qwen3(v
 @pytest.mark.parametrize("variant", ["llama-research", "era43"])
 def test_llama_research_declares_the_5_0_5_1_wipe_and_passes_on_5_3_with_remote_code(version, outcome, variant):
     assert expectation(Cell(version, model=variant)).outcome == outcome
+
+
+# --- release strings in one canonical form; unknown releases are exit 2 before any work -----------------------------
+
+
+@pytest.fixture
+def index(monkeypatch):
+    """The package index as `releases.index_versions` reads it: these releases, or unreachable (None)."""
+    from packaging.version import Version
+
+    from opensci_patch.matrix import releases
+
+    listed: list = ["4.48.0", "4.57.6", "5.2.0", "5.2.0rc1", "5.3.0"]
+
+    def fetch():
+        if listed is None or not listed:
+            raise releases.IndexUnreachable("cannot read https://pypi.org/simple/transformers/ (offline)")
+        return [Version(v) for v in listed]
+
+    monkeypatch.setattr(releases, "index_versions", fetch)
+    return listed
+
+
+def _cells_run(monkeypatch, argv: list[str]) -> tuple[int, list]:
+    from opensci_patch import cli
+    from opensci_patch.matrix import runner
+
+    ran: list = []
+    monkeypatch.setattr(runner, "main_cells", lambda cells, *a, **k: ran.extend(cells) or 0)
+    return cli.main(argv), ran
+
+
+def test_one_release_spelled_three_ways_is_one_canonical_release(monkeypatch, tmp_path: Path, index):
+    argv = ["cell", "--variant", "patched", "--records", str(tmp_path / "r")]
+    rc, ran = _cells_run(monkeypatch, [*argv, "--transformers", " 5.2.0", "--transformers", "5.2", "--transformers",
+                                       "4.48", "--transformers", "4.48.0"])  # fmt: skip
+    assert rc == 0 and sorted(c.transformers for c in ran) == ["4.48.0", "5.2.0"]
+    assert all(" " not in c.id for c in ran)
+
+
+def test_a_pre_release_is_refused_unless_asked_for(monkeypatch, tmp_path: Path, capsys, index):
+    argv = ["cell", "--variant", "patched", "--records", str(tmp_path / "r"), "--transformers", "5.2.0rc1"]
+    rc, ran = _cells_run(monkeypatch, argv)
+    assert rc == 2 and ran == [] and "pre-release" in capsys.readouterr().err
+    rc, ran = _cells_run(monkeypatch, [*argv, "--pre"])
+    assert rc == 0 and "5.2.0rc1" in {c.transformers for c in ran}
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_cell_with_a_release_that_does_not_exist_is_exit_2_before_any_work(monkeypatch, tmp_path, capsys, index,
+                                                                           offline):  # fmt: skip
+    if offline:
+        index.clear()
+    records = tmp_path / "records"
+    rc, ran = _cells_run(monkeypatch, ["cell", "--transformers", "5.99.0", "--records", str(records)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and ran == [] and not records.exists() and len(err) == 1
+    assert ("offline" if offline else "no such release") in err[0]
+
+
+def test_cell_with_an_unknown_release_and_a_wheels_dir_is_exit_2(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("OPENSCI_PATCH_WHEELS", str(tmp_path / "nonexistent"))
+    monkeypatch.setenv("OPENSCI_PATCH_ENV_ROOT", str(tmp_path / "envs"))  # 5.3.0 is built in no env here
+    rc, ran = _cells_run(monkeypatch, ["cell", "--transformers", "5.3.0", "--records", str(tmp_path / "r")])
+    assert rc == 2 and ran == [] and "no such release in OPENSCI_PATCH_WHEELS" in capsys.readouterr().err
+
+
+def test_bisect_and_diagnose_with_an_unknown_release_are_exit_2_before_any_work(monkeypatch, tmp_path, capsys,
+                                                                                index):  # fmt: skip
+    from opensci_patch import cli, diagnose
+    from opensci_patch.matrix import envs
+    from opensci_patch.results import bisect
+
+    def no_work(*a, **k):
+        raise AssertionError("did work")
+
+    for mod, name in ((bisect, "run_cell"), (diagnose, "diagnose"), (envs, "ensure_env")):
+        monkeypatch.setattr(mod, name, no_work)
+    monkeypatch.setattr(bisect, "released_versions", lambda: ["4.48.0", "4.57.6", "5.2.0"])
+    calls = [
+        ["bisect", "--good", "4.57.6", "--bad", "5.99.0", "--versions", "4.57.6,5.99.0", "--work", str(tmp_path)],
+        ["bisect", "--good", "4.57.6", "--bad", "5.99.0", "--work", str(tmp_path)],
+        ["diagnose", "5.99.0:patched", "5.2.0:patched", "--out", str(tmp_path / "d")],
+    ]
+    for argv in calls:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "5.99.0" in err[0] and "no such" in err[0], (argv, err)
+

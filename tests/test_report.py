@@ -146,7 +146,7 @@ def test_declared_expectation_in_the_record_decides_between_expected_fail_fail_p
     assert [verdicts(flipped)[vid(v)][0] for v in ("5.2.0", "5.23.0")] == ["pass", "FAIL"]
 
 
-@pytest.mark.parametrize("status", records.RUN_ERRORS)
+@pytest.mark.parametrize("status", ["env-error", "crash", "hotfix-error"])
 def test_a_cell_that_could_not_run_is_an_error_even_when_a_failure_was_expected(status: str):
     assert verdicts([ok(REF_VERSION), failed("5.0.0", status=status, expected=XFAIL)])[vid("5.0.0")][0] == "error"
 
@@ -418,3 +418,25 @@ def test_a_decode_broken_on_the_reference_release_too_is_one_line_naming_the_fir
     assert any("broken on 1 of 2 releases, including the reference" in p for p in rep.problem_lines())
     ok_ref = [ok(REF_VERSION), mismatch("5.2.0")]
     assert not report.build(report.Loaded(records=ok_ref, sources=["a", "b"]), None).problem_lines()
+
+
+# --- no reference cell; a record of another release than its cell ---------------------------------------------------
+
+
+def test_no_reference_cell_is_cannot_judge_not_fail_and_still_exits_non_zero(tmp_path: Path):
+    import test_report as tr
+
+    bad, md, summary = tr.run_report(tmp_path, [tr.ok("5.2.0")])
+    assert summary["verdicts"][tr.vid("5.2.0")] == "cannot-judge" and bad == 1
+    assert "FAIL" not in summary["counts"]
+
+
+def test_a_record_whose_environment_disagrees_with_its_cell_is_an_error_not_the_cell(tmp_path: Path):
+    import test_report as tr
+
+    other = tr.ok("5.2.0")
+    other.environment["transformers"] = "4.57.6"
+    bad, md, summary = tr.run_report(tmp_path, [tr.ok(tr.REF_VERSION), other])
+    assert summary["verdicts"][tr.vid("5.2.0")] == "error" and bad == 1
+    assert any("ran transformers '4.57.6'" in p for p in summary["problems"])
+

@@ -114,7 +114,7 @@ def test_a_capture_with_bad_input_is_a_run_error_not_a_model_failure(tmp_path: P
     assert [(r.index, r.rc) for r in results] == [(0, 2), (1, 2)]
     for i in range(2):
         rec = rec_io.load(tmp_path / f"final{i}.json")
-        assert rec.status == "crash" and rec.status not in rec_io.MODEL_FAILURES
+        assert rec.status == "crash" and rec.status.no_evidence  # a run error, not a model failure
         assert rec.error.type == "exit 2" and "no such directory" in rec.error.message
         assert rec.cell_id == cell.id and rec.expected == rec_io.Expected("pass", "")
 
@@ -201,3 +201,28 @@ def test_cell_jobs_option(monkeypatch, tmp_path: Path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([*base, "--jobs", "0"])
     assert exc.value.code == 2 and "N >= 1 or auto" in capsys.readouterr().err
+
+
+# --- the cell command's exit status ---------------------------------------------------------------------------------
+
+
+def test_cell_exits_non_zero_when_its_cells_could_not_run(cli, tmp_path: Path):
+    """OPENSCI_PATCH_WHEELS naming an empty directory: every cell is an env-error, and the command said exit 0.
+
+    (A name that is no directory is refused up front now: exit 2, tests/test_env_settings.py.)"""
+    import subprocess
+    import sys
+
+    from opensci_patch._util.procs import child_env
+
+    records, wheels = tmp_path / "records", tmp_path / "no-wheels"
+    wheels.mkdir()
+    env = child_env({"OPENSCI_PATCH_WHEELS": str(wheels), "OPENSCI_PATCH_ENV_ROOT": str(tmp_path / "e")})
+    proc = subprocess.run(
+        [sys.executable, "-m", "opensci_patch.cli", "cell", "--transformers", "4.48.0", "--variant", "patched",
+         "--records", str(records)],
+        text=True, capture_output=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "could not run" in proc.stderr.strip().splitlines()[-1]
+

@@ -92,3 +92,49 @@ def test_a_capture_removes_the_modules_cache_a_killed_capture_left(tmpdir_here: 
     with isolated_hf_cache() as modules:
         assert not left.exists() and modules.parent == tmpdir_here
     assert list(tmpdir_here.iterdir()) == []
+
+
+# --- SIGTERM is handled as Ctrl-C: nothing left behind --------------------------------------------------------------
+
+
+def _terminate_when(cmd: list[str], tmpdir: Path, ready, timeout: float = 300):
+    """Start the CLI with a private TMPDIR, SIGTERM it once `ready()` holds, and return the finished process."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from opensci_patch._util.procs import child_env
+
+    tmpdir.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "opensci_patch.cli", *cmd], env=child_env({"TMPDIR": str(tmpdir)}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "finished before it could be terminated"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+def test_a_terminated_capture_leaves_no_modules_cache(model_dir: Path, tmp_path: Path):
+    tmpdir = tmp_path / "tmp"
+    rc, err = _terminate_when(["capture", str(model_dir), "--max-new-tokens", "20"], tmpdir,
+                              lambda: any(tmpdir.glob("opensci-hf-modules-*/*")))  # fmt: skip
+    assert rc == 143 and "terminated" in err, err
+    assert list(tmpdir.iterdir()) == []
+
+
+def test_a_terminated_cell_run_leaves_no_run_dir_or_modules_cache(tmp_path: Path):
+    from opensci_patch.measure import records
+
+    tmpdir, recs = tmp_path / "tmp", tmp_path / "records"
+    cmd = ["cell", "--transformers", "4.48.0", "--torch", "system", "--variant", "patched", "--variant", "structural",
+           "--records", str(recs)]  # fmt: skip
+    rc, err = _terminate_when(cmd, tmpdir, lambda: any(tmpdir.glob("opensci-run-*/**/opensci-hf-modules-*")))
+    assert rc == 143, err
+    assert list(tmpdir.iterdir()) == []
+    # never a result: the capture process stopped too, it did not go on to the next cell
+    assert {records.load(p).status for p in recs.glob("*.json")} <= {"running", "crash"}
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -85,3 +86,34 @@ def test_bit_identical_names_the_first_decode_step_that_differs(ref_json):
         "decode step 3 logits differ from the reference cell",
     )
     assert verdict.bit_identical(ref, None) == (False, "no reference cell to compare with")
+
+
+# --- values shown that contradict the hash --------------------------------------------------------------------------
+
+
+def _report_verdicts(recs) -> dict:
+    from opensci_patch.results import judge
+
+    return {r.cell: (r.status, r.why, r.bit_identical) for r in judge.rows(recs)}
+
+
+@pytest.mark.parametrize("edit", ["target", "topk", "greedy", "fp64"])
+def test_a_record_whose_shown_values_differ_from_the_reference_never_passes_on_its_hash(edit: str):
+    import test_report as tr
+
+    from opensci_patch.measure import records
+
+    ref, rec = tr.ok(tr.REF_VERSION), tr.ok("5.2.0")  # the same logits_sha256
+    ref.reference = rec.reference = records.Fp64Reference("float64", 3.4e-6, 14.5)
+    if edit == "target":
+        rec.target = replace(rec.target, logit=99.0)
+    elif edit == "topk":
+        rec.topk = tuple(replace(t, logit=t.logit + 5.0) for t in rec.topk)
+    elif edit == "greedy":
+        rec.generation = replace(rec.generation, text=" Berlin.")
+    else:
+        rec.reference = replace(rec.reference, max_abs_diff=1e-12)
+    status, why, bit_identical = _report_verdicts([ref, rec])[tr.vid("5.2.0")]
+    assert status == "FAIL" and "contradicts itself" in why and bit_identical is False
+    assert _report_verdicts([ref, tr.ok("5.2.0")])[tr.vid("5.2.0")][0] == "pass"  # unedited: still a pass
+

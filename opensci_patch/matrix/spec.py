@@ -192,7 +192,7 @@ class Cell:
 
 @dataclass(frozen=True)
 class Expectation:
-    """What a cell declares when it runs; the report judges its record against it (`results.judge.verdict`).
+    """What a cell declares when it runs; the report judges its record against it (`results.judge.judge_cell`).
 
     outcome "xfail": a rule of EXPECTED_FAILURES covers the cell. Its failure is expected-fail only when it
     shows the rule's signature (`error`: a regex searched in the record's "Type: message" line; `symptom`
@@ -332,18 +332,3 @@ def gpu_present() -> str | None:
     ok = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
     return None if ok.returncode == 0 and "GPU" in ok.stdout else "nvidia-smi finds no GPU"
 
-
-def cell_cli_args(cell: Cell, model_dir: Path, workdir: Path, record: Path) -> tuple[list[str] | None, list[str]]:
-    """A cell as plain `opensci-patch` commands: (hotfix, or None for the original code; capture).
-
-    The benchmarks time these one process per cell against the runner (which runs `worker` steps
-    built from the same `Variant.hotfix` options).
-    """
-    model, hotfix = model_dir, None
-    extras = VARIANTS[cell.model].hotfix
-    if extras is not None:
-        model = workdir / (model_dir.name + "_fixed")
-        hotfix = ["hotfix", str(model_dir), "--out", str(model), *extras]
-    capture = ["capture", str(model), "--out", str(record), "--quiet",
-               "--device", cell.device, "--dtype", cell.dtype, "--attn", cell.attn]  # fmt: skip
-    return hotfix, capture

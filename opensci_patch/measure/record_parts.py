@@ -1,4 +1,5 @@
-"""The parts of a cell record (`records.Record`): its status and frozen dataclasses for its JSON objects.
+"""The parts of a cell record (`records.Record`): its status, frozen dataclasses for its JSON objects, and the
+one reader of a record's JSON (`read_record`), which holds every rule a record must meet.
 
 Standard library only, like `records`. Each part's `to_dict` is the JSON object on disk and its
 `from_dict` reads one back, refusing missing or unknown keys (a field with a default may be missing: records
@@ -7,7 +8,9 @@ written before it was added read as its default); lists on disk are tuples here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import types
+import typing
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
@@ -55,12 +58,18 @@ class _Part:
     """A frozen record part: `to_dict` gives its JSON object, `from_dict` reads one, refusing other keys."""
 
     @classmethod
-    def from_dict(cls, data: Any):
+    def from_dict(cls, data: Any, where: str = ""):
+        """The part of a JSON object; ValueError naming `where` (the field it is read for) if it is another shape."""
+        where = where or cls.__name__
+        if not isinstance(data, dict):
+            raise ValueError(f"{where} is a JSON {type(data).__name__}, not an object")
         names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
-        required = {f.name for f in fields(cls) if f.default is MISSING}  # type: ignore[arg-type]
-        if not isinstance(data, dict) or not required <= set(data) <= set(names):
-            got = sorted(data) if isinstance(data, dict) else type(data).__name__
-            raise ValueError(f"{cls.__name__} needs {', '.join(names)}, got {got}")
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in data]  # type: ignore[arg-type]
+        if missing:
+            raise ValueError(f"{where} lacks {', '.join(missing)}")
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(f"{where} has unknown key(s) {', '.join(unknown)}")
         return cls(**data)
 
     @classmethod
@@ -131,11 +140,14 @@ class Generation(_Part):
     kv_check: KVCheck
 
     @classmethod
-    def from_dict(cls, data: Any) -> Generation:
-        gen = super().from_dict(data)
-        if not isinstance(gen.ids, list) or not isinstance(gen.step_logits_sha256, list):
-            raise ValueError("Generation: ids and step_logits_sha256 must be lists")
-        return cls(tuple(gen.ids), gen.text, tuple(gen.step_logits_sha256), KVCheck.from_dict(gen.kv_check))
+    def from_dict(cls, data: Any, where: str = "") -> Generation:
+        where = where or cls.__name__
+        gen = super().from_dict(data, where)
+        for key in ("ids", "step_logits_sha256"):
+            if not isinstance(getattr(gen, key), list):
+                raise ValueError(f"{where}.{key} is not a list")
+        kv_check = KVCheck.from_dict(gen.kv_check, f"{where}.kv_check")
+        return cls(tuple(gen.ids), gen.text, tuple(gen.step_logits_sha256), kv_check)
 
 
 @dataclass(frozen=True)
@@ -193,14 +205,86 @@ class Expected(_Part):
     promised: bool = True
 
 
-# field -> how its JSON value is read (the parts), for `Record.from_dict`
-_READERS: dict[str, Callable[[Any], Any]] = {
-    "status": Status,
-    "error": ErrorInfo.from_dict,
-    "target": Target.from_dict,
-    "topk": lambda items: tuple(TopToken.from_dict(t) for t in items),
-    "generation": Generation.from_dict,
-    "reference": Fp64Reference.from_dict,
-    "cell": CellInfo.from_dict,
-    "expected": Expected.from_dict,
-}
+# --- reading a record's JSON: every rule in one place -------------------------------------------------------------
+
+
+@functools.cache
+def _declared(record_cls: type) -> dict[str, tuple[Any, bool]]:
+    """Field -> (declared type, may be null), from the record class's annotations (declared there, once)."""
+    out = {}
+    for name, hint in typing.get_type_hints(record_cls).items():
+        args = typing.get_args(hint)
+        optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
+        out[name] = (next(a for a in args if a is not type(None)) if optional else hint, optional)
+    return out
+
+
+def _is_part(declared: Any) -> bool:
+    return isinstance(declared, type) and issubclass(declared, _Part)
+
+
+def _json_kind(declared: Any) -> type:
+    """The JSON type a field of this declared type has on disk: parts are objects, tuples and lists arrays,
+    a status a string."""
+    origin = typing.get_origin(declared) or declared
+    if _is_part(origin):
+        return dict
+    if origin is Status:
+        return str
+    return list if origin in (list, tuple) else origin
+
+
+def _read_field(name: str, declared: Any, optional: bool, value: Any) -> Any:
+    """One field's value read by its declared type (parts, the status); ValueError when it is of another type."""
+    if value is None and optional:
+        return None
+    kind = _json_kind(declared)
+    if not isinstance(value, (int, float) if kind is float else kind) or isinstance(value, bool):
+        shown = f"{kind.__name__} | None" if optional else kind.__name__
+        raise ValueError(f"field {name!r} is {type(value).__name__}, not {shown}")
+    if declared is Status:
+        if value not in tuple(Status):
+            raise ValueError(f"unknown status {value!r} (known: {', '.join(Status)})")
+        return Status(value)
+    if _is_part(declared):
+        return declared.from_dict(value, name)
+    items = typing.get_args(declared)[:1]  # tuple[Part, ...]: each item read as the part
+    if typing.get_origin(declared) is tuple and _is_part(*items):
+        return tuple(items[0].from_dict(v, f"{name}[{i}]") for i, v in enumerate(value))
+    return value
+
+
+def read_record(record_cls: type, data: dict, *, optional: tuple[str, ...]) -> dict:
+    """The keyword arguments of `record_cls` (`records.Record`) for a record's JSON object, or ValueError (one
+    line) for anything a record must not be: fields missing (but those in `optional`) or unknown, of another type
+    than the class declares, parts of another shape, and statuses whose promised fields are absent."""
+    declared = _declared(record_cls)
+    missing = [n for n in declared if n not in data and n not in optional]
+    if missing:
+        raise ValueError(f"missing field(s) {', '.join(missing)}")
+    unknown = sorted(set(data) - set(declared))
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(unknown)} for schema {data['schema_version']}")
+    read = {n: _read_field(n, *declared[n], data[n]) for n in declared if n in data}
+    for key in ("overrides", "extra_requirements"):
+        listed = read["environment"].get(key, [])
+        if not (isinstance(listed, list) and all(isinstance(r, str) for r in listed)):
+            raise ValueError(f"environment.{key} is not a list of requirement strings")
+    _check_promises(read)
+    return read
+
+
+def _check_promises(read: dict) -> None:
+    """The fields each status promises, which the report relies on."""
+    status, gen = read["status"], read.get("generation")
+    shown = repr(status.value)
+    described_elsewhere = (Status.GENERATE_MISMATCH, Status.NONFINITE_LOGITS)  # kv_check.detail, the target logit
+    if status != Status.OK and status not in described_elsewhere and read.get("error") is None:
+        raise ValueError(f"status {shown} without an error description")
+    if status in (Status.OK, Status.GENERATE_MISMATCH):
+        if gen is None:
+            raise ValueError(f"status {shown} without a generation")
+        if bool(gen.kv_check.ok) != (status == Status.OK):
+            raise ValueError(f"status {shown} contradicts generation.kv_check.ok = {gen.kv_check.ok!r}")
+    if status == Status.OK and not isinstance(read.get("logits_sha256"), str):
+        raise ValueError("status 'ok' without logits_sha256")

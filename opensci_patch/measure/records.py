@@ -32,7 +32,6 @@ from typing import Any
 from opensci_patch import __version__
 from opensci_patch._util.errors import OpensciPatchError
 from opensci_patch.measure.record_parts import (  # noqa: F401 (the parts are read as records.<Part>)
-    _READERS,
     CellInfo,
     ErrorInfo,
     Expected,
@@ -43,6 +42,7 @@ from opensci_patch.measure.record_parts import (  # noqa: F401 (the parts are re
     Target,
     TopToken,
     _plain,
+    read_record,
 )
 
 # 2: generation carries `step_logits_sha256` and `kv_check`; statuses generate-mismatch, nonfinite-logits,
@@ -51,15 +51,6 @@ SCHEMA_VERSION = 2
 
 OK = Status.OK
 RUNNING = Status.RUNNING
-MODEL_FAILURES = (
-    Status.LOAD_ERROR,
-    Status.WEIGHTS_MISMATCH,
-    Status.FORWARD_ERROR,
-    Status.GENERATE_ERROR,
-    Status.GENERATE_MISMATCH,
-    Status.NONFINITE_LOGITS,
-)
-RUN_ERRORS = (Status.ENV_ERROR, Status.CRASH, Status.HOTFIX_ERROR)
 STATUSES = tuple(Status)
 
 # the fields only a matrix cell record has (capture's own record leaves them out)
@@ -123,9 +114,9 @@ class Record:
 
     @classmethod
     def from_dict(cls, data: dict) -> Record:
-        """The record of a JSON object (`to_dict`'s inverse); a part of the wrong shape is a ValueError."""
-        read = {k: _READERS[k](v) if k in _READERS and v is not None else v for k, v in data.items()}
-        return cls(**read)
+        """The record of a JSON object (`to_dict`'s inverse); anything a record must not be is a one-line ValueError
+        (`record_parts.read_record`, which holds every rule)."""
+        return cls(**read_record(cls, data, optional=CELL_FIELDS))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -181,74 +172,6 @@ def _fail(path: Path, what: str, todo: str = "delete it and re-run the cell that
     return RecordError(f"{path}: {what}; {todo}")
 
 
-# the JSON type of each field, and whether it may be null
-_JSON_KINDS: dict[str, tuple[type, bool]] = {
-    "settings": (dict, False),
-    "environment": (dict, False),
-    "model": (dict, False),
-    "status": (str, False),
-    "error": (dict, True),
-    "input_ids": (list, False),
-    "target": (dict, True),
-    "topk": (list, False),
-    "logits_sha256": (str, True),
-    "generation": (dict, True),
-    "reference": (dict, True),
-    "timings": (dict, False),
-    "warnings": (list, False),
-    "schema_version": (int, False),
-    "tool_version": (str, False),
-    "created": (str, False),
-    "cell": (dict, True),
-    "expected": (dict, True),
-    "cell_wall_s": (float, True),
-}
-
-
-def _check_types(path: Path, data: dict) -> None:
-    """Field types and the per-status promises the report relies on."""
-    for f in fields(Record):
-        value = data.get(f.name)
-        kind, optional = _JSON_KINDS[f.name]
-        if value is None and (optional or f.name not in data):
-            continue
-        ok = isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
-        if not ok:
-            declared = f"{kind.__name__} | None" if optional else kind.__name__
-            raise _fail(path, f"field {f.name!r} is {type(value).__name__}, not {declared}")
-    for key in ("overrides", "extra_requirements"):
-        listed = data["environment"].get(key, [])
-        if not (isinstance(listed, list) and all(isinstance(r, str) for r in listed)):
-            raise _fail(path, f"environment.{key} is not a list of requirement strings")
-    status = data["status"]
-    if status not in STATUSES:
-        raise _fail(path, f"unknown status {status!r} (known: {', '.join(STATUSES)})")
-    described_elsewhere = ("generate-mismatch", "nonfinite-logits")  # kv_check.detail, the target logit
-    if status != OK and status not in described_elsewhere and not isinstance(data.get("error"), dict):
-        raise _fail(path, f"status {status!r} without an error description")
-    if data.get("cell") is not None:
-        missing = [f.name for f in fields(CellInfo) if f.name not in data["cell"] and f.name != "checkpoint"]
-        if missing:
-            raise _fail(path, f"cell lacks {', '.join(missing)}")
-    if status in (OK, "generate-mismatch"):
-        gen = data.get("generation")
-        if not isinstance(gen, dict):
-            raise _fail(path, f"status {status!r} without a generation")
-        missing = [k for k in ("ids", "text", "step_logits_sha256", "kv_check") if k not in gen]
-        if missing:
-            raise _fail(path, f"generation lacks {', '.join(missing)}")
-        kv = gen["kv_check"]
-        kv_keys = [f.name for f in fields(KVCheck)]
-        if not isinstance(kv, dict) or any(k not in kv for k in kv_keys):
-            raise _fail(path, f"generation.kv_check must have {', '.join(kv_keys)}")
-        if bool(kv["ok"]) != (status == OK):
-            raise _fail(path, f"status {status!r} contradicts generation.kv_check.ok = {kv['ok']!r}")
-        if not isinstance(gen["step_logits_sha256"], list):
-            raise _fail(path, "generation.step_logits_sha256 is not a list")
-    if status == OK and not isinstance(data.get("logits_sha256"), str):
-        raise _fail(path, "status 'ok' without logits_sha256")
-
-
 MAX_RECORD_BYTES = 256 << 20  # a record is kilobytes; 100 MB ones (a huge warnings list) still load
 
 
@@ -275,9 +198,10 @@ def _read_bounded(path: Path) -> str:
 def load(path: Path | str) -> Record:
     """Read one record, or raise `RecordError` with one line naming the file and what to do.
 
-    Refused: what is not a regular file (read: a FIFO, a device, a link to one), a file over `MAX_RECORD_BYTES`,
-    unreadable files, invalid, truncated or too deeply nested JSON, a missing or unknown schema_version,
-    missing or unknown fields, wrong field types, and statuses whose promised fields are absent.
+    Refused here: what is not a regular file (read: a FIFO, a device, a link to one), a file over
+    `MAX_RECORD_BYTES`, unreadable files, invalid, truncated or too deeply nested JSON, a missing or unknown
+    schema_version; then whatever `Record.from_dict` refuses (missing or unknown fields, wrong field types,
+    statuses whose promised fields are absent).
     """
     path = Path(path)
     text = _read_bounded(path)
@@ -303,17 +227,7 @@ def load(path: Path | str) -> Record:
             f"schema_version {version!r}, this opensci-patch reads {SCHEMA_VERSION}",
             "re-run the cell with this version (or report with the version that wrote it)",
         )
-    names = [f.name for f in fields(Record)]
-    missing = [n for n in names if n not in data and n not in CELL_FIELDS]
-    if missing:
-        raise _fail(path, f"missing field(s) {', '.join(missing)}")
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise _fail(path, f"unknown field(s) {', '.join(unknown)} for schema {SCHEMA_VERSION}")
-    _check_types(path, data)
     try:
         return Record.from_dict(data)
     except (ValueError, TypeError) as exc:
         raise _fail(path, one_line(str(exc))) from None
-    except RecursionError:
-        raise _fail(path, "JSON nested too deeply to be a record") from None

@@ -67,7 +67,7 @@ def between(versions: list[str], good: str, bad: str) -> list[str]:
     return span
 
 
-def judge(record: Record) -> tuple[bool, str]:
+def is_good(record: Record) -> tuple[bool, str]:
     """Good = ran and agrees with the fp64 reference within the dtype's tolerance.
 
     A cell that could not run, or never finished, is no evidence either way: OpensciPatchError.
@@ -110,7 +110,7 @@ def bisect(
     def probe(v: str) -> bool:
         if v not in cache:
             path = run_cell(Cell(v, torch_build, variant), model_dir, work / "records", log=lambda m: log(f"    {m}"))
-            ok, why = judge(records.load(path))
+            ok, why = is_good(records.load(path))
             probes.append(Probe(v, ok, why, path))
             cache[v] = ok
             log(f"  {v}: {'good' if ok else 'BAD'} ({why})")

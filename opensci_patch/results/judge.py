@@ -90,7 +90,8 @@ def _shows(rec: Record) -> bool:
     return exp.symptom == WRONG_LOGITS and rec.status in wrong and off
 
 
-def verdict(rec: Record, ref: Reference | None) -> tuple[str, str]:
+def judge_cell(rec: Record, ref: Reference | None) -> tuple[str, str]:
+    """The verdict (one of `VERDICTS`) of one cell's record against its reference, and why."""
     if rec.status.no_evidence:
         return "error", failure(rec)
     if rec.status == records.Status.UNSUPPORTED_PAIR:
@@ -235,7 +236,7 @@ def judged(
         ref = refs.get(key_of(r))
         trusted = cell_key(r) not in ambiguous
         row_ref = ref.record if ref else None
-        out.append(_row(r, row_ref, verdict(r, ref) if trusted else ("error", ambiguous[cell_key(r)]), trusted))
+        out.append(_row(r, row_ref, judge_cell(r, ref) if trusted else ("error", ambiguous[cell_key(r)]), trusted))
     return out, refs
 
 
