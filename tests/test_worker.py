@@ -18,13 +18,6 @@ class _Model:
         self.me = self
 
 
-def _freeze_until_the_end(request):
-    """gc.freeze as the worker calls it, undone when the test ends (this pytest process keeps no frozen heap)."""
-    freeze = gc.freeze
-    request.addfinalizer(gc.unfreeze)
-    return freeze
-
-
 def test_a_steps_model_in_a_reference_cycle_is_freed_before_the_next_step_starts(tmp_path: Path, monkeypatch, request):
     """The worker collects between steps (peak memory: one model at a time) and keeps only what survives that
     collection out of later ones (gc.freeze): a cycle made by one step is never frozen alive."""
@@ -39,7 +32,7 @@ def test_a_steps_model_in_a_reference_cycle_is_freed_before_the_next_step_starts
         return 0, "", rec_io.error_record(step.cell, "crash", "Fake", "fake", "")
 
     monkeypatch.setattr(worker, "_run_capture", fake_capture)
-    monkeypatch.setattr(gc, "freeze", _freeze_until_the_end(request))
+    request.addfinalizer(gc.unfreeze)  # this pytest process keeps no frozen heap
     cell = Cell("4.48.0", "cpu", "patched")
     steps = [worker.CaptureStep(tmp_path, cell, tmp_path / f"r{i}.json", expectation(cell)) for i in range(3)]
     assert worker.run_steps(steps, lambda r: None) == 0
