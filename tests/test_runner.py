@@ -77,7 +77,7 @@ def test_hotfix_once_per_variant_and_batch_records_equal_one_process_per_cell(
     # run 1: two releases (both this interpreter), all cells of a release in one shared capture process
     cells = [Cell(v, "cpu", m) for v in (INSTALLED, "4.99.0") for m in VARIANTS]
     lines: list[str] = []
-    assert runner.run_cells(cells, FIXTURE_DIR, tmp_path / "batch", log=lines.append) == len(cells)
+    assert len(runner.run_cells(cells, FIXTURE_DIR, tmp_path / "batch", log=lines.append)) == len(cells)
     assert len(hotfixes) == 2  # patched and patched+init once each, for two releases
     outs = [out.name for _, _, out in hotfixes]
     assert len(set(outs)) == 2 and FIXTURE_DIR.name not in outs  # own basenames: own remote-code module names
