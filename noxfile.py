@@ -13,7 +13,8 @@ The lists of releases, torch builds and model variants live in `opensci_patch/ma
 cover the pinned releases and the newest final on the package index, or those in `OPENSCI_PATCH_RELEASES`
 (the workflows set it from `opensci-patch releases --sweep`, so a release nobody pinned still gets its
 session). Cells run in per-release environments managed by `opensci_patch.matrix.envs` (reused across runs,
-shared by the original/patched variants), so the cell sessions themselves need no virtualenv of their own.
+shared by the original/patched variants); the cell and matrix sessions' own venv holds the driver (`cli`), which
+hotfixes in its own process.
 Posargs of matrix/cell: `--model DIR` to run on another checkpoint (e.g. the real download). Both pass the
 committed `matrix-overrides.txt` (`--overrides`): releases whose dependency pins the index cannot meet.
 """
@@ -42,9 +43,15 @@ RESULTS = ROOT / "results"
 OVERRIDES = ["--overrides", str(ROOT / "matrix-overrides.txt")]
 
 
+# The hotfix's relative_imports patch reads the installed transformers' files (any supported release answers alike:
+# `rewrite/patches/relative_imports.py`); torch is not needed in the driver (captures run in the per-release envs).
+DRIVER_TRANSFORMERS = f"transformers=={spec.TRANSFORMERS_VERSIONS[0]}"
+
+
 def cli(session: nox.Session, *args: str) -> None:
-    """Run the opensci-patch CLI from this checkout with the interpreter running nox."""
-    session.run(sys.executable, "-m", "opensci_patch.cli", *args, env={"PYTHONPATH": str(ROOT)}, external=True)
+    """Run the opensci-patch CLI (the cell driver) from this checkout, installed in the session's venv."""
+    session.install("-e", ".", DRIVER_TRANSFORMERS)
+    session.run("opensci-patch", *args)
 
 
 def pytest_session(session: nox.Session, marker: str) -> None:
@@ -88,7 +95,9 @@ def lint(session: nox.Session) -> None:
     session.run("actionlint", *sorted(str(p) for p in (ROOT / ".github" / "workflows").glob("*.yml")))
 
 
-@nox.session(venv_backend="none", default=False)
+# --system-site-packages: the `system` build (and `cuda` without an index) links the torch this venv sees, the base
+# interpreter's.
+@nox.session(default=False, venv_params=["--system-site-packages"])
 @nox.parametrize("torch", [nox.param(b, tags=[b]) for b in defaults.TORCH_BUILDS])
 @nox.parametrize("transformers", spec.releases_from_env())
 def cell(session: nox.Session, transformers: str, torch: str) -> None:
@@ -114,7 +123,7 @@ def cell(session: nox.Session, transformers: str, torch: str) -> None:
     )
 
 
-@nox.session(name="matrix", venv_backend="none", default=False)
+@nox.session(name="matrix", default=False, venv_params=["--system-site-packages"])
 def run_matrix(session: nox.Session) -> None:
     """Every CPU cell, eager and SDPA, float32 and bfloat16 (releases in parallel, one line per cell); a broken
     cell is recorded and the rest go on."""

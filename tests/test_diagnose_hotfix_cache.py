@@ -2,7 +2,7 @@
 same code hotfixed is never hotfixed again.
 
 Every release's env is this interpreter and the comparison itself is stubbed out: only the preparation runs
-(real hotfix steps in real workers), so no per-release env is built.
+(real hotfixes, in this process), so no per-release env is built.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from opensci_patch import diagnose as dg
 from opensci_patch._util.defaults import FIXTURE_DIR, MANIFEST
 from opensci_patch.diagnose import cells
-from opensci_patch.matrix import hotfix_cache, runner, worker
+from opensci_patch.matrix import hotfix_cache, runner
 from opensci_patch.matrix.envs import Env
 from opensci_patch.matrix.spec import Cell
 
@@ -24,21 +24,20 @@ PAIR = (Cell("5.24.0", "cpu", "patched"), Cell("5.24.0", "cpu", "patched+init"))
 
 @pytest.fixture
 def prepare_only(monkeypatch, tmp_path: Path) -> dict[str, list]:
-    """Envs are this interpreter, compare_sides records the model dirs it was given; returns the hotfix steps
-    every worker ran and those model dirs, per diagnose run."""
+    """Envs are this interpreter, compare_sides records the model dirs it was given; returns the sources of
+    every hotfix run and those model dirs, per diagnose run."""
     monkeypatch.setattr(
         "opensci_patch.matrix.envs.ensure_env",
         lambda version, build, **kw: Env(tmp_path / "env", Path(sys.executable), version, build, reused=True),
     )
     seen: dict[str, list] = {"hotfixes": [], "models": []}
-    real = worker.run
+    real = hotfix_cache.run_hotfix
 
-    def counting(env, steps, tmp, **kw):
-        seen["hotfixes"].extend(s for s in steps if isinstance(s, worker.HotfixStep))
-        return real(env, steps, tmp, **kw)
+    def counting(variant: str, source: Path, out: Path):
+        seen["hotfixes"].append(source)
+        return real(variant, source, out)
 
-    monkeypatch.setattr(worker, "run", counting)  # diagnose looks it up there when it runs
-    monkeypatch.setattr(runner, "run_worker", counting)  # the sweep imported it
+    monkeypatch.setattr(hotfix_cache, "run_hotfix", counting)  # the sweep and diagnose both hotfix through it
 
     def compare_stub(a: dg.Side, b: dg.Side, out_dir: Path, **kw) -> dict:
         seen["models"].append((a.model_dir, b.model_dir))
@@ -52,7 +51,7 @@ def prepare_only(monkeypatch, tmp_path: Path) -> dict[str, list]:
 def test_a_second_diagnose_of_the_same_pair_runs_no_hotfix(prepare_only, tmp_path: Path):
     root = tmp_path / "env-root"
     dg.diagnose(*PAIR, None, tmp_path / "first", env_root=root, log=lambda *a: None)
-    assert [s.src for s in prepare_only["hotfixes"]] == [FIXTURE_DIR, FIXTURE_DIR]  # one per variant
+    assert prepare_only["hotfixes"] == [FIXTURE_DIR, FIXTURE_DIR]  # one per variant
     cached = tuple(hotfix_cache.hotfix_cache_dir(root, FIXTURE_DIR, c.model) for c in PAIR)  # the matrix's own cache
     assert all((c / MANIFEST).is_file() for c in cached)
     assert not (tmp_path / "first" / "models").exists()  # what the run hotfixed is removed; the cache keeps it
@@ -77,7 +76,7 @@ def test_diagnose_reuses_what_a_sweep_hotfixed(prepare_only, tmp_path: Path):
     """The sweep (`runner.hotfix_variants`) and diagnose go through one cache front door, `hotfix_cache.hotfix_once`."""
     root = tmp_path / "env-root"
     sweep = runner._Run(tmp_path / "records", tmp_path, root, 300, lambda *a: None, runner._Progress(2, print))
-    runner.hotfix_variants(sweep, [(c.checkpoint, c.model) for c in PAIR], {"": FIXTURE_DIR}, [("5.24.0", "cpu")])
+    runner.hotfix_variants(sweep, [(c.checkpoint, c.model) for c in PAIR], {"": FIXTURE_DIR})
     assert len(prepare_only["hotfixes"]) == 2 and all(isinstance(m, Path) for m in sweep.models.values())
     prepare_only["hotfixes"].clear()
     dg.diagnose(*PAIR, None, tmp_path / "diag", env_root=root, log=lambda *a: None)

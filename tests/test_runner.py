@@ -1,7 +1,8 @@
-"""The sweep runner: hotfix once per variant per run, one capture process per release, crash fallback, --jobs.
+"""The sweep runner: hotfix once per variant per run (in the driver), one capture process per release, crash
+fallback, --jobs, one writer per record.
 
 The real runs use the installed transformers (the interpreter running the tests stands in for every
-release's env), so they need no env build; the --jobs test uses a fake release runner.
+release's env), so they need no env build; the --jobs and one-writer tests use a fake release runner or worker.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from opensci_patch.matrix import runner, worker
+from opensci_patch._util import fs
+from opensci_patch._util.errors import EnvironmentSetupError
+from opensci_patch.matrix import hotfix_cache, runner, worker
 from opensci_patch.matrix.envs import Env
 from opensci_patch.matrix.spec import Cell, expectation
 from opensci_patch.measure import records as rec_io
@@ -26,7 +29,16 @@ VARIANTS = ["original", "patched", "patched+init"]  # no `generated`: it needs t
 
 
 @pytest.fixture
-def this_python_env(monkeypatch, tmp_path: Path) -> list[list[worker.Step]]:
+def hotfixes(monkeypatch) -> list[tuple]:
+    """(variant, source, out) of every hotfix run (in the driver's process, `hotfix_cache.run_hotfix`)."""
+    calls: list[tuple] = []
+    real = hotfix_cache.run_hotfix
+    monkeypatch.setattr(hotfix_cache, "run_hotfix", lambda *a: calls.append(a) or real(*a))
+    return calls
+
+
+@pytest.fixture
+def this_python_env(monkeypatch, tmp_path: Path) -> list[list[worker.CaptureStep]]:
     """Every release's env is this interpreter; returns the steps of every worker started."""
     calls: list[str] = []
     monkeypatch.setenv("OPENSCI_PATCH_ENV_ROOT", str(tmp_path / "env-root"))  # the hotfix cache lives there
@@ -36,7 +48,7 @@ def this_python_env(monkeypatch, tmp_path: Path) -> list[list[worker.Step]]:
             calls.append(version) or Env(tmp_path / "env", Path(sys.executable), version, build, reused=True)
         ),
     )
-    batches: list[list[worker.Step]] = []
+    batches: list[list[worker.CaptureStep]] = []
     real = runner.run_worker
 
     def counting(env, steps, tmp, **kw):
@@ -59,27 +71,25 @@ def _evidence(rec: rec_io.Record) -> tuple:
 
 @pytest.mark.crossversion  # runs cells: 18 captures
 def test_hotfix_once_per_variant_and_batch_records_equal_one_process_per_cell(
-    this_python_env, tmp_path: Path, monkeypatch
+    this_python_env, hotfixes, tmp_path: Path, monkeypatch
 ):
     batches = this_python_env
     # run 1: two releases (both this interpreter), all cells of a release in one shared capture process
     cells = [Cell(v, "cpu", m) for v in (INSTALLED, "4.99.0") for m in VARIANTS]
     lines: list[str] = []
-    assert runner.run_cells(cells, FIXTURE_DIR, tmp_path / "batch", log=lines.append) == len(cells)
-    hotfixes = [s for batch in batches for s in batch if isinstance(s, worker.HotfixStep)]
+    assert len(runner.run_cells(cells, FIXTURE_DIR, tmp_path / "batch", log=lines.append)) == len(cells)
     assert len(hotfixes) == 2  # patched and patched+init once each, for two releases
-    outs = [s.out.name for s in hotfixes]
+    outs = [out.name for _, _, out in hotfixes]
     assert len(set(outs)) == 2 and FIXTURE_DIR.name not in outs  # own basenames: own remote-code module names
-    captures = [batch for batch in batches if isinstance(batch[0], worker.CaptureStep)]
-    assert [len(b) for b in captures] == [3, 3]  # one process per release, every variant in it
+    assert [len(b) for b in batches] == [3, 3]  # one process per release, every variant in it
     batch = _load_all(tmp_path / "batch", cells)
     assert all(r.status != rec_io.RUNNING and r.cell_id == c for c, r in batch.items())
     assert sum(line.startswith(f"[{i}/{len(cells)}] ") for i in range(1, 7) for line in lines) == len(cells)
 
     # a second run of the same code on the same checkpoint reuses the hotfix outputs: no hotfix step at all
-    batches.clear()
+    hotfixes.clear()
     runner.run_cells(cells[:3], FIXTURE_DIR, tmp_path / "again", log=lines.append)
-    assert not [s for b in batches for s in b if isinstance(s, worker.HotfixStep)]
+    assert not hotfixes
     again = _load_all(tmp_path / "again", cells[:3])
     assert all(_evidence(again[c.id]) == _evidence(batch[c.id]) for c in cells[:3])
 
@@ -120,39 +130,41 @@ def test_a_capture_with_bad_input_is_a_run_error_not_a_model_failure(tmp_path: P
 
 
 def test_the_worker_streams_one_result_line_per_step_and_refuses_bad_steps_with_one_line(tmp_path: Path):
-    """The process protocol: steps as JSON on stdin, one JSON result line per step on stdout, nothing else there."""
+    """The process protocol: capture steps as JSON on stdin, one JSON result line per step on stdout (with what the
+    record it wrote says), nothing else there."""
     import subprocess
 
-    src = tmp_path / "src"
-    src.mkdir()
+    cells = [Cell(INSTALLED, "cpu", "patched"), Cell(INSTALLED, "cpu", "original")]
+    models = [tmp_path / "missing", FIXTURE_DIR]  # no such dir: exit 2; the shipped code: fails to load on 5.x
     steps = [
-        worker.HotfixStep.for_variant("structural", src, tmp_path / "fixed"),  # not a model dir: exit 2
-        worker.HotfixStep.for_variant("patched", FIXTURE_DIR, tmp_path / "patched"),
+        worker.CaptureStep(m, c, tmp_path / f"{c.id}.json", expectation(c)) for m, c in zip(models, cells, strict=True)
     ]
     payload = json.dumps([worker.step_to_json(s) for s in steps])
     cmd = [sys.executable, "-m", "opensci_patch.matrix.worker"]
     proc = subprocess.run(cmd, input=payload, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [(r["index"], r["rc"]) for r in lines] == [(0, 2), (1, 0)]
-    assert "opensci-patch: error:" in lines[0]["stderr"] and (tmp_path / "patched" / "modeling_opensci.py").is_file()
+    assert [(r["index"], r["rc"]) for r in lines] == [(0, 2), (1, 1)]
+    assert "opensci-patch: error:" in lines[0]["stderr"]
+    for line, step in zip(lines, steps, strict=True):
+        rec = rec_io.load(step.final)
+        err = f"{rec.error.type}: {rec.error.message}"
+        assert line["cell"] == {"status": str(rec.status), "wall_s": rec.cell_wall_s, "logit": None, "rank": None,
+                                "error": err}  # fmt: skip
+    assert [line["cell"]["status"] for line in lines] == ["crash", "load-error"]
 
     bad = subprocess.run(cmd, input="[1, 2", capture_output=True, text=True, timeout=300, cwd=REPO)
     assert bad.returncode == 2 and bad.stdout == ""
     assert "not a list of steps" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
-def test_steps_round_trip_through_json_and_variants_map_to_hotfix_options(tmp_path: Path):
+def test_steps_round_trip_through_json(tmp_path: Path):
     cell = Cell("5.2.0", "cpu", "structural", "bfloat16", "sdpa")
     steps = [
-        worker.HotfixStep.for_variant("structural", tmp_path, tmp_path / "out"),
-        worker.HotfixStep.for_variant("patched+init", tmp_path, tmp_path / "out"),
         worker.CaptureStep(tmp_path / "m", cell, tmp_path / "r.json", expectation(cell)),
         worker.CaptureStep(tmp_path / "m", cell, tmp_path / "r.json", expectation(cell), reference="off"),
     ]
-    assert steps[3].reference == "off" and worker.step_to_json(steps[3])["reference"] == "off"
-    assert steps[0].only == ("loss_kwargs", "rope_default", "tied_weights") and steps[0].extras == ()
-    assert steps[1].only is None and steps[1].extras == ("init_weights",)
+    assert steps[1].reference == "off" and worker.step_to_json(steps[1])["reference"] == "off"
     assert [worker.step_from_json(json.loads(json.dumps(worker.step_to_json(s)))) for s in steps] == steps
 
 
@@ -226,3 +238,87 @@ def test_cell_exits_non_zero_when_its_cells_could_not_run(cli, tmp_path: Path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "could not run" in proc.stderr.strip().splitlines()[-1]
 
+
+def test_a_release_whose_env_cannot_be_built_still_costs_no_hotfix(monkeypatch, tmp_path: Path, hotfixes):
+    """The driver hotfixes in its own process: the only release's env failing leaves the hotfix made (and cached),
+    its cells env-errors, never "no env to hotfix in"."""
+
+    def no_env(version, build, **kw):
+        raise EnvironmentSetupError(f"cannot build {version}")
+
+    monkeypatch.setenv("OPENSCI_PATCH_ENV_ROOT", str(tmp_path / "env-root"))
+    monkeypatch.setattr("opensci_patch.matrix.envs.ensure_env", no_env)
+    cells = [Cell("5.2.0", "cpu", "patched")]
+    finished = runner.run_cells(cells, FIXTURE_DIR, tmp_path / "records", log=lambda m: None)
+    assert [variant for variant, _, _ in hotfixes] == ["patched"]
+    assert (hotfix_cache.hotfix_cache_dir(tmp_path / "env-root", FIXTURE_DIR, "patched") / "config.json").is_file()
+    rec = rec_io.load(tmp_path / "records" / f"{cells[0].id}.json")
+    assert rec.status == "env-error" and rec.error.message == "cannot build 5.2.0"
+    assert finished[cells[0].id].status == "env-error"
+
+
+def test_one_record_file_has_one_writer_and_the_driver_reads_none_back(monkeypatch, tmp_path: Path):
+    """Every kind of cell in one run: captured by the worker, never finished (the worker died before it), env-error,
+    hotfix-error. Each record path is written exactly once (no placeholder, no second stamp), the previous run's
+    records are gone first, and the driver never reads a record (progress and exit status come with the results)."""
+    records = tmp_path / "records"
+    records.mkdir()
+    writes: dict[str, int] = {}
+    real_write = fs.write_atomic
+
+    def counting(path, content):
+        writes[Path(path).name] = writes.get(Path(path).name, 0) + 1
+        return real_write(path, content)
+
+    def no_reading(path):
+        raise AssertionError(f"the driver read {path} back")
+
+    def fake_worker(env, steps, tmp, *, timeout, on_result):  # in this process; it dies at a bfloat16 cell
+        def one_capture(step):
+            return 1, "", rec_io.error_record(step.cell, "load-error", "ImportError", "fake model failure", "")
+
+        monkeypatch.setattr(worker, "_run_capture", one_capture)
+        results: dict[int, worker.StepResult] = {}
+        ran = [step for step in steps if step.cell.dtype == "float32"][:1]
+        worker.run_steps(ran, lambda r: results.setdefault(r.index, r) and on_result(r))
+        return worker.WorkerExit(results, -9, "killed", None)
+
+    def env_or_not(version, build, **kw):
+        if version == "4.48.0":
+            raise EnvironmentSetupError("no wheels for 4.48.0")
+        return Env(tmp_path / "env", Path(sys.executable), version, build, reused=True)
+
+    monkeypatch.setattr(fs, "write_atomic", counting)
+    monkeypatch.setattr(rec_io, "load", no_reading)
+    monkeypatch.setattr(runner, "run_worker", fake_worker)
+    monkeypatch.setattr("opensci_patch.matrix.envs.ensure_env", env_or_not)
+    monkeypatch.setattr(hotfix_cache, "run_hotfix", lambda variant, src, out: "opensci-patch: error: fake refusal\n")
+    monkeypatch.setenv("OPENSCI_PATCH_ENV_ROOT", str(tmp_path / "env-root"))
+    cells = [Cell("5.2.0", "cpu", "original"), Cell("5.2.0", "cpu", "original", "bfloat16"),
+             Cell("5.2.0", "cpu", "patched"), Cell("4.48.0", "cpu", "original")]  # fmt: skip
+    stale = records / f"{cells[1].id}.json"
+    real_write(stale, rec_io.error_record(cells[1], "crash", "Old", "the previous run's record", ""))
+    lines: list[str] = []
+
+    finished = runner.run_cells(cells, FIXTURE_DIR, records, log=lines.append)
+    assert writes == {f"{c.id}.json": 1 for c in cells}  # fails on a placeholder, or a record written twice
+    assert {c: s.status for c, s in finished.items()} == {
+        cells[0].id: "load-error",  # captured by the worker: its record
+        cells[1].id: "crash",  # never finished: the driver's
+        cells[2].id: "hotfix-error",
+        cells[3].id: "env-error",
+    }
+    assert len([line for line in lines if line.startswith("[")]) == len(cells)
+    assert f"{cells[3].id}: env-error (expected xfail, 0.0s)" in [line.split(" ", 1)[1] for line in lines[:-1]], lines
+    assert runner.could_not_run(cells, finished) == [
+        f"{cells[1].id}: crash: exit -9: killed",
+        f"{cells[2].id}: hotfix-error: HotfixFailed: opensci-patch: error: fake refusal",
+        f"{cells[3].id}: env-error: EnvironmentSetupError: no wheels for 4.48.0",
+    ]
+
+
+def test_a_cell_without_a_record_could_not_run(tmp_path: Path):
+    """A cell the run never finished (it was stopped) has no summary: it counts as could-not-run, not as a result."""
+    cells = [Cell("5.2.0", "cpu", "patched"), Cell("5.2.0", "cpu", "original")]
+    ran = {cells[1].id: worker.CellSummary("load-error", 1.5, error="ImportError: no module")}
+    assert runner.could_not_run(cells, ran) == [f"{cells[0].id}: no record: the cell never finished"]

@@ -197,3 +197,28 @@ def test_the_nightly_torch_sweep_runs_cpu_wheels_of_the_reference_and_newest(wor
     assert "opensci-patch cell --torch-sweep" in run and "opensci-patch report" in run
     assert "--torch " not in run and "--transformers" not in run  # the sweep's own default: 4.48.0 and the newest
     assert nightly["env"]["OPENSCI_PATCH_TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+
+
+def test_the_cell_sessions_run_the_driver_installed_in_their_own_venv():
+    """The driver hotfixes in its own process, so its venv holds this package (libcst, ...) and a transformers for the
+    relative_imports check: before, the cell sessions had no venv (venv_backend "none") and ran nox's interpreter."""
+    spec = importlib.util.spec_from_file_location("noxfile_venvs", REPO / "noxfile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.cell.venv_backend != "none" and module.run_matrix.venv_backend != "none"
+
+    class Recording:
+        def __init__(self):
+            self.calls: list[tuple] = []
+
+        def install(self, *args):
+            self.calls.append(("install", *args))
+
+        def run(self, *args, **kwargs):
+            self.calls.append(("run", *args))
+
+    session = Recording()
+    module.cli(session, "cell", "--all")
+    (install, run) = session.calls
+    assert install[:3] == ("install", "-e", ".") and any(a.startswith("transformers==") for a in install)
+    assert run == ("run", "opensci-patch", "cell", "--all")  # the venv's entry point, not nox's interpreter

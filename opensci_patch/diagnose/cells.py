@@ -1,9 +1,9 @@
 """Diagnosing two matrix cells: their per-release envs, their models hotfixed as the matrix does, then the driver.
 
 `diagnose` turns two cells into two `driver.Side`s: it builds (or reuses) each cell's env, picks the
-checkpoint each cell runs and hotfixes it per model variant through the matrix's own step and hotfix
+checkpoint each cell runs and hotfixes it per model variant (in this process) through the matrix's hotfix
 cache (`matrix.hotfix_cache.hotfix_once`), so a pair diagnosed again, or one a sweep already ran, is not
-hotfixed again. Also the CLI's `diagnose` subcommand. Standard library only, like the driver.
+hotfixed again. Also the CLI's `diagnose` subcommand. No torch or transformers here: those run in the sides' envs.
 """
 
 from __future__ import annotations
@@ -69,36 +69,24 @@ def _envs_and_checkpoints(
     return envs, runs_on
 
 
-def _hotfixed_model(
-    cell: Cell, label: str, source: Path, env: Any, workdir: Path, env_root: Path | None, keep: bool,
-    timeout: float, log: Log,
-) -> Path:  # fmt: skip
-    """The model dir `cell` runs: `source` hotfixed by the matrix's own step, through the matrix's hotfix cache.
+def _hotfixed_model(cell: Cell, label: str, source: Path, workdir: Path, env_root: Path | None, keep: bool,
+                   log: Log) -> Path:  # fmt: skip
+    """The model dir `cell` runs: `source` hotfixed as the matrix does, through the matrix's hotfix cache.
 
-    `worker.HotfixStep.for_variant` is the one definition of a variant's hotfix and `hotfix_cache.hotfix_once`
-    the one cache of its outputs, so diagnose cannot drift from what the matrix runs, and never hotfixes
-    what a sweep or an earlier diagnose of this same code already hotfixed. A miss is hotfixed in the
-    cell's env under `workdir`; a hit runs from the cache (copied under `workdir` when `keep`).
+    `hotfix_cache.hotfix_once` is the one definition of a variant's hotfix and the one cache of its outputs, so
+    diagnose cannot drift from what the matrix runs, and never hotfixes what a sweep or an earlier diagnose of
+    this same code already hotfixed. A miss is hotfixed in this process under `workdir`; a hit runs from the
+    cache (copied under `workdir` when `keep`).
     """
     from opensci_patch.matrix.hotfix_cache import hotfix_dir, hotfix_once
-    from opensci_patch.matrix.worker import HotfixStep, StepResult
-    from opensci_patch.matrix.worker import run as run_worker
 
     if VARIANTS[cell.model].hotfix is None:
         return source
-    worker_logs: list[str] = []
-
-    def hotfix_in_cell_env(steps: list[HotfixStep]) -> dict[int, StepResult]:
-        log(f"hotfix ({cell.model}) in transformers {cell.transformers}: {steps[0].out}")
-        workdir.mkdir(parents=True)
-        outcome = run_worker(env, steps, workdir, timeout=timeout, on_result=lambda _r: None)
-        worker_logs.append(outcome.log)
-        return outcome.results
-
-    got = hotfix_once([(cell.model, source)], env_root, workdir, hotfix_in_cell_env, log)[(cell.model, source)]
+    got = hotfix_once([(cell.model, source)], env_root, workdir, log)[(cell.model, source)]
     if not isinstance(got, Path):
-        why = got.stderr if got is not None else worker_logs[-1]
-        raise DiagnoseError(f"hotfix ({cell.model}) for {label} failed:\n{tail(why, 15)}")
+        raise DiagnoseError(f"hotfix ({cell.model}) for {label} failed:\n{tail(got, 15)}")
+    if got.is_relative_to(workdir):
+        log(f"hotfixed ({cell.model}) into {got}")
     if keep and not got.is_relative_to(workdir):  # a cache hit: the kept models are under OUT/models all the same
         kept = hotfix_dir(workdir, source, cell.model)
         log(f"copying the cached hotfix ({cell.model}) to {kept}")
@@ -108,9 +96,8 @@ def _hotfixed_model(
 
 
 def _prepare_models(
-    cells: Cells, runs_on: dict[str, Path], envs: dict, models_root: Path, env_root: Path | None, keep: bool,
-    timeout: float, log: Log,
-) -> dict[str, Path]:  # fmt: skip
+    cells: Cells, runs_on: dict[str, Path], models_root: Path, env_root: Path | None, keep: bool, log: Log
+) -> dict[str, Path]:
     """The model dir each cell runs: one hotfix per variant and checkpoint, each in its own dir under `models_root`."""
     prepared: dict[tuple[str, Path], Path] = {}
     models: dict[str, Path] = {}
@@ -118,8 +105,7 @@ def _prepare_models(
         key = (cell.model, runs_on[label])
         if key not in prepared:
             workdir = models_root / (label + "-" + "".join(c if c.isalnum() or c in "_.-" else "_" for c in cell.model))
-            env = envs[(cell.transformers, cell.torch)]
-            prepared[key] = _hotfixed_model(cell, label, runs_on[label], env, workdir, env_root, keep, timeout, log)
+            prepared[key] = _hotfixed_model(cell, label, runs_on[label], workdir, env_root, keep, log)
         models[label] = prepared[key]
     return models
 
@@ -142,10 +128,9 @@ def diagnose(
     """Name the first stage (or decode step) where cells `a` and `b` disagree on `model_dir`, and the likely cause.
 
     Each cell runs in its own per-release env (built on first use). The model dir (B's is
-    `model_dir_b` when given) is prepared per model variant with `opensci-patch hotfix` inside
-    the env of the first cell that needs it (the patches are pure source rewrites, the same in
-    every env), once per version of this code and of the checkpoint's files: through the matrix's
-    hotfix cache under the env root. What a run hotfixes goes under `out_dir/models/`, removed
+    `model_dir_b` when given) is prepared per model variant with the matrix's hotfix, in this process,
+    once per version of this code and of the checkpoint's files: through the matrix's hotfix cache
+    under the env root. What a run hotfixes goes under `out_dir/models/`, removed
     afterwards unless `keep_models`; the user's dirs are only read. Returns the result dict (also
     `out_dir/diagnose.json`): `status` is "diverged", "agree" or "error" (a side failed to load or
     run: a finding, with the error).
@@ -162,7 +147,7 @@ def diagnose(
         fresh_dir(models_root)
     t0 = time.monotonic()
     try:
-        models = _prepare_models(cells, runs_on, envs, models_root, env_root, keep_models, timeout, log)
+        models = _prepare_models(cells, runs_on, models_root, env_root, keep_models, log)
         sides = [
             Side(
                 label,

@@ -1,27 +1,33 @@
 """The matrix's hotfix cache: each (variant, source) hotfixed once per version of this code and of the source's files.
 
-The hotfix output depends only on the source files, the variant's hotfix options and this tool's code, never on
-the installed transformers, so it is kept in the env root (`_hotfix-cache/`) across runs and shared by the sweep
-(`runner.hotfix_variants`) and diagnose. A cached copy is reused only while its files match its manifest's sha256
-values (the env root may be shared, and its files run as model code).
+The hotfix output depends only on the source files, the variant's hotfix options and this tool's code, so it is
+kept in the env root (`_hotfix-cache/`) across runs and shared by the sweep (`runner.hotfix_variants`) and diagnose.
+A miss is hotfixed here, in the calling process (the driver), not in a per-release env: a release whose env cannot
+be built still has its hotfix. (The `relative_imports` patch checks its targets against the installed transformers,
+where there is one, and a list of modules other releases have: `rewrite/patches/relative_imports.py`.) A cached
+copy is reused only while its files match its manifest's sha256 values (the env root may be shared, and its files
+run as model code).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import io
 import json
 import re
 import shutil
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 from opensci_patch._util import fs
 from opensci_patch._util.defaults import MANIFEST
+from opensci_patch._util.errors import OpensciPatchError, format_error
 from opensci_patch._util.locations import default_root
 from opensci_patch.matrix.spec import VARIANTS
-from opensci_patch.matrix.worker import HotfixStep, StepResult
 
 Log = Callable[[str], None]
 
@@ -107,39 +113,55 @@ def hotfix_dir(tmp: Path, source: Path, variant: str) -> Path:
     return tmp / "models" / f"{_slug(source.name)}_{_slug(variant)}"
 
 
+def hotfix_options(variant: str) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
+    """(extras, only) of the hotfix `variant` declares (`Variant.hotfix`: `--with P` / `--only P` pairs)."""
+    options = VARIANTS[variant].hotfix or ()
+    pairs = list(zip(options[::2], options[1::2], strict=True))
+    unknown = sorted({flag for flag, _ in pairs} - {"--with", "--only"})
+    if unknown:
+        raise ValueError(f"variant {variant!r}: unknown hotfix option(s) {', '.join(unknown)}")
+    only = tuple(p for flag, p in pairs if flag == "--only")
+    return tuple(p for flag, p in pairs if flag == "--with"), only or None
+
+
+def run_hotfix(variant: str, source: Path, out: Path) -> str | None:
+    """Hotfix `source` for `variant` into `out`, in this process; None, or why it failed (the error line as the CLI
+    prints it, or the traceback of a bug). Its log lines are not printed; what it says on stderr goes with a failure."""
+    from opensci_patch.rewrite.hotfix import hotfix
+
+    extras, only = hotfix_options(variant)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            hotfix(source, out, extras=extras, only=only, log=lambda m: None)
+    except OpensciPatchError as exc:
+        return err.getvalue() + format_error(exc) + "\n"
+    except Exception:  # noqa: BLE001 - a bug in the hotfix of one variant is that variant's hotfix-error
+        return err.getvalue() + traceback.format_exc()
+    return None
+
+
 def hotfix_once(
-    wanted: list[tuple[str, Path]],
-    env_root: Path | None,
-    tmp: Path,
-    run_steps: Callable[[list[HotfixStep]], dict[int, StepResult]],
-    log: Log,
-) -> dict[tuple[str, Path], Path | StepResult | None]:
+    wanted: list[tuple[str, Path]], env_root: Path | None, tmp: Path, log: Log
+) -> dict[tuple[str, Path], Path | str]:
     """Each (variant, source)'s hotfix output, made once per version of this code and of the source's files.
 
     The one front door of the hotfix cache, for the sweep (`hotfix_variants`) and for diagnose: a
-    (variant, source) hotfixed before is reused from `hotfix_cache_dir`; the misses' steps (into
-    `hotfix_dir(tmp, ...)`) go to `run_steps` in one call, which runs them (in a worker of the caller's
-    choosing) and returns their results by step index; each finished output is kept in the cache.
-    A miss that did not finish maps to its failed result, or None where `run_steps` has none for it.
+    (variant, source) hotfixed before is reused from `hotfix_cache_dir`; a miss is hotfixed in this process
+    (`run_hotfix`) into `hotfix_dir(tmp, ...)` and kept in the cache. A miss that failed maps to why (its stderr).
     """
-    made: dict[tuple[str, Path], Path | StepResult | None] = {}
-    misses = []
+    made: dict[tuple[str, Path], Path | str] = {}
     for variant, source in dict.fromkeys(wanted):
         cached = hotfix_cache_dir(env_root, source, variant)
         if (cached / MANIFEST).is_file() and _intact(cached):
             log(f"{variant}: hotfix output reused from {cached.parent}")
             made[(variant, source)] = cached
+            continue
+        out = hotfix_dir(tmp, source, variant)
+        why = run_hotfix(variant, source, out)
+        if why is None and out.is_dir():
+            made[(variant, source)] = out
+            _keep_in_cache(out, cached)
         else:
-            misses.append((variant, source))
-    if not misses:
-        return made
-    steps = [HotfixStep.for_variant(variant, source, hotfix_dir(tmp, source, variant)) for variant, source in misses]
-    results = run_steps(steps)
-    for i, ((variant, source), step) in enumerate(zip(misses, steps, strict=True)):
-        result = results.get(i)
-        if result is not None and result.rc == 0 and step.out.is_dir():
-            made[(variant, source)] = step.out
-            _keep_in_cache(step.out, hotfix_cache_dir(env_root, source, variant))
-        else:
-            made[(variant, source)] = result
+            made[(variant, source)] = why or "the hotfix wrote no output\n"
     return made

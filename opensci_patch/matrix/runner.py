@@ -8,9 +8,9 @@ crashes: then the record says so, with the tail of the log, and the other cells 
 A run of many cells (`run_cells`, `opensci-patch cell`) costs about one import of torch and
 transformers per release, not two per cell:
 
-- Hotfix once per variant per run. The hotfix output depends only on the source files and this
-  tool's version, never on the installed transformers, so each variant is hotfixed once, in the
-  first release's env, into the run's temp dir, each into a directory of its own basename (the
+- Hotfix once per variant per run, in this process (`hotfix_cache`: kept across runs): the output
+  depends on the source files and this tool's code, not on a release's env, so a release whose env
+  cannot be built costs only its own cells. Each variant goes into a directory of its own basename (the
   remote-code module name under `transformers_modules` comes from it, so no two variants share one).
 - One capture process per release (a `worker`, given typed steps) captures every cell of that
   release in turn: each from its own model dir, each in a fresh `isolated_hf_cache()` (private
@@ -20,6 +20,12 @@ transformers per release, not two per cell:
   recorded as a timeout and the cells after it are rerun one per process. Bad input to a capture
   (exit 2) is recorded as a run error ("crash", "exit 2"), never as a failure of the model.
 - Releases in parallel (`jobs`), one progress line per finished cell.
+
+One writer per record: a run first removes the records of its cells left by an earlier run (a killed run
+leaves no record of a cell it did not finish, never the previous result); the worker writes the record of
+each cell it ran, and this module only those of cells that never ran there (env-error, hotfix-error, a crash
+or timeout that never finished). What the progress line and `could_not_run` need comes with each worker's
+`StepResult` (`CellSummary`): no record is read back.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from opensci_patch._util import fs, procs
@@ -37,7 +43,7 @@ from opensci_patch._util.faults import fault_point
 from opensci_patch.matrix.hotfix_cache import hotfix_once
 from opensci_patch.matrix.spec import VARIANTS, Cell, expectation
 from opensci_patch.matrix.venv import check_settings
-from opensci_patch.matrix.worker import CaptureStep, HotfixStep, Step, StepResult, finish
+from opensci_patch.matrix.worker import CaptureStep, CellSummary, StepResult, finish
 from opensci_patch.matrix.worker import run as run_worker
 from opensci_patch.measure import records as rec_io
 
@@ -60,16 +66,16 @@ class _Progress:
         self.lock = threading.Lock()
         self.start = time.monotonic()
 
-    def cell_done(self, cell: Cell, record: rec_io.Record) -> None:
-        t = record.target
-        got = f"ran: ' Paris' logit {t.logit:.4f} rank {t.rank}" if t else record.status
-        if t and record.status != "ok":
-            got += f" ({record.status})"
+    def cell_done(self, cell: Cell, summary: CellSummary) -> None:
+        ran = summary.logit is not None
+        got = f"ran: ' Paris' logit {summary.logit:.4f} rank {summary.rank}" if ran else summary.status
+        if ran and summary.status != "ok":
+            got += f" ({summary.status})"
         with self.lock:
             self.done += 1
             self.log(
                 f"[{self.done}/{self.total}] {cell.id}: {got} "
-                f"(expected {record.expected and record.expected.outcome}, {record.cell_wall_s}s)"
+                f"(expected {expectation(cell).outcome}, {summary.wall_s}s)"
             )
 
 
@@ -87,6 +93,7 @@ class _Run:
     # (checkpoint label, variant) -> model dir, or why there is none
     models: dict[tuple[str, str], Path | _NoModel] = field(default_factory=dict)
     envs: dict[tuple[str, str], object] = field(default_factory=dict)  # (release, build) -> Env or the error
+    finished: dict[str, CellSummary] = field(default_factory=dict)  # cell id -> what its record says
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def env(self, version: str, build: str):
@@ -101,11 +108,15 @@ class _Run:
                 self.envs[key] = exc
         return self.envs[key]
 
-    def write(self, cell: Cell, record: rec_io.Record, wall_s: float | None = None) -> None:
-        if wall_s is not None:
-            finish(record, cell, expectation(cell), wall_s)
+    def write(self, cell: Cell, record: rec_io.Record, wall_s: float) -> None:
+        """The record of a cell that never ran in a worker (its only writer), and its progress line."""
+        finish(record, cell, expectation(cell), wall_s)
         fs.write_atomic(self.records / f"{cell.id}.json", record)
-        self.progress.cell_done(cell, record)
+        self.done(cell, CellSummary.of(record))
+
+    def done(self, cell: Cell, summary: CellSummary) -> None:
+        self.finished[cell.id] = summary
+        self.progress.cell_done(cell, summary)
 
 
 def run_cells(
@@ -118,16 +129,17 @@ def run_cells(
     timeout: float = 900,
     log: Log = print,
     reference: str = "auto",
-) -> int:
-    """Run cells, `jobs` releases at a time; one record per cell, one progress line per cell. Returns the count.
+) -> dict[str, CellSummary]:
+    """Run cells, `jobs` releases at a time; one record per cell, one progress line per cell. Returns what each
+    finished cell's record says, by cell id (a cell missing there has no record: the run was stopped).
 
     `model_dir`: the checkpoint dir of every cell, or {checkpoint label: dir} for the cells' `Cell.checkpoint`.
     `reference`: each capture's fp64 reference forward (auto | on | off, as `capture --reference`)."""
-    check_settings(env_root)  # a bad env root or variable: one line, before any record says "running"
+    check_settings(env_root)  # a bad env root or variable: one line, before any record is touched
     records.mkdir(parents=True, exist_ok=True)
-    for cell in cells:  # a killed run leaves "running", never the previous run's result
-        fs.write_atomic(records / f"{cell.id}.json", rec_io.running_record(cell, expected=asdict(expectation(cell))))
-    fault_point("cell.placeholders")  # tests/test_faults.py: the driver killed before any cell finished
+    for cell in cells:  # a killed run leaves no record of an unfinished cell, never the previous run's result
+        (records / f"{cell.id}.json").unlink(missing_ok=True)
+    fault_point("cell.cleared")  # tests/test_faults.py: the driver killed before any cell finished
     groups: dict[tuple[str, str], list[Cell]] = {}
     for cell in cells:
         groups.setdefault((cell.transformers, cell.torch), []).append(cell)
@@ -136,12 +148,12 @@ def run_cells(
     with fs.temp_dir("opensci-run") as tmp:  # also removes those of killed runs (a SIGKILLed driver)
         run = _Run(records, tmp, env_root, timeout, log, progress, reference)
         wanted = list(dict.fromkeys((c.checkpoint, c.model) for c in cells))
-        hotfix_variants(run, wanted, dirs, list(groups))
+        hotfix_variants(run, wanted, dirs)
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             for f in [pool.submit(run_release, run, group) for group in groups.values()]:
                 f.result()
     log(f"{len(cells)} cells in {time.monotonic() - progress.start:.0f}s; records in {records}")
-    return len(cells)
+    return run.finished
 
 
 @dataclass(frozen=True)
@@ -157,10 +169,8 @@ class _NoModel:
         return rec_io.error_record(cell, self.status, self.type, self.message, self.log)
 
 
-def hotfix_variants(
-    run: _Run, wanted: list[tuple[str, str]], dirs: dict[str, Path], releases: list[tuple[str, str]]
-) -> None:
-    """Fill `run.models`: each (checkpoint, variant)'s model dir, hotfixed once for the whole run (or why not)."""
+def hotfix_variants(run: _Run, wanted: list[tuple[str, str]], dirs: dict[str, Path]) -> None:
+    """Fill `run.models`: each (checkpoint, variant)'s model dir, hotfixed once (in this process), or why not."""
 
     sources: dict[tuple[str, str], Path] = {}
     for key in wanted:
@@ -178,35 +188,19 @@ def hotfix_variants(
             run.models[key] = source
         else:
             sources[key] = source
-    no_env: list[str] = []  # why there is no env to hotfix in, once the misses needed one
-
-    def hotfix_in_first_env(steps: list[HotfixStep]) -> dict[int, StepResult]:
-        env = None
-        for version, build in releases:  # the first env that builds; the hotfix output does not depend on it
-            env = run.env(version, build)
-            if not isinstance(env, Exception):
-                break
-        if env is None or isinstance(env, Exception):
-            no_env.append(f"no env to hotfix in: {env}")
-            return {}
-        results, failed = _run_with_fallback(run, env, steps, lambda _r: None)
-        return results | {i: StepResult(i, -1, "\n".join(why[1:])) for i, why in failed.items()}
-
     pairs = [(key[1], src) for key, src in sources.items()]
-    made = hotfix_once(pairs, run.env_root, run.tmp, hotfix_in_first_env, lambda m: run.log(f"    {m}"))
+    made = hotfix_once(pairs, run.env_root, run.tmp, lambda m: run.log(f"    {m}"))
     for key, source in sources.items():
         got = made[(key[1], source)]
         if isinstance(got, Path):
             run.models[key] = got
-        elif no_env:
-            run.models[key] = _NoModel("env-error", "EnvironmentSetupError", no_env[0], no_env[0])
         else:
-            err = got.stderr if got else "the hotfix process died\n"
+            err = procs.tail(got)
             run.models[key] = _NoModel("hotfix-error", "HotfixFailed", procs.tail(err, 1) or "hotfix failed", err)
 
 
 def _run_with_fallback(
-    run: _Run, env, steps: list[Step], on_result: Callable[[StepResult], None]
+    run: _Run, env, steps: list[CaptureStep], on_result: Callable[[StepResult], None]
 ) -> tuple[dict[int, StepResult], dict[int, tuple[str, str, str]]]:
     """All steps in one worker; after a crash or timeout, each unfinished step in a worker of its own.
 
@@ -247,7 +241,7 @@ def _run_with_fallback(
 
 def _at(result: StepResult, index: int) -> StepResult:
     """A result of a step rerun alone, numbered as in the whole list."""
-    return StepResult(index, result.rc, result.stderr)
+    return StepResult(index, result.rc, result.stderr, result.cell)
 
 
 def run_release(run: _Run, cells: list[Cell]) -> None:
@@ -267,17 +261,7 @@ def run_release(run: _Run, cells: list[Cell]) -> None:
             continue
         steps.append(CaptureStep(model, cell, run.records / f"{cell.id}.json", expectation(cell), run.reference))
 
-    def done(result: StepResult) -> None:
-        step = steps[result.index]
-        try:
-            record = rec_io.load(step.final)
-        except rec_io.RecordError as exc:
-            record = rec_io.error_record(step.cell, "crash", "RecordError", str(exc), str(exc))
-            run.write(step.cell, record, 0.0)
-            return
-        run.progress.cell_done(step.cell, record)
-
-    _, failed = _run_with_fallback(run, env, steps, done)
+    _, failed = _run_with_fallback(run, env, steps, lambda result: run.done(steps[result.index].cell, result.cell))
     for i, (exc_type, message, log_text) in failed.items():  # never finished, not even alone: a run error
         cell = steps[i].cell
         run.write(cell, rec_io.error_record(cell, "crash", exc_type, message, log_text), time.monotonic() - start)
@@ -288,9 +272,9 @@ def main_cells(
     reference: str = "auto",
 ) -> int:
     """Run cells (`jobs` releases at a time) with one progress line per cell; returns the number of cells that
-    could not run (a run error, never finished, or no readable record): the CLI's exit status is 1 if any."""
-    run_cells(cells, model_dir, records, jobs=jobs, log=log, reference=reference)
-    return len(could_not_run(cells, records))
+    could not run (a run error, or never finished): the CLI's exit status is 1 if any."""
+    finished = run_cells(cells, model_dir, records, jobs=jobs, log=log, reference=reference)
+    return len(could_not_run(cells, finished))
 
 
 def checkpoint_dirs(models: list[Path]) -> dict[str, Path]:
@@ -312,17 +296,15 @@ def checkpoint_dirs(models: list[Path]) -> dict[str, Path]:
     return out
 
 
-def could_not_run(cells: list[Cell], records: Path) -> list[str]:
-    """'cell id: why' for each cell whose record says it could not run (env-error, crash, hotfix-error,
-    running) or that left no readable record. A model failure (load-error, ...) ran: it is a result."""
+def could_not_run(cells: list[Cell], finished: dict[str, CellSummary]) -> list[str]:
+    """'cell id: why' for each cell whose record says it could not run (env-error, crash, hotfix-error) or that
+    has none (`run_cells`' result: what each finished cell's record says). A model failure (load-error, ...)
+    ran: it is a result."""
     out = []
     for cell in cells:
-        try:
-            record = rec_io.load(records / f"{cell.id}.json")
-        except rec_io.RecordError as exc:
-            out.append(f"{cell.id}: {exc}")
-            continue
-        if record.status.no_evidence:
-            err = record.error or rec_io.ErrorInfo("", "", "")
-            out.append(f"{cell.id}: {record.status}: {err.type}: {err.message}")
+        got = finished.get(cell.id)
+        if got is None:
+            out.append(f"{cell.id}: no record: the cell never finished")
+        elif rec_io.Status(got.status).no_evidence:
+            out.append(f"{cell.id}: {got.status}: {got.error}")
     return out

@@ -1,11 +1,11 @@
-"""The worker: one process inside a release's env that runs typed steps in turn and streams typed results.
+"""The worker: one process inside a release's env that captures cells in turn and streams typed results.
 
-`python -m opensci_patch.matrix.worker` reads a JSON list of steps on stdin (`HotfixStep`, `CaptureStep`),
-runs each by calling `hotfix()` or `capture()` in this process, and writes one JSON line per finished
-step (`StepResult`) on stdout; everything else the steps print goes to stderr. A capture step writes
-its cell's final record itself, atomically, before its result line: a crash costs only the steps
-that have no result line yet. `run` is the driver side (start, follow, time out, kill), used by
-`runner` (matrix cells) and `diagnose` (its hotfixes).
+`python -m opensci_patch.matrix.worker` reads a JSON list of `CaptureStep`s on stdin, runs each by calling
+`capture()` in this process, and writes one JSON line per finished step (`StepResult`, with the `CellSummary`
+the driver's progress line needs) on stdout; everything else the steps print goes to stderr. A step writes
+its cell's record itself, atomically, before its result line (the record's only writer: the driver writes
+only the records of cells that never ran here): a crash costs only the steps that have no result line yet.
+`run` is the driver side (start, follow, time out, kill), used by `runner`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 from opensci_patch._util import fs, procs
 from opensci_patch._util.errors import Terminated
 from opensci_patch._util.procs import child_env, death_signal_setter
-from opensci_patch.matrix.spec import VARIANTS, Cell, Expectation
+from opensci_patch.matrix.spec import Cell, Expectation
 from opensci_patch.measure import records as rec_io
 
 # Fault injection (tests only): a worker with more steps left kills itself (SIGKILL) right after
@@ -37,27 +37,6 @@ from opensci_patch.measure import records as rec_io
 CRASH_AFTER_VAR = "OPENSCI_PATCH_BATCH_CRASH_AFTER"
 LIVE: set[subprocess.Popen] = set()  # workers now running: a terminated driver terminates them
 STOPPING = threading.Event()  # set by terminate_children: no new worker starts
-
-
-@dataclass(frozen=True)
-class HotfixStep:
-    """`hotfix(src, out, extras=..., only=...)`: a variant's model code patched into `out`."""
-
-    src: Path
-    out: Path
-    extras: tuple[str, ...] = ()
-    only: tuple[str, ...] | None = None
-
-    @classmethod
-    def for_variant(cls, variant: str, src: Path, out: Path) -> HotfixStep:
-        """The hotfix `variant` declares (`Variant.hotfix`: `--with P` / `--only P` pairs)."""
-        options = VARIANTS[variant].hotfix or ()
-        pairs = list(zip(options[::2], options[1::2], strict=True))
-        unknown = sorted({flag for flag, _ in pairs} - {"--with", "--only"})
-        if unknown:
-            raise ValueError(f"variant {variant!r}: unknown hotfix option(s) {', '.join(unknown)}")
-        only = tuple(p for flag, p in pairs if flag == "--only")
-        return cls(Path(src), Path(out), tuple(p for flag, p in pairs if flag == "--with"), only or None)
 
 
 @dataclass(frozen=True)
@@ -72,37 +51,44 @@ class CaptureStep:
 
 
 @dataclass(frozen=True)
+class CellSummary:
+    """What the driver says of a finished cell without reading its record back: the progress line and
+    `runner.could_not_run` (the same values the record holds)."""
+
+    status: str
+    wall_s: float
+    logit: float | None = None  # the target's logit and rank, when the forward ran
+    rank: int | None = None
+    error: str = ""  # "Type: message" of a record with an error
+
+    @classmethod
+    def of(cls, record: rec_io.Record) -> CellSummary:
+        t, e = record.target, record.error
+        error = f"{e.type}: {e.message}" if e else ""
+        return cls(str(record.status), record.cell_wall_s, t and t.logit, t and t.rank, error)
+
+
+@dataclass(frozen=True)
 class StepResult:
     index: int  # the step's position in the list the worker was given
     rc: int  # 0 ok; 1 the model code failed (recorded) or a bug; 2 bad input; 130/143 interrupted/terminated
     stderr: str  # the tail of what the step wrote on stderr
+    cell: CellSummary  # what its record (written before this line) says
 
 
-Step = HotfixStep | CaptureStep
-
-
-def step_to_json(step: Step) -> dict:
-    if isinstance(step, HotfixStep):
-        return {"kind": "hotfix", "src": str(step.src), "out": str(step.out), "extras": list(step.extras),
-                "only": None if step.only is None else list(step.only)}  # fmt: skip
-    return {"kind": "capture", "model": str(step.model), "cell": asdict(step.cell), "final": str(step.final),
+def step_to_json(step: CaptureStep) -> dict:
+    return {"model": str(step.model), "cell": asdict(step.cell), "final": str(step.final),
             "expected": asdict(step.expected), "reference": step.reference}  # fmt: skip
 
 
-def step_from_json(data: dict) -> Step:
-    if data["kind"] == "hotfix":
-        only = data["only"]
-        return HotfixStep(
-            Path(data["src"]), Path(data["out"]), tuple(data["extras"]), None if only is None else tuple(only)
-        )
-    if data["kind"] == "capture":
-        cell, expected = Cell(**data["cell"]), Expectation(**data["expected"])
-        return CaptureStep(Path(data["model"]), cell, Path(data["final"]), expected, data.get("reference", "auto"))
-    raise ValueError(f"unknown step kind {data['kind']!r}")
+def step_from_json(data: dict) -> CaptureStep:
+    cell, expected = Cell(**data["cell"]), Expectation(**data["expected"])
+    return CaptureStep(Path(data["model"]), cell, Path(data["final"]), expected, data["reference"])
 
 
 def finish(record: rec_io.Record, cell: Cell, expected: Expectation, wall_s: float) -> rec_io.Record:
-    """The matrix-only fields of a cell record (the same in every path that writes one)."""
+    """The matrix-only fields of a cell record, stamped once by whoever writes it (the worker, or the driver for a
+    cell that never ran)."""
     record.cell = rec_io.CellInfo.of(cell)
     record.expected = rec_io.Expected.of(expected)
     record.cell_wall_s = round(wall_s, 1)
@@ -132,13 +118,6 @@ def _call(fn: Callable[[], object]) -> tuple[int, str, object]:
             traceback.print_exc()
             rc = 1
     return rc, buf.getvalue(), value
-
-
-def _run_hotfix(step: HotfixStep) -> tuple[int, str]:
-    from opensci_patch.rewrite.hotfix import hotfix
-
-    rc, err, _ = _call(lambda: hotfix(step.src, step.out, extras=step.extras, only=step.only))
-    return rc, err
 
 
 def _run_capture(step: CaptureStep) -> tuple[int, str, rec_io.Record]:
@@ -181,23 +160,18 @@ def _between_steps() -> None:
     gc.freeze()
 
 
-def run_steps(steps: list[Step], emit: Callable[[StepResult], None], *, crash_after: int = 0) -> int:
+def run_steps(steps: list[CaptureStep], emit: Callable[[StepResult], None], *, crash_after: int = 0) -> int:
     """Run every step in this process, in order; `emit` each result. Returns 0, or 130/143 if interrupted."""
-    captures = 0
     for i, step in enumerate(steps):
         start = time.monotonic()
-        if isinstance(step, CaptureStep):
-            rc, err, record = _run_capture(step)
-            finish(record, step.cell, step.expected, time.monotonic() - start)
-            fs.write_atomic(step.final, record)
-            captures += 1
-        else:
-            rc, err = _run_hotfix(step)
+        rc, err, record = _run_capture(step)
+        finish(record, step.cell, step.expected, time.monotonic() - start)
+        fs.write_atomic(step.final, record)  # the record's one write: before its result line
         _between_steps()
-        emit(StepResult(i, rc, procs.tail(err)))
+        emit(StepResult(i, rc, procs.tail(err), CellSummary.of(record)))
         if rc in (130, 143):  # the step was interrupted or terminated (Ctrl-C, SIGTERM): so is the worker
             return rc
-        if crash_after and captures == crash_after and i < len(steps) - 1:
+        if crash_after and i + 1 == crash_after and i < len(steps) - 1:
             os.kill(os.getpid(), signal.SIGKILL)
     return 0
 
@@ -240,7 +214,9 @@ class WorkerExit:
     timed_out: int | None = None  # the step that made no progress for `timeout` seconds
 
 
-def run(env, steps: list[Step], tmp: Path, *, timeout: float, on_result: Callable[[StepResult], None]) -> WorkerExit:
+def run(
+    env, steps: list[CaptureStep], tmp: Path, *, timeout: float, on_result: Callable[[StepResult], None]
+) -> WorkerExit:
     """Run `steps` in one worker in `env` (temp files under `tmp`); `on_result` as each finishes.
 
     A step that makes no progress for `timeout` seconds gets the worker killed (`timed_out`).
@@ -271,7 +247,7 @@ def run(env, steps: list[Step], tmp: Path, *, timeout: float, on_result: Callabl
 def _parse_result(line: str, count: int) -> StepResult | None:
     try:
         data = json.loads(line)
-        result = StepResult(int(data["index"]), int(data["rc"]), str(data["stderr"]))
+        result = StepResult(int(data["index"]), int(data["rc"]), str(data["stderr"]), CellSummary(**data["cell"]))
     except (ValueError, KeyError, TypeError):
         return None
     return result if 0 <= result.index < count else None

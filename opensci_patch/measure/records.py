@@ -12,10 +12,11 @@ Its parts (`record_parts`: target, top-k, generation with its KV check, fp64 ref
 cell, expected) are frozen dataclasses and its status a `Status`; the JSON they write is the same
 schema 2 as when they were dicts.
 
-Lifecycle of a matrix cell's record (`records/<cell id>.json`): before the cell starts, the
-driver writes `running_record(...)` (status "running") over any previous record; at the end it
-replaces it with the finished record. A killed cell therefore leaves "running", never the
-previous run's result, and the report lists it as an error.
+Lifecycle of a matrix cell's record (`records/<cell id>.json`): a run first removes its cells'
+previous records; then the record is written once, by the worker that captured the cell, or by the
+driver for a cell that never ran there (`matrix/runner.py`). A killed run therefore leaves no record
+of a cell it did not finish, never the previous run's result. (Earlier versions wrote a "running"
+placeholder first, `running_record`; the report still lists one left behind as an error.)
 """
 
 from __future__ import annotations
