@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import atexit
+import difflib
 import functools
 import json
 import os
@@ -15,9 +16,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
-from opensci_patch.rewrite.patches import PATCHES, apply_patches
+from opensci_patch.rewrite.patches import PATCHES, Patch, apply_patches, by_name
 
 FIXTURE = Path(__file__).resolve().parents[1] / "opensci_patch" / "data" / "opensci-tiny"
 
@@ -136,6 +139,39 @@ class Model(torch.nn.Module):
         self.generation_config.max_length = 5
         config.num_beams = 1
 """
+
+
+def fixture_text(text: str) -> str:
+    """`text` dedented, blank lines at both ends dropped, one newline at the end (as LibCST's CodemodTest)."""
+    return textwrap.dedent(text).strip("\n") + "\n"
+
+
+def assert_patch(
+    patches: Patch | str | Sequence[Patch | str],
+    before: str,
+    after: str,
+    *,
+    status: str = "applied",
+    filename: str = "modeling_x.py",
+) -> str:
+    """Run one patch (a `Patch` or its name) or, given a sequence, the pipeline of those patches on `before`, and
+    compare the WHOLE output with `after` (both dedented, see `fixture_text`): on a mismatch the failure shows a
+    unified diff. `status` is the (single) patch's, or every status of the pipeline's. A second run on `after`
+    must leave it as it is ("already-applied", or `status` where that is no change). Returns the output.
+    Write `after` by hand, from what the patch should do: never paste in what it printed."""
+    before, after = fixture_text(before), fixture_text(after)
+    single = isinstance(patches, (Patch, str))
+    chosen = [by_name(p) if isinstance(p, str) else p for p in ([patches] if single else patches)]
+    out, statuses = apply_patches(before, chosen, filename)
+    if out != after:
+        diff = difflib.unified_diff(after.splitlines(True), out.splitlines(True), "expected", "patched")
+        raise AssertionError("whole output differs from the expected:\n" + "".join(diff))
+    assert set(statuses.values()) == {status}, statuses
+    again, statuses = apply_patches(after, chosen, filename)
+    assert again == after, "a second run changed the output"
+    settled = "already-applied" if status == "applied" else status
+    assert set(statuses.values()) <= {settled, "not-applicable"}, statuses
+    return out
 
 
 @functools.cache
