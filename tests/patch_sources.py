@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -142,8 +141,12 @@ class Model(torch.nn.Module):
 
 
 def fixture_text(text: str) -> str:
-    """`text` dedented, blank lines at both ends dropped, one newline at the end (as LibCST's CodemodTest)."""
-    return textwrap.dedent(text).strip("\n") + "\n"
+    """`text` without blank lines at both ends and without the indentation all its lines share, one newline at the
+    end (as LibCST's CodemodTest). Unlike `textwrap.dedent`, a line of only spaces keeps those beyond the margin:
+    the patches write some (a blank line moved into a block), and the comparison must see them."""
+    lines = text.strip("\n").split("\n")
+    margin = min((len(line) - len(line.lstrip(" ")) for line in lines if line.strip()), default=0)
+    return "\n".join(line[margin:] for line in lines) + "\n"
 
 
 def assert_patch(
