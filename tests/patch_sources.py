@@ -154,13 +154,14 @@ def assert_patch(
     before: str,
     after: str,
     *,
-    status: str = "applied",
+    status: str | dict[str, str] = "applied",
     filename: str = "modeling_x.py",
 ) -> str:
     """Run one patch (a `Patch` or its name) or, given a sequence, the pipeline of those patches on `before`, and
     compare the WHOLE output with `after` (both dedented, see `fixture_text`): on a mismatch the failure shows a
-    unified diff. `status` is the (single) patch's, or every status of the pipeline's. A second run on `after`
-    must leave it as it is ("already-applied", or `status` where that is no change). Returns the output.
+    unified diff. `status` is every patch's status, or {name: status} for the patches that find their construct
+    (the others must be "not-applicable"). A second run on `after` must change nothing ("already-applied" where the
+    first run applied, else the same status). Returns the output.
     Write `after` by hand, from what the patch should do: never paste in what it printed."""
     before, after = fixture_text(before), fixture_text(after)
     single = isinstance(patches, (Patch, str))
@@ -169,11 +170,11 @@ def assert_patch(
     if out != after:
         diff = difflib.unified_diff(after.splitlines(True), out.splitlines(True), "expected", "patched")
         raise AssertionError("whole output differs from the expected:\n" + "".join(diff))
-    assert set(statuses.values()) == {status}, statuses
+    expected = {p.name: status if isinstance(status, str) else status.get(p.name, "not-applicable") for p in chosen}
+    assert statuses == expected
     again, statuses = apply_patches(after, chosen, filename)
     assert again == after, "a second run changed the output"
-    settled = "already-applied" if status == "applied" else status
-    assert set(statuses.values()) <= {settled, "not-applicable"}, statuses
+    assert statuses == {name: "already-applied" if s == "applied" else s for name, s in expected.items()}
     return out
 
 
