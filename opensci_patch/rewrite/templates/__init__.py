@@ -29,6 +29,7 @@ RELEASES: dict[str, tuple[str, ...]] = {
     "old_adapters": ("4.48.0", "5.2.0", "5.24.0"),  # only compared with, never inserted: the releases they ran on
     "inv_freq_check": ("4.48.0", "4.57.6", "5.2.0", "5.24.0", "5.25.0"),  # every release (checks on each forward)
     "buffers_check": ("4.48.0", "4.57.6", "5.2.0", "5.24.0", "5.25.0"),
+    "lookups": ("4.48.0", "4.57.6", "5.2.0", "5.24.0", "5.25.0"),  # the guards route to them on every release
 }
 
 
