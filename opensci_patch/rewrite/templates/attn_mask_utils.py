@@ -1,6 +1,6 @@
 """Stand-ins for `transformers.modeling_attn_mask_utils` (removed in 5.24): 5.23.0's code (moved_helpers).
 
-Inserted by `patches/attn_mask_stand_ins.py`: for each imported name, `tracing` and `converter`, then the name's
+Inserted by moved_helpers (`patches/stand_ins.py`): for each imported name, `tracing` and `converter`, then the name's
 own function (none for `AttentionMaskConverter`). `CONVERTER` is replaced by the converter's class name:
 `AttentionMaskConverter` where that name is imported, else `_OpensciAttentionMaskConverter`.
 Header (not inserted): `torch`, which the patched file imports.
