@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import atexit
+import difflib
 import functools
 import json
 import os
@@ -15,9 +16,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
-from opensci_patch.rewrite.patches import PATCHES, apply_patches
+from opensci_patch.rewrite.patches import PATCHES, Patch, apply_patches, by_name
 
 FIXTURE = Path(__file__).resolve().parents[1] / "opensci_patch" / "data" / "opensci-tiny"
 
@@ -136,6 +138,44 @@ class Model(torch.nn.Module):
         self.generation_config.max_length = 5
         config.num_beams = 1
 """
+
+
+def fixture_text(text: str) -> str:
+    """`text` without blank lines at both ends and without the indentation all its lines share, one newline at the
+    end (as LibCST's CodemodTest). Unlike `textwrap.dedent`, a line of only spaces keeps those beyond the margin:
+    the patches write some (a blank line moved into a block), and the comparison must see them."""
+    lines = text.strip("\n").split("\n")
+    margin = min((len(line) - len(line.lstrip(" ")) for line in lines if line.strip()), default=0)
+    return "\n".join(line[margin:] for line in lines) + "\n"
+
+
+def assert_patch(
+    patches: Patch | str | Sequence[Patch | str],
+    before: str,
+    after: str,
+    *,
+    status: str | dict[str, str] = "applied",
+    filename: str = "modeling_x.py",
+) -> str:
+    """Run one patch (a `Patch` or its name) or, given a sequence, the pipeline of those patches on `before`, and
+    compare the WHOLE output with `after` (both dedented, see `fixture_text`): on a mismatch the failure shows a
+    unified diff. `status` is every patch's status, or {name: status} for the patches that find their construct
+    (the others must be "not-applicable"). A second run on `after` must change nothing ("already-applied" where the
+    first run applied, else the same status). Returns the output.
+    Write `after` by hand, from what the patch should do: never paste in what it printed."""
+    before, after = fixture_text(before), fixture_text(after)
+    single = isinstance(patches, (Patch, str))
+    chosen = [by_name(p) if isinstance(p, str) else p for p in ([patches] if single else patches)]
+    out, statuses = apply_patches(before, chosen, filename)
+    if out != after:
+        diff = difflib.unified_diff(after.splitlines(True), out.splitlines(True), "expected", "patched")
+        raise AssertionError("whole output differs from the expected:\n" + "".join(diff))
+    expected = {p.name: status if isinstance(status, str) else status.get(p.name, "not-applicable") for p in chosen}
+    assert statuses == expected
+    again, statuses = apply_patches(after, chosen, filename)
+    assert again == after, "a second run changed the output"
+    assert statuses == {name: "already-applied" if s == "applied" else s for name, s in expected.items()}
+    return out
 
 
 @functools.cache

@@ -15,6 +15,7 @@ import types
 
 import llama_style
 import pytest
+from patch_sources import assert_patch
 
 from opensci_patch._util.errors import PatchError
 from opensci_patch.rewrite.patches import by_name, default_patches
@@ -343,3 +344,40 @@ def test_hotfixed_llama_file_gives_4_48s_logits_and_greedy_ids(checkpoints, base
         assert rec["model"]["patched"] is True
         assert rec["logits_sha256"] == baseline[attn]["logits_sha256"], (kind, attn)
         assert rec["generation"]["ids"] == baseline[attn]["generation"]["ids"], (kind, attn)
+
+
+WHOLE_BEFORE = """\
+import torch
+from transformers.modeling_attn_mask_utils import _prepare_4d_attention_mask
+
+X = 1
+"""
+
+
+def _whole_after() -> str:
+    # hand-written but for the stand-in under `except ImportError:` (5.23.0's code; compared with it bit for bit above)
+    import textwrap
+
+    from opensci_patch.rewrite.patches.stand_ins import STAND_INS
+
+    lines = STAND_INS["_prepare_4d_attention_mask"].strip("\n").split("\n")
+    # indented into the handler; a blank line between two top-level statements of the stand-in is written with the
+    # handler's indentation (how libcst renders a module's blank lines moved into a block), one inside them empty;
+    # a docstring's continuation line is string content, not indented
+    top_blank = {i for i, line in enumerate(lines) if not line and next(s for s in lines[i:] if s)[0] != " "}
+    stand_in = "\n".join("    " if i in top_blank else textwrap.indent(line, "    ") for i, line in enumerate(lines))
+    stand_in = stand_in.replace("        capture; for a tensor", "    capture; for a tensor")
+    return f"""\
+import torch
+# opensci-patch: moved_helpers (a generated file's helper, missing or moved in some transformers release)
+try:
+    from transformers.modeling_attn_mask_utils import _prepare_4d_attention_mask
+except ImportError:
+{stand_in}
+
+X = 1
+"""
+
+
+def test_whole_output_the_import_is_guarded_in_place_with_its_stand_in():
+    assert_patch("moved_helpers", WHOLE_BEFORE, _whole_after())

@@ -12,6 +12,7 @@ import re
 
 import pytest
 from conftest import FIXTURE_DIR
+from patch_sources import assert_patch
 
 from opensci_patch._util.errors import PatchError
 from opensci_patch.rewrite.patches import by_name
@@ -110,3 +111,39 @@ def test_the_generated_file_gets_its_two_forwards_documented():
     for name in ("OpensciModel.forward", "OpensciForCausalLM.forward"):
         for param in ("cache (", "past_key_values (", "cache_position ("):
             assert param in docs[name], (name, param)
+
+
+WHOLE_BEFORE = '''\
+class TinyModel(PreTrainedModel):
+    @auto_docstring
+    def forward(self, input_ids=None, past_key_values=None):
+        r"""
+        input_ids (`torch.LongTensor`):
+            Ids.
+        """
+        return input_ids
+
+    def helper(self, past_key_values=None):
+        return past_key_values
+'''
+
+WHOLE_AFTER = '''\
+class TinyModel(PreTrainedModel):
+    @auto_docstring
+    def forward(self, input_ids=None, past_key_values=None):
+        # opensci-patch: auto_docstring_args (auto_docstring prints [ERROR] for undocumented parameters)
+        r"""
+        past_key_values (`~cache_utils.Cache`, *optional*):
+            The KV cache of the previous decoding steps (`cache` from transformers 5.24 on).
+        input_ids (`torch.LongTensor`):
+            Ids.
+        """
+        return input_ids
+
+    def helper(self, past_key_values=None):
+        return past_key_values
+'''
+
+
+def test_whole_output_the_cache_entry_opens_the_decorated_docstring():
+    assert_patch(PATCH, WHOLE_BEFORE, WHOLE_AFTER)

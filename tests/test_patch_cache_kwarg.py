@@ -17,6 +17,7 @@ import sys
 
 import pytest
 from conftest import FIXTURE_DIR
+from patch_sources import assert_patch
 
 from opensci_patch._util.errors import PatchError
 from opensci_patch.rewrite.patches import by_name, default_patches
@@ -286,3 +287,33 @@ def test_a_forward_dropping_the_cache_would_fail_these_checks(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lengths = json.loads(proc.stdout.strip().splitlines()[-1])["cache"]["lengths"]
     assert lengths != list(range(7, 13))
+
+
+WHOLE_BEFORE = '''\
+class TinyModel:
+    def forward(self, input_ids, past_key_values=None, **kwargs):
+        """Doc."""
+        return past_key_values
+
+    def step(self, past_key_values=None):
+        return past_key_values
+'''
+
+WHOLE_AFTER = '''\
+class TinyModel:
+    def forward(self, input_ids, past_key_values=None, *, cache=None, **kwargs):
+        """Doc."""
+        # opensci-patch: cache_kwarg (transformers 5.24 passes the KV cache as cache=)
+        if cache is not None:
+            if past_key_values is not None and past_key_values is not cache:
+                raise ValueError("got one KV cache as `cache` and another as `past_key_values`: pass only one")
+            past_key_values = cache
+        return past_key_values
+
+    def step(self, past_key_values=None):
+        return past_key_values
+'''
+
+
+def test_whole_output_only_forward_takes_cache_and_bridges_it_after_the_docstring():
+    assert_patch("cache_kwarg", WHOLE_BEFORE, WHOLE_AFTER)

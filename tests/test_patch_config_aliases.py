@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import FIXTURE_DIR
-from patch_sources import OWN_NAMES_CONFIG
+from patch_sources import OWN_NAMES_CONFIG, assert_patch
 
 from opensci_patch._util.errors import PatchError
 from opensci_patch.rewrite.patches import by_name
@@ -42,10 +42,7 @@ class GptLikeConfig(PretrainedConfig):
 
 
 def test_whole_output_and_a_second_run_is_already_patched():
-    outcome = PATCH.apply(BEFORE, "configuration_x.py")
-    assert (outcome.status, outcome.source) == ("applied", AFTER)
-    again = PATCH.apply(AFTER, "configuration_x.py")
-    assert (again.status, again.source) == ("already-applied", AFTER)
+    assert_patch(PATCH, BEFORE, AFTER, filename="configuration_x.py")
 
 
 def test_the_installed_release_reads_the_standard_names_through_the_map():

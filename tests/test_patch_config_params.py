@@ -12,7 +12,7 @@ import tempfile
 import textwrap
 
 import pytest
-from patch_sources import CONVERTED_CONFIG
+from patch_sources import CONVERTED_CONFIG, assert_patch
 
 from opensci_patch._util.errors import PatchError
 from opensci_patch.rewrite.patches import by_name, default_patches
@@ -51,10 +51,7 @@ class OsrConfig(PretrainedConfig):
 
 
 def test_the_unused_token_ids_are_passed_on_before_kwargs():
-    outcome = PATCH.apply(CONVERTED_CONFIG, "configuration_osr.py")
-    assert (outcome.status, outcome.source) == ("applied", EXPECTED)
-    again = PATCH.apply(outcome.source, "configuration_osr.py")
-    assert (again.status, again.source) == ("already-applied", EXPECTED)
+    assert_patch(PATCH, CONVERTED_CONFIG, EXPECTED, filename="configuration_osr.py")
 
 
 def test_on_a_library_config_base_any_unread_parameter_is_passed_on_in_the_calls_layout():

@@ -12,6 +12,7 @@ import functools
 
 import pytest
 from conftest import FIXTURE_DIR
+from patch_sources import assert_patch
 
 from opensci_patch._util.errors import PatchError
 from opensci_patch.rewrite.patches import by_name
@@ -153,3 +154,49 @@ def generated_source(tmp_path_factory) -> str:
     from opensci_patch.fixtures.generated import ensure_generated
 
     return (ensure_generated(log=lambda *a: None) / "modeling_opensci.py").read_text()
+
+
+WHOLE_BEFORE = """\
+from transformers import PreTrainedModel
+
+
+class TinyPreTrainedModel(PreTrainedModel):
+    base_model_prefix = "model"
+
+
+class TinyForCausalLM(TinyPreTrainedModel):
+    pass
+"""
+
+WHOLE_AFTER = '''\
+from transformers import PreTrainedModel
+
+
+class TinyPreTrainedModel(PreTrainedModel):
+    base_model_prefix = "model"
+
+    # opensci-patch: hub_kernels (transformers 5.25 turns hub kernels on by default)
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`use_kernels=False` unless the caller asks for hub kernels (transformers 5.25 defaults to True).
+
+        Passed only where the installed `from_pretrained` reads the keyword (4.53+): older releases hand
+        unknown keywords on to the model. A caller's `use_kernels` or `kernel_config` goes through as given.
+        """
+        upstream = super().from_pretrained
+        func = getattr(upstream, "__func__", upstream)
+        while hasattr(func, "__wrapped__"):
+            func = func.__wrapped__
+        reads = "use_kernels" in getattr(getattr(func, "__code__", None), "co_consts", ())
+        if reads and "use_kernels" not in kwargs and "kernel_config" not in kwargs:
+            kwargs["use_kernels"] = False
+        return upstream(*args, **kwargs)
+
+
+class TinyForCausalLM(TinyPreTrainedModel):
+    pass
+'''
+
+
+def test_whole_output_the_root_model_class_gets_the_method():
+    assert_patch("hub_kernels", WHOLE_BEFORE, WHOLE_AFTER)

@@ -7,6 +7,7 @@ import ast
 from types import SimpleNamespace
 
 import pytest
+from patch_sources import assert_patch
 
 from opensci_patch.rewrite.patches import by_name
 
@@ -63,3 +64,35 @@ def test_init_weights_rewrite_still_initialises_a_fresh_embedding(modeling_sourc
     _init_weights_of(patched, torch)(SimpleNamespace(config=SimpleNamespace(initializer_range=0.02)), embedding)
     assert bool((embedding.weight[1] == 0).all())
     assert not bool((embedding.weight == 3.0).any())
+
+
+WHOLE_BEFORE = """\
+from torch import nn
+
+
+def _init_weights(self, module):
+    module.weight.data.normal_(mean=0.0, std=0.02)
+    if module.bias is not None:
+        module.bias.data.zero_()
+    if isinstance(module, nn.Embedding):
+        module.weight.data[module.padding_idx].zero_()
+"""
+
+# one marker, above the first statement changed
+WHOLE_AFTER = """\
+from torch import nn
+
+
+def _init_weights(self, module):
+    # opensci-patch: init_weights (transformers 5.0/5.1 re-run _init_weights after loading; .data bypasses their guard)
+    nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.Embedding):
+        if not getattr(module.weight, "_is_hf_initialized", False):
+            nn.init.zeros_(module.weight[module.padding_idx])
+"""
+
+
+def test_whole_output_each_data_call_becomes_an_nn_init_call():
+    assert_patch("init_weights", WHOLE_BEFORE, WHOLE_AFTER)

@@ -9,6 +9,7 @@ import shutil
 import pytest
 import rotary_era
 from conftest import FIXTURE_DIR
+from patch_sources import assert_patch
 
 from opensci_patch._util.errors import PatchError
 from opensci_patch.measure.capture import CaptureSettings, capture
@@ -221,3 +222,59 @@ def test_a_fresh_module_built_onto_meta_is_not_taken_as_the_expected_buffers(mon
     assert not hasattr(module, "_opensci_expected_buffers") and module.inv_freq[0] == 8192.0
     module._opensci_check_buffers()
     assert torch.equal(module.inv_freq, 1.0 / (500000.0 ** (torch.arange(0, 16, 2).float() / 16)))
+
+
+WHOLE_BEFORE = """\
+import torch
+from transformers import PreTrainedModel
+
+
+class Rotary(torch.nn.Module):
+    def __init__(self, config, device=None):
+        super().__init__()
+        self.config = config
+        self.rope_init_fn = ROPE_INIT_FUNCTIONS["default"]
+        inv_freq, _ = self.rope_init_fn(config, device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x):
+        \"\"\"Doc.\"\"\"
+        return self.inv_freq * x
+
+
+class TinyPreTrainedModel(PreTrainedModel):
+    def _init_weights(self, module):
+        std = 0.02
+"""
+
+
+def _whole_after() -> str:
+    # hand-written but for the check method appended to the rotary class: the template's, tested by behaviour above
+    from opensci_patch.rewrite.patches.inv_freq_guard import CHECK_METHOD
+
+    check = CHECK_METHOD.split("class _Template:\n", 1)[1]
+    return (
+        WHOLE_BEFORE.split("        return self.inv_freq * x\n")[0]
+        + """\
+        # opensci-patch: inv_freq_guard (transformers 5.x leaves non-persistent buffers uninitialised after loading)
+        self._opensci_check_inv_freq()
+        return self.inv_freq * x
+
+"""
+        + check
+        + """
+
+class TinyPreTrainedModel(PreTrainedModel):
+    def _init_weights(self, module):
+        # opensci-patch: inv_freq_guard (transformers 5.x leaves non-persistent buffers uninitialised after loading)
+        if isinstance(module, Rotary):
+            with torch.no_grad():
+                module.inv_freq.copy_(module.rope_init_fn(module.config, torch.device("cpu"))[0])
+            return
+        std = 0.02
+"""
+    )
+
+
+def test_whole_output_forward_checks_first_and_init_weights_recomputes_first():
+    assert_patch("inv_freq_guard", WHOLE_BEFORE, _whole_after())

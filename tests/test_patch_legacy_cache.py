@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import FIXTURE_DIR
-from patch_sources import GENERATED, LEGACY_CACHE_43, function_of
+from patch_sources import GENERATED, LEGACY_CACHE_43, assert_patch, function_of
 
 from opensci_patch.rewrite.patches import by_name
 
@@ -67,10 +67,7 @@ EVERY_USE = LEGACY_CACHE_43
 
 
 def test_whole_output_and_a_second_run_is_already_patched():
-    outcome = PATCH.apply(BEFORE, "modeling_x.py")
-    assert (outcome.status, outcome.source) == ("applied", AFTER)
-    again = PATCH.apply(AFTER, "modeling_x.py")
-    assert (again.status, again.source) == ("already-applied", AFTER)
+    assert_patch(PATCH, BEFORE, AFTER, filename="modeling_x.py")
 
 
 def test_every_legacy_use_goes_through_a_helper():

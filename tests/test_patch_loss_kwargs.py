@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 
 import pytest
+from patch_sources import assert_patch
 
 
 def test_loss_kwargs_leaves_one_transformers_kwargs_base(patched_source: str):
@@ -28,3 +29,31 @@ def test_loss_kwargs_fallback_defines_an_empty_typeddict_where_transformers_lack
     assert typing.is_typeddict(fallback)
     assert fallback.__total__ is False
     assert fallback.__annotations__ == {}
+
+
+WHOLE_BEFORE = """\
+from transformers.utils import LossKwargs
+
+
+class KwargsForCausalLM(LossKwargs):
+    pass
+"""
+
+WHOLE_AFTER = '''\
+# opensci-patch: loss_kwargs (no transformers release has both LossKwargs and TransformersKwargs)
+try:
+    from transformers.utils import TransformersKwargs
+except ImportError:  # transformers <= 4.53
+    from typing import TypedDict
+
+    class TransformersKwargs(TypedDict, total=False):
+        """Empty stand-in for releases without it: it only types `**kwargs`."""
+
+
+class KwargsForCausalLM(TransformersKwargs):
+    pass
+'''
+
+
+def test_whole_output_the_import_becomes_the_guarded_one_and_the_base_is_renamed():
+    assert_patch("loss_kwargs", WHOLE_BEFORE, WHOLE_AFTER)

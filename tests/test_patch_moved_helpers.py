@@ -11,7 +11,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from patch_sources import GENERATED, function_of
+from patch_sources import GENERATED, assert_patch, function_of
 
 from opensci_patch._util.errors import PatchError
 from opensci_patch.rewrite.patches import by_name
@@ -393,3 +393,39 @@ def test_removed_torch_helpers_get_stand_ins_that_answer_for_the_installed_torch
     namespace: dict = {}
     exec(compile(outcome.source, "modeling_x.py", "exec"), namespace)  # the installed release lacks the second
     assert namespace["is_torch_greater_or_equal_than_1_13"] is True and namespace["is_torch_fx_available"]() is True
+
+
+WHOLE_BEFORE = """\
+from transformers.configuration_utils import PretrainedConfig, layer_type_validation
+from transformers.modeling_utils import PreTrainedModel
+
+
+class TinyModel(PreTrainedModel):
+    config: PretrainedConfig
+    base_model_prefix = "model"
+"""
+
+WHOLE_AFTER = '''\
+from transformers.configuration_utils import PretrainedConfig
+
+# opensci-patch: moved_helpers (a generated file's helper, missing or moved in some transformers release)
+try:
+    from transformers.configuration_utils import layer_type_validation
+except ImportError:
+    def layer_type_validation(*args, **kwargs):
+        """Stand-in (opensci-patch) for < 4.53: validation only."""
+        return None
+
+from transformers.modeling_utils import PreTrainedModel
+
+
+class TinyModel(PreTrainedModel):
+    config: PretrainedConfig
+    # opensci-patch: moved_helpers (transformers < 4.54 reads config_class, not the annotation)
+    config_class = PretrainedConfig
+    base_model_prefix = "model"
+'''
+
+
+def test_whole_output_a_guarded_import_and_the_config_class_of_the_annotation():
+    assert_patch("moved_helpers", WHOLE_BEFORE, WHOLE_AFTER)

@@ -10,6 +10,7 @@ import operator
 
 import libcst as cst
 import pytest
+from patch_sources import assert_patch
 
 from opensci_patch._util.errors import PatchError
 from opensci_patch.rewrite.patches import (
@@ -146,3 +147,39 @@ def test_threads_patching_at_once_each_get_the_one_by_one_result(modeling_source
         sources = [modeling_source, modeling_source, patched_source]
         got = list(pool.map(lambda s: (s, apply_patches(s, PATCHES)), sources))
     assert all(result == want[source] for source, result in got)
+
+
+WHOLE_BEFORE = """\
+import torch
+
+
+class TinyModel(torch.nn.Module):
+    _tied_weights_keys = []
+
+    def forward(self, x: torch.Tensor | None, past_key_values=None):
+        return x
+"""
+
+WHOLE_AFTER = """\
+# opensci-patch: union_annotations (transformers 4.57 @auto_docstring cannot read X | Y annotations)
+from typing import Union
+import torch
+
+
+class TinyModel(torch.nn.Module):
+    # opensci-patch: tied_weights (transformers 5.x needs {target: source})
+    _tied_weights_keys = {}
+
+    def forward(self, x: Union[torch.Tensor, None], past_key_values=None, *, cache=None):
+        # opensci-patch: cache_kwarg (transformers 5.24 passes the KV cache as cache=)
+        if cache is not None:
+            if past_key_values is not None and past_key_values is not cache:
+                raise ValueError("got one KV cache as `cache` and another as `past_key_values`: pass only one")
+            past_key_values = cache
+        return x
+"""
+
+
+def test_whole_output_of_the_default_patches_on_a_file_three_of_them_change():
+    applied = {"cache_kwarg": "applied", "tied_weights": "applied", "union_annotations": "applied"}
+    assert_patch(default_patches(), WHOLE_BEFORE, WHOLE_AFTER, status=applied)

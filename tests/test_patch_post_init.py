@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from patch_sources import NO_POST_INIT
+from patch_sources import NO_POST_INIT, assert_patch
 from research_checkpoint import capture_here, capture_on, research_checkpoint, same_numerics
 
 from opensci_patch.rewrite.patches import by_name
@@ -63,3 +63,35 @@ def test_on_4_48_the_patched_file_gives_the_unpatched_files_bits(tmp_path):
     unpatched = capture_on("4.48.0", research_checkpoint(tmp_path / "orig", patched=False), tmp_path / "a.json")
     patched = capture_on("4.48.0", research_checkpoint(tmp_path / "fixed"), tmp_path / "b.json")
     assert same_numerics(unpatched, patched)
+
+
+def test_whole_output_the_call_ends_the_model_init():
+    assert_patch(
+        "post_init",
+        """
+        from transformers import PreTrainedModel
+
+
+        class TinyModel(PreTrainedModel):
+            def __init__(self, config):
+                super().__init__(config)
+                self.layers = []
+
+            def forward(self, x):
+                return x
+        """,
+        """
+        from transformers import PreTrainedModel
+
+
+        class TinyModel(PreTrainedModel):
+            def __init__(self, config):
+                super().__init__(config)
+                self.layers = []
+                # opensci-patch: post_init (transformers 5.x sets all_tied_weights_keys there)
+                self.post_init()
+
+            def forward(self, x):
+                return x
+        """,
+    )

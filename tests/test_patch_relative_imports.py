@@ -14,7 +14,7 @@ import textwrap
 
 import llama_style
 import pytest
-from patch_sources import VENDORED
+from patch_sources import VENDORED, assert_patch
 
 from opensci_patch._util.errors import PatchError
 from opensci_patch.rewrite.patches import apply_patches, by_name, default_patches, relative_imports
@@ -42,10 +42,7 @@ class OsrMLP(nn.Module):
 
 
 def test_two_and_three_dots_become_transformers_one_dot_stays():
-    outcome = PATCH.apply(VENDORED, "modeling_osr.py")
-    assert (outcome.status, outcome.source) == ("applied", EXPECTED)
-    again = PATCH.apply(outcome.source, "modeling_osr.py")
-    assert (again.status, again.source) == ("already-applied", EXPECTED)
+    assert_patch(PATCH, VENDORED, EXPECTED, filename="modeling_osr.py")
 
 
 def test_package_imports_and_imports_inside_functions():

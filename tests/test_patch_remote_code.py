@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from patch_sources import NO_POST_INIT, modeling_source
+from patch_sources import NO_POST_INIT, assert_patch, modeling_source
 from research_checkpoint import capture_on, research_checkpoint, same_numerics
 
 from opensci_patch._util.errors import PatchError
@@ -58,10 +58,7 @@ class TinyModel(TinyPreTrainedModel):
 
 
 def test_whole_output_for_a_config_imported_from_a_module_of_the_checkpoint():
-    outcome = PATCH.apply(SIBLING)
-    assert (outcome.status, outcome.source) == ("applied", SIBLING_EXPECTED)
-    again = PATCH.apply(outcome.source)
-    assert (again.status, again.source) == ("already-applied", SIBLING_EXPECTED)
+    assert_patch(PATCH, SIBLING, SIBLING_EXPECTED)
 
 
 def test_the_shipped_file_with_its_own_config_class_gets_it_too():

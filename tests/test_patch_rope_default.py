@@ -6,7 +6,7 @@ import textwrap
 from types import SimpleNamespace
 
 import pytest
-from patch_sources import function_of
+from patch_sources import assert_patch, function_of
 
 from opensci_patch.rewrite.patches import by_name
 
@@ -81,3 +81,26 @@ def test_rope_lookup_of_the_literal_default_key_is_replaced_outright():
     assert "rope_init = _opensci_default_rope_init\n" in outcome.source
     assert 'linear = ROPE_INIT_FUNCTIONS["linear"]\n' in outcome.source
     assert by_name("rope_default").apply(outcome.source).status == "already-applied"
+
+
+def test_whole_output_the_lookup_is_guarded_and_the_function_inlined_above_its_first_use():
+    # hand-written but for the inserted function, the patch's DEFINITION (its numerics are tested above)
+    from opensci_patch.rewrite.patches.rope_default import DEFINITION
+
+    head = "import torch\nfrom transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS\n\nX = 1\n"
+    before = head + '''
+
+class Rotary(torch.nn.Module):
+    def __init__(self, config):
+        self.fn = ROPE_INIT_FUNCTIONS[config.rope_type]
+'''
+    after = head + '''
+
+# opensci-patch: rope_default (transformers 5.x has no ROPE_INIT_FUNCTIONS["default"])''' + DEFINITION + '''
+
+class Rotary(torch.nn.Module):
+    def __init__(self, config):
+        # opensci-patch: rope_default (transformers 5.x has no ROPE_INIT_FUNCTIONS["default"])
+        self.fn = _opensci_default_rope_init if config.rope_type == "default" else ROPE_INIT_FUNCTIONS[config.rope_type]
+'''
+    assert_patch("rope_default", before, after)

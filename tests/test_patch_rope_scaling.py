@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import FIXTURE_DIR
-from patch_sources import GENERATED, ROPE_SCALING_43, function_of
+from patch_sources import GENERATED, ROPE_SCALING_43, assert_patch, function_of
 
 from opensci_patch.rewrite.patches import by_name
 
@@ -38,10 +38,7 @@ class Attention:
 
 
 def test_whole_output_and_a_second_run_is_already_patched():
-    outcome = PATCH.apply(BEFORE, "modeling_x.py")
-    assert (outcome.status, outcome.source) == ("applied", AFTER)
-    again = PATCH.apply(AFTER, "modeling_x.py")
-    assert (again.status, again.source) == ("already-applied", AFTER)
+    assert_patch(PATCH, BEFORE, AFTER, filename="modeling_x.py")
 
 
 def test_helper_reads_the_default_dict_as_none_and_keeps_real_scaling():

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import FIXTURE_DIR
-from patch_sources import LLAMA_STYLE
+from patch_sources import LLAMA_STYLE, assert_patch
 
 from opensci_patch._util.errors import PatchError
 from opensci_patch.rewrite.patches import by_name
@@ -78,3 +78,41 @@ def test_refuses_getattr_with_a_default_that_would_hide_the_configured_value():
     source = LLAMA_STYLE.replace("config.rope_theta", 'getattr(config, "rope_theta", 10000.0)')
     with pytest.raises(PatchError, match=r"patch 'rope_theta' cannot rewrite modeling_llama\.py: .*getattr"):
         PATCH.apply(source, "modeling_llama.py")
+
+
+WHOLE_BEFORE = """\
+import torch
+
+
+class Rotary(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.rope_theta = config.rope_theta
+        self.base = self.rope_theta
+"""
+
+WHOLE_AFTER = '''\
+import torch
+
+
+# opensci-patch: rope_theta (transformers 5.x configs keep rope_theta in rope_parameters)
+def _opensci_rope_theta(config):
+    """`config.rope_theta`, or where the config keeps it only in `rope_parameters` (5.x library configs), from there."""
+    if not hasattr(config, "rope_theta"):
+        rope_parameters = getattr(config, "rope_parameters", None)
+        if isinstance(rope_parameters, dict) and "rope_theta" in rope_parameters:
+            return rope_parameters["rope_theta"]
+    return config.rope_theta
+
+
+class Rotary(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        # opensci-patch: rope_theta (transformers 5.x configs keep rope_theta in rope_parameters)
+        self.rope_theta = _opensci_rope_theta(config)
+        self.base = self.rope_theta
+'''
+
+
+def test_whole_output_the_config_read_goes_through_the_helper_above_the_class():
+    assert_patch("rope_theta", WHOLE_BEFORE, WHOLE_AFTER)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from patch_sources import function_of
+from patch_sources import assert_patch, function_of
 
 
 @pytest.mark.parametrize("groups", [1, 2])
@@ -40,3 +40,29 @@ def test_sdpa_runs_without_enable_gqa_and_matches_eager(loaded: dict):
     assert loaded["sdpa_calls"] == 3  # one per layer
     assert "enable_gqa" not in loaded["sdpa_kwargs"]
     assert loaded["sdpa_max_diff"] < 1e-5
+
+
+def test_whole_output_the_lookup_is_guarded_and_the_function_inlined_above_its_first_use():
+    # hand-written but for the inserted function, the patch's DEFINITION (its calls are tested above)
+    from opensci_patch.rewrite.patches.sdpa_gqa import DEFINITION
+
+    before = '''import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+
+def attend(m, q, k, v, mask):
+    f = ALL_ATTENTION_FUNCTIONS.get_interface(m.impl, None)
+    return f(m, q, k, v, mask)
+'''
+    after = '''import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+
+# opensci-patch: sdpa_gqa (transformers >= 4.54 passes enable_gqa=True to torch SDPA)''' + DEFINITION + '''
+
+def attend(m, q, k, v, mask):
+    # opensci-patch: sdpa_gqa (transformers >= 4.54 passes enable_gqa=True to torch SDPA)
+    f = _opensci_sdpa_attention_forward if m.impl == "sdpa" else ALL_ATTENTION_FUNCTIONS.get_interface(m.impl, None)
+    return f(m, q, k, v, mask)
+'''
+    assert_patch("sdpa_gqa", before, after)

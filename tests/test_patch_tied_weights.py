@@ -19,7 +19,7 @@ from pathlib import Path
 import libcst as cst
 import pytest
 from conftest import FIXTURE_DIR
-from patch_sources import class_attribute
+from patch_sources import assert_patch, class_attribute
 
 from opensci_patch._util.errors import PatchError
 from opensci_patch.rewrite.patches import State, by_name
@@ -330,3 +330,75 @@ def test_tied_weights_keeps_accessors_the_class_defines(modeling_source: str):
     assert names.count("get_output_embeddings") == 1 and "get_input_embeddings" in names
     shipped = by_name("tied_weights").apply(modeling_source).source  # defines all four itself
     assert "# opensci-patch: tied_weights (transformers < 4.54 ties" not in shipped
+
+
+WHOLE_BEFORE = """\
+from torch import nn
+
+
+class TinyModel(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(10, 4)
+
+
+class TinyForCausalLM(nn.Module):
+    _tied_weights_keys = ["lm_head.weight"]
+
+    def __init__(self, config):
+        super().__init__()
+        self.model = TinyModel(config)
+        self.lm_head = nn.Linear(4, 10, bias=False)
+"""
+
+WHOLE_AFTER = '''\
+from torch import nn
+
+
+class TinyModel(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(10, 4)
+
+
+class TinyForCausalLM(nn.Module):
+    # opensci-patch: tied_weights (transformers 5.x needs {target: source})
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config):
+        super().__init__()
+        self.model = TinyModel(config)
+        self.lm_head = nn.Linear(4, 10, bias=False)
+
+    # opensci-patch: tied_weights (transformers < 4.54 ties lm_head through these accessors)
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    # opensci-patch: tied_weights (transformers 5.3.0 forgets the missing tied keys of remote code)
+    def mark_tied_weights_as_initialized(self, *args, **kwargs):
+        """Keep the tied keys the checkpoint lacks in `missing_keys`, so that `tie_weights` ties them.
+
+        transformers 5.3.0 drops every flagged key from a remote-code model's missing keys, the tied
+        targets this method has just flagged included: `lm_head.weight` then counts as loaded, is not
+        tied and stays on the meta device. 5.4 keeps them; this does the same on 5.3.0.
+        """
+        loading_info = args[0] if args else kwargs.get("loading_info")
+        tied = set(getattr(self, "all_tied_weights_keys", None) or ())
+        missing_tied = tied & set(getattr(loading_info, "missing_keys", None) or ())
+        super().mark_tied_weights_as_initialized(*args, **kwargs)
+        if missing_tied:
+            loading_info.missing_keys = set(loading_info.missing_keys) | missing_tied
+'''
+
+
+def test_whole_output_the_dict_the_accessors_and_the_5_3_override():
+    assert_patch("tied_weights", WHOLE_BEFORE, WHOLE_AFTER)

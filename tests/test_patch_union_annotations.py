@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from patch_sources import PEP604
+from patch_sources import PEP604, assert_patch
 
 from opensci_patch.rewrite.patches import by_name
 
@@ -92,3 +92,25 @@ def test_4_57_6_auto_docstring_fails_on_the_union_and_reads_the_rewrite(tmp_path
         results[name] = proc.stdout.strip().splitlines()[-1]
     assert results["plain"] == "AttributeError: 'types.UnionType' object has no attribute '__name__'"
     assert results["patched"] == "ok"
+
+
+def test_whole_output_unions_become_union_and_union_is_imported():
+    assert_patch(
+        "union_annotations",
+        """
+        import torch
+
+
+        def forward(ids: torch.Tensor | None, scale: int | float | None = 1) -> torch.Tensor | tuple:
+            return ids
+        """,
+        """
+        # opensci-patch: union_annotations (transformers 4.57 @auto_docstring cannot read X | Y annotations)
+        from typing import Union
+        import torch
+
+
+        def forward(ids: Union[torch.Tensor, None], scale: Union[int, float, None] = 1) -> Union[torch.Tensor, tuple]:
+            return ids
+        """,
+    )

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import libcst as cst
 
-from opensci_patch.rewrite.patches.attn_mask_stand_ins import ATTN_MASK_NAMES, ATTN_MASK_UTILS
 from opensci_patch.rewrite.patches.base import Patch, State, Unrecognised
 from opensci_patch.rewrite.patches.inserts import (
     marker,
@@ -66,6 +65,8 @@ from opensci_patch.rewrite.patches.inserts import (
 from opensci_patch.rewrite.patches.stand_ins import (
     ADAPTER,
     ADAPTER_DEF,
+    ATTN_MASK_NAMES,
+    ATTN_MASK_UTILS,
     CACHE,
     CACHE_CHECK,
     CACHE_DEF,
@@ -236,7 +237,7 @@ def _guard(name: str, stmt: cst.SimpleStatementLine) -> cst.Try:
     """`try: <stmt's import of name> except ImportError: <stand-in>`."""
     small = next(s for s in stmt.body if name in _imports(s))
     only = cst.SimpleStatementLine(body=[_only(small, name)])
-    stand_in = template(STAND_INS[name].format(name=name))
+    stand_in = template(STAND_INS[name])
     handler = cst.ExceptHandler(
         body=cst.IndentedBlock(body=stand_in),
         type=cst.Name("ImportError"),

@@ -16,31 +16,12 @@ release drops it.
 from __future__ import annotations
 
 from opensci_patch.rewrite.patches.lookup import GuardedLookup
+from opensci_patch.rewrite.templates import section
 
 NAME = "rope_default"
 WHY = 'transformers 5.x has no ROPE_INIT_FUNCTIONS["default"]'
 
-DEFINITION = '''
-def _opensci_default_rope_init(config, device=None, seq_len=None, **rope_kwargs):
-    """RoPE inverse frequencies as transformers 4.48 `_compute_default_rope_parameters` computes them.
-
-    Inlined because transformers 5.x has no `ROPE_INIT_FUNCTIONS["default"]`. Returns
-    `(inv_freq, attention_scaling)`.
-    """
-    rope_parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    base = getattr(config, "rope_theta", None)
-    if base is None:
-        base = rope_parameters.get("rope_theta")
-    if base is None:
-        raise ValueError("the config has no rope_theta (neither as an attribute nor in rope_parameters)")
-    partial_rotary_factor = getattr(config, "partial_rotary_factor", None)
-    if partial_rotary_factor is None:
-        partial_rotary_factor = rope_parameters.get("partial_rotary_factor", 1.0)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    dim = int(head_dim * partial_rotary_factor)
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float().to(device) / dim))
-    return inv_freq, 1.0
-'''
+DEFINITION = section("lookups", "rope_default")  # templates/lookups.py
 
 LOOKUP = GuardedLookup("ROPE_INIT_FUNCTIONS", "default", "_opensci_default_rope_init", DEFINITION, NAME, WHY)
 

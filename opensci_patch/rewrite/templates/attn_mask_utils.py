@@ -1,16 +1,20 @@
-"""The code moved_helpers inserts for `transformers.modeling_attn_mask_utils`, which transformers 5.24 removed.
+"""Stand-ins for `transformers.modeling_attn_mask_utils` (removed in 5.24): 5.23.0's code (moved_helpers).
 
-4.4x-era Llama-style files import `AttentionMaskConverter` from it (older ones the `_prepare_4d_*` and
-`_create_4d_causal_attention_mask` helpers). The stand-ins are 5.23.0's code, operation for operation, without
-its deprecation warnings (4.48's copy has none either), its docstrings and its type annotations; its tracing
-helpers are inlined. Each stand-in is self-contained (a file may import any subset of the names), so a file
-importing several names carries one copy of the converter per name: only one of them runs, and only where the
-module is gone. Data, not logic, like `stand_ins`.
+Inserted by moved_helpers (`patches/stand_ins.py`): for each imported name, `tracing` and `converter`, then the name's
+own function (none for `AttentionMaskConverter`). `CONVERTER` is replaced by the converter's class name:
+`AttentionMaskConverter` where that name is imported, else `_OpensciAttentionMaskConverter`.
+Header (not inserted): `torch`, which the patched file imports.
 """
 
-from __future__ import annotations
+# 5.23.0's own code, operation for operation:
+# ruff: noqa: B009
 
-_ATTN_TRACING = '''
+import torch
+
+# isort: split
+
+
+# --- template: tracing ---
 import dataclasses
 
 
@@ -48,9 +52,9 @@ def _opensci_is_tracing(tensor=None):
         except Exception:
             pass
     return tracing
-'''
 
-_ATTN_CONVERTER = '''
+
+# --- template: converter ---
 @dataclasses.dataclass
 class CONVERTER:
     """Stand-in (opensci-patch) for transformers >= 5.24: 5.23's AttentionMaskConverter."""
@@ -188,10 +192,9 @@ class CONVERTER:
                     ignore_causal_mask = True
 
         return ignore_causal_mask
-'''
 
-_ATTN_FUNCTIONS = {
-    "_prepare_4d_causal_attention_mask": '''
+
+# --- template: _prepare_4d_causal_attention_mask ---
 def _prepare_4d_causal_attention_mask(
     attention_mask, input_shape, inputs_embeds, past_key_values_length, sliding_window=None
 ):
@@ -221,8 +224,9 @@ def _prepare_4d_causal_attention_mask(
         )
 
     return attention_mask
-''',
-    "_prepare_4d_causal_attention_mask_for_sdpa": '''
+
+
+# --- template: _prepare_4d_causal_attention_mask_for_sdpa ---
 def _prepare_4d_causal_attention_mask_for_sdpa(
     attention_mask, input_shape, inputs_embeds, past_key_values_length, sliding_window=None
 ):
@@ -263,13 +267,15 @@ def _prepare_4d_causal_attention_mask_for_sdpa(
             )
 
     return expanded_4d_mask
-''',
-    "_prepare_4d_attention_mask": '''
+
+
+# --- template: _prepare_4d_attention_mask ---
 def _prepare_4d_attention_mask(mask, dtype, tgt_len=None):
     """Stand-in (opensci-patch) for transformers >= 5.24: 5.23's code."""
     return CONVERTER._expand_mask(mask=mask, dtype=dtype, tgt_len=tgt_len)
-''',
-    "_prepare_4d_attention_mask_for_sdpa": '''
+
+
+# --- template: _prepare_4d_attention_mask_for_sdpa ---
 def _prepare_4d_attention_mask_for_sdpa(mask, dtype, tgt_len=None):
     """Stand-in (opensci-patch) for transformers >= 5.24: 5.23's code."""
     _, key_value_length = mask.shape
@@ -279,8 +285,9 @@ def _prepare_4d_attention_mask_for_sdpa(mask, dtype, tgt_len=None):
         return None
     else:
         return CONVERTER._expand_mask(mask=mask, dtype=dtype, tgt_len=tgt_len)
-''',
-    "_create_4d_causal_attention_mask": '''
+
+
+# --- template: _create_4d_causal_attention_mask ---
 def _create_4d_causal_attention_mask(input_shape, dtype, device, past_key_values_length=0, sliding_window=None):
     """Stand-in (opensci-patch) for transformers >= 5.24: 5.23's code."""
     attn_mask_converter = CONVERTER(is_causal=True, sliding_window=sliding_window)
@@ -291,16 +298,3 @@ def _create_4d_causal_attention_mask(input_shape, dtype, device, past_key_values
     )
 
     return attention_mask
-''',
-}
-ATTN_MASK_UTILS = "transformers.modeling_attn_mask_utils"
-ATTN_MASK_NAMES = ("AttentionMaskConverter", *_ATTN_FUNCTIONS)  # every public or imported name 5.23's module has
-
-
-def attn_mask_stand_in(name: str) -> str:
-    """The stand-in source for one name of `modeling_attn_mask_utils`, braces escaped for `str.format`."""
-    converter = name if name == "AttentionMaskConverter" else "_OpensciAttentionMaskConverter"
-    text = _ATTN_TRACING + _ATTN_CONVERTER.replace("CONVERTER", converter)
-    if name != "AttentionMaskConverter":
-        text += "\n" + _ATTN_FUNCTIONS[name].replace("CONVERTER", converter)
-    return text.replace("{", "{{").replace("}", "}}")
