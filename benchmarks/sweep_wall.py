@@ -104,40 +104,77 @@ def _cells(args) -> list[spec.Cell]:
     return [spec.Cell(v, args.torch, m) for v in args.transformers for m in args.variant]
 
 
-def _ours(args, root: Path, cache: Path | None, records: Path, extra: tuple[str, ...] = ()) -> tuple[float, int]:
+def _ours(args, root: Path, cache: Path | None, records: Path, extra: tuple[str, ...] = (),
+          tree: Path | None = None) -> tuple[float, int]:  # fmt: skip
+    """`opensci-patch cell` over the sweep's cells: this checkout's, or the one at `tree` (`--baseline`)."""
     cmd = [sys.executable, "-m", "opensci_patch.cli", "cell", "--torch", args.torch, "--records", str(records), *extra]
     cmd += [a for v in args.transformers for a in ("--transformers", v)]
     cmd += [a for m in args.variant for a in ("--variant", m)]
     cmd += ["--jobs", str(args.jobs)]
     cache_var = {"UV_CACHE_DIR": str(cache)} if cache else {}
-    wall, peak, out = tree_run(cmd, child_env({locations.ROOT_VAR: str(root), **cache_var}))
+    env = child_env({locations.ROOT_VAR: str(root), **cache_var})
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
+    wall, peak, out = tree_run(cmd, env)
     if args.verbose:
         print(out)
     return wall, peak
 
 
+def _baseline_tree(rev: str, where: Path) -> Path:
+    """A detached git worktree of `rev` (`--baseline`), for its own 1-panel sweep."""
+    tree = where / f"baseline-{rev}"
+    run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), rev]).check()
+    return tree
+
+
+def _variants_of(tree: Path) -> list[str]:
+    code = "from opensci_patch.matrix import spec; print(' '.join(spec.VARIANTS))"
+    out = subprocess.run([sys.executable, "-c", code], env={**child_env(), "PYTHONPATH": str(tree)},
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    return out.stdout.split()
+
+
 def _panels(args) -> int:
     """`--panels`: the warm sweep of the matrix's panels (float32/bfloat16 x eager/sdpa) against one panel (float32
     eager), the same releases and variants in the same env root, alternated `--repeat` times after one uncounted
-    warm-up of each; prints the medians and their ratio (target <= 1.3: the panels share each release's process)."""
+    warm-up of each; prints the medians and their ratio (target <= 1.3: the panels share each release's process).
+    `--baseline REV` adds REV's own 1-panel sweep (a git worktree of REV, its own env root) to the alternation, on
+    the variants both have: the 4 panels now against the 1 panel as it was then."""
     root = (args.env_root or locations.default_root()).expanduser().absolute()
     panels = tuple(spec.panel_args())
     n = len(spec.MATRIX_DTYPES) * len(spec.MATRIX_ATTENTION)
-    walls: dict[str, list[float]] = {"1 panel": [], f"{n} panels": []}
+    runs: dict[str, tuple[tuple[str, ...], Path | None, Path]] = {"1 panel": ((), None, root),
+                                                                  f"{n} panels": (panels, None, root)}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="opensci-bench-panels-") as tmp:
-        for i in range(args.repeat + 1):
-            for (name, got), extra in zip(walls.items(), ((), panels), strict=True):
-                wall, _ = _ours(args, root, None, Path(tmp) / f"records-{i}-{len(extra)}", extra)
-                print(f"{name}{' (warm-up, not counted)' if i == 0 else ''}: {wall:.1f} s", flush=True)
-                if i:
-                    got.append(wall)
-    (one, many), (n_one, n_many) = (median(w) for w in walls.values()), list(walls)
-    ratio = many / one
-    print(f"\n| {len(_cells(args))} cells a panel, {len(args.transformers)} releases, median of {args.repeat} | s |")
-    print("|---|---:|")
-    print(f"| {n_one} (float32 eager) | {one:.1f} |\n| {n_many} ({' '.join(panels)}) | {many:.1f} |")
-    print(f"\n{n_many} / {n_one}: {ratio:.2f}x (target <= 1.3: {'met' if ratio <= 1.3 else 'NOT met'}); "
-          f"at the end: {load_note()}")  # fmt: skip
+        base_tree = _baseline_tree(args.baseline, Path(tmp)) if args.baseline else None
+        if base_tree is not None:
+            args.variant = [v for v in args.variant if v in _variants_of(base_tree)]
+            base_root = root.parent / f"{root.name}-baseline-{args.baseline}"
+            runs[f"1 panel at {args.baseline}"] = ((), base_tree, base_root)
+        walls: dict[str, list[float]] = {name: [] for name in runs}
+        try:
+            for i in range(args.repeat + 1):
+                for name, (extra, tree, env_root) in runs.items():
+                    wall, _ = _ours(args, env_root, None, Path(tmp) / f"records-{i}-{len(walls[name])}-{len(extra)}"
+                                    f"-{tree is not None}", extra, tree)  # fmt: skip
+                    print(f"{name}{' (warm-up, not counted)' if i == 0 else ''}: {wall:.1f} s", flush=True)
+                    if i:
+                        walls[name].append(wall)
+        finally:
+            if base_tree is not None:
+                run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base_tree)])
+    got = {name: median(w) for name, w in walls.items()}
+    many = got[f"{n} panels"]
+    print(f"\n| {len(_cells(args))} cells a panel ({', '.join(args.variant)}), {len(args.transformers)} releases, "
+          f"median of {args.repeat} | s |\n|---|---:|")  # fmt: skip
+    for name, wall in got.items():
+        print(f"| {name}{f' ({chr(32).join(panels)})' if name == f'{n} panels' else ' (float32 eager)'} | {wall:.1f} |")
+    for name, wall in got.items():
+        if name != f"{n} panels":
+            ratio = many / wall
+            print(f"{n} panels / {name}: {ratio:.2f}x (target <= 1.3: {'met' if ratio <= 1.3 else 'NOT met'})")
+    print(f"at the end: {load_note()}")
     return 0
 
 
@@ -231,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
                          "1 panel, same run, in --env-root (default: the usual env root, reused)")  # fmt: skip
     ap.add_argument("--env-root", type=Path, default=None, help="--panels: the env root (default: the usual one)")
     ap.add_argument("--repeat", type=int, default=1, help="--panels: timed runs of each, median (default 1)")
+    ap.add_argument("--baseline", metavar="REV", default=None,
+                    help="--panels: also REV's own 1-panel sweep (a git worktree of REV, env root <env-root>-baseline-"
+                         "REV), on the variants both have")  # fmt: skip
     args = ap.parse_args(argv)
     args.transformers = args.transformers or DEFAULT_RELEASES
     args.variant = args.variant or list(spec.VARIANTS)
