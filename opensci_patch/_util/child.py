@@ -39,7 +39,7 @@ CRASH_AFTER_VAR = "OPENSCI_PATCH_BATCH_CRASH_AFTER"
 LIVE: set[subprocess.Popen] = set()  # children now running: a terminated driver terminates them
 STOPPING = threading.Event()  # set by terminate_children: no new child starts
 
-Outcome = tuple[int, str, Any]  # (exit code, what the step wrote on stderr, its value)
+StepOutcome = tuple[int, str, Any]  # (exit code, what the step wrote on stderr, its value)
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()  # handled as Ctrl-C (exit 143): the step's cleanup runs, the child stops after it
 
 
-def call(fn: Callable[[], object]) -> Outcome:
+def call(fn: Callable[[], object]) -> StepOutcome:
     """(exit code, stderr, value) of `fn()`, mapped as the CLI maps exceptions. Never raises."""
     buf, value = io.StringIO(), None
     with contextlib.redirect_stderr(buf):
@@ -73,7 +73,7 @@ def call(fn: Callable[[], object]) -> Outcome:
     return rc, buf.getvalue(), value
 
 
-def run_steps(steps: list, do: Callable[[Any], Outcome], emit: Callable[[StepResult], None], *,
+def run_steps(steps: list, do: Callable[[Any], StepOutcome], emit: Callable[[StepResult], None], *,
               crash_after: int = 0) -> int:  # fmt: skip
     """`do` every step in this process, in order; `emit` each result. Returns 0, or 130/143 if interrupted."""
     for i, step in enumerate(steps):
@@ -86,7 +86,7 @@ def run_steps(steps: list, do: Callable[[Any], Outcome], emit: Callable[[StepRes
     return 0
 
 
-def serve(prog: str, decode: Callable[[dict], Any], do: Callable[[Any], Outcome]) -> int:
+def serve(prog: str, decode: Callable[[dict], Any], do: Callable[[Any], StepOutcome]) -> int:
     """The child process: steps on stdin (a JSON list, each read by `decode`), results on stdout (JSON lines)."""
     results = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # whatever else is printed goes to stderr: stdout carries the results only

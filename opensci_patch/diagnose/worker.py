@@ -97,7 +97,7 @@ def _compare(step: CompareStep) -> int:
 _RUN = {ProbeStep: _probe, ReferenceStep: _reference, CompareStep: _compare}
 
 
-def run_step(step: Step) -> child.Outcome:
+def run_step(step: Step) -> child.StepOutcome:
     """(exit code, stderr, no value) of one step: the exception mapped as the CLI maps it, or the step's own code."""
     rc, err, code = child.call(lambda: _RUN[type(step)](step))
     return rc or code, err, None

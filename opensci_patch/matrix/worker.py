@@ -114,7 +114,7 @@ def _between_steps() -> None:
     gc.freeze()
 
 
-def capture_step(step: CaptureStep) -> child.Outcome:
+def capture_step(step: CaptureStep) -> child.StepOutcome:
     """Run one capture step: its record written (before its result line), its `CellSummary` as the value."""
     start = time.monotonic()
     rc, err, record = _run_capture(step)
