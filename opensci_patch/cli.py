@@ -405,9 +405,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def _on_sigterm(signum, frame) -> None:
-    worker = sys.modules.get("opensci_patch.matrix.worker")
-    if worker is not None:
-        worker.terminate_children()
+    child = sys.modules.get("opensci_patch._util.child")  # the matrix's and diagnose's child processes
+    if child is not None:
+        child.terminate_children()
     raise Terminated()
 
 

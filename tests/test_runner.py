@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from opensci_patch._util import fs
+from opensci_patch._util import child, fs
 from opensci_patch._util.errors import EnvironmentSetupError
 from opensci_patch.matrix import hotfix_cache, runner, worker
 from opensci_patch.matrix.envs import Env
@@ -95,7 +95,7 @@ def test_hotfix_once_per_variant_and_batch_records_equal_one_process_per_cell(
 
     # run 2: the shared process dies (SIGKILL) after its first capture: the other cells rerun one process each
     batches.clear()
-    monkeypatch.setenv(worker.CRASH_AFTER_VAR, "1")
+    monkeypatch.setenv(child.CRASH_AFTER_VAR, "1")
     one = [c for c in cells if c.transformers == INSTALLED]
     lines.clear()
     runner.run_cells(one, FIXTURE_DIR, tmp_path / "crash", log=lines.append)
@@ -120,7 +120,7 @@ def test_a_capture_with_bad_input_is_a_run_error_not_a_model_failure(tmp_path: P
         for i, model in enumerate(("missing", "missing-too"))
     ]
     results: list[worker.StepResult] = []
-    assert worker.run_steps(steps, results.append) == 0
+    assert child.run_steps(steps, worker.capture_step, results.append) == 0
     assert [(r.index, r.rc) for r in results] == [(0, 2), (1, 2)]
     for i in range(2):
         rec = rec_io.load(tmp_path / f"final{i}.json")
@@ -149,9 +149,9 @@ def test_the_worker_streams_one_result_line_per_step_and_refuses_bad_steps_with_
     for line, step in zip(lines, steps, strict=True):
         rec = rec_io.load(step.final)
         err = f"{rec.error.type}: {rec.error.message}"
-        assert line["cell"] == {"status": str(rec.status), "wall_s": rec.cell_wall_s, "logit": None, "rank": None,
+        assert line["value"] == {"status": str(rec.status), "wall_s": rec.cell_wall_s, "logit": None, "rank": None,
                                 "error": err}  # fmt: skip
-    assert [line["cell"]["status"] for line in lines] == ["crash", "load-error"]
+    assert [line["value"]["status"] for line in lines] == ["crash", "load-error"]
 
     bad = subprocess.run(cmd, input="[1, 2", capture_output=True, text=True, timeout=300, cwd=REPO)
     assert bad.returncode == 2 and bad.stdout == ""
@@ -280,7 +280,7 @@ def test_one_record_file_has_one_writer_and_the_driver_reads_none_back(monkeypat
         monkeypatch.setattr(worker, "_run_capture", one_capture)
         results: dict[int, worker.StepResult] = {}
         ran = [step for step in steps if step.cell.dtype == "float32"][:1]
-        worker.run_steps(ran, lambda r: results.setdefault(r.index, r) and on_result(r))
+        child.run_steps(ran, worker.capture_step, lambda r: results.setdefault(r.index, r) and on_result(r))
         return worker.WorkerExit(results, -9, "killed", None)
 
     def env_or_not(version, build, **kw):

@@ -6,6 +6,7 @@ import gc
 import weakref
 from pathlib import Path
 
+from opensci_patch._util import child
 from opensci_patch.matrix import worker
 from opensci_patch.matrix.spec import Cell, expectation
 from opensci_patch.measure import records as rec_io
@@ -35,6 +36,6 @@ def test_a_steps_model_in_a_reference_cycle_is_freed_before_the_next_step_starts
     request.addfinalizer(gc.unfreeze)  # this pytest process keeps no frozen heap
     cell = Cell("4.48.0", "cpu", "patched")
     steps = [worker.CaptureStep(tmp_path, cell, tmp_path / f"r{i}.json", expectation(cell)) for i in range(3)]
-    assert worker.run_steps(steps, lambda r: None) == 0
+    assert child.run_steps(steps, worker.capture_step, lambda r: None) == 0
     assert alive_at_start == [False, False, False]
     assert all(ref() is None for ref in seen)

@@ -18,7 +18,8 @@ Where things live:
 - `driver` (standard library only): runs the sides in their envs; `report`: verdict and text;
 - `cells` (standard library only): two matrix cells to two sides (envs, models hotfixed through the matrix's
   hotfix cache), and the CLI subcommand;
-- `__main__`: the child-process entry points the driver runs.
+- `worker` (in an env): the probe, reference and compare steps the driver runs in child processes, through the
+  one child protocol (`opensci_patch._util.child`) the matrix's capture worker speaks too.
 
 This package imports only the standard library at the top: the driver needs neither torch nor
 transformers.

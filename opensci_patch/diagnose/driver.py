@@ -3,21 +3,23 @@
 `cells.diagnose` turns two matrix cells into the two sides (their envs and hotfixed models).
 
 Standard library only (it runs wherever the CLI runs; torch and transformers live in the
-per-release envs): every step that needs them is a child process `python -m opensci_patch.diagnose
-probe|reference|compare ...` (`__main__.py`) in the side's interpreter.
+per-release envs): every step that needs them (a `ProbeStep`, `ReferenceStep` or `CompareStep`) runs in a child
+`python -m opensci_patch.diagnose.worker` (`worker.py`) in the side's interpreter, one step per child, through
+the one child protocol (`_util/child.py`) the capture worker speaks too. A step that makes no progress for
+`timeout` seconds gets its child killed; a terminated driver terminates its children.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import os
-import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from opensci_patch._util import child
 from opensci_patch._util.defaults import DEFAULT_PROMPT
 from opensci_patch._util.errors import OpensciPatchError
 from opensci_patch._util.procs import child_env, tail
@@ -66,33 +68,30 @@ class Side:
         }
 
 
-def _run_in(side: Side, args: list[str], what: str, timeout: float, ok: Iterable[int] = (0,)) -> str:
-    """`side.python -m opensci_patch.diagnose ARGS` with a clean environment; its output, or DiagnoseError."""
+def _run_in(side: Side, step: object, what: str, timeout: float, ok: Iterable[int] = (0,)) -> str:
+    """`step` (a `worker.Step`) in a child `python -m opensci_patch.diagnose.worker` of `side.python` with a clean
+    environment; what it wrote on stderr, or DiagnoseError."""
+    from opensci_patch.diagnose.worker import step_to_json  # not at import: runpy would warn in the child
+
     env = child_env({"TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error")})
     if side.pythonpath is not None:
         env["PYTHONPATH"] = str(side.pythonpath)
-    try:
-        proc = subprocess.run(
-            [str(side.python), "-m", "opensci_patch.diagnose", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired:
-        raise DiagnoseError(f"{what} for {side.label} ran over {timeout:.0f} s") from None
-    if proc.returncode not in ok:
-        raise DiagnoseError(
-            f"{what} for {side.label} ({side.describe}) failed with exit {proc.returncode}:\n"
-            f"{tail(proc.stdout + proc.stderr, 15)}"
-        )
-    return proc.stdout + proc.stderr
+    done = child.run(side.python, "opensci_patch.diagnose.worker", [step_to_json(step)], env, timeout=timeout)
+    if done.timed_out is not None:
+        raise DiagnoseError(f"{what} for {side.label} ran over {timeout:.0f} s")
+    result = done.results.get(0)
+    output = "\n".join(text for text in (done.log, result and result.stderr) if text)
+    rc = done.returncode if result is None else result.rc
+    if rc not in ok:
+        raise DiagnoseError(f"{what} for {side.label} ({side.describe}) failed with exit {rc}:\n{tail(output, 15)}")
+    return output
 
 
 def _probe_side(side: Side, out: Path, prompt: str, timeout: float, decode_steps: int, attn: str | None = None) -> dict:
-    args = ["probe", str(side.model_dir), "--out", str(out), "--dtype", side.dtype, "--attn", attn or side.attn,
-            "--device", side.device, "--prompt", prompt, "--decode-steps", str(decode_steps)]  # fmt: skip
-    output = _run_in(side, args, "probe", timeout, ok=(0, 1))  # 1: the model failed to load or run (recorded)
+    from opensci_patch.diagnose.worker import ProbeStep
+
+    step = ProbeStep(side.model_dir, out, side.dtype, attn or side.attn, side.device, prompt, decode_steps)
+    output = _run_in(side, step, "probe", timeout, ok=(0, 1))  # 1: the model failed to load or run (recorded)
     if not (out / MODEL_INFO).is_file():  # exit 1 from a crash of the probe itself
         raise DiagnoseError(f"probe for {side.label} ({side.describe}) crashed:\n{tail(output, 15)}")
     return read_json(out / MODEL_INFO)
@@ -100,11 +99,10 @@ def _probe_side(side: Side, out: Path, prompt: str, timeout: float, decode_steps
 
 def _compare_in(side: Side, out_dir: Path, probes: tuple[Path, Path], ref: Path | None, labels: tuple[str, str],
                 timeout: float, name: str, result: dict) -> dict:  # fmt: skip
+    from opensci_patch.diagnose.worker import CompareStep
+
     t0 = time.monotonic()
-    args = ["compare", str(probes[0]), str(probes[1]), "--out", str(out_dir / name), "--labels", ",".join(labels)]
-    if ref is not None:
-        args += ["--ref", str(ref)]
-    _run_in(side, args, "compare", timeout)
+    _run_in(side, CompareStep(probes[0], probes[1], out_dir / name, ref, labels), "compare", timeout)
     result["timings"][name.removesuffix(".json") + "_s"] = round(time.monotonic() - t0, 1)
     return read_json(out_dir / name)
 
@@ -223,8 +221,9 @@ def _fp64_reference(a: Side, ref_model: Path, out_dir: Path, input_ids: list[int
     """The fp64 reference forward of `ref_model` on the probes' tokens, in A's interpreter; its output dir."""
     t1 = time.monotonic()
     ref_dir = out_dir / "reference"
-    ids = ",".join(str(i) for i in input_ids)
-    _run_in(a, ["reference", str(ref_model), "--out", str(ref_dir), "--ids", ids], "fp64 reference", timeout)
+    from opensci_patch.diagnose.worker import ReferenceStep
+
+    _run_in(a, ReferenceStep(ref_model, ref_dir, tuple(input_ids)), "fp64 reference", timeout)
     result["timings"]["reference_s"] = round(time.monotonic() - t1, 1)
     return ref_dir
 

@@ -1,6 +1,6 @@
 """Inside an env: load the model with the installed transformers, record one forward stage by stage and the decode loop.
 
-Runs in a child process of the driver (`python -m opensci_patch.diagnose probe ...`), so it may
+Runs in a child process of the driver (a `ProbeStep` of `python -m opensci_patch.diagnose.worker`), so it may
 import torch and transformers. What it writes to its output dir:
 
 - `index.json` and one tensor file per stage (and layer) of one forward on the prompt;

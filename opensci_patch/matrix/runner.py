@@ -25,7 +25,7 @@ One writer per record: a run first removes the records of its cells left by an e
 leaves no record of a cell it did not finish, never the previous result); the worker writes the record of
 each cell it ran, and this module only those of cells that never ran there (env-error, hotfix-error, a crash
 or timeout that never finished). What the progress line and `could_not_run` need comes with each worker's
-`StepResult` (`CellSummary`): no record is read back.
+`StepResult` (its value, a `CellSummary`): no record is read back.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from opensci_patch._util import fs, procs
@@ -241,7 +241,7 @@ def _run_with_fallback(
 
 def _at(result: StepResult, index: int) -> StepResult:
     """A result of a step rerun alone, numbered as in the whole list."""
-    return StepResult(index, result.rc, result.stderr, result.cell)
+    return replace(result, index=index)
 
 
 def run_release(run: _Run, cells: list[Cell]) -> None:
@@ -261,7 +261,7 @@ def run_release(run: _Run, cells: list[Cell]) -> None:
             continue
         steps.append(CaptureStep(model, cell, run.records / f"{cell.id}.json", expectation(cell), run.reference))
 
-    _, failed = _run_with_fallback(run, env, steps, lambda result: run.done(steps[result.index].cell, result.cell))
+    _, failed = _run_with_fallback(run, env, steps, lambda result: run.done(steps[result.index].cell, result.value))
     for i, (exc_type, message, log_text) in failed.items():  # never finished, not even alone: a run error
         cell = steps[i].cell
         run.write(cell, rec_io.error_record(cell, "crash", exc_type, message, log_text), time.monotonic() - start)
