@@ -72,10 +72,12 @@ def _rss(pid: int) -> int:
         return 0
 
 
-def tree_run(cmd: list[str], env: dict[str, str], poll_s: float = 0.1) -> tuple[float, int, str]:
+def tree_run(
+    cmd: list[str], env: dict[str, str], poll_s: float = 0.1, cwd: Path | None = None
+) -> tuple[float, int, str]:
     """(wall s, peak of the summed RSS of the process and all its descendants, output); fails loudly."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
     peak = [0]
     done = threading.Event()
 
@@ -113,9 +115,9 @@ def _ours(args, root: Path, cache: Path | None, records: Path, extra: tuple[str,
     cmd += ["--jobs", str(args.jobs)]
     cache_var = {"UV_CACHE_DIR": str(cache)} if cache else {}
     env = child_env({locations.ROOT_VAR: str(root), **cache_var})
-    if tree is not None:
+    if tree is not None:  # and run from there: `python -m` puts the working directory first on sys.path
         env["PYTHONPATH"] = str(tree)
-    wall, peak, out = tree_run(cmd, env)
+    wall, peak, out = tree_run(cmd, env, cwd=tree)
     if args.verbose:
         print(out)
     return wall, peak
@@ -130,7 +132,7 @@ def _baseline_tree(rev: str, where: Path) -> Path:
 
 def _variants_of(tree: Path) -> list[str]:
     code = "from opensci_patch.matrix import spec; print(' '.join(spec.VARIANTS))"
-    out = subprocess.run([sys.executable, "-c", code], env={**child_env(), "PYTHONPATH": str(tree)},
+    out = subprocess.run([sys.executable, "-c", code], env={**child_env(), "PYTHONPATH": str(tree)}, cwd=tree,
                          capture_output=True, text=True, check=True)  # fmt: skip
     return out.stdout.split()
 
