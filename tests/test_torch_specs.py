@@ -154,6 +154,21 @@ def test_the_torch_table_names_a_difference_on_every_release_as_torchs():
     assert len(summary_json(rep, "d", "m")["torch_table"]) == 4
 
 
+def test_cells_declared_to_fail_are_not_compared_across_torches():
+    """Measured in the matrix: 5.0.0's patched cells (declared: the loaded weights re-initialised) run ok with random
+    logits on each torch; comparing them named a "difference" that is the declared failure's, not torch's."""
+    pinned, other = ("s0", "s1", "s2", "s3"), ("r0", "r1", "r2", "r3")
+    garbage = [record("5.0.0", "cpu", pinned), _with(record("5.0.0", "2.14.1", other), 3.0, ids=(9, 9))]
+    for rec in garbage:
+        rec.expected = Expected("xfail", "upstream 5.0/5.1: _init_weights runs after loading")
+    recs = [record("4.48.0", "cpu", pinned), record("4.48.0", "2.14.1", pinned), *garbage]
+    rep = build(recs)
+    assert [(t.transformers, t.torch) for t in rep.torch_table] == [("4.48.0", "2.14.1")]
+    assert rep.torch_notes == []
+    garbage[0].expected = Expected("pass", "")  # the pinned torch's cell alone expected to pass: still not compared
+    assert [(t.transformers, t.torch) for t in build(recs).torch_table] == [("4.48.0", "2.14.1")]
+
+
 def test_a_difference_on_one_release_only_is_not_called_torchs():
     pinned, other = ("s0", "s1", "s2", "s3"), ("s0", "s1", "u2", "u3")
     recs = [record("4.48.0", "cpu", pinned), record("5.25.0", "cpu", pinned),
