@@ -332,57 +332,8 @@ def test_tied_weights_keeps_accessors_the_class_defines(modeling_source: str):
     assert "# opensci-patch: tied_weights (transformers < 4.54 ties" not in shipped
 
 
-WHOLE_BEFORE = """\
-from torch import nn
-
-
-class TinyModel(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(10, 4)
-
-
-class TinyForCausalLM(nn.Module):
-    _tied_weights_keys = ["lm_head.weight"]
-
-    def __init__(self, config):
-        super().__init__()
-        self.model = TinyModel(config)
-        self.lm_head = nn.Linear(4, 10, bias=False)
-"""
-
-WHOLE_AFTER = '''\
-from torch import nn
-
-
-class TinyModel(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(10, 4)
-
-
-class TinyForCausalLM(nn.Module):
-    # opensci-patch: tied_weights (transformers 5.x needs {target: source})
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config):
-        super().__init__()
-        self.model = TinyModel(config)
-        self.lm_head = nn.Linear(4, 10, bias=False)
-
-    # opensci-patch: tied_weights (transformers < 4.54 ties lm_head through these accessors)
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
-
+# TIED's whole output: the previous output, and the 5.3.0 guard after it
+WHOLE_AFTER = PREVIOUS_OUTPUT + '''
     # opensci-patch: tied_weights (transformers 5.3.0 forgets the missing tied keys of remote code)
     def mark_tied_weights_as_initialized(self, *args, **kwargs):
         """Keep the tied keys the checkpoint lacks in `missing_keys`, so that `tie_weights` ties them.
@@ -401,4 +352,4 @@ class TinyForCausalLM(nn.Module):
 
 
 def test_whole_output_the_dict_the_accessors_and_the_5_3_override():
-    assert_patch("tied_weights", WHOLE_BEFORE, WHOLE_AFTER)
+    assert_patch("tied_weights", TIED, WHOLE_AFTER)
