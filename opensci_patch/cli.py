@@ -405,9 +405,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def _on_sigterm(signum, frame) -> None:
-    child = sys.modules.get("opensci_patch._util.child")  # the matrix's and diagnose's child processes
-    if child is not None:
-        child.terminate_children()
+    from opensci_patch._util import procs  # the workers (matrix, diagnose) and installers it started
+
+    procs.terminate_children()
     raise Terminated()
 
 

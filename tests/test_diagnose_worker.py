@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURE_DIR, REPO
 
-from opensci_patch._util import child
+from opensci_patch._util import procs
 from opensci_patch.diagnose import driver
 from opensci_patch.diagnose.stages import MODEL_INFO
 from opensci_patch.diagnose.worker import CompareStep, ProbeStep, ReferenceStep, step_from_json, step_to_json
@@ -69,11 +69,11 @@ def test_the_driver_reads_a_probe_that_recorded_a_model_failure(tmp_path: Path):
 
 
 def test_a_terminated_driver_starts_no_diagnose_child(tmp_path: Path, monkeypatch):
-    """After SIGTERM (the CLI calls `child.terminate_children`) no new step starts: diagnose stops with a DiagnoseError,
+    """After SIGTERM (the CLI calls `procs.terminate_children`) no new step starts: diagnose stops with a DiagnoseError,
     as the matrix does."""
     stopping = threading.Event()
-    monkeypatch.setattr(child, "STOPPING", stopping)
-    child.terminate_children()
+    monkeypatch.setattr(procs, "STOPPING", stopping)
+    procs.terminate_children()
     side = driver.Side("A", Path(sys.executable), FIXTURE_DIR, "this interpreter")
     with pytest.raises(driver.DiagnoseError, match=r"^probe for A \(this interpreter\) failed with exit -15:"):
         driver._probe_side(side, tmp_path / "probe", "Hi", 300, 0)

@@ -9,7 +9,7 @@ The child (`serve`): reads a JSON list of steps, runs each in turn in this proce
 exit codes as the CLI maps them, never raised), writes one result line per finished step; everything else it prints
 goes to stderr. SIGTERM is handled as Ctrl-C: the step's cleanup runs, then the child stops (exit 143).
 The driver (`run`): starts the child, follows its results and log, kills it when a step makes no progress for
-`timeout` seconds, and SIGTERMs every live child when it is itself terminated (`terminate_children`).
+`timeout` seconds, and SIGTERMs every live child when it is itself terminated (`procs.terminate_children`).
 """
 
 from __future__ import annotations
@@ -30,14 +30,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from opensci_patch._util import procs
 from opensci_patch._util.errors import OpensciPatchError, Terminated, exit_status
 from opensci_patch._util.procs import death_signal_setter, tail
 
 # Fault injection (tests only): a child with more steps left kills itself (SIGKILL) right after finishing this many
 # steps, as a segfault in the middle of a release would.
 CRASH_AFTER_VAR = "OPENSCI_PATCH_BATCH_CRASH_AFTER"
-LIVE: set[subprocess.Popen] = set()  # children now running: a terminated driver terminates them
-STOPPING = threading.Event()  # set by terminate_children: no new child starts
 
 StepOutcome = tuple[int, str, Any]  # (exit code, what the step wrote on stderr, its value)
 
@@ -108,14 +107,6 @@ def serve(prog: str, decode: Callable[[dict], Any], do: Callable[[Any], StepOutc
 # The driver side.
 
 
-def terminate_children() -> None:
-    """SIGTERM every child (they clean up as after Ctrl-C); called by the CLI's SIGTERM handler."""
-    STOPPING.set()
-    for proc in list(LIVE):
-        with contextlib.suppress(OSError):
-            proc.terminate()
-
-
 @dataclass
 class WorkerExit:
     results: dict[int, StepResult]  # by step index: the steps that finished
@@ -129,7 +120,7 @@ def run(python: Path, module: str, steps: list[dict], env: dict[str, str], *, ti
         decode: Callable[[Any], Any] = lambda v: v) -> WorkerExit:  # fmt: skip
     """`python -m module` with `env`, given `steps` (their JSON form); `on_result` as each finishes, its value
     read by `decode`. A step that makes no progress for `timeout` seconds gets the child killed (`timed_out`)."""
-    if STOPPING.is_set():  # the driver was terminated: nothing new starts
+    if procs.STOPPING.is_set():  # the driver was terminated: nothing new starts
         return WorkerExit({}, -signal.SIGTERM, "the driver was terminated (SIGTERM)", None)
     proc = subprocess.Popen(
         [str(python), "-m", module],
@@ -140,14 +131,14 @@ def run(python: Path, module: str, steps: list[dict], env: dict[str, str], *, ti
         text=True,
         preexec_fn=death_signal_setter(),  # Linux: dies with the driver, never an orphan writing outputs
     )
-    LIVE.add(proc)
+    procs.LIVE.add(proc)
     try:
         with contextlib.suppress(BrokenPipeError):
             proc.stdin.write(json.dumps(steps))
             proc.stdin.close()
         return _follow(proc, len(steps), timeout, on_result, decode)
     finally:
-        LIVE.discard(proc)
+        procs.LIVE.discard(proc)
 
 
 def _parse_result(line: str, count: int, decode: Callable[[Any], Any]) -> StepResult | None:

@@ -6,6 +6,7 @@ Nothing here knows about torch or transformers. Tests that stand in for the inst
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -14,10 +15,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from opensci_patch._util.errors import EnvironmentSetupError
+from opensci_patch._util.errors import EnvironmentSetupError, Terminated
 from opensci_patch._util.locations import default_root
 
 INSTALL_TIMEOUT = 1800.0
@@ -73,32 +75,51 @@ def find_uv() -> str | None:
 
 
 def run_installer(cmd: list[str], cwd: Path, name: str) -> None:
+    """Run an installer (uv, pip) for env `name`; EnvironmentSetupError with its output's tail if it fails. A
+    terminated driver (`terminate_children`) stops it too, and starts none: Terminated."""
     env = child_env({"UV_PYTHON_DOWNLOADS": "never"}, source=False)
     env.pop("VIRTUAL_ENV", None)
+    if STOPPING.is_set():
+        raise Terminated()
     try:
-        proc = subprocess.run(
-            cmd,
-            cwd=cwd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=INSTALL_TIMEOUT,
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             preexec_fn=death_signal_setter(),
-        )
-    except subprocess.TimeoutExpired as exc:
-        out = exc.output.decode(errors="replace") if isinstance(exc.output, bytes) else (exc.output or "")
-        raise EnvironmentSetupError(
-            f"env {name}: `{shlex.join(cmd)}` took over {INSTALL_TIMEOUT:.0f} s; check the network or index."
-            f"\n{tail(out, TAIL_LINES, '    ')}"
-        ) from None
+        )  # fmt: skip
     except OSError as exc:
         raise EnvironmentSetupError(f"env {name}: cannot run `{shlex.join(cmd)}`: {exc}") from None
+    LIVE.add(proc)
+    try:
+        out, _ = proc.communicate(timeout=INSTALL_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise EnvironmentSetupError(
+            f"env {name}: `{shlex.join(cmd)}` took over {INSTALL_TIMEOUT:.0f} s; check the network or index."
+            f"\n{tail(out or '', TAIL_LINES, '    ')}"
+        ) from None
+    finally:
+        LIVE.discard(proc)
+    if STOPPING.is_set():
+        raise Terminated()
     if proc.returncode != 0:
         raise EnvironmentSetupError(
             f"env {name}: `{shlex.join(cmd)}` failed (exit {proc.returncode}); check that the release exists "
-            f"and the index is reachable. Last output:\n{tail(proc.stdout, TAIL_LINES, '    ')}"
+            f"and the index is reachable. Last output:\n{tail(out, TAIL_LINES, '    ')}"
         )
+
+
+# Child processes now running (capture and diagnose workers, installers): a terminated driver terminates them.
+LIVE: set[subprocess.Popen] = set()
+STOPPING = threading.Event()  # set by terminate_children: no new child starts
+
+
+def terminate_children() -> None:
+    """SIGTERM every child (they clean up as after Ctrl-C); called by the CLI's SIGTERM handler."""
+    STOPPING.set()
+    for proc in list(LIVE):
+        with contextlib.suppress(OSError):
+            proc.terminate()
 
 
 def pid_alive(pid: int) -> bool:
