@@ -94,7 +94,6 @@ class _Run:
     models: dict[tuple[str, str], Path | _NoModel] = field(default_factory=dict)
     envs: dict[tuple[str, str], object] = field(default_factory=dict)  # (release, build) -> Env or the error
     finished: dict[str, CellSummary] = field(default_factory=dict)  # cell id -> what its record says
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def env(self, version: str, build: str):
         """The env of a release (built at most once per run); an EnvironmentSetupError is returned, not raised."""

@@ -36,10 +36,6 @@ BAD = ("FAIL", "XPASS", "error", "cannot-judge")
 VERDICTS = ("pass", "expected-fail", "FAIL", "XPASS", "error", "cannot-judge", "unsupported-pair")
 
 
-def _group(rec: Record) -> tuple:
-    return rec.cell.group
-
-
 def _ambiguous(recs: list[Record], sources: list[str] | None) -> dict[tuple, str]:
     """cell (`cell_key`) -> why it cannot be trusted: several records for it (by its fields, or several cells
     claiming one id), or its run never finished, or it ran another release. Independent of the records' order."""
