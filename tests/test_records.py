@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import running_placeholder
 
 from opensci_patch._util import fs
 from opensci_patch._util.errors import DestinationError, OpensciPatchError
@@ -67,7 +68,7 @@ def test_error_record_has_the_shape_of_a_capture_record_and_loads(tmp_path: Path
 
 
 def test_running_placeholder_is_a_loadable_record_that_says_never_finished(tmp_path: Path):
-    rec = records.running_record(Cell("5.2.0"), expected=records.Expected("pass", ""))
+    rec = running_placeholder(Cell("5.2.0"), expected=records.Expected("pass", ""))
     back = records.load(fs.write_atomic(tmp_path / "p.json", rec))
     assert back.status == records.RUNNING
     assert "never finished" in back.error.message

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import running_placeholder
 
 from opensci_patch._util import fs
 from opensci_patch._util.errors import DestinationError, OpensciPatchError
@@ -203,7 +204,7 @@ def test_duplicate_records_for_one_cell_are_an_error_listed_with_both_files(tmp_
 
 
 def test_a_running_placeholder_is_never_finished_not_the_previous_result(tmp_path: Path):
-    placeholder = records.running_record(cell_of("5.2.0"), expected=PASS)
+    placeholder = running_placeholder(cell_of("5.2.0"), expected=PASS)
     bad, md, summary = run_report(tmp_path, [ok(REF_VERSION), placeholder])
     assert bad == 1
     assert summary["verdicts"][vid("5.2.0")] == "error"

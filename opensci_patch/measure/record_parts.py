@@ -43,7 +43,7 @@ class Status(StrEnum):
     ENV_ERROR = "env-error"
     CRASH = "crash"
     HOTFIX_ERROR = "hotfix-error"
-    RUNNING = "running"  # placeholder written before a cell starts: the cell never finished if it is still there
+    RUNNING = "running"  # the placeholder earlier versions wrote before a cell started: left behind, it never finished
 
     @property
     def no_evidence(self) -> bool:

@@ -16,7 +16,7 @@ Lifecycle of a matrix cell's record (`records/<cell id>.json`): a run first remo
 previous records; then the record is written once, by the worker that captured the cell, or by the
 driver for a cell that never ran there (`matrix/runner.py`). A killed run therefore leaves no record
 of a cell it did not finish, never the previous run's result. (Earlier versions wrote a "running"
-placeholder first, `running_record`; the report still lists one left behind as an error.)
+placeholder first; the report still lists one left behind as an error.)
 """
 
 from __future__ import annotations
@@ -154,18 +154,6 @@ def error_record(cell: Any, status: str, exc_type: str, message: str, log_tail: 
         error=ErrorInfo(exc_type, one_line(message), log_tail),
         cell=c,
         expected=None if expected is None else Expected.of(expected),
-    )
-
-
-def running_record(cell: Any, *, expected: Any = None) -> Record:
-    """The placeholder a cell writes before it starts; replaced at its end. Left behind = never finished."""
-    return error_record(
-        cell,
-        RUNNING,
-        "NeverFinished",
-        "the cell was started but never finished (killed, or still running)",
-        "",
-        expected=expected,
     )
 
 
